@@ -1,0 +1,139 @@
+"""Differentiable shape descriptors of soft masks, batched as [N, 1, *spatial] in 2D or 3D.
+
+Everything here is elementwise products, sums and a fixed-kernel convolution: no einsum or matmul (they
+run in fp16 under autocast), no data-dependent control flow (no host sync).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .stabilizers import SqrtStabilizer
+
+_SMOOTH = (1.0, 2.0, 1.0)
+_DIFF = (-1.0, 0.0, 1.0)
+
+
+@lru_cache(maxsize=None)
+def _sobel_kernel(ndim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[ndim, 1, 3, ...] Sobel kernels, normalised so a unit ramp has gradient 1 (/8 in 2D, /32 in 3D)."""
+    kernels = []
+    for axis in range(ndim):
+        factors = [torch.tensor(_DIFF if a == axis else _SMOOTH, dtype=torch.float64) for a in range(ndim)]
+        k = factors[0]
+        for factor in factors[1:]:
+            k = torch.tensordot(k, factor, dims=0)
+        kernels.append(k / (2.0 * 4.0 ** (ndim - 1)))
+    return torch.stack(kernels).unsqueeze(1).to(device=device, dtype=dtype)
+
+
+def sobel_gradients(p: torch.Tensor) -> torch.Tensor:
+    """Normalised Sobel derivatives with replicate padding: [N, 1, *S] -> [N, ndim, *S]."""
+    ndim = p.dim() - 2
+    kernel = _sobel_kernel(ndim, p.device, p.dtype)
+    padded = F.pad(p, (1, 1) * ndim, mode="replicate")
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    return conv(padded, kernel)
+
+
+def grad_mag_squared(p: torch.Tensor) -> torch.Tensor:
+    """s = sum over axes of the squared Sobel derivative: [N, 1, *S]."""
+    return sobel_gradients(p).square().sum(dim=1, keepdim=True)
+
+
+def boundary_measure(s: torch.Tensor, stabilizer: SqrtStabilizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Perimeter (2D) or surface (3D) as the sum of stabilised gradient magnitudes.
+
+    Returns (sqrt input, sqrt output, measure [N]).
+    """
+    sqrt_in = stabilizer.sqrt_input(s)
+    sqrt_out = torch.sqrt(sqrt_in)
+    magnitude = stabilizer.finish(sqrt_out)
+    return sqrt_in, sqrt_out, magnitude.flatten(1).sum(dim=1)
+
+
+def area(p: torch.Tensor) -> torch.Tensor:
+    """Soft area (2D) or volume (3D) in pixels: [N]."""
+    return p.flatten(1).sum(dim=1)
+
+
+def compactness(measure: torch.Tensor, size: torch.Tensor, ndim: int) -> torch.Tensor:
+    """P^2 / (4 pi A) in 2D, S^3 / (36 pi V^2) in 3D: 1 for a disk or a ball.
+
+    The size is floored at one pixel so an empty mask gives a finite value (the area ramp then weights it out).
+    """
+    size = size.clamp_min(1.0)
+    if ndim == 2:
+        return measure.square() / (4.0 * math.pi * size)
+    return measure.pow(3) / (36.0 * math.pi * size.square())
+
+
+def _coordinates(shape: tuple[int, ...], scale: float, device, dtype) -> list[torch.Tensor]:
+    """One broadcastable coordinate grid per spatial axis, multiplied by ``scale``."""
+    ndim = len(shape)
+    grids = []
+    for axis, n in enumerate(shape):
+        view = [1, 1] + [1] * ndim
+        view[2 + axis] = n
+        grids.append((torch.arange(n, device=device, dtype=dtype) * scale).view(view))
+    return grids
+
+
+def central_moments(p: torch.Tensor, size: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """Second central moments (covariance of the mask as a distribution): [N, ndim, ndim].
+
+    Normalised coordinates divide pixel indices by the largest extent, so values stay O(1) and far from
+    fp16's range; pixel units are kept for replaying the seed's formula. Two passes (mean first, then
+    centred products) avoid the cancellation of E[x^2] - E[x]^2.
+    """
+    spatial = tuple(p.shape[2:])
+    scale = 1.0 / max(spatial) if normalized else 1.0
+    coords = _coordinates(spatial, scale, p.device, p.dtype)
+    size = size.clamp_min(1.0)
+    dims = tuple(range(1, p.dim()))
+    centred = [c - ((p * c).sum(dim=dims) / size).view(-1, *([1] * (p.dim() - 1))) for c in coords]
+    ndim = len(spatial)
+    rows = []
+    for a in range(ndim):
+        row = []
+        for b in range(ndim):
+            row.append((p * centred[a] * centred[b]).sum(dim=dims) / size)
+        rows.append(torch.stack(row, dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def anisotropy_discriminant(moments: torch.Tensor) -> torch.Tensor:
+    """d/(d-1) * ||S - tr(S)/d I||_F^2, a sum of squares: (Sxx - Syy)^2 + 4 Sxy^2 in 2D.
+
+    Equal to d/(d-1) * sum_i (lambda_i - mean lambda)^2, the eigenvalue spread, without computing
+    eigenvalues: no cancellation (unlike tr^2 - 4 det), no eigen-solver (whose CUDA error check syncs).
+    """
+    ndim = moments.shape[-1]
+    trace = torch.diagonal(moments, dim1=-2, dim2=-1).sum(-1)
+    eye = torch.eye(ndim, device=moments.device, dtype=moments.dtype)
+    deviator = moments - trace[..., None, None] / ndim * eye
+    return deviator.square().sum(dim=(-2, -1)) * (ndim / (ndim - 1))
+
+
+def anisotropy(discriminant: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """disc / tr^2 in [0, 1]: 0 for a disk/ball, ((k^2-1)/(k^2+1))^2 for a 2D ellipse of axis ratio k."""
+    trace = torch.diagonal(moments, dim1=-2, dim2=-1).sum(-1)
+    return discriminant / trace.square().clamp_min(torch.finfo(trace.dtype).tiny)
+
+
+def seed_discriminant(moments: torch.Tensor) -> torch.Tensor:
+    """The seed's tr^2 - 4 det (2D): cancels to rounding noise of either sign for near-isotropic shapes."""
+    sxx, syy, sxy = moments[..., 0, 0], moments[..., 1, 1], moments[..., 0, 1]
+    trace = sxx + syy
+    return trace.square() - 4.0 * (sxx * syy - sxy.square())
+
+
+def seed_elongation(root: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """sqrt(lambda_max / lambda_min) from lambda = (tr +- sqrt(disc)) / 2, lambda_min floored at 1 px^2."""
+    trace = moments[..., 0, 0] + moments[..., 1, 1]
+    lam_max = (trace + root) / 2.0
+    lam_min = ((trace - root) / 2.0).clamp_min(1.0)
+    return torch.sqrt(lam_max / lam_min)

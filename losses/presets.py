@@ -1,0 +1,20 @@
+"""Named GeometricLoss settings: the production default and replays of the seed's V2.3 / V2.4."""
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # What geodiag recommends: shifted sqrt (no background bias) at an eps small enough that soft edges read
+    # within 5% of the eps -> 0 perimeter; sqrt-free anisotropy in normalised coordinates.
+    "production": dict(stabilizer="shifted", eps=1e-6, aspect_formula="anisotropy"),
+    # The seed's V2.3: sqrt(clamp(s, min=1e-4)) for the perimeter and for tr^2 - 4 det (pixel units).
+    "v2.3": dict(stabilizer="clamp", eps=1e-4, aspect_formula="seed"),
+    # The seed's V2.4 "fix": the same with the clamp raised to 1e-2.
+    "v2.4": dict(stabilizer="clamp", eps=1e-2, aspect_formula="seed"),
+}
+
+
+def preset_kwargs(name: str) -> dict:
+    """The keyword arguments of a preset; a clear error for an unknown name."""
+    try:
+        return dict(PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
