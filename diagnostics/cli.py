@@ -1,0 +1,73 @@
+"""The ``geodiag`` command: dispatches to one module per subcommand under ``commands/``.
+
+A subcommand module provides ``HELP`` (one line), ``configure(parser)`` and ``run(args) -> int``. Modules are
+imported only when their command runs, so one command's heavy imports never slow down or break another.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import GeodiagError
+
+COMMANDS = {
+    "env": "env",
+    "doctor": "doctor",
+    "make-dataset": "make_dataset",
+    "analyze-checkpoint": "analyze_checkpoint",
+    "clamp-sweep": "clamp_sweep",
+    "check-bounds": "check_bounds",
+    "bench": "bench",
+    "demo": "demo",
+}
+
+
+def _load(command: str):
+    return importlib.import_module(f"geodiag.diagnostics.commands.{COMMANDS[command]}")
+
+
+def _parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geodiag", description="Gradient-stability diagnostics for geometric losses in nnU-Net.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        if name == selected:
+            module = _load(name)
+            module.configure(sub.add_parser(name, help=module.HELP, description=module.HELP))
+        else:
+            sub.add_parser(name, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    if selected not in COMMANDS:
+        parser = _parser(None)
+        if selected is None and not argv:
+            parser.print_help()
+            return 2
+        if selected is not None:
+            parser.error(f"unknown command {selected!r}; choose one of {', '.join(COMMANDS)}")
+        parser.parse_args(argv)  # handles -h / --help
+        return 2
+    try:
+        args = _parser(selected).parse_args(argv)
+        return int(_load(selected).run(args) or 0)
+    except GeodiagError as exc:
+        print(f"geodiag {selected}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"geodiag {selected}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a user never gets a traceback unless asked for one
+        if os.environ.get("GEODIAG_DEBUG"):
+            raise
+        print(f"geodiag {selected}: error: {type(exc).__name__}: {exc} (set GEODIAG_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
