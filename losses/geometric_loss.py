@@ -177,46 +177,44 @@ class GeometricLoss(Tappable, nn.Module):
         return "compactness" if term == "compactness" else self.aspect_formula
 
     def _describe(self, probs: torch.Tensor, emit) -> dict[str, torch.Tensor]:
-        """Area and the descriptors of each [B, K] mask; ``emit`` (or None) receives the intermediates."""
+        """Area and descriptors of each mask of [B, K, *S]; ``emit`` (or None) receives the intermediates.
+
+        Every emitted tensor is the one the computation goes on with, so a tap's gradient hook fires.
+        """
         emit = emit or (lambda name, tensor: None)
-        batch, k = probs.shape[:2]
-        spatial = probs.shape[2:]
-        ndim = len(spatial)
-        flat = probs.reshape(batch * k, 1, *spatial)
-
-        def out(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, k, *t.shape[1:])
-
-        size = geometry.area(flat)
-        emit("area", out(size))
-        result = {"area": out(size)}
+        ndim = probs.dim() - 2
+        size = geometry.spatial_sum(probs, ndim)
+        emit("area", size)
+        result = {"area": size}
         if self.compactness_weight > 0:
-            s = geometry.grad_mag_squared(flat)
-            emit("compactness.grad_mag_squared", out(s.squeeze(1)))
-            sqrt_in, sqrt_out, measure = geometry.boundary_measure(s, self.stabilizer)
-            emit("compactness.sqrt_input", out(sqrt_in.squeeze(1)))
-            emit("compactness.sqrt_output", out(sqrt_out.squeeze(1)))
-            emit("perimeter", out(measure))
-            result["compactness"] = out(geometry.compactness(measure, size, ndim))
+            s = geometry.grad_mag_squared(probs, ndim)
+            emit("compactness.grad_mag_squared", s)
+            sqrt_in = self.stabilizer.sqrt_input(s)
+            emit("compactness.sqrt_input", sqrt_in)
+            sqrt_out = torch.sqrt(sqrt_in)
+            emit("compactness.sqrt_output", sqrt_out)
+            measure = geometry.spatial_sum(self.stabilizer.finish(sqrt_out), ndim)
+            emit("perimeter", measure)
+            result["compactness"] = geometry.compactness(measure, size, ndim)
             emit("compactness", result["compactness"])
         if self.aspect_weight > 0:
             seed = self.aspect_formula == "seed"
-            moments = geometry.central_moments(flat, size, normalized=not seed)
-            emit("aspect.moments", out(moments))
+            moments = geometry.central_moments(probs, size, ndim, normalized=not seed)
+            emit("aspect.moments", moments)
             if seed:
                 disc = geometry.seed_discriminant(moments)
-                emit("aspect.discriminant", out(disc))
+                emit("aspect.discriminant", disc)
                 sqrt_in = self.stabilizer.sqrt_input(disc.clamp(max=1e12))
-                emit("aspect.sqrt_input", out(sqrt_in))
+                emit("aspect.sqrt_input", sqrt_in)
                 sqrt_out = torch.sqrt(sqrt_in)
-                emit("aspect.sqrt_output", out(sqrt_out))
+                emit("aspect.sqrt_output", sqrt_out)
                 aspect = geometry.seed_elongation(self.stabilizer.finish(sqrt_out), moments)
             else:
                 disc = geometry.anisotropy_discriminant(moments)
-                emit("aspect.discriminant", out(disc))
+                emit("aspect.discriminant", disc)
                 aspect = geometry.anisotropy(disc, moments)
-            result["aspect"] = out(aspect)
-            emit("aspect", result["aspect"])
+            result["aspect"] = aspect
+            emit("aspect", aspect)
         return result
 
     def _ramp(self, size: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .stabilizers import SqrtStabilizer
-
 _SMOOTH = (1.0, 2.0, 1.0)
 _DIFF = (-1.0, 0.0, 1.0)
 
@@ -39,25 +37,16 @@ def sobel_gradients(p: torch.Tensor) -> torch.Tensor:
     return conv(padded, kernel)
 
 
-def grad_mag_squared(p: torch.Tensor) -> torch.Tensor:
-    """s = sum over axes of the squared Sobel derivative: [N, 1, *S]."""
-    return sobel_gradients(p).square().sum(dim=1, keepdim=True)
+def grad_mag_squared(p: torch.Tensor, ndim: int) -> torch.Tensor:
+    """s = sum over axes of the squared Sobel derivative, per mask: [B, K, *S] -> [B, K, *S]."""
+    lead, spatial = p.shape[:-ndim], p.shape[-ndim:]
+    gradients = sobel_gradients(p.reshape(-1, 1, *spatial))
+    return gradients.square().sum(dim=1).reshape(*lead, *spatial)
 
 
-def boundary_measure(s: torch.Tensor, stabilizer: SqrtStabilizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Perimeter (2D) or surface (3D) as the sum of stabilised gradient magnitudes.
-
-    Returns (sqrt input, sqrt output, measure [N]).
-    """
-    sqrt_in = stabilizer.sqrt_input(s)
-    sqrt_out = torch.sqrt(sqrt_in)
-    magnitude = stabilizer.finish(sqrt_out)
-    return sqrt_in, sqrt_out, magnitude.flatten(1).sum(dim=1)
-
-
-def area(p: torch.Tensor) -> torch.Tensor:
-    """Soft area (2D) or volume (3D) in pixels: [N]."""
-    return p.flatten(1).sum(dim=1)
+def spatial_sum(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Sum over the last ``ndim`` axes: areas, perimeters, moment sums."""
+    return x.flatten(-ndim).sum(dim=-1)
 
 
 def compactness(measure: torch.Tensor, size: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -72,36 +61,30 @@ def compactness(measure: torch.Tensor, size: torch.Tensor, ndim: int) -> torch.T
 
 
 def _coordinates(shape: tuple[int, ...], scale: float, device, dtype) -> list[torch.Tensor]:
-    """One broadcastable coordinate grid per spatial axis, multiplied by ``scale``."""
-    ndim = len(shape)
+    """One coordinate grid per spatial axis, broadcastable against [*S], multiplied by ``scale``."""
     grids = []
     for axis, n in enumerate(shape):
-        view = [1, 1] + [1] * ndim
-        view[2 + axis] = n
+        view = [1] * len(shape)
+        view[axis] = n
         grids.append((torch.arange(n, device=device, dtype=dtype) * scale).view(view))
     return grids
 
 
-def central_moments(p: torch.Tensor, size: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-    """Second central moments (covariance of the mask as a distribution): [N, ndim, ndim].
+def central_moments(p: torch.Tensor, size: torch.Tensor, ndim: int, normalized: bool = True) -> torch.Tensor:
+    """Second central moments (covariance of each mask as a distribution): [B, K, *S] -> [B, K, ndim, ndim].
 
     Normalised coordinates divide pixel indices by the largest extent, so values stay O(1) and far from
     fp16's range; pixel units are kept for replaying the seed's formula. Two passes (mean first, then
     centred products) avoid the cancellation of E[x^2] - E[x]^2.
     """
-    spatial = tuple(p.shape[2:])
+    spatial = tuple(p.shape[-ndim:])
     scale = 1.0 / max(spatial) if normalized else 1.0
-    coords = _coordinates(spatial, scale, p.device, p.dtype)
     size = size.clamp_min(1.0)
-    dims = tuple(range(1, p.dim()))
-    centred = [c - ((p * c).sum(dim=dims) / size).view(-1, *([1] * (p.dim() - 1))) for c in coords]
-    ndim = len(spatial)
-    rows = []
-    for a in range(ndim):
-        row = []
-        for b in range(ndim):
-            row.append((p * centred[a] * centred[b]).sum(dim=dims) / size)
-        rows.append(torch.stack(row, dim=-1))
+    expand = (...,) + (None,) * ndim
+    centred = [c - (spatial_sum(p * c, ndim) / size)[expand]
+               for c in _coordinates(spatial, scale, p.device, p.dtype)]
+    rows = [torch.stack([spatial_sum(p * centred[a] * centred[b], ndim) / size for b in range(ndim)], dim=-1)
+            for a in range(ndim)]
     return torch.stack(rows, dim=-2)
 
 

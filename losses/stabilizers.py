@@ -5,8 +5,9 @@
 - ``additive``: sqrt(s + eps)                   gradient everywhere, same sqrt(eps) bias per flat pixel.
 - ``shifted``:  sqrt(s + eps) - sqrt(eps)       gradient everywhere and zero on flat regions: no bias
                                                 from the background, so a larger eps is cheap.
-All three bound the local derivative by 1/(2 sqrt(eps)). With eps = 0 they are an unprotected sqrt
-(kept on purpose: it is the failure the diagnostics must find).
+All three bound the local derivative by 1/(2 sqrt(eps)). With eps = 0, ``additive`` and ``shifted`` are a
+bare sqrt, NaN in backward at s = 0 (kept on purpose: it is the failure the diagnostics must find), while
+``clamp`` stays finite there: its backward is where(s > eps, grad, 0), which drops sqrt's inf.
 """
 from __future__ import annotations
 
