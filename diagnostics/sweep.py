@@ -1,0 +1,301 @@
+"""The clamp sweep: one network forward per case and precision, then every (stabiliser, eps) re-evaluates only the loss.
+
+Each row measures what a setting costs in bias (against an fp64 eps -> 0 reference of the same prediction) and what
+it does to the gradient that reaches the logits. Rows are written per case as they are computed (atomic files under
+DIR/cases/), so an interrupted sweep resumes without recomputing them and the final tables are the same.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from geodiag.losses import GeometricLoss, SqrtStabilizer
+from geodiag.reports import tables
+
+from .cases import Case, find_cases, predict_logits, preprocess
+from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
+from .errors import GeodiagError
+from .histograms import LogHistogram
+
+DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_STABILIZERS = ("clamp", "additive", "shifted")
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Setting:
+    stabilizer: str
+    eps: float
+
+
+@dataclass
+class SweepTiming:
+    """Wall time of the network forwards (plain inference of the cases) and of everything else."""
+
+    forward_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.total_s / self.forward_s if self.forward_s > 0 else math.nan
+
+
+def parse_settings(stabilizers: Sequence[str], eps: Sequence[float]) -> list[Setting]:
+    """Validated (stabiliser, eps) pairs; a GeodiagError names the bad value."""
+    settings = []
+    for name, value in itertools.product(stabilizers, eps):
+        try:
+            SqrtStabilizer(name, value)
+        except ValueError as exc:
+            raise GeodiagError(str(exc)) from None
+        settings.append(Setting(name, float(value)))
+    if not settings:
+        raise GeodiagError("no settings to sweep: give at least one stabiliser and one eps")
+    return settings
+
+
+def parse_precisions(names: Sequence[str]) -> list[str]:
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown:
+        raise GeodiagError(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
+    return list(names)
+
+
+def dataset_id(checkpoint: Checkpoint) -> Optional[int]:
+    match = re.match(r"Dataset(\d+)", str(checkpoint.plans.get("dataset_name", "")))
+    return int(match.group(1)) if match else None
+
+
+def geometric_active(checkpoint: Checkpoint) -> Optional[bool]:
+    """Whether the geometric term was on in the checkpoint's last epoch, for geodiag's own trainers."""
+    try:
+        from geodiag.losses import nnunet_trainer
+    except ImportError:
+        return None
+    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
+    warmup = getattr(trainer, "warmup_epochs", None)
+    if warmup is None or checkpoint.epoch is None:
+        return None
+    return checkpoint.epoch >= warmup
+
+
+def foreground_classes(checkpoint: Checkpoint) -> tuple[int, ...]:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    labels = PlansManager(checkpoint.plans).get_label_manager(checkpoint.dataset_json)
+    if labels.has_regions:
+        raise GeodiagError("region-based checkpoints (nnU-Net 'regions') are not supported by the geometric loss")
+    return tuple(int(c) for c in labels.foreground_labels)
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    flat = x.flatten().double()
+    if flat.numel() == 0:
+        return math.nan
+    k = min(flat.numel(), max(1, math.ceil(q * flat.numel())))
+    return float(flat.kthvalue(k).values)
+
+
+def _finite_max(x: torch.Tensor) -> float:
+    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return float(finite.abs().max()) if x.numel() else math.nan
+
+
+def _reference(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...]) -> dict[str, float]:
+    """Descriptors of the prediction in fp64 with an exact sqrt (eps = 0), forward only."""
+    loss = GeometricLoss(classes, softmax=True, stabilizer="clamp", eps=0.0, aspect_formula="seed", reduction="none")
+    seen = _capture(loss, ("perimeter", "compactness", "aspect"))
+    with torch.no_grad():
+        loss(logits.detach().double(), label.double())
+    return {name: float(value.mean()) for name, value in seen.items()}
+
+
+def _capture(loss: GeometricLoss, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    loss.register_tap(lambda name, t: seen.__setitem__(name, t), names=names)
+    return seen
+
+
+def evaluate_setting(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...], setting: Setting,
+                     aspect_formula: str) -> dict:
+    """Loss, descriptors and gradient statistics of one case [1, C, *S] under one setting."""
+    leaf = logits.detach().requires_grad_(True)
+    loss_fn = GeometricLoss(classes, softmax=True, stabilizer=setting.stabilizer, eps=setting.eps,
+                            aspect_formula=aspect_formula)
+    seen = _capture(loss_fn, ("compactness.grad_mag_squared", "compactness.sqrt_input", "perimeter", "compactness",
+                              "aspect"))
+    s_grad: dict[str, torch.Tensor] = {}
+    loss_fn.register_tap(lambda name, t: t.register_hook(lambda g: s_grad.__setitem__("s", g)),
+                         names=("compactness.grad_mag_squared",))
+    value = loss_fn(leaf, label)
+    value.backward()
+    grad = leaf.grad.float()
+    s = seen["compactness.grad_mag_squared"].detach()
+    sqrt_in = seen["compactness.sqrt_input"].detach()
+    local = 0.5 / torch.sqrt(sqrt_in.double())
+    s_gradient = s_grad.get("s", torch.zeros_like(s))
+    finite_grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+    return {
+        "loss": float(value.detach()),
+        "perimeter": float(seen["perimeter"].detach().mean()),
+        "compactness": float(seen["compactness"].detach().mean()),
+        "aspect": float(seen["aspect"].detach().mean()),
+        "grad_max": _finite_max(grad),
+        "grad_l2": float(finite_grad.double().norm()),
+        "grad_p999": _quantile(finite_grad.abs(), 0.999),
+        "sqrt_deriv_max": _finite_max(local),
+        "sqrt_deriv_p99": _quantile(local, 0.99),
+        "frac_below_eps": float((s < setting.eps).double().mean()),
+        "frac_zero_grad": float((s_gradient == 0).double().mean()),
+        "nonfinite_loss": int(not math.isfinite(float(value.detach()))),
+        "nonfinite_grad": int((~torch.isfinite(grad)).sum()),
+    }
+
+
+def _bias(value: float, reference: float) -> float:
+    return value / reference - 1.0 if reference != 0 and math.isfinite(reference) else math.nan
+
+
+@dataclass
+class CheckpointSweep:
+    """What the sweep needs of one checkpoint: its label, metadata and rebuilt network."""
+
+    label: str
+    checkpoint: Checkpoint
+    classes: tuple[int, ...]
+    meta: dict = field(default_factory=dict)
+
+
+def _grad_mag_histogram(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...]) -> LogHistogram:
+    loss = GeometricLoss(classes, softmax=True, aspect_weight=0.0)
+    seen = _capture(loss, ("compactness.grad_mag_squared",))
+    hist = LogHistogram()
+    with torch.no_grad():
+        loss(logits.detach().float(), label)
+    hist.update(seen["compactness.grad_mag_squared"])
+    return hist
+
+
+def _hist_rows(hist: LogHistogram) -> list[dict]:
+    edges = hist.layout.edges()
+    counts = hist.to_dict()["bin_counts"]
+    return [{"bin_low": edges[i], "bin_high": edges[i + 1], "count": int(c)} for i, c in enumerate(counts) if c]
+
+
+def sweep_case(item: CheckpointSweep, network, case: Case, patch_size, settings: Sequence[Setting],
+               precisions: Sequence[str], aspect_formula: str, device: torch.device,
+               timing: SweepTiming) -> tuple[list[dict], list[dict]]:
+    """All rows of one case: per precision one forward, then every setting on the same logits."""
+    label = case.label[None].to(device)
+    rows: list[dict] = []
+    hist_rows: list[dict] = []
+    for precision in precisions:
+        dtype = PRECISIONS[precision]
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = predict_logits(network, case.image, patch_size)
+        timing.forward_s += time.perf_counter() - start
+        reference = _reference(logits, label, item.classes)
+        if precision == precisions[0]:
+            hist_rows = [{**item.meta, "case": case.name, **r}
+                         for r in _hist_rows(_grad_mag_histogram(logits, label, item.classes))]
+        for setting in settings:
+            measured = evaluate_setting(logits, label, item.classes, setting, aspect_formula)
+            rows.append({
+                **item.meta, "case": case.name, "stabilizer": setting.stabilizer, "eps": setting.eps,
+                "precision": precision, **measured,
+                "ref_perimeter": reference["perimeter"], "ref_compactness": reference["compactness"],
+                "ref_aspect": reference["aspect"],
+                "bias_perimeter": _bias(measured["perimeter"], reference["perimeter"]),
+                "bias_compactness": _bias(measured["compactness"], reference["compactness"]),
+                "bias_aspect": _bias(measured["aspect"], reference["aspect"]),
+            })
+    return rows, hist_rows
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "checkpoint"
+
+
+def load_sweep_items(specs: Sequence[str], trust: bool = False) -> list[CheckpointSweep]:
+    """``[LABEL=]PATH`` specs (files or results folders) as labelled checkpoints."""
+    items = []
+    for spec in specs:
+        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        for file in find_checkpoints(path):
+            ck = load_checkpoint(file, trust=trust)
+            name = label or f"{ck.plans.get('dataset_name', '?')}/{ck.trainer_name}/{file.stem}"
+            meta = {"checkpoint": name, "dataset": dataset_id(ck), "epoch": ck.epoch,
+                    "geometric_active": geometric_active(ck)}
+            items.append(CheckpointSweep(name, ck, foreground_classes(ck), meta))
+    labels = [i.label for i in items]
+    if len(set(labels)) != len(labels):
+        raise GeodiagError("two checkpoints share a label; name them LABEL=PATH")
+    return items
+
+
+def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None,
+              settings: Sequence[Setting] = (), precisions: Sequence[str] = ("fp32",),
+              aspect_formula: str = "seed", device: str = "cpu", trust: bool = False, resume: bool = False,
+              progress: Optional[Callable[[str], None]] = None) -> tuple[pd.DataFrame, SweepTiming]:
+    """Sweep every checkpoint × case × setting × precision; write DIR/sweep.csv and DIR/sweep_hist.csv."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GeodiagError(f"--out {out} exists and is not a folder")
+    case_dir = out / "cases"
+    case_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and any(case_dir.glob("*/*.csv")):
+        raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
+    settings = list(settings) or parse_settings(DEFAULT_STABILIZERS, DEFAULT_EPS)
+    dev = torch.device(device)
+    timing = SweepTiming()
+    start = time.perf_counter()
+    items = load_sweep_items(specs, trust)
+    for item in items:
+        folder = case_dir / _slug(item.label)
+        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None]
+        if not files:
+            raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
+        todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+        if not todo:
+            continue
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        patch_size = PlansManager(item.checkpoint.plans).get_configuration(item.checkpoint.configuration).patch_size
+        network = build_network(item.checkpoint, trust=trust).to(dev)
+        for index, files_of_case in enumerate(todo):
+            if progress:
+                progress(f"{item.label}: case {files_of_case.name} ({index + 1}/{len(todo)})")
+            case = preprocess(item.checkpoint, files_of_case)
+            rows, hist_rows = sweep_case(item, network, case, patch_size, settings, precisions, aspect_formula,
+                                         dev, timing)
+            stem = folder / _slug(files_of_case.name)
+            tables.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
+            tables.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
+    timing.total_s = time.perf_counter() - start
+    frame = collect(out)
+    return frame, timing
+
+
+def collect(out: Path) -> pd.DataFrame:
+    """Concatenate the per-case files into DIR/sweep.csv and DIR/sweep_hist.csv (same result after a resume)."""
+    row_files = sorted(p for p in (out / "cases").glob("*/*.csv") if not p.name.endswith(".hist.csv"))
+    frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
+    frame = frame[list(tables.SWEEP_COLUMNS)].sort_values(
+        ["checkpoint", "case", "precision", "stabilizer", "eps"], kind="stable").reset_index(drop=True)
+    tables.write_table(frame, out / "sweep.csv")
+    hist_files = sorted((out / "cases").glob("*/*.hist.csv"))
+    hists = [pd.read_csv(p) for p in hist_files if p.stat().st_size > 1]
+    hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=tables.SWEEP_HIST_COLUMNS)
+    keys = ["checkpoint", "dataset", "epoch", "bin_low", "bin_high"]
+    hist = hist.groupby(keys, dropna=False, as_index=False)["count"].sum()[list(tables.SWEEP_HIST_COLUMNS)]
+    tables.write_table(hist, out / "sweep_hist.csv")
+    return frame
