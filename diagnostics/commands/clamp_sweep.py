@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import GeodiagError
 
 HELP = "sweep sqrt stabilisers and eps on real predictions of nnU-Net checkpoints; write tables and a report"
 

@@ -1,0 +1,348 @@
+"""`analyze-checkpoint`: why (or whether) a geometric loss goes non-finite, measured on one nnU-Net checkpoint.
+
+For each precision and each real case: the network predicts with autograd on, Dice+CE and the geometric loss are
+evaluated against the label and back-propagated, and a Recorder histograms every tap of the loss, the logits and
+the parameter gradients while the provenance mode watches for the first op that produces NaN/Inf. The checkpoint's
+own state (weights, momentum, GradScaler scale) is checked too. Each case's histograms are written as soon as they
+are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so ``resume`` continues an interrupted run
+and the merged tables are the same as an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geodiag.losses import GeometricLoss
+from geodiag.reports import tables
+
+from .cases import CaseFiles, find_cases, predict_logits, preprocess
+from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
+from .errors import GeodiagError
+from .histograms import BinLayout, LogHistogram, decade_grid
+from .provenance import NonFiniteProvenance
+from .recorder import THRESHOLDED, Recorder
+from .sweep import PRECISIONS, foreground_classes, geometric_active, parse_precisions
+from .training_state import checkpoint_health
+
+GEOMETRIC_TERMS = ("compactness", "aspect")
+FP16_MAX = 65504.0
+# GradScaler's initial scale: gradients in fp16 training are this much larger than the ones measured here.
+INITIAL_LOSS_SCALE = 65536.0
+
+
+def loss_for(checkpoint: Checkpoint, stabilizer: Optional[str], eps: Optional[float]) -> GeometricLoss:
+    """The geometric loss the checkpoint was trained with (geodiag trainers), else the production preset;
+    ``stabilizer``/``eps`` override."""
+    from geodiag.losses import nnunet_trainer
+
+    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
+    kwargs = dict(classes=foreground_classes(checkpoint), softmax=True)
+    preset = "production"
+    if trainer is not None and hasattr(trainer, "geometric_preset"):
+        preset = trainer.geometric_preset
+        kwargs.update(compactness_weight=trainer.compactness_weight, aspect_weight=trainer.aspect_weight,
+                      reference=trainer.geometric_reference)
+    if stabilizer is not None:
+        kwargs["stabilizer"] = stabilizer
+    if eps is not None:
+        kwargs["eps"] = eps
+    try:
+        return GeometricLoss.from_preset(preset, **kwargs)
+    except ValueError as exc:
+        raise GeodiagError(str(exc)) from None
+
+
+def dice_ce_for(checkpoint: Checkpoint):
+    """nnU-Net's own Dice+CE as its trainer builds it (without deep supervision)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = PlansManager(checkpoint.plans)
+    config = plans.get_configuration(checkpoint.configuration)
+    labels = plans.get_label_manager(checkpoint.dataset_json)
+    return DC_and_CE_loss({"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=labels.ignore_label,
+                          dice_class=MemoryEfficientSoftDiceLoss)
+
+
+def _term_values(loss: GeometricLoss, logits: torch.Tensor, label: torch.Tensor, dice_ce) -> list[dict]:
+    """Each term's value and its share of the gradient at the logits, on a detached copy (so the recorder's
+    hooks see only the real backward)."""
+    leaf = logits.detach().float().requires_grad_(True)
+    seen: dict[str, torch.Tensor] = {}
+    handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t), names=[f"{t}.term" for t in GEOMETRIC_TERMS])
+    with handle:
+        geometric_total = loss(leaf, label)
+    terms = {"dc_ce": dice_ce(leaf, label)}
+    weights = {"compactness": loss.compactness_weight, "aspect": loss.aspect_weight}
+    for term in GEOMETRIC_TERMS:
+        if f"{term}.term" in seen:
+            terms[term] = weights[term] * seen[f"{term}.term"].mean()
+    norms = {}
+    for name, value in terms.items():
+        (grad,) = torch.autograd.grad(value, leaf, retain_graph=True, allow_unused=True)
+        norms[name] = float(grad.norm()) if grad is not None else 0.0
+    geometric_norm = sum(v for k, v in norms.items() if k != "dc_ce")
+    rows = [{"term": name, "value": float(value.detach()),
+             "grad_norm": norms[name],
+             "grad_share": norms[name] / geometric_norm if name != "dc_ce" and geometric_norm > 0 else math.nan}
+            for name, value in terms.items()]
+    rows.append({"term": "geometric_total", "value": float(geometric_total.detach()), "grad_norm": geometric_norm,
+                 "grad_share": math.nan})
+    return rows
+
+
+def _case_paths(out: Path, precision: str, case: str) -> tuple[Path, Path]:
+    folder = out / "cases" / precision
+    return folder / f"{case}.npz", folder / f"{case}.json"
+
+
+def _forward_backward(network, image: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce,
+                      dtype: Optional[torch.dtype], patch_size, device: torch.device, recorder: Optional[Recorder]):
+    """Network forward (autocast in ``dtype``), Dice+CE + geometric loss, backward; returns the three tensors."""
+    network.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = predict_logits(network, image, patch_size)
+    logits.retain_grad()
+    if recorder is not None:
+        recorder.attach_tensor("logits", logits)
+    geometric = loss(logits, label)
+    total = dice_ce(logits.float(), label) + geometric
+    total.backward()
+    return logits, geometric, total
+
+
+def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
+                 patch_size, device: torch.device) -> tuple[dict[str, np.ndarray], dict]:
+    """One case in one precision: packed histograms by 'name|kind', and the case's scalar results.
+
+    A case whose loss or gradient is non-finite is replayed under the provenance mode with a check after every
+    op (fairseq's pattern: full checks only on the failing batch), which names the op that produced it.
+    """
+    case = preprocess(checkpoint, files)
+    if case.label is None:
+        raise GeodiagError(f"case {files.name} has no label; the geometric loss compares against labels")
+    label = case.label[None].to(device)
+    dtype = PRECISIONS[precision]
+    recorder = Recorder(eps_grid=decade_grid())
+    with recorder.attach_loss(loss), recorder.attach_network(network):
+        logits, geometric, total = _forward_backward(network, case.image, label, loss, dice_ce, dtype, patch_size,
+                                                     device, recorder)
+    packed = {f"{name}|{kind}": h.packed().cpu().numpy() for (name, kind), h in recorder.histograms().items()}
+    params = [p.grad for p in network.parameters() if p.grad is not None]
+    result = {
+        "case": files.name,
+        "precision": precision,
+        "loss": float(total.detach()),
+        "geometric_loss": float(geometric.detach()),
+        "nonfinite_loss": int(not math.isfinite(float(total.detach()))),
+        "nonfinite_logit_grad": int((~torch.isfinite(logits.grad)).sum()),
+        "nonfinite_param_grad": int(sum(int((~torch.isfinite(g)).sum()) for g in params)),
+        "terms": _term_values(loss, logits, label, dice_ce),
+        "provenance": None,
+    }
+    if result["nonfinite_loss"] or result["nonfinite_logit_grad"] or result["nonfinite_param_grad"]:
+        with NonFiniteProvenance(network, loss, sync="op") as provenance:
+            _forward_backward(network, case.image, label, loss, dice_ce, dtype, patch_size, device, None)
+        report = provenance.report()
+        if report is not None:
+            result["provenance"] = {"phase": report.phase, "op": report.op, "node": report.node,
+                                    "module": report.module, "tap": report.tap, "message": report.message}
+    return packed, result
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Packed LogHistogram states: counts and moments add; the last two entries (min, -max) take the minimum."""
+    merged = a + b
+    merged[-2:] = np.minimum(a[-2:], b[-2:])
+    return merged
+
+
+def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """tensors.csv, histograms.csv and eps_fractions.csv from merged packed histograms."""
+    layout, grid = BinLayout(), decade_grid()
+    edges = layout.edges()
+    tensor_rows, hist_rows, eps_rows = [], [], []
+    for precision, packed in packed_by_precision.items():
+        summaries = {}
+        for key, state in packed.items():
+            name, kind = key.split("|")
+            thresholds = grid if (kind == "value" and name in THRESHOLDED) else ()
+            row = LogHistogram(layout, thresholds).summarize(state)
+            summaries[(name, kind)] = row
+            tensor_rows.append({
+                "precision": precision, "tensor": name, "kind": kind, "count": row["count"], "nan": row["nan"],
+                "posinf": row["posinf"], "neginf": row["neginf"], "zero": row["zero"],
+                "subnormal": row["fp32_subnormal"], "negative": row["negative"],
+                "fp16_overflow": row["fp16_overflow"], "fp16_underflow": row["fp16_underflow"],
+                "bf16_overflow": row["bf16_overflow"], "bf16_underflow": row["bf16_underflow"],
+                "min": row["min"], "max": row["max"], "mean": row["mean"], "p50": row["abs_p50"],
+                "p90": row["abs_p90"], "p99": row["abs_p99"], "p999": row["abs_p99.9"]})
+            hist_rows += [{"precision": precision, "tensor": name, "kind": kind, "bin_low": edges[i],
+                           "bin_high": edges[i + 1], "count": int(c)} for i, c in enumerate(row["bin_counts"]) if c]
+        for name in THRESHOLDED:
+            value, grad = summaries.get((name, "value")), summaries.get((name, "grad"))
+            if value is None:
+                continue
+            zero_grad = grad["zero"] / grad["count"] if grad and grad["count"] else math.nan
+            eps_rows += [{"precision": precision, "tensor": name, "eps": t, "fraction_below": value[f"below_{t:g}"],
+                          "zero_grad_fraction": zero_grad} for t in grid]
+    return (pd.DataFrame(tensor_rows, columns=tables.TENSORS_COLUMNS),
+            pd.DataFrame(hist_rows, columns=tables.HISTOGRAM_COLUMNS),
+            pd.DataFrame(eps_rows, columns=tables.EPS_FRACTION_COLUMNS))
+
+
+def _headroom(tensors: pd.DataFrame) -> dict:
+    """The recorded tensor whose largest magnitude is closest to the limit of the dtype it lives in.
+
+    Under nnU-Net's CUDA training the network output and the gradients flowing back into the network are fp16,
+    the gradients multiplied by GradScaler's scale (65536 at first); the loss's own intermediates are fp32 by
+    construction. Each tensor is held against that limit, whatever precision it was measured in.
+    """
+    fp32_max = float(torch.finfo(torch.float32).max)
+    best = None
+    for row in tensors.itertuples(index=False):
+        if math.isnan(row.min) or math.isnan(row.max):
+            continue
+        peak = max(abs(row.min), abs(row.max))
+        if peak == 0:
+            continue
+        in_network = row.tensor == "logits" or row.tensor.startswith("network")
+        if in_network and row.kind == "grad":
+            limit, quantity = FP16_MAX / INITIAL_LOSS_SCALE, "max |grad| x 65536 (GradScaler) vs fp16 max 65504"
+        elif in_network:
+            limit, quantity = FP16_MAX, "max |x| vs fp16 max 65504 (autocast)"
+        else:
+            limit, quantity = fp32_max, "max |x| vs fp32 max (the loss runs in fp32)"
+        decades = math.log10(limit / peak)
+        if best is None or decades < best["headroom_decades"]:
+            best = {"tensor": row.tensor, "kind": row.kind, "precision": row.precision, "quantity": quantity,
+                    "value": peak, "limit": limit, "headroom_decades": decades}
+    return best or {}
+
+
+def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
+    """The first failure mechanism that the evidence shows, in the order in which one causes the next."""
+    if health["non_finite_weights"]:
+        return "non_finite_weights", (f"{health['non_finite_weights']} non-finite weight values in "
+                                      f"{len(health['non_finite_weight_tensors'])} tensors: training already wrote "
+                                      "NaN/Inf into the network; every later step is lost")
+    if health["non_finite_optimizer"]:
+        return "non_finite_optimizer_state", (f"{health['non_finite_optimizer']} non-finite values in the optimizer's "
+                                              "momentum: the next SGD step will write them into the weights")
+    if health["grad_scaler_collapsed"]:
+        return "grad_scaler_collapsed", (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
+                                         "steps; once 1/scale is inf, a finite step unscales to NaN")
+    bad_loss = [r for r in results if r["nonfinite_loss"]]
+    if bad_loss:
+        return "non_finite_loss", (f"the loss is non-finite on {len(bad_loss)} of {len(results)} case evaluations "
+                                   f"(first: {bad_loss[0]['case']} in {bad_loss[0]['precision']})")
+    bad_grad = [r for r in results if r["nonfinite_logit_grad"] or r["nonfinite_param_grad"]]
+    if bad_grad:
+        return "non_finite_gradient", (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
+                                       f"{len(results)} case evaluations (first: {bad_grad[0]['case']} in "
+                                       f"{bad_grad[0]['precision']})")
+    return "healthy", (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
+                       f"{len(results)} case evaluations")
+
+
+def _state(checkpoint: Checkpoint) -> dict:
+    """checkpoint_health in the summary's vocabulary."""
+    health = checkpoint_health(checkpoint.data)
+    scaler = health["grad_scaler"] or {}
+    return {
+        "non_finite_weights": health["weights"]["nonfinite_elements"],
+        "non_finite_weight_tensors": sorted(health["weights"]["nonfinite"]),
+        "non_finite_optimizer": health["optimizer"]["nonfinite_elements"],
+        "grad_scaler_scale": scaler.get("scale"),
+        "inverse_scale_finite": scaler.get("inv_scale_finite"),
+        "grad_scaler_collapsed": bool(scaler.get("collapsed", False) or scaler.get("inv_scale_finite") is False),
+    }
+
+
+def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
+                       device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
+                       precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
+                       resume: bool = False, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GeodiagError(f"--out {out} exists and is not a folder")
+    precisions = parse_precisions(precisions)
+    found = find_checkpoints(path, fold)
+    if len(found) > 1:
+        raise GeodiagError(f"{path} holds {len(found)} folds; choose one with --fold")
+    checkpoint = load_checkpoint(found[0], trust=trust)
+    try:
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
+    if not resume and any((out / "cases").glob("*/*.json")):
+        raise GeodiagError(f"{out} already holds an analysis; pass --resume to continue it or use a new --out")
+    state = _state(checkpoint)
+    case_files = find_cases(checkpoint, cases)[: max_cases or None]
+    loss = loss_for(checkpoint, stabilizer, eps)
+    dev = torch.device(device)
+    network = None
+    packed_by_precision: dict[str, dict[str, np.ndarray]] = {}
+    results = []
+    for precision in precisions:
+        merged: dict[str, np.ndarray] = {}
+        for index, files in enumerate(case_files):
+            npz_path, json_path = _case_paths(out, precision, files.name)
+            if not (resume and npz_path.exists() and json_path.exists()):
+                if progress:
+                    progress(f"{precision}: case {files.name} ({index + 1}/{len(case_files)})")
+                if network is None:
+                    network = build_network(checkpoint, trust=trust).to(dev)
+                    dice_ce = dice_ce_for(checkpoint)
+                    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+                    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
+                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision, patch_size, dev)
+                buffer = io.BytesIO()
+                np.savez(buffer, **packed)
+                tables.write_bytes(npz_path, buffer.getvalue())
+                tables.write_json(json_path, result)
+            with np.load(npz_path) as saved:
+                for key in saved.files:
+                    merged[key] = _merge(merged[key], saved[key]) if key in merged else saved[key]
+            results.append(json.loads(json_path.read_text()))
+        packed_by_precision[precision] = merged
+    tensors, histograms, eps_fractions = _summaries(packed_by_precision)
+    terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
+    for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
+                        (terms[list(tables.TERM_COLUMNS)], "terms")):
+        tables.write_table(frame, out / f"{name}.csv")
+    verdict, reason = _verdict(state, results)
+    geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
+    shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
+    dc_ce_norm = terms.loc[terms.term == "dc_ce", "grad_norm"].mean() if len(terms) else math.nan
+    geo_norm = terms.loc[terms.term == "geometric_total", "grad_norm"].mean() if len(terms) else math.nan
+    summary = {
+        "verdict": verdict,
+        "verdict_reason": reason,
+        "checkpoint": {"path": str(checkpoint.path), "trainer_name": checkpoint.trainer_name,
+                       "configuration": checkpoint.configuration, "fold": checkpoint.fold, "epoch": checkpoint.epoch,
+                       "geometric_active": geometric_active(checkpoint)},
+        "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
+                     "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev)},
+        "state": state,
+        "closest_to_trouble": _headroom(tensors),
+        "dominant_gradient": ({"term": str(shares.idxmax()), "share": float(shares.max()),
+                               "geometric_vs_dice_ce_grad_norm": geo_norm / dc_ce_norm if dc_ce_norm else math.nan}
+                              if len(shares) and shares.notna().any() else {}),
+        "provenance": [dict(r["provenance"], case=r["case"], precision=r["precision"])
+                       for r in results if r["provenance"]],
+        "cases": len(case_files),
+    }
+    tables.write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,46 @@
+"""`geodiag analyze-checkpoint`: verdict, histograms and provenance for one nnU-Net checkpoint."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "analyse an nnU-Net checkpoint: why (or whether) its geometric loss goes non-finite"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RESULTS_FOLDER")
+    parser.add_argument("--fold", help="fold to analyse when given a results folder with several folds")
+    parser.add_argument("--cases", help="folder of cases, or comma-separated case names (default: the dataset's "
+                                        "imagesTr/labelsTr under nnUNet_raw)")
+    parser.add_argument("--max-cases", type=int, default=None, help="analyse at most this many cases")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--stabilizer", choices=("clamp", "additive", "shifted"),
+                        help="override the sqrt stabiliser (default: the checkpoint trainer's, else production)")
+    parser.add_argument("--eps", type=float, help="override the stabiliser's eps")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated precisions of the network forward: fp32, fp16, bf16")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load with full pickle (runs code from the file: only for trusted files)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geodiag.reports import analysis_report
+
+    from ..analyze import analyze_checkpoint
+    from ..devices import resolve_device
+    from ..errors import GeodiagError
+
+    if args.max_cases is not None and args.max_cases < 1:
+        raise GeodiagError("--max-cases must be at least 1")
+    summary = analyze_checkpoint(
+        args.checkpoint, args.out, fold=args.fold, cases=args.cases, device=resolve_device(args.device),
+        stabilizer=args.stabilizer, eps=args.eps, precisions=[p.strip() for p in args.precision.split(",")],
+        max_cases=args.max_cases, trust=args.trust_checkpoint, resume=args.resume,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = analysis_report.render(args.out)
+    print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
+    for path in paths:
+        print(path)
+    return 0 if summary["verdict"] == "healthy" else 3
