@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from geodiag.reports.tables import ReportInputError
+
 from .errors import GeodiagError
 
 COMMANDS = {
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser(selected).parse_args(argv)
         return int(_load(selected).run(args) or 0)
-    except GeodiagError as exc:
+    except (GeodiagError, ReportInputError) as exc:
         print(f"geodiag {selected}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

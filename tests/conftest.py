@@ -9,3 +9,5 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from fixtures_nnunet import *  # noqa: E402,F401,F403 - session fixtures: nnunet_env, tiny_dataset_502, geometric_run, stock_run
