@@ -114,8 +114,17 @@ def export_lines(root: Optional[str | Path] = None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- doctor
 _RESOLVE_SCRIPT = r"""
-import inspect, json, sys
+import importlib, inspect, json, sys
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+# nnU-Net drops modules of nnUNet_extTrainer folders from sys.modules after the lookup: record their files.
+module_files = {}
+_import_module = importlib.import_module
+def _recording_import(name, package=None):
+    module = _import_module(name, package)
+    module_files[module.__name__] = getattr(module, "__file__", None)
+    return module
+importlib.import_module = _recording_import
 
 def describe(cls):
     settings = {}
@@ -132,7 +141,8 @@ def describe(cls):
             settings["stabilizer"] = settings["eps"] = None
     else:
         settings["stabilizer"] = settings["eps"] = None
-    return {"module": cls.__module__, "file": inspect.getfile(cls), "settings": settings}
+    file = module_files.get(cls.__module__) or inspect.getfile(cls)
+    return {"module": cls.__module__, "file": file, "settings": settings}
 
 name = sys.argv[1]
 result = {}

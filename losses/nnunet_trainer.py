@@ -52,7 +52,9 @@ class GeometricProgressLogger(LocalLogger):
         terms.set_ylabel("geometric terms (blank: warm-up)")
         losses.legend(loc="upper left")
         terms.legend(loc="upper right")
-        guard.bar(x, log["skipped_steps"][:epochs], color="r", alpha=0.5, label="skipped steps")
+        skipped = log["skipped_steps"][:epochs]
+        guard.bar(x, skipped, color="r", alpha=0.5, label="skipped steps")
+        guard.set_ylim(0, max([1, *skipped]))
         norms = guard.twinx()
         norms.plot(x, log["grad_norm_max"][:epochs], color="b", lw=2, label="max grad norm (before clip)")
         guard.set_xlabel("epoch")
@@ -122,9 +124,9 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         self._term_tap = self.geometric_loss.register_tap(
             self._record_term, names=[f"{term}.term" for term in self.geometric_weights])
         self.skipped_steps = 0
-        term_keys = tuple(f"train_{term}" for term in self.geometric_weights)
-        self._epoch_keys = ("train_dc_ce", "train_geometric") + term_keys + ("grad_norm_max",)
-        local = GeometricProgressLogger(self.logger.local_logger, term_keys)
+        self._term_keys = tuple(f"train_{term}" for term in self.geometric_weights)
+        self._epoch_keys = ("train_dc_ce", "train_geometric") + self._term_keys + ("grad_norm_max",)
+        local = GeometricProgressLogger(self.logger.local_logger, self._term_keys)
         for key in self._epoch_keys + ("geometric_active", "skipped_steps"):
             local.my_fantastic_logging[key] = []
         self.logger.local_logger = local
@@ -245,13 +247,12 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         return np.concatenate(gathered)
 
     def on_epoch_end(self) -> None:
-        log = self.logger.get_value
-        geometric = log("train_geometric", step=-1)
-        self.print_to_log_file(
-            "train Dice+CE", np.round(log("train_dc_ce", step=-1), decimals=4),
-            "geometric", np.round(geometric, decimals=6) if self.geometric_active else "off",
-            *(f"{key} {log(key, step=-1):.6g}" for key in self._epoch_keys[2:-1] if self.geometric_active),
-            "skipped steps", log("skipped_steps", step=-1))
+        last = {key: self.logger.get_value(key, step=-1) for key in self._epoch_keys + ("skipped_steps",)}
+        geometric = "off"
+        if self.geometric_active:
+            geometric = " ".join(f"{key} {last[key]:.6g}" for key in ("train_geometric",) + self._term_keys)
+        self.print_to_log_file(f"train Dice+CE {last['train_dc_ce']:.4f}, geometric {geometric}, "
+                               f"skipped steps {last['skipped_steps']}")
         finished = self.current_epoch
         super().on_epoch_end()
         if self.save_every_epoch:

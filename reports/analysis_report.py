@@ -1,0 +1,233 @@
+"""The report of one analysed checkpoint: verdict in plain language first, then the numbers that led to it.
+
+Reads DIR/summary.json and DIR/tensors.csv (required), DIR/histograms.csv, DIR/eps_fractions.csv and
+DIR/terms.csv (optional); writes DIR/figures/*.png, DIR/report.md and DIR/report.html. What each verdict means
+and what to do next is fixed text per verdict; every statement about this checkpoint is formatted from the tables.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from . import figures
+from .html import Figure, RenderedReport, Section, write_report
+from .tables import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS, ReportInputError,
+                     format_eps, format_number, markdown_table, read_json, read_optional_table, read_table)
+
+TITLE = "geodiag checkpoint analysis"
+# Below this many decades between a measured magnitude and its dtype's limit, the report flags the tensor.
+HEADROOM_WARN_DECADES = 1.0
+# eps values named in the eps-fraction sentences: the seed's V2.3 and V2.4 clamps.
+SEED_EPS = (1e-4, 1e-2)
+
+# verdict -> (tone, what it means, what to do next)
+VERDICTS: dict[str, tuple[str, str, str]] = {
+    "healthy": (
+        "ok",
+        "No NaN or Inf was found in the weights, the optimizer state, the loss or its gradient on the replayed "
+        "cases, in any measured precision.",
+        "Nothing in this checkpoint needs fixing. If training diverged later, analyse a later checkpoint; the "
+        "headroom below says how far the largest values are from their dtype's limit.",
+    ),
+    "non_finite_weights": (
+        "bad",
+        "The stored network weights already contain NaN or Inf. Every forward pass from this checkpoint is "
+        "non-finite: this is the end state of a divergence, not its cause.",
+        "Do not resume from it. Analyse an earlier checkpoint (or run geodiag clamp-sweep over several epochs) "
+        "to find the first step whose loss or gradient became non-finite.",
+    ),
+    "non_finite_optimizer_state": (
+        "bad",
+        "The weights are finite but the optimizer state (e.g. SGD momentum) holds NaN or Inf; the next optimizer "
+        "step writes it into the weights.",
+        "Do not resume with this optimizer state: resume from an earlier checkpoint, and find which gradient "
+        "first became non-finite (provenance below, or an earlier checkpoint's analysis).",
+    ),
+    "grad_scaler_collapsed": (
+        "bad",
+        "The fp16 GradScaler's scale has collapsed: many consecutive steps were skipped as non-finite, and once "
+        "1/scale is no longer finite in fp32 the next finite step is unscaled to NaN.",
+        "The scaler only hides the cause: find the op that made the scaled gradients non-finite (provenance "
+        "below) and replay the batch in fp32 to tell a formula problem from fp16 range.",
+    ),
+    "non_finite_loss": (
+        "bad",
+        "The loss itself is NaN or Inf on the replayed cases: the forward pass produced a non-finite value.",
+        "Read the provenance below for the first op that produced it; if it is non-finite in fp32 and fp64 too, "
+        "the formula is at fault, not the precision.",
+    ),
+    "non_finite_gradient": (
+        "bad",
+        "The loss is finite but its gradient is not: a backward op produced NaN or Inf.",
+        "Read the provenance below for the backward op that produced it (its producer, not a downstream op), "
+        "and compare precisions: a value non-finite only in fp16 is range, one non-finite in fp64 is the maths.",
+    ),
+}
+STATE_TENSOR_COLUMNS = ("tensor", "kind", "count", "nan", "posinf", "neginf", "zero", "subnormal", "fp16_overflow",
+                        "fp16_underflow", "bf16_overflow", "bf16_underflow", "min", "p50", "p99", "max")
+
+
+def _field(summary: dict, key: str) -> dict:
+    """A JSON-object field of summary.json ({} when absent); any other type is the producer's mistake, said once."""
+    value = summary.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportInputError(f"summary.json: {key!r} must be an object, found {type(value).__name__}")
+    return value
+
+
+def _verdict_section(summary: dict) -> Section:
+    verdict = summary.get("verdict")
+    if verdict not in VERDICTS:
+        raise ReportInputError(f"summary.json: unknown verdict {verdict!r}; expected one of {', '.join(VERDICTS)}")
+    tone, meaning, next_step = VERDICTS[verdict]
+    reason = summary.get("verdict_reason") or "no reason recorded"
+    body = f"**{verdict.replace('_', ' ')}**: {reason}\n\n{meaning}\n\n**Next:** {next_step}"
+    return Section("Verdict", body, tone=tone)
+
+
+def _key_value_table(pairs: list[tuple[str, Any]]) -> str:
+    return markdown_table(pd.DataFrame(pairs, columns=["", "value"]).astype({"value": object}))
+
+
+def _checkpoint_section(summary: dict) -> Section:
+    checkpoint = _field(summary, "checkpoint")
+    settings = _field(summary, "settings")
+    pairs = [(key, checkpoint.get(key)) for key in ("path", "trainer_name", "configuration", "fold", "epoch",
+                                                   "geometric_active")]
+    eps = settings.get("eps")
+    pairs += [("stabilizer", settings.get("stabilizer")), ("eps", None if eps is None else format_eps(eps)),
+              ("precisions", ", ".join(map(str, settings.get("precisions") or [])) or None),
+              ("device", settings.get("device")), ("cases replayed", summary.get("cases"))]
+    return Section("Checkpoint and settings", _key_value_table(pairs))
+
+
+def _state_section(summary: dict) -> Section:
+    state = _field(summary, "state")
+    broken = state.get("non_finite_weight_tensors") or []
+    scale = state.get("grad_scaler_scale")
+    pairs = [("non-finite weight elements", state.get("non_finite_weights")),
+             ("tensors holding them", ", ".join(broken[:10]) + (f" … (+{len(broken) - 10})" if len(broken) > 10 else "")
+              if broken else "none"),
+             ("non-finite optimizer-state elements", state.get("non_finite_optimizer")),
+             ("GradScaler scale", "no scaler (CPU or fp32 training)" if scale is None else scale),
+             ("1/scale finite in fp32", state.get("inverse_scale_finite"))]
+    text = _key_value_table(pairs)
+    if scale is not None and scale > 0:
+        text += (f"\n\nThe scale is {scale:.3g}, {math.log2(scale):.1f} halvings from 1 "
+                 f"(the initial scale 65536 is 2^16); 1/scale = {1 / scale:.3g}.")
+    return Section("Training state", text)
+
+
+def _closest_section(summary: dict) -> Section:
+    closest = _field(summary, "closest_to_trouble")
+    if not closest or closest.get("tensor") is None:
+        return Section("Closest to trouble", "Not measured.")
+    headroom = closest.get("headroom_decades")
+    sentence = (f"`{closest['tensor']}` ({closest.get('kind')}, {closest.get('precision')}): {closest.get('quantity')} "
+                f"= {format_number(closest.get('value'))} against the limit {format_number(closest.get('limit'))}, "
+                f"{format_number(headroom, 2)} decades of headroom.")
+    if headroom is not None and math.isfinite(headroom):
+        flagged = headroom < HEADROOM_WARN_DECADES
+        sentence += (f" That is {'less' if flagged else 'not less'} than the {HEADROOM_WARN_DECADES:g} decade this "
+                     f"report flags: a value {10 ** headroom:.3g}× larger would reach the limit.")
+        return Section("Closest to trouble", sentence, tone="warn" if flagged else "")
+    return Section("Closest to trouble", sentence)
+
+
+def _gradient_section(summary: dict, terms: Optional[pd.DataFrame]) -> Section:
+    dominant = _field(summary, "dominant_gradient")
+    parts = []
+    if dominant.get("term") is not None and dominant.get("share") is not None:
+        parts.append(f"`{dominant['term']}` carries {100 * dominant['share']:.3g}% of the L2 norm of the "
+                     "geometric gradient dL/dlogits.")
+    if terms is not None and not terms.empty:
+        table = (terms.groupby(["precision", "term"], sort=False)
+                 .agg(cases=("case", "nunique"), median_value=("value", "median"),
+                      median_grad_share=("grad_share", "median"), max_grad_share=("grad_share", "max"))
+                 .reset_index())
+        parts.append("Per term, over the replayed cases:\n\n" + markdown_table(table))
+    return Section("What dominates the gradient", "\n\n".join(parts) or "Not measured.")
+
+
+def _tensor_findings(tensors: pd.DataFrame) -> str:
+    nonfinite = tensors[(tensors["nan"] + tensors["posinf"] + tensors["neginf"]) > 0]
+    overflow = tensors[tensors["fp16_overflow"] > 0]
+    lines = []
+    if nonfinite.empty:
+        lines.append("- no tensor holds NaN or Inf in any precision")
+    for row in nonfinite.itertuples(index=False):
+        lines.append(f"- `{row.tensor}` {row.kind} ({row.precision}): {int(row.nan)} NaN, {int(row.posinf)} +Inf, "
+                     f"{int(row.neginf)} −Inf of {int(row.count)}")
+    for row in overflow.itertuples(index=False):
+        lines.append(f"- `{row.tensor}` {row.kind} ({row.precision}): {int(row.fp16_overflow)} values would overflow "
+                     "fp16 (|x| ≥ 65520)")
+    return "\n".join(lines)
+
+
+def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optional[pd.DataFrame]) -> list[Section]:
+    sections = [Section("Tensors", _tensor_findings(tensors))]
+    for precision, group in tensors.groupby("precision", sort=False):
+        table = markdown_table(group[list(STATE_TENSOR_COLUMNS)])
+        figure_list = []
+        if histograms is not None:
+            path = figures.tensor_histograms(histograms, tensors, precision, directory / "figures"
+                                             / f"histograms_{precision}.png")
+            figure_list.append(Figure(path, f"log10 |x| of every recorded tensor in {precision} (values left, "
+                                            "gradients right); beside each: exact counts of 0, NaN, +Inf, −Inf, "
+                                            "which are not in the bins. Dashed: fp16's range."))
+        sections.append(Section(f"Tensors in {precision}", "Magnitudes are of |x| over finite values.\n\n" + table,
+                                figures=figure_list))
+    return sections
+
+
+def _eps_section(directory: Path, fractions: Optional[pd.DataFrame]) -> Optional[Section]:
+    if fractions is None or fractions.empty:
+        return None
+    lines = []
+    for precision, group in fractions.groupby("precision", sort=False):
+        named = [f"{100 * row.fraction_below:.3g}% below {format_eps(row.eps)}"
+                 for row in group.itertuples(index=False)
+                 if any(math.isclose(row.eps, e, rel_tol=1e-9) for e in SEED_EPS)]
+        zero = float(group["zero_grad_fraction"].iloc[0])
+        lines.append(f"- {precision}: {', '.join(named) or 'eps 1e-4 and 1e-2 not measured'}; exactly zero gradient "
+                     f"arriving at grad_mag_squared: {100 * zero:.3g}% of pixels")
+    path = figures.eps_fractions(fractions, directory / "figures" / "eps_fractions.png")
+    body = ("Fraction of grad_mag_squared pixels below each eps: a clamp at that eps passes them zero gradient.\n\n"
+            + "\n".join(lines) + "\n\n"
+            + markdown_table(fractions[list(EPS_FRACTION_COLUMNS)].assign(eps=fractions["eps"].map(format_eps))))
+    return Section("grad_mag_squared below eps", body, figures=[Figure(
+        path, "Share of grad_mag_squared pixels below eps per precision (solid); dotted: share with exactly zero "
+              "gradient.")])
+
+
+def _provenance_section(summary: dict) -> Section:
+    entries = summary.get("provenance") or []
+    if not entries:
+        return Section("Provenance", "No non-finite value was produced during the replay, so there is no first op "
+                                     "to name.")
+    table = pd.DataFrame(entries).reindex(columns=["phase", "op", "node", "module", "tap", "message"])
+    return Section("Provenance", "The first non-finite values, in the order they were produced:\n\n"
+                   + markdown_table(table.astype(object).where(table.notna(), None)))
+
+
+def render(directory: str | Path) -> RenderedReport:
+    """Render the analysis report in ``directory`` from the files ``geodiag analyze-checkpoint`` wrote there."""
+    directory = Path(directory)
+    summary = read_json(directory / "summary.json")
+    tensors = read_table(directory / "tensors.csv", TENSORS_COLUMNS)
+    histograms = read_optional_table(directory / "histograms.csv", HISTOGRAM_COLUMNS)
+    fractions = read_optional_table(directory / "eps_fractions.csv", EPS_FRACTION_COLUMNS)
+    terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
+    sections = [_verdict_section(summary), _checkpoint_section(summary), _state_section(summary),
+                _closest_section(summary), _gradient_section(summary, terms)]
+    sections += _tensor_sections(directory, tensors, histograms)
+    eps_section = _eps_section(directory, fractions)
+    if eps_section is not None:
+        sections.append(eps_section)
+    sections.append(_provenance_section(summary))
+    return write_report(directory, TITLE, sections)

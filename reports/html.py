@@ -1,0 +1,171 @@
+"""One report model, two renderings: Markdown with linked figures, and a self-contained HTML page.
+
+Why self-contained: a report is mailed, attached to an issue or opened from a cluster's scratch disk; the HTML
+embeds its PNGs as base64 ``data:`` URIs and its style inline, so it references no file and no network.
+Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
+```code```), enough for generated text and safe to convert without a Markdown dependency.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .tables import write_text
+
+TONES = ("", "ok", "warn", "bad")
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; }
+h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+section.ok, section.warn, section.bad { border-left: 6px solid; padding: 0.2em 1em 0.6em; border-radius: 3px; }
+section.ok { border-color: #2e7d32; background: #f1f8f1; }
+section.warn { border-color: #ed6c02; background: #fff6ec; }
+section.bad { border-color: #c62828; background: #fdf0f0; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; display: block; overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; }
+td:first-child, th:first-child { text-align: left; }
+code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.88em; color: #555; }
+"""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG on disk and the sentence that says what it shows."""
+
+    path: Path
+    caption: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled part of a report: Markdown-subset body, then figures; ``tone`` colours a verdict box."""
+
+    title: str
+    body: str = ""
+    figures: Sequence[Figure] = field(default_factory=tuple)
+    tone: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tone not in TONES:
+            raise ValueError(f"unknown tone {self.tone!r}; choose one of {TONES}")
+
+
+def to_markdown(title: str, sections: Sequence[Section], directory: Path) -> str:
+    """The report as Markdown, figures linked relative to ``directory`` (where report.md is written)."""
+    parts = [f"# {title}"]
+    for section in sections:
+        parts.append(f"## {section.title}")
+        if section.body:
+            parts.append(section.body.strip())
+        for figure in section.figures:
+            link = Path(os.path.relpath(figure.path, directory)).as_posix()
+            parts.append(f"![{figure.caption}]({link})\n\n*{figure.caption}*")
+    return "\n\n".join(parts) + "\n"
+
+
+def to_html(title: str, sections: Sequence[Section]) -> str:
+    """The report as one HTML page with every figure embedded as a data URI."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        tone = f' class="{section.tone}"' if section.tone else ""
+        body.append(f"<section{tone}>\n<h2>{html.escape(section.title)}</h2>")
+        if section.body:
+            body.append(markdown_to_html(section.body))
+        body.extend(_figure_html(figure) for figure in section.figures)
+        body.append("</section>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
+@dataclass(frozen=True)
+class RenderedReport:
+    """What a report renderer wrote: the two renderings, the figures and the data files (JSON, tables)."""
+
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    data: list[Path]
+
+
+def write_report(directory: str | Path, title: str, sections: Sequence[Section],
+                 data: Sequence[Path] = ()) -> RenderedReport:
+    """Write ``report.md`` and ``report.html`` into ``directory``; ``data`` lists files written beside them."""
+    directory = Path(directory)
+    return RenderedReport(
+        markdown=write_text(directory / "report.md", to_markdown(title, sections, directory)),
+        html=write_text(directory / "report.html", to_html(title, sections)),
+        figures=[Path(figure.path) for section in sections for figure in section.figures],
+        data=list(data),
+    )
+
+
+def _figure_html(figure: Figure) -> str:
+    encoded = base64.b64encode(Path(figure.path).read_bytes()).decode("ascii")
+    caption = html.escape(figure.caption)
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _inline(text: str) -> str:
+    """Escape, then ``code`` spans and **bold**; code content is never re-interpreted."""
+    pieces = re.split(r"(`[^`]*`)", text)
+    out = []
+    for piece in pieces:
+        if len(piece) >= 2 and piece.startswith("`") and piece.endswith("`"):
+            out.append(f"<code>{html.escape(piece[1:-1])}</code>")
+        else:
+            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(piece)))
+    return "".join(out)
+
+
+def _cells(line: str) -> list[str]:
+    inner = line.strip().strip("|")
+    return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
+
+
+def _table_html(lines: list[str]) -> str:
+    rows = [line for line in lines if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
+    head, *rest = rows
+    out = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in _cells(head)) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def markdown_to_html(text: str) -> str:
+    """Convert the Markdown subset used by report bodies; blocks are separated by blank lines."""
+    blocks = [block.strip("\n") for block in re.split(r"\n\s*\n", text.strip()) if block.strip()]
+    out = []
+    for block in blocks:
+        lines = block.splitlines()
+        heading = re.fullmatch(r"(#{3,6})\s+(.*)", lines[0])
+        if heading and len(lines) == 1:
+            level = len(heading.group(1))
+            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif all(line.lstrip().startswith("|") for line in lines):
+            out.append(_table_html(lines))
+        elif all(line.startswith("- ") or line.startswith("  ") for line in lines):
+            items = []
+            for line in lines:
+                if line.startswith("- "):
+                    items.append(line[2:])
+                else:
+                    items[-1] += " " + line.strip()
+            out.append("<ul>\n" + "\n".join(f"<li>{_inline(item)}</li>" for item in items) + "\n</ul>")
+        else:
+            out.append(f"<p>{_inline(' '.join(line.strip() for line in lines))}</p>")
+    return "\n".join(out)

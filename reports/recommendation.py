@@ -1,0 +1,276 @@
+"""The rule that picks a sqrt stabiliser setting from a clamp sweep, and the verdict on the seed's clamp 1e-2.
+
+Why a written rule: the seed raised a clamp from 1e-4 to 1e-2 on an argument, not a measurement. Here the
+choice is a function of the sweep table, its parameters are printed in the report, and every sentence about
+clamp 1e-2 (and the seed's V2.3 clamp 1e-4) is formatted from the numbers it compares, whichever way they fall.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from .tables import setting_label
+
+SETTING_KEYS = ("stabilizer", "eps")
+SEED_V24 = ("clamp", 1e-2)  # the seed's "fix"
+SEED_V23 = ("clamp", 1e-4)  # the setting the seed blamed
+DESCRIPTORS = ("perimeter", "compactness", "aspect")
+
+
+def _nonfinite_rows(sweep: pd.DataFrame) -> pd.Series:
+    counted = (sweep["nonfinite_loss"].fillna(0) > 0) | (sweep["nonfinite_grad"].fillna(0) > 0)
+    measured = ~np.isfinite(sweep["loss"].to_numpy(dtype=float)) | ~np.isfinite(sweep["grad_max"].to_numpy(dtype=float))
+    return counted | measured
+
+
+def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Per setting (and per ``by`` columns): bias medians, gradient maxima, pixel fractions, non-finite counts.
+
+    Medians and maxima pool every checkpoint, case and precision of the group; NaN entries (a bias without a
+    finite value) are skipped. ``nonfinite`` is the sum of non-finite loss and gradient elements in any
+    precision; ``nonfinite_rows`` also counts rows whose loss or grad_max is itself not finite.
+    """
+    frame = sweep.assign(
+        _abs_perimeter=sweep["bias_perimeter"].abs(), _abs_compactness=sweep["bias_compactness"].abs(),
+        _abs_aspect=sweep["bias_aspect"].abs(), _nonfinite=sweep["nonfinite_loss"].fillna(0) + sweep["nonfinite_grad"].fillna(0),
+        _bad_row=_nonfinite_rows(sweep),
+        _finite_grad_max=sweep["grad_max"].where(np.isfinite(sweep["grad_max"].to_numpy(dtype=float))),
+    )
+    keys = list(by) + list(SETTING_KEYS)
+    grouped = frame.groupby(keys, sort=True)
+    table = grouped.agg(
+        rows=("loss", "size"),
+        cases=("case", "nunique"),
+        median_abs_bias_perimeter=("_abs_perimeter", "median"),
+        median_abs_bias_compactness=("_abs_compactness", "median"),
+        median_abs_bias_aspect=("_abs_aspect", "median"),
+        max_grad_max=("_finite_grad_max", "max"),
+        max_sqrt_deriv_max=("sqrt_deriv_max", "max"),
+        median_frac_below_eps=("frac_below_eps", "median"),
+        median_frac_zero_grad=("frac_zero_grad", "median"),
+        nonfinite=("_nonfinite", "sum"),
+        nonfinite_rows=("_bad_row", "sum"),
+    ).reset_index()
+    bad_precisions = (frame[frame["_bad_row"]].groupby(keys)["precision"]
+                      .agg(lambda p: ", ".join(sorted(set(map(str, p))))).rename("nonfinite_precisions"))
+    table = table.merge(bad_precisions.reset_index(), on=keys, how="left")
+    table["nonfinite_precisions"] = table["nonfinite_precisions"].fillna("")
+    table["nonfinite"] = table["nonfinite"].astype("int64")
+    table["nonfinite_rows"] = table["nonfinite_rows"].astype("int64")
+    return table
+
+
+@dataclass(frozen=True)
+class RecommendationRule:
+    """Parameters of the rule; ``describe()`` is the text printed in the report.
+
+    grad_factor: the bound B is the smallest max grad_max over all finite settings times this factor
+        (default 10: a setting whose largest logit gradient is a decade above the best achievable one is
+        treated as exploding relative to the alternatives), unless grad_bound gives B as an absolute value.
+    tie_tolerance: median |bias_compactness| values within this absolute distance of the smallest are ties
+        (default 1e-4, i.e. 0.01 percentage points); ties go to the larger eps (more headroom near zero).
+    material_gradient_ratio: a change of max grad_max smaller than this factor is called "no material change"
+        when clamp 1e-2 is compared with clamp 1e-4 (the seed expected a factor of 10 from 1/(2 sqrt(eps))).
+    """
+
+    grad_factor: float = 10.0
+    grad_bound: Optional[float] = None
+    tie_tolerance: float = 1e-4
+    material_gradient_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (self.grad_factor >= 1.0 and math.isfinite(self.grad_factor)):
+            raise ValueError(f"grad_factor must be a finite number >= 1, got {self.grad_factor}")
+        if self.grad_bound is not None and not (self.grad_bound > 0 and math.isfinite(self.grad_bound)):
+            raise ValueError(f"grad_bound must be a finite positive number, got {self.grad_bound}")
+        if not self.tie_tolerance >= 0:
+            raise ValueError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}")
+        if not self.material_gradient_ratio > 1.0:
+            raise ValueError(f"material_gradient_ratio must be > 1, got {self.material_gradient_ratio}")
+
+    def bound_text(self) -> str:
+        if self.grad_bound is not None:
+            return f"B = {self.grad_bound:.3g} (absolute bound)"
+        return f"B = {self.grad_factor:g} × the smallest max |dL/dlogit| among finite settings"
+
+    def describe(self) -> str:
+        return (
+            "Among the settings (stabiliser, eps) with zero non-finite loss or gradient values in every measured "
+            f"precision and case, and with max |dL/dlogit| ≤ {self.bound_text()}, pick the one with the smallest "
+            "median |relative compactness bias| against the fp64 eps→0 reference; medians within "
+            f"{self.tie_tolerance:.3g} of the smallest are ties, broken towards the larger eps."
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the table says about one named setting, as a status, a sentence and the numbers behind it."""
+
+    status: str  # justified | not_justified | not_measured
+    sentence: str
+    numbers: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The rule applied to a headline table: the candidates, the bound used, the pick and the verdicts."""
+
+    rule: RecommendationRule
+    candidates: pd.DataFrame  # the headline table plus finite / within_bound / eligible columns
+    grad_bound: Optional[float]
+    recommended: Optional[dict[str, Any]]
+    clamp_1e2: Verdict
+    seed_comparison: list[str]
+
+    @property
+    def recommended_setting(self) -> Optional[tuple[str, float]]:
+        if self.recommended is None:
+            return None
+        return self.recommended["stabilizer"], float(self.recommended["eps"])
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready summary: rule, recommended setting and verdict fields."""
+        return {
+            "rule": {"text": self.rule.describe(), **asdict(self.rule), "grad_bound_used": self.grad_bound},
+            "recommended": self.recommended,
+            "verdict_clamp_1e-2": {"status": self.clamp_1e2.status, "sentence": self.clamp_1e2.sentence,
+                                   **self.clamp_1e2.numbers},
+            "seed_comparison": self.seed_comparison,
+            "settings_measured": int(len(self.candidates)),
+            "settings_eligible": int(self.candidates["eligible"].sum()),
+        }
+
+
+def _find(table: pd.DataFrame, setting: tuple[str, float]) -> Optional[pd.Series]:
+    rows = table[(table["stabilizer"] == setting[0]) & np.isclose(table["eps"], setting[1], rtol=1e-9, atol=0)]
+    return None if rows.empty else rows.iloc[0]
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.3g}%"
+
+
+def _number(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def _row_numbers(row: pd.Series) -> dict[str, Any]:
+    return {
+        "stabilizer": str(row["stabilizer"]), "eps": float(row["eps"]),
+        "median_abs_bias_compactness": float(row["median_abs_bias_compactness"]),
+        "median_abs_bias_perimeter": float(row["median_abs_bias_perimeter"]),
+        "median_abs_bias_aspect": float(row["median_abs_bias_aspect"]),
+        "max_grad_max": float(row["max_grad_max"]), "max_sqrt_deriv_max": float(row["max_sqrt_deriv_max"]),
+        "median_frac_below_eps": float(row["median_frac_below_eps"]),
+        "median_frac_zero_grad": float(row["median_frac_zero_grad"]),
+        "nonfinite": int(row["nonfinite"]), "nonfinite_rows": int(row["nonfinite_rows"]),
+        "nonfinite_precisions": str(row["nonfinite_precisions"]),
+    }
+
+
+def _pick(candidates: pd.DataFrame, tolerance: float) -> Optional[pd.Series]:
+    eligible = candidates[candidates["eligible"] & candidates["median_abs_bias_compactness"].notna()]
+    if eligible.empty:
+        return None
+    best = eligible["median_abs_bias_compactness"].min()
+    tied = eligible[eligible["median_abs_bias_compactness"] <= best + tolerance]
+    return tied.sort_values(["eps", "median_abs_bias_compactness", "stabilizer"], ascending=[False, True, True]).iloc[0]
+
+
+def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bound: Optional[float],
+                       tolerance: float) -> Verdict:
+    row = _find(candidates, SEED_V24)
+    name = setting_label(*SEED_V24)
+    if row is None:
+        return Verdict("not_measured", f"{name} was not part of this sweep, so the table says nothing about it.", {})
+    numbers = {"clamp_1e-2": _row_numbers(row), "recommended": None if chosen is None else _row_numbers(chosen),
+               "grad_bound": bound}
+    own = (f"median |compactness bias| {_percent(row['median_abs_bias_compactness'])}, "
+           f"max |dL/dlogit| {_number(row['max_grad_max'])}, non-finite values {int(row['nonfinite'])}")
+    if chosen is not None and chosen["stabilizer"] == SEED_V24[0] and np.isclose(chosen["eps"], SEED_V24[1]):
+        return Verdict("justified", f"{name} is justified by this sweep: the rule picks it ({own}).", numbers)
+    reasons = []
+    if not row["finite"]:
+        reasons.append(f"it produced {int(row['nonfinite'])} non-finite values in {int(row['nonfinite_rows'])} "
+                       f"rows (precisions: {row['nonfinite_precisions'] or 'n/a'})")
+    if bound is not None and not row["within_bound"]:
+        reasons.append(f"its max |dL/dlogit| {_number(row['max_grad_max'])} exceeds the bound B = {_number(bound)}")
+    if chosen is None:
+        reasons.append("no setting in the sweep passed the rule")
+        return Verdict("not_justified", f"{name} is not justified by this sweep: " + "; ".join(reasons) + ".", numbers)
+    if row["finite"] and row["within_bound"]:
+        tied = row["median_abs_bias_compactness"] <= chosen["median_abs_bias_compactness"] + tolerance
+        reasons.append("its bias ties with a setting of larger eps, which the tie-break prefers" if tied
+                       else "a setting with a smaller median |compactness bias| passed the same rule")
+    sentence = (
+        f"{name} is not justified by this sweep: its median |compactness bias| is "
+        f"{_percent(row['median_abs_bias_compactness'])} vs {_percent(chosen['median_abs_bias_compactness'])} for the "
+        f"recommended setting ({setting_label(chosen['stabilizer'], chosen['eps'])}); its max |dL/dlogit| is "
+        f"{_number(row['max_grad_max'])} vs {_number(chosen['max_grad_max'])}; non-finite values: "
+        f"{int(row['nonfinite'])} vs {int(chosen['nonfinite'])}. Reason: " + "; ".join(reasons) + "."
+    )
+    return Verdict("not_justified", sentence, numbers)
+
+
+def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule) -> list[str]:
+    """Sentences testing the seed's story (clamp 1e-4 -> NaN, clamp 1e-2 -> 10x smaller gradients) on the table."""
+    v23, v24 = _find(candidates, SEED_V23), _find(candidates, SEED_V24)
+    name23, name24 = setting_label(*SEED_V23), setting_label(*SEED_V24)
+    sentences = []
+    if v23 is not None:
+        if v23["finite"]:
+            sentences.append(f"{name23} (the seed's V2.3) produced no non-finite loss or gradient in any measured "
+                             "precision and case: the NaN the seed attributes to it is not reproduced by this sweep.")
+        else:
+            sentences.append(f"{name23} (the seed's V2.3) produced {int(v23['nonfinite'])} non-finite values "
+                             f"(precisions: {v23['nonfinite_precisions'] or 'n/a'}).")
+    if v23 is None or v24 is None:
+        missing = ", ".join(n for n, r in ((name23, v23), (name24, v24)) if r is None)
+        sentences.append(f"Not in the sweep: {missing}; the seed's 1e-4 → 1e-2 comparison cannot be made.")
+        return sentences
+    deriv_ratio = v24["max_sqrt_deriv_max"] / v23["max_sqrt_deriv_max"]
+    grad_ratio = v24["max_grad_max"] / v23["max_grad_max"]
+    material = (math.isfinite(grad_ratio) and grad_ratio > 0
+                and max(grad_ratio, 1 / grad_ratio) >= rule.material_gradient_ratio)
+    direction = "reduction" if grad_ratio < 1 else "increase"
+    change = (f"a material {direction}" if material else
+              f"no material change (threshold: a factor of {rule.material_gradient_ratio:g} either way)")
+    sentences.append(
+        f"Raising the clamp from 1e-4 to 1e-2 changes the largest local sqrt derivative from "
+        f"{_number(v23['max_sqrt_deriv_max'])} to {_number(v24['max_sqrt_deriv_max'])} (×{_number(deriv_ratio)}; "
+        f"the seed's 1/(2√eps) predicts ×0.1), and the largest |dL/dlogit| that training sees from "
+        f"{_number(v23['max_grad_max'])} to {_number(v24['max_grad_max'])} (×{_number(grad_ratio)}): {change}.")
+    sentences.append(
+        f"Pixels with zero gradient at grad_mag_squared (median): {_percent(v23['median_frac_zero_grad'])} at "
+        f"{name23} vs {_percent(v24['median_frac_zero_grad'])} at {name24}; median |compactness bias|: "
+        f"{_percent(v23['median_abs_bias_compactness'])} vs {_percent(v24['median_abs_bias_compactness'])}.")
+    if not v23["finite"]:
+        outcome = "has none in this sweep" if v24["finite"] else f"still has {int(v24['nonfinite'])}"
+        sentences.append(f"Where {name23} had {int(v23['nonfinite'])} non-finite values, {name24} {outcome}.")
+    return sentences
+
+
+def recommend(headline: pd.DataFrame, rule: RecommendationRule = RecommendationRule()) -> Recommendation:
+    """Apply ``rule`` to a headline table (``headline_table`` without ``by``) and judge clamp 1e-2."""
+    candidates = headline.copy()
+    candidates["finite"] = (candidates["nonfinite"] == 0) & (candidates["nonfinite_rows"] == 0)
+    finite_grads = candidates.loc[candidates["finite"], "max_grad_max"].dropna()
+    if rule.grad_bound is not None:
+        bound: Optional[float] = rule.grad_bound
+    elif not finite_grads.empty:
+        bound = float(finite_grads.min()) * rule.grad_factor
+    else:
+        bound = None
+    candidates["within_bound"] = candidates["max_grad_max"] <= bound if bound is not None else False
+    candidates["eligible"] = candidates["finite"] & candidates["within_bound"]
+    chosen = _pick(candidates, rule.tie_tolerance)
+    return Recommendation(
+        rule=rule, candidates=candidates, grad_bound=bound,
+        recommended=None if chosen is None else _row_numbers(chosen),
+        clamp_1e2=_clamp_1e2_verdict(candidates, chosen, bound, rule.tie_tolerance),
+        seed_comparison=_seed_comparison(candidates, rule),
+    )

@@ -1,0 +1,166 @@
+"""The clamp-sweep report: headline table, recommended setting, verdict on clamp 1e-2, and the figures behind them.
+
+Reads DIR/sweep.csv (required) and DIR/sweep_hist.csv (optional); writes DIR/headline.csv (+ .parquet),
+DIR/summary.json, DIR/figures/*.png, DIR/report.md and DIR/report.html. Every finding in the text is formatted
+from the tables (see ``recommendation``); the only fixed prose says what a column or figure shows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import figures
+from .html import Figure, RenderedReport, Section, write_report
+from .recommendation import Recommendation, RecommendationRule, headline_table, recommend
+from .tables import (SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, markdown_table, read_optional_table,
+                     format_eps, read_table, setting_label, write_json, write_table)
+
+TITLE = "geodiag clamp sweep"
+# Precisions nnU-Net trains in under CUDA autocast; a sweep without them says nothing about fp16/bf16 overflow.
+AUTOCAST_PRECISIONS = ("fp16", "bf16")
+# The eps values the seed compared; the epoch figure follows the fraction of pixels below them.
+SEED_EPS = (1e-4, 1e-2)
+_TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
+
+
+def load_sweep(directory: Path) -> pd.DataFrame:
+    """sweep.csv with its schema checked and numeric columns coerced; an empty or malformed table is an error."""
+    sweep = read_table(directory / "sweep.csv", SWEEP_COLUMNS)
+    if sweep.empty:
+        raise ReportInputError(f"{directory / 'sweep.csv'} has no rows")
+    numeric = [c for c in SWEEP_COLUMNS if c not in ("checkpoint", "dataset", "geometric_active", "case",
+                                                      "stabilizer", "precision")]
+    for column in numeric:
+        converted = pd.to_numeric(sweep[column], errors="coerce")
+        if converted.isna().sum() > sweep[column].isna().sum():
+            raise ReportInputError(f"{directory / 'sweep.csv'}: column {column} holds non-numeric values")
+        sweep[column] = converted
+    if sweep["eps"].isna().any() or (sweep["eps"] < 0).any():
+        raise ReportInputError(f"{directory / 'sweep.csv'}: eps must be a number >= 0 in every row")
+    sweep["precision"] = sweep["precision"].astype(str)
+    sweep["stabilizer"] = sweep["stabilizer"].astype(str)
+    return sweep
+
+
+def _headline_for_display(candidates: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "setting": [setting_label(s, e) for s, e in zip(candidates["stabilizer"], candidates["eps"])],
+        "median abs bias P (%)": 100 * candidates["median_abs_bias_perimeter"],
+        "median abs bias C (%)": 100 * candidates["median_abs_bias_compactness"],
+        "median abs bias A (%)": 100 * candidates["median_abs_bias_aspect"],
+        "max grad_max": candidates["max_grad_max"],
+        "max sqrt_deriv_max": candidates["max_sqrt_deriv_max"],
+        "frac_below_eps (median)": candidates["median_frac_below_eps"],
+        "frac_zero_grad (median)": candidates["median_frac_zero_grad"],
+        "non-finite": candidates["nonfinite"],
+        "non-finite in": candidates["nonfinite_precisions"].replace("", "–"),
+        "eligible": candidates["eligible"],
+    })
+
+
+def _coverage(sweep: pd.DataFrame) -> tuple[str, dict]:
+    precisions = sorted(sweep["precision"].unique())
+    datasets = [str(d) for d in dict.fromkeys(sweep["dataset"])]
+    epochs = sorted(int(e) for e in sweep["epoch"].dropna().unique())
+    missing = [p for p in AUTOCAST_PRECISIONS if p not in precisions]
+    active = sweep.drop_duplicates("checkpoint")["geometric_active"].astype(str).str.lower().isin(("true", "1"))
+    lines = [
+        f"- checkpoints: {sweep['checkpoint'].nunique()} (geometric loss active in {int(active.sum())}); "
+        f"datasets: {', '.join(datasets)}; epochs: {', '.join(map(str, epochs)) or '–'}",
+        f"- cases: {sweep['case'].nunique()}; settings: {len(sweep[['stabilizer', 'eps']].drop_duplicates())}; "
+        f"precisions: {', '.join(precisions)}; rows: {len(sweep)}",
+    ]
+    if missing:
+        lines.append(f"- **not measured: {', '.join(missing)}**: the rule's \"every precision\" covers only "
+                     f"{', '.join(precisions)}; overflow and underflow under CUDA autocast are not tested here.")
+    facts = {"precisions": precisions, "missing_autocast_precisions": missing, "datasets": datasets,
+             "epochs": epochs, "checkpoints": int(sweep["checkpoint"].nunique()), "cases": int(sweep["case"].nunique()),
+             "rows": int(len(sweep))}
+    return "\n".join(lines), facts
+
+
+def _recommendation_text(rec: Recommendation) -> str:
+    lines = [f"**Rule.** {rec.rule.describe()}"]
+    if rec.grad_bound is None:
+        lines.append("No setting was free of non-finite values, so no bound B exists and nothing is recommended.")
+        return "\n\n".join(lines)
+    lines.append(f"B used: {rec.grad_bound:.3g}. Settings passing both conditions: "
+                 f"{int(rec.candidates['eligible'].sum())} of {len(rec.candidates)}.")
+    chosen = rec.recommended
+    if chosen is None:
+        lines.append("No setting passed the rule: nothing is recommended.")
+    else:
+        lines.append(
+            f"**Recommended: {setting_label(chosen['stabilizer'], chosen['eps'])}**: median |compactness bias| "
+            f"{100 * chosen['median_abs_bias_compactness']:.3g}%, median |perimeter bias| "
+            f"{100 * chosen['median_abs_bias_perimeter']:.3g}%, max |dL/dlogit| {chosen['max_grad_max']:.3g}, "
+            f"median zero-gradient pixels {100 * chosen['median_frac_zero_grad']:.3g}%, non-finite values "
+            f"{chosen['nonfinite']}.")
+    return "\n\n".join(lines)
+
+
+def _per_dataset_text(sweep: pd.DataFrame, rule: RecommendationRule) -> str:
+    lines = []
+    for dataset, subset in sweep.groupby("dataset", sort=False):
+        rec = recommend(headline_table(subset), rule)
+        pick = "nothing" if rec.recommended_setting is None else setting_label(*rec.recommended_setting)
+        lines.append(f"- dataset {dataset}: the rule alone on this dataset picks {pick}; clamp 1e-2: "
+                     f"{rec.clamp_1e2.status.replace('_', ' ')}; non-finite values in any setting: "
+                     f"{int(rec.candidates['nonfinite'].sum())}")
+    return "\n".join(lines)
+
+
+def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, rec: Recommendation) -> list[Section]:
+    out = directory / "figures"
+    sections = []
+    eps_values = sorted(e for e in sweep["eps"].unique() if e > 0)
+    if hist is not None and not hist.empty:
+        path = figures.grad_mag_squared_histograms(hist, eps_values, out / "grad_mag_squared.png")
+        sections.append(Section("grad_mag_squared and the eps values", figures=[Figure(
+            path, "Distribution of grad_mag_squared per checkpoint (fraction of pixels per log10 bin); dashed: the "
+                  "swept eps values. A clamp passes zero gradient to every pixel left of its line.")]))
+    dropped = figures.unplottable_on_log(rec.candidates["median_abs_bias_compactness"]) + \
+        figures.unplottable_on_log(rec.candidates["max_grad_max"])
+    path = figures.bias_gradient_tradeoff(rec.candidates, out / "bias_vs_gradient.png", rec.recommended_setting)
+    note = f" {dropped} value(s) zero or non-finite, not drawn on the log axes." if dropped else ""
+    sections.append(Section("Bias vs gradient", figures=[Figure(
+        path, "Each line is a stabiliser through its eps values: x = median |compactness bias|, y = max |dL/dlogit|; "
+              "red x: non-finite values somewhere; star: recommended." + note)]))
+    fraction_eps = [e for e in SEED_EPS if np.isclose(sweep["eps"], e).any()] or eps_values
+    by_epoch = headline_table(sweep, by=("dataset", "epoch"))
+    path = figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png")
+    sections.append(Section("Over epochs", figures=[Figure(
+        path, f"Left: median fraction of pixels with grad_mag_squared below eps {', '.join(map(format_eps, fraction_eps))}"
+              "; right: max |dL/dlogit| per setting; one line style per dataset.")]))
+    if sweep["dataset"].nunique() >= 2:
+        path = figures.dataset_comparison(headline_table(sweep, by=("dataset",)), out / "datasets.png")
+        sections.append(Section("Datasets compared", figures=[Figure(
+            path, "Per setting and dataset: median |compactness bias| (left) and max |dL/dlogit| (right).")]))
+    return sections
+
+
+def render(directory: str | Path, rule: RecommendationRule = RecommendationRule()) -> RenderedReport:
+    """Render the sweep report in ``directory`` from its sweep.csv (and sweep_hist.csv when present)."""
+    directory = Path(directory)
+    sweep = load_sweep(directory)
+    hist = read_optional_table(directory / "sweep_hist.csv", SWEEP_HIST_COLUMNS)
+    rec = recommend(headline_table(sweep), rule)
+    coverage, facts = _coverage(sweep)
+    tables = write_table(rec.candidates, directory / "headline.csv")
+    summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts})
+    sections = [
+        Section("Verdict on clamp 1e-2", "\n\n".join([rec.clamp_1e2.sentence] + ["\n".join(
+            f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
+        Section("Recommended setting", _recommendation_text(rec)),
+        Section("What was measured", coverage),
+        Section("Headline table", "Per setting, pooled over every checkpoint, case and precision. Bias: relative to "
+                "the fp64 eps→0 reference of the same prediction. grad_max: max |dL/dlogit|. sqrt_deriv_max: the "
+                "local derivative 1/(2√x) at the compactness sqrt. non-finite: NaN/Inf elements of loss and "
+                "gradient.\n\n" + markdown_table(_headline_for_display(rec.candidates))),
+    ]
+    if sweep["dataset"].nunique() >= 2:
+        sections.append(Section("Per dataset", _per_dataset_text(sweep, rule)))
+    sections += _figures(directory, sweep, hist, rec)
+    return write_report(directory, TITLE, sections, data=[summary, *tables])

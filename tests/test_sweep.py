@@ -1,0 +1,99 @@
+"""The clamp sweep on a tiny real checkpoint: columns, finiteness, the clamp's dead zone, the fp64 reference, resume."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.sweep import _reference, parse_settings, run_sweep
+from geodiag.reports import tables
+from shapes import disk, logits_from
+
+SETTINGS = parse_settings(["clamp", "shifted", "additive"], [1e-4, 1e-2])
+
+
+@pytest.fixture(scope="module")
+def sweep(geometric_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    epochs = [geometric_run.switch_on_epoch - 1, geometric_run.switch_on_epoch]
+    specs = [f"e{e}={geometric_run.checkpoints[e]}" for e in epochs]
+    frame, timing = run_sweep(specs, out, cases="shapes_one_000,shapes_one_001", settings=SETTINGS,
+                              precisions=["fp32", "bf16"])
+    return out, frame, timing
+
+
+def test_sweep_writes_every_column_for_every_checkpoint_case_setting_and_precision(sweep):
+    out, frame, _ = sweep
+    on_disk = tables.read_table(out / "sweep.csv", tables.SWEEP_COLUMNS)
+    assert len(on_disk) == 2 * 2 * len(SETTINGS) * 2
+    assert set(on_disk.checkpoint) == {"e1", "e2"}
+    assert on_disk.geometric_active.tolist().count(True) == len(on_disk) // 2
+    hist = tables.read_table(out / "sweep_hist.csv", tables.SWEEP_HIST_COLUMNS)
+    # every pixel of both cases lands in a bin or is exactly zero
+    assert hist.groupby("checkpoint")["count"].sum().le(2 * 64 * 64).all()
+
+
+def test_values_are_finite_for_every_positive_eps(sweep):
+    _, frame, _ = sweep
+    for column in ("loss", "grad_max", "grad_l2", "perimeter", "compactness", "ref_compactness", "sqrt_deriv_max"):
+        assert frame[column].map(math.isfinite).all(), column
+    assert (frame.nonfinite_loss == 0).all() and (frame.nonfinite_grad == 0).all()
+
+
+def test_sqrt_local_derivative_is_bounded_by_half_over_sqrt_eps(sweep):
+    _, frame, _ = sweep
+    assert (frame.sqrt_deriv_max <= 0.5 / frame.eps.map(math.sqrt) * (1 + 1e-6)).all()
+
+
+def test_clamp_dead_zone_is_exactly_the_pixels_below_eps_and_other_stabilisers_have_none(sweep):
+    _, frame, _ = sweep
+    clamp = frame[frame.stabilizer == "clamp"]
+    assert (clamp.frac_zero_grad == clamp.frac_below_eps).all()
+    assert (frame[frame.stabilizer != "clamp"].frac_zero_grad == 0).all()
+    larger = frame[(frame.eps == 1e-2)].set_index(["checkpoint", "case", "precision", "stabilizer"]).frac_below_eps
+    smaller = frame[(frame.eps == 1e-4)].set_index(["checkpoint", "case", "precision", "stabilizer"]).frac_below_eps
+    assert (larger >= smaller).all()
+
+
+def test_clamp_and_additive_overestimate_and_shifted_underestimates_the_perimeter(sweep):
+    _, frame, _ = sweep
+    assert (frame[frame.stabilizer.isin(["clamp", "additive"])].bias_perimeter >= 0).all()
+    assert (frame[frame.stabilizer == "shifted"].bias_perimeter <= 0).all()
+
+
+def test_fp64_reference_agrees_with_geometry_on_a_disk():
+    r = 30
+    logits = logits_from(disk(r, n=128, centre=(64.3, 63.8)), 30.0)
+    ref = _reference(logits, (disk(r, n=128, centre=(64.3, 63.8)) > 0.5).double(), (1,))
+    assert 1.00 <= ref["compactness"] <= 1.06
+    assert ref["perimeter"] / (2 * math.pi * r) == pytest.approx(1.02, abs=0.015)
+    assert ref["aspect"] == pytest.approx(1.0, abs=0.01)  # the seed's elongation of a disk
+
+
+def test_resumed_sweep_recomputes_nothing_and_equals_the_uninterrupted_one(sweep, geometric_run):
+    out, frame, _ = sweep
+    case_files = sorted((out / "cases").glob("*/*.csv"))
+    removed = next(p for p in case_files if not p.name.endswith(".hist.csv"))
+    same_case = {removed, removed.with_suffix(".hist.csv")}
+    kept_mtimes = {p: p.stat().st_mtime_ns for p in case_files if p not in same_case}
+    removed.unlink()
+    (out / "sweep.csv").unlink()
+    epochs = [geometric_run.switch_on_epoch - 1, geometric_run.switch_on_epoch]
+    specs = [f"e{e}={geometric_run.checkpoints[e]}" for e in epochs]
+    with pytest.raises(GeodiagError, match="--resume"):
+        run_sweep(specs, out, cases="shapes_one_000,shapes_one_001", settings=SETTINGS, precisions=["fp32", "bf16"])
+    resumed, _ = run_sweep(specs, out, cases="shapes_one_000,shapes_one_001", settings=SETTINGS,
+                           precisions=["fp32", "bf16"], resume=True)
+    assert removed.exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in kept_mtimes.items())
+    pd.testing.assert_frame_equal(resumed, frame)
+
+
+@pytest.mark.parametrize("stabilizers,eps,message", [
+    (["clip"], [1e-2], "unknown stabilizer"),
+    (["clamp"], [-1.0], "eps must be"),
+])
+def test_bad_settings_are_one_line_errors(stabilizers, eps, message):
+    with pytest.raises(GeodiagError, match=message):
+        parse_settings(stabilizers, eps)
