@@ -115,8 +115,11 @@ def seed_discriminant(moments: torch.Tensor) -> torch.Tensor:
 
 
 def seed_elongation(root: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
-    """sqrt(lambda_max / lambda_min) from lambda = (tr +- sqrt(disc)) / 2, lambda_min floored at 1 px^2."""
+    """sqrt(lambda_max / lambda_min) from lambda = (tr +- sqrt(disc)) / 2, both floored at 1 px^2.
+
+    Without the floor on lambda_max, an empty mask (tr = root = 0) puts the outer sqrt at its pole.
+    """
     trace = moments[..., 0, 0] + moments[..., 1, 1]
-    lam_max = (trace + root) / 2.0
+    lam_max = ((trace + root) / 2.0).clamp_min(1.0)
     lam_min = ((trace - root) / 2.0).clamp_min(1.0)
     return torch.sqrt(lam_max / lam_min)

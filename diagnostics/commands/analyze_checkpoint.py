@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
         stabilizer=args.stabilizer, eps=args.eps, precisions=[p.strip() for p in args.precision.split(",")],
         max_cases=args.max_cases, trust=args.trust_checkpoint, resume=args.resume,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    paths = analysis_report.render(args.out)
+    report = analysis_report.render(args.out)
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
-    for path in paths:
-        print(path)
+    print(report.markdown)
+    print(report.html)
     return 0 if summary["verdict"] == "healthy" else 3

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
                               precisions=precisions, aspect_formula=args.aspect_formula, device=device,
                               trust=args.trust_checkpoint, resume=args.resume,
                               progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    paths = sweep_report.render(args.out)
+    report = sweep_report.render(args.out)
     print(f"{len(frame)} rows; network forward {timing.forward_s:.1f} s of {timing.total_s:.1f} s "
           f"(sweep / plain inference = {timing.ratio:.2f}x)")
-    for path in paths:
-        print(path)
+    print(report.markdown)
+    print(report.html)
     return 0
