@@ -64,13 +64,18 @@ def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFram
     return table
 
 
+# fp16's largest finite value over GradScaler's initial scale.
+FP16_GRAD_BOUND = 65504.0 / 65536.0
+
+
 @dataclass(frozen=True)
 class RecommendationRule:
     """Parameters of the rule; ``describe()`` is the text printed in the report.
 
-    grad_factor: the bound B is the smallest max grad_max over all finite settings times this factor
-        (default 10: a setting whose largest logit gradient is a decade above the best achievable one is
-        treated as exploding relative to the alternatives), unless grad_bound gives B as an absolute value.
+    grad_bound: the bound B on max |dL/dlogit|. Default: 65504 / 65536, the largest gradient that is still
+        finite in fp16 once GradScaler multiplies it by its initial scale 65536 (nnU-Net's CUDA training).
+        A bound relative to the other settings would be set by the most biased one, whose bias flattens its
+        gradient. ``grad_bound=None`` uses the relative bound: grad_factor x the smallest max grad_max.
     tie_tolerance: median |bias_compactness| values within this absolute distance of the smallest are ties
         (default 1e-4, i.e. 0.01 percentage points); ties go to the larger eps (more headroom near zero).
     material_gradient_ratio: a change of max grad_max smaller than this factor is called "no material change"
@@ -78,7 +83,7 @@ class RecommendationRule:
     """
 
     grad_factor: float = 10.0
-    grad_bound: Optional[float] = None
+    grad_bound: Optional[float] = FP16_GRAD_BOUND
     tie_tolerance: float = 1e-4
     material_gradient_ratio: float = 2.0
 
@@ -94,6 +99,9 @@ class RecommendationRule:
 
     def bound_text(self) -> str:
         if self.grad_bound is not None:
+            if self.grad_bound == FP16_GRAD_BOUND:
+                return (f"B = {self.grad_bound:.4g} = 65504 / 65536 (a larger gradient overflows fp16 once "
+                        "GradScaler multiplies it by its initial scale)")
             return f"B = {self.grad_bound:.3g} (absolute bound)"
         return f"B = {self.grad_factor:g} × the smallest max |dL/dlogit| among finite settings"
 

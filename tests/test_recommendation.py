@@ -91,9 +91,16 @@ def test_clamp_1e2_with_nan_is_not_justified_and_the_reason_names_the_precision(
     assert "12 non-finite values in 3 rows (precisions: fp16)" in rec.clamp_1e2.sentence
 
 
-def test_default_bound_excludes_a_setting_a_decade_above_the_smallest_gradient():
-    settings = {("additive", 1e-8): dict(bias=0.001, grad_max=1.0), ("shifted", 1e-4): dict(bias=0.01, grad_max=0.05)}
+def test_default_bound_is_fp16_headroom_at_the_initial_loss_scale():
+    settings = {("additive", 1e-8): dict(bias=0.001, grad_max=1.5), ("shifted", 1e-4): dict(bias=0.01, grad_max=0.05)}
     rec = recommend(headline_table(sweep_rows(settings)))
+    assert rec.grad_bound == pytest.approx(65504 / 65536)
+    assert rec.recommended_setting == ("shifted", 1e-4)
+
+
+def test_relative_bound_excludes_a_setting_a_decade_above_the_smallest_gradient():
+    settings = {("additive", 1e-8): dict(bias=0.001, grad_max=1.0), ("shifted", 1e-4): dict(bias=0.01, grad_max=0.05)}
+    rec = recommend(headline_table(sweep_rows(settings)), RecommendationRule(grad_bound=None))
     assert rec.grad_bound == pytest.approx(0.5)   # 10 x 0.05
     assert rec.recommended_setting == ("shifted", 1e-4)
     loose = recommend(headline_table(sweep_rows(settings)), RecommendationRule(grad_bound=2.0))
@@ -109,11 +116,12 @@ def test_bias_ties_within_tolerance_go_to_the_larger_eps():
     assert strict.recommended_setting == ("shifted", 1e-6)
 
 
-def test_no_finite_setting_means_no_recommendation_and_no_bound():
+def test_no_finite_setting_means_no_recommendation():
     sweep = sweep_rows({("clamp", 1e-4): dict(bias=0.01, grad_max=0.03, nan_in="fp16"),
                         ("clamp", 1e-2): dict(bias=0.3, grad_max=0.03, nan_in="fp32")})
+    assert recommend(headline_table(sweep), RecommendationRule(grad_bound=None)).grad_bound is None
     rec = recommend(headline_table(sweep))
-    assert rec.recommended is None and rec.grad_bound is None
+    assert rec.recommended is None
     assert rec.clamp_1e2.status == "not_justified"
     assert "no setting in the sweep passed the rule" in rec.clamp_1e2.sentence
     assert "clamp 1e-2 still has 12" in " ".join(rec.seed_comparison)
@@ -129,7 +137,7 @@ def test_clamp_1e2_absent_from_the_sweep_is_reported_as_not_measured():
 def test_summary_holds_rule_recommendation_and_verdict_fields():
     sweep = sweep_rows({("clamp", 1e-2): dict(bias=0.3, grad_max=0.03),
                         ("shifted", 1e-6): dict(bias=0.002, grad_max=0.03)})
-    summary = recommend(headline_table(sweep), RecommendationRule(grad_factor=3.0)).summary()
+    summary = recommend(headline_table(sweep), RecommendationRule(grad_factor=3.0, grad_bound=None)).summary()
     assert summary["rule"]["grad_factor"] == 3.0 and summary["rule"]["grad_bound_used"] == pytest.approx(0.09)
     assert "3 × the smallest" in summary["rule"]["text"]
     assert summary["recommended"]["stabilizer"] == "shifted" and summary["recommended"]["eps"] == 1e-6

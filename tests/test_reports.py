@@ -163,7 +163,7 @@ def test_sweep_summary_json_carries_rule_recommendation_verdict_and_coverage(swe
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["recommended"]["stabilizer"] == "shifted"
     assert summary["verdict_clamp_1e-2"]["status"] == "not_justified"
-    assert summary["rule"]["grad_bound_used"] == pytest.approx(0.285)
+    assert summary["rule"]["grad_bound_used"] == pytest.approx(65504 / 65536)
     assert summary["coverage"]["datasets"] == ["501", "502"]
     assert summary["coverage"]["missing_autocast_precisions"] == ["bf16"]
     assert read_table(sweep_dir / "headline.csv", ["eligible"])["eligible"].tolist() == [True, True, True]
