@@ -6,11 +6,11 @@ expensive. ``LogHistogram.update`` uses only fixed-shape device ops (no ``.item(
 no ``bincount``, whose CUDA kernel reads the maximum back), so it can run every step; ``packed()`` gives
 the whole state as one float64 vector for a single transfer, ``summarize`` turns that host copy into a row.
 
-Counts are exact: NaN, +Inf, -Inf, exact zeros, negatives, fp32 subnormals and what a cast to fp16 / bf16
-would do (overflow to inf, underflow to zero, land in the subnormal range) are counted from the cast
-itself, so rounding at the boundaries (65519 -> 65504, 65520 -> inf, 2^-25 -> 0) is exactly IEEE's.
-``thresholds`` adds exact counts of ``x < t`` (not read off the bins). Non-finite values never enter the
-bins, the extrema or the moments.
+Counts are exact: NaN, +Inf, -Inf, exact zeros, negatives, fp32 subnormals, and what a cast to fp16 / bf16
+would do (overflow to inf, underflow to zero, land in the subnormal range), counted against the exact
+round-to-nearest-even boundaries of |x| (65519 -> 65504, 65520 -> inf, 2^-25 -> 0). ``thresholds`` adds
+exact counts of ``x < t`` (not read off the bins). Non-finite values never enter the bins, the extrema or
+the moments. (fp64 input is counted by its exact rounding; torch casts fp64 to bf16 through fp32.)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Exact per-element counts kept beside the bins, in this order in the count buffer.
+# The named counts of a summary row.
 SPECIAL_COUNTS = (
     "count",           # every element seen, NaN included
     "nan",
@@ -31,15 +31,43 @@ SPECIAL_COUNTS = (
     "zero",            # exactly 0 (either sign)
     "negative",        # x < 0, -inf included
     "fp32_subnormal",  # 0 < |x| < 2^-126
-    "fp16_overflow",   # finite, but inf once cast to fp16 (|x| >= 65520)
-    "fp16_underflow",  # nonzero, but 0 once cast to fp16 (|x| <= 2^-25)
-    "fp16_subnormal",  # nonzero fp16 subnormal once cast (|x| < 2^-14 after rounding)
-    "bf16_overflow",
-    "bf16_underflow",
-    "bf16_subnormal",
+    "fp16_overflow",   # finite, but inf once cast to fp16: |x| >= 65520
+    "fp16_underflow",  # nonzero, but 0 once cast to fp16: |x| <= 2^-25
+    "fp16_subnormal",  # an fp16 subnormal once cast: 2^-25 < |x| < 2^-14 - 2^-25
+    "bf16_overflow",   # |x| >= (2 - 2^-8) 2^127, finite
+    "bf16_underflow",  # 0 < |x| <= 2^-134
+    "bf16_subnormal",  # 2^-134 < |x| < 2^-126 - 2^-134
 )
+# Where round-to-nearest-even sends |x| across a range boundary (each exact in fp32): the device counts
+# |x| against these, and the named counts are differences of them (``_named_counts``).
+_MAGNITUDE_PROBES = (
+    ("bf16_underflow_max", torch.le, 2.0 ** -134),      # ties to even: 2^-134 -> 0
+    ("bf16_normal_from", torch.lt, 2.0 ** -126 - 2.0 ** -134),  # ties to even: rounds up to 2^-126
+    ("fp32_normal_from", torch.lt, 2.0 ** -126),
+    ("fp16_underflow_max", torch.le, 2.0 ** -25),
+    ("fp16_normal_from", torch.lt, 2.0 ** -14 - 2.0 ** -25),
+    ("fp16_overflow_from", torch.ge, 65520.0),
+    ("bf16_overflow_from", torch.ge, (2.0 - 2.0 ** -8) * 2.0 ** 127),
+)
+# Raw device counts, in buffer order: element count, the direct checks, then the probes.
+_RAW_COUNTS = ("count", "nan", "posinf", "infinite", "zero", "negative") + tuple(p[0] for p in _MAGNITUDE_PROBES)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-_CAST_CHECKS = (("fp16", torch.float16), ("bf16", torch.bfloat16))
+
+
+def _named_counts(raw: dict[str, int]) -> dict[str, int]:
+    """The SPECIAL_COUNTS from the raw device counts."""
+    zero, infinite = raw["zero"], raw["infinite"]
+    return {
+        "count": raw["count"], "nan": raw["nan"], "posinf": raw["posinf"], "neginf": infinite - raw["posinf"],
+        "zero": zero, "negative": raw["negative"],
+        "fp32_subnormal": raw["fp32_normal_from"] - zero,
+        "fp16_overflow": raw["fp16_overflow_from"] - infinite,
+        "fp16_underflow": raw["fp16_underflow_max"] - zero,
+        "fp16_subnormal": raw["fp16_normal_from"] - raw["fp16_underflow_max"],
+        "bf16_overflow": raw["bf16_overflow_from"] - infinite,
+        "bf16_underflow": raw["bf16_underflow_max"] - zero,
+        "bf16_subnormal": raw["bf16_normal_from"] - raw["bf16_underflow_max"],
+    }
 
 
 @dataclass(frozen=True)
@@ -82,13 +110,13 @@ class LogHistogram:
         self.layout = layout
         self.thresholds = thresholds
         self.device = torch.device(device)
-        n_special = len(SPECIAL_COUNTS)
-        # One int64 buffer (special counts | bins | threshold buckets) so merging is one add / one all_reduce.
-        self._counts = torch.zeros(n_special + layout.n_bins + len(thresholds) + 1, dtype=torch.int64,
+        n_raw = len(_RAW_COUNTS)
+        # One int64 buffer (raw counts | bins | threshold buckets) so merging is one add / one all_reduce.
+        self._counts = torch.zeros(n_raw + layout.n_bins + len(thresholds) + 1, dtype=torch.int64,
                                    device=self.device)
-        self._special = self._counts[:n_special]
-        self._bins = self._counts[n_special:n_special + layout.n_bins]
-        self._buckets = self._counts[n_special + layout.n_bins:]
+        self._raw = self._counts[:n_raw]
+        self._bins = self._counts[n_raw:n_raw + layout.n_bins]
+        self._buckets = self._counts[n_raw + layout.n_bins:]
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
         self._extrema = torch.full((2,), math.inf, dtype=torch.float64, device=self.device)  # min, -max
         self._threshold_tensor = torch.tensor(thresholds, dtype=torch.float64, device=self.device)
@@ -100,48 +128,32 @@ class LogHistogram:
         if tensor.numel() == 0:
             return
         x = tensor.detach().flatten()
-        if not x.is_floating_point():
-            x = x.to(torch.float64)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        finite = torch.isfinite(x)
+        if x.dtype != torch.float64:
+            x = x.float()  # fp16 / bf16 / integers: every boundary below is exact in fp32
         magnitude = x.abs()
-        nonzero = magnitude != 0
-        flags = [
-            torch.isnan(x),
-            x == math.inf,
-            x == -math.inf,
-            x == 0,
-            x < 0,
-            nonzero & (magnitude < torch.finfo(torch.float32).tiny),
-        ]
-        for _, dtype in _CAST_CHECKS:
-            cast = magnitude.to(dtype)
-            flags += [
-                torch.isinf(cast) & finite,
-                (cast == 0) & nonzero,
-                (cast != 0) & (cast < torch.finfo(dtype).tiny),
-            ]
-        self._special[0] += x.numel()
-        self._special[1:] += torch.stack([f.sum() for f in flags])
+        counts = [x != x, x == math.inf, magnitude == math.inf, magnitude == 0, x < 0]
+        counts += [compare(magnitude, bound) for _, compare, bound in _MAGNITUDE_PROBES]
+        self._raw[0] += x.numel()
+        self._raw[1:] += torch.stack([flag.sum() for flag in counts])
 
-        in_bins = finite & nonzero
-        safe = torch.where(in_bins, magnitude, torch.ones_like(magnitude))
-        index = ((torch.log10(safe) - self.layout.log10_min) * self.layout.bins_per_decade).floor()
-        index = index.clamp_(0, self.layout.n_bins - 1).long()
-        self._bins.index_add_(0, index, in_bins.long())
+        # Zeros (log10 -> -inf) and NaN land in the first bin, infinities in the last: summarize() takes
+        # their exact counts back out, which spares a mask here.
+        index = torch.nan_to_num((torch.log10(magnitude) - self.layout.log10_min) * self.layout.bins_per_decade,
+                                 nan=0.0)
+        index = index.floor_().clamp_(0, self.layout.n_bins - 1).long()
+        ones = torch.ones((), dtype=torch.int64, device=x.device)
+        self._bins.index_add_(0, index, ones.expand_as(index))
 
         if self.thresholds:
-            # bucket j holds t[j-1] <= x < t[j]; NaN goes to the last bucket (below no threshold).
+            # bucket j holds t[j-1] <= x < t[j]; NaN compares false everywhere and lands in the last bucket.
             bucket = torch.bucketize(x.to(torch.float64), self._threshold_tensor, right=True)
-            bucket = torch.where(torch.isnan(x), len(self.thresholds), bucket)
-            self._buckets.index_add_(0, bucket, torch.ones((), dtype=torch.int64, device=x.device).expand_as(bucket))
+            self._buckets.index_add_(0, bucket, ones.expand_as(bucket))
 
-        values = torch.where(finite, x, 0).to(torch.float64)
-        self._moments += torch.stack([values.sum(), values.square().sum()])
-        low = torch.where(finite, x, math.inf).amin().to(torch.float64)
-        high = torch.where(finite, x, -math.inf).amax().to(torch.float64)
-        torch.minimum(self._extrema, torch.stack([low, -high]), out=self._extrema)
+        values = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
+        self._moments += torch.stack([values.sum(), torch.dot(values, values)])
+        low = torch.nan_to_num(x, nan=math.inf, posinf=math.inf, neginf=math.inf).amin()
+        high = torch.nan_to_num(x, nan=-math.inf, posinf=-math.inf, neginf=-math.inf).amax()
+        torch.minimum(self._extrema, torch.stack([low, -high]).to(torch.float64), out=self._extrema)
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         """Add ``other``'s counts into this one (same layout and thresholds); returns self."""
@@ -175,10 +187,13 @@ class LogHistogram:
 
     def summarize(self, packed: np.ndarray) -> dict:
         """A flat row from a host copy of ``packed()``: counts, fractions, extrema, mean, quantiles of |x|."""
-        n_special, n_bins = len(SPECIAL_COUNTS), self.layout.n_bins
-        special = dict(zip(SPECIAL_COUNTS, (int(v) for v in packed[:n_special])))
-        bins = packed[n_special:n_special + n_bins]
-        buckets = packed[n_special + n_bins:self._counts.numel()]
+        n_raw, n_bins = len(_RAW_COUNTS), self.layout.n_bins
+        raw = dict(zip(_RAW_COUNTS, (int(v) for v in packed[:n_raw])))
+        special = _named_counts(raw)
+        bins = packed[n_raw:n_raw + n_bins].copy()
+        bins[0] -= raw["zero"] + raw["nan"]
+        bins[-1] -= raw["infinite"]
+        buckets = packed[n_raw + n_bins:self._counts.numel()]
         total_sum, total_sq, low, neg_high = packed[self._counts.numel():]
         count = special["count"]
         finite = count - special["nan"] - special["posinf"] - special["neginf"]

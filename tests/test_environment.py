@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 import geodiag.losses.nnunet_trainer as trainer_module
+from geodiag.losses import preset_kwargs
 from geodiag.diagnostics import environment
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.environment import EXT_TRAINER_VAR, diagnose, ext_trainer_value, trainer_folders
@@ -57,7 +58,9 @@ def test_doctor_is_ok_when_nnunet_resolves_geodiags_trainer():
     assert diagnosis.ok, diagnosis.problems
     assert Path(diagnosis.facts["resolved trainer file"]).resolve() == Path(trainer_module.__file__).resolve()
     assert diagnosis.facts["resolved warmup_epochs"] == "20"
-    assert diagnosis.facts["resolved stabilizer"] == "shifted" and diagnosis.facts["resolved eps"] == "1e-06"
+    production = preset_kwargs("production")
+    assert diagnosis.facts["resolved stabilizer"] == production["stabilizer"]
+    assert diagnosis.facts["resolved eps"] == f"{production['eps']:g}"
 
 
 def test_doctor_names_a_stale_copy_that_shadows_ours(tmp_path, monkeypatch, capsys):
@@ -76,7 +79,8 @@ def test_doctor_names_a_stale_copy_that_shadows_ours(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert "a stale copy shadows geodiag's nnUNetTrainerGeometric" in out
     assert str(stale / "old_geometric_trainer.py") in out
-    assert "warmup_epochs 5 (geodiag: 20)" in out and "eps 0.01 (geodiag: 1e-06)" in out
+    assert "warmup_epochs 5 (geodiag: 20)" in out
+    assert f"eps 0.01 (geodiag: {preset_kwargs('production')['eps']:g})" in out
 
 
 def test_doctor_reports_an_unset_trainer_path(monkeypatch, capsys):

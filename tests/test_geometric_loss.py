@@ -1,12 +1,11 @@
 """GeometricLoss behaviour: gradients, stability on hard inputs and precisions, taps, batching, no host sync."""
-import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from geodiag.losses import STABILIZERS, GeometricLoss
-from shapes import ball, disk, ellipse, logits_from, two_class
+from host_reads import HostReadDetector
+from shapes import disk, ellipse, logits_from, two_class
 
 torch.manual_seed(0)
 
@@ -216,21 +215,6 @@ def test_tapped_tensor_receives_its_backward_gradient():
 
 
 # ----------------------------------------------------------------------------- no host sync
-class _SyncDetector(TorchDispatchMode):
-    """Flags the aten ops that copy a device value to the host (what .item() and bool(tensor) do)."""
-
-    SYNCING = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::unique", "aten::masked_select"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.SYNCING:
-            self.seen.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("preset", ["production", "v2.3"])
 def test_forward_and_backward_make_no_host_sync(ndim, preset):
@@ -240,13 +224,13 @@ def test_forward_and_backward_make_no_host_sync(ndim, preset):
     logits = torch.randn(shape, requires_grad=True)
     target = torch.randint(0, 2, (shape[0], 1, *shape[2:])).float()
     fn = GeometricLoss.from_preset(preset, softmax=True)
-    with _SyncDetector() as detector:
+    with HostReadDetector() as detector:
         fn(logits, target).backward()
     assert detector.seen == []
 
 
 def test_sync_detector_catches_item():
-    with _SyncDetector() as detector:
+    with HostReadDetector() as detector:
         torch.ones(3).sum().item()
     assert detector.seen == ["aten::_local_scalar_dense"]
 

@@ -3,7 +3,6 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from geodiag.diagnostics.errors import GeodiagError
 from geodiag.diagnostics.sweep import _reference, parse_settings, run_sweep

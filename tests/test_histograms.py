@@ -1,0 +1,185 @@
+"""LogHistogram: exact special-value counts at IEEE boundaries, bins and quantiles against numpy, merging,
+and accumulation that never reads a value back to the host."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geodiag.diagnostics.histograms import BinLayout, LogHistogram, decade_grid
+
+F32_TINY = 2.0 ** -126
+
+
+def _histogram(values, dtype=torch.float32, thresholds=()) -> dict:
+    h = LogHistogram(thresholds=thresholds)
+    h.update(torch.tensor(values, dtype=dtype))
+    return h.to_dict()
+
+
+def test_special_values_are_counted_exactly():
+    values = [math.nan, math.nan, math.inf, -math.inf, -math.inf, 0.0, -0.0, -2.5, -1e-3, 3.0, 2.0 ** -130]
+    row = _histogram(values)
+    assert (row["count"], row["nan"], row["posinf"], row["neginf"], row["zero"]) == (11, 2, 1, 2, 2)
+    assert row["negative"] == 4  # -inf, -inf, -2.5, -1e-3 (-0.0 is not below zero)
+    assert row["fp32_subnormal"] == 1
+    assert row["finite"] == 6
+    assert sum(row["bin_counts"]) == 4  # finite and nonzero only
+
+
+def test_fp16_boundaries_follow_ieee_round_to_nearest_even():
+    values = [
+        65504.0,                   # fp16 max: fits
+        65519.0,                   # rounds down to 65504
+        65520.0,                   # halfway to 65536: rounds to inf -> overflow
+        1e6,                       # overflow
+        2.0 ** -25,                # halfway between 0 and 2^-24: ties to even -> 0 -> underflow
+        2.0 ** -25 * (1 + 2 ** -10),  # rounds up to 2^-24: subnormal
+        2.0 ** -24,                # smallest fp16 subnormal
+        2.0 ** -15,                # subnormal
+        2.0 ** -14 - 2.0 ** -26,   # rounds up to 2^-14: normal
+        2.0 ** -14,                # smallest normal
+        1e-9,                      # underflow
+    ]
+    row = _histogram(values)
+    assert row["fp16_overflow"] == 2
+    assert row["fp16_underflow"] == 2
+    assert row["fp16_subnormal"] == 3
+
+
+def test_bf16_boundaries_follow_ieee_round_to_nearest_even():
+    bf16_max = (2 - 2.0 ** -7) * 2.0 ** 127
+    values = [
+        bf16_max,                       # fits
+        3.3961e38,                      # just below the halfway point (2 - 2^-8) 2^127: rounds to max
+        3.4e38,                         # above the halfway point: inf
+        2.0 ** -134,                    # halfway to the smallest subnormal 2^-133: ties to even -> 0
+        2.0 ** -140,                    # underflow
+        2.0 ** -133,                    # smallest bf16 subnormal
+        2.0 ** -127,                    # subnormal
+        F32_TINY,                       # smallest normal
+    ]
+    assert 3.3961e38 < (2 - 2.0 ** -8) * 2.0 ** 127 < 3.4e38
+    row = _histogram(values)
+    assert row["bf16_overflow"] == 1
+    assert row["bf16_underflow"] == 2
+    assert row["bf16_subnormal"] == 2
+    assert row["fp32_subnormal"] == 4  # 2^-134, 2^-140, 2^-133, 2^-127
+
+
+def test_cast_counts_agree_with_torchs_own_fp32_casts_near_every_boundary():
+    # fp32 is what autocast casts from. (torch casts fp64 to bf16 through fp32, a double rounding that can differ
+    # from the exact boundary within 2^-24 relative of it; the histogram counts the exact rounding.)
+    boundaries = [2.0 ** -134, 2.0 ** -133, 2.0 ** -126, 2.0 ** -25, 2.0 ** -24, 2.0 ** -14, 65504.0, 65520.0,
+                  3.38e38, 3.3961e38]
+    generator = torch.Generator().manual_seed(3)
+    values = torch.cat([b * (1 + 1e-3 * torch.randn(400, generator=generator, dtype=torch.float64))
+                        for b in boundaries]).float()
+    values = values[torch.isfinite(values)]
+    values = torch.cat([values, -values])
+    h = LogHistogram()
+    h.update(values)
+    row = h.to_dict()
+    for name, target in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        cast = values.to(target)
+        tiny = torch.finfo(target).tiny
+        assert row[f"{name}_overflow"] == int((cast.isinf() & values.isfinite()).sum()) > 0
+        assert row[f"{name}_underflow"] == int(((cast == 0) & (values != 0)).sum()) > 0
+        assert row[f"{name}_subnormal"] == int(((cast != 0) & (cast.abs() < tiny)).sum()) > 0
+
+
+def test_nan_and_inf_do_not_poison_extrema_moments_or_quantiles():
+    row = _histogram([math.nan, math.inf, -math.inf, -2.0, 1.0, 4.0])
+    assert (row["min"], row["max"]) == (-2.0, 4.0)
+    assert row["mean"] == pytest.approx(1.0)
+    assert row["rms"] == pytest.approx(math.sqrt(21.0 / 3.0))
+    assert math.isfinite(row["abs_p99.9"]) and row["abs_p99.9"] <= 4.0
+
+
+def test_each_value_lands_in_the_bin_numpy_assigns_its_log10_magnitude():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([10.0 ** rng.uniform(-44, 38, 5000), -(10.0 ** rng.uniform(-30, 30, 5000))])
+    layout = BinLayout()
+    expected, _ = np.histogram(np.log10(np.abs(values)), bins=layout.log10_min
+                               + np.arange(layout.n_bins + 1) / layout.bins_per_decade)
+    row = _histogram(values, dtype=torch.float64)
+    # fp64 log10 at a bin edge may differ from numpy's by one ulp: allow a handful of neighbour swaps.
+    assert np.abs(np.array(row["bin_counts"]) - expected).sum() <= 4
+    assert sum(row["bin_counts"]) == values.size
+
+
+def test_fp64_values_beyond_the_fp32_range_land_in_the_end_bins():
+    row = _histogram([1e-300, 1e300], dtype=torch.float64)
+    assert row["bin_counts"][0] == 1 and row["bin_counts"][-1] == 1
+
+
+def test_quantiles_of_magnitude_are_within_one_bin_of_the_exact_ones():
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(20000) * 10.0 ** rng.uniform(-6, 3, 20000)
+    values[:500] = 0.0
+    row = _histogram(values, dtype=torch.float64)
+    bin_ratio = 10 ** (1 / BinLayout().bins_per_decade)
+    for q in (0.5, 0.9, 0.99, 0.999):
+        exact = np.quantile(np.abs(values), q)
+        assert exact / bin_ratio <= row[f"abs_p{q * 100:g}"] <= exact * bin_ratio
+
+
+def test_quantile_falls_on_zero_when_zeros_are_the_majority():
+    row = _histogram([0.0] * 9 + [1.0])
+    assert row["abs_p50"] == 0.0
+
+
+def test_fraction_below_counts_exactly_including_values_equal_to_a_threshold():
+    grid = decade_grid()
+    rng = np.random.default_rng(2)
+    values = np.concatenate([10.0 ** rng.uniform(-10, 0, 3000), np.array(grid), [math.nan, -1.0]])
+    h = LogHistogram(thresholds=grid)
+    h.update(torch.tensor(values, dtype=torch.float64))
+    fractions = h.fraction_below()
+    with np.errstate(invalid="ignore"):
+        for t in grid:
+            assert fractions[t] == np.sum(values < t) / values.size
+
+
+def test_merge_equals_the_histogram_of_the_concatenated_data():
+    a = torch.randn(1000) * 1e-3
+    b = torch.cat([torch.randn(500) * 1e4, torch.tensor([math.nan, math.inf, 0.0])])
+    left, right, whole = (LogHistogram(thresholds=decade_grid()) for _ in range(3))
+    left.update(a)
+    right.update(b)
+    whole.update(torch.cat([a, b]))
+    merged, reference = left.merge(right).to_dict(), whole.to_dict()
+    assert merged.pop("sum") == pytest.approx(reference.pop("sum"))
+    for key in ("mean", "rms"):
+        assert merged.pop(key) == pytest.approx(reference.pop(key))
+    assert merged == reference
+
+
+def test_merge_rejects_a_different_layout():
+    with pytest.raises(ValueError):
+        LogHistogram().merge(LogHistogram(BinLayout(bins_per_decade=2)))
+
+
+def test_reset_forgets_everything():
+    h = LogHistogram()
+    h.update(torch.tensor([1.0, math.nan]))
+    h.reset()
+    h.update(torch.tensor([-3.0]))
+    row = h.to_dict()
+    assert (row["count"], row["nan"], row["min"], row["max"]) == (1, 0, -3.0, -3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_update_never_reads_a_value_back_to_the_host(dtype):
+    # On the meta device there is no data: .item(), bool(tensor), nonzero, boolean indexing or a copy to
+    # the CPU would raise. Accumulating must still work, as it must on CUDA without a sync.
+    h = LogHistogram(thresholds=decade_grid(), device="meta")
+    h.update(torch.empty(4, 64, 64, dtype=dtype, device="meta"))
+    assert h.packed().device.type == "meta"
+    with pytest.raises(Exception):
+        torch.empty(3, device="meta").sum().item()
+
+
+def test_bad_thresholds_are_rejected():
+    with pytest.raises(ValueError):
+        LogHistogram(thresholds=(1e-2, 1e-3))
