@@ -23,6 +23,7 @@ COMMANDS = {
     "check-bounds": "check_bounds",
     "bench": "bench",
     "demo": "demo",
+    "reference-report": "reference_report",
 }
 
 

@@ -240,3 +240,20 @@ def dataset_comparison(by_dataset: pd.DataFrame, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def training_curves(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Epoch-mean training loss per run (one panel per dataset), with each run's switch-on epoch dashed."""
+    datasets = list(dict.fromkeys(runs["dataset"]))
+    figure = Figure(figsize=(6.0 * len(datasets), 3.6))
+    for index, dataset in enumerate(datasets, start=1):
+        ax = figure.add_subplot(1, len(datasets), index)
+        for name, frame in runs[runs["dataset"] == dataset].groupby("run", sort=False):
+            line, = ax.plot(frame["epoch"], frame["train_loss"], marker="o", ms=3, label=name)
+            ax.axvline(frame["warmup"].iloc[0] - 0.5, color=line.get_color(), ls="--", lw=0.8)
+        ax.set_title(f"dataset {dataset}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("train loss (epoch mean)")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,0 +1,24 @@
+"""`geodiag reference-report`: regenerate reports/reference/ from scratch (datasets, training, sweep, analysis)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "regenerate the reference report on datasets 501/502 under V2.3, V2.4 and production (CPU, about 15 min)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", default="reference_work", help="working folder: data, checkpoints (not committed)")
+    parser.add_argument("--report-dir", default="reports/reference", help="where the report is published")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ..devices import resolve_device
+    from ..reference import run_reference
+
+    report = run_reference(args.work, args.report_dir, device=resolve_device(args.device),
+                           log=lambda message: print(message, flush=True))
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,193 @@
+"""The study report: the training runs, the seed's questions answered from the sweep and the analyses.
+
+Inputs (written by ``geodiag.diagnostics.study``): DIR/runs.csv, DIR/sweep/sweep.csv with the sweep report's
+DIR/sweep/summary.json, and DIR/analysis/*/summary.json. Every finding is computed from those tables; the
+thresholds used for words such as "differ" are printed beside them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from . import figures
+from .html import Figure, RenderedReport, Section, write_report
+from .tables import SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table
+
+RUN_COLUMNS = ("run", "dataset", "trainer", "preset", "stabilizer", "eps", "warmup", "epoch", "geometric_active",
+               "train_loss", "train_dc_ce", "train_geometric", "skipped_steps", "grad_norm_max", "pseudo_dice")
+# What the seed reports at its switch-on (8 images of 512^2, epoch 5).
+SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
+# Two datasets "differ" in a quantity when the larger median is at least this factor above the smaller.
+DIFFER_FACTOR = 1.5
+
+
+def _percent(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.3g}%"
+
+
+def _run_of(label: str) -> str:
+    return label.rsplit("-e", 1)[0]
+
+
+def _switch_on_rows(sweep: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Sweep rows of each run's switch-on checkpoint (the first epoch trained with the geometric term)."""
+    warmup = runs.groupby("run")["warmup"].first()
+    run = sweep["checkpoint"].map(_run_of)
+    return sweep[sweep["epoch"] == run.map(warmup)]
+
+
+def training_section(runs: pd.DataFrame) -> Section:
+    rows = []
+    for name, frame in runs.groupby("run", sort=False):
+        nonfinite = frame[~frame["train_loss"].map(math.isfinite)]
+        rows.append({"run": name, "dataset": frame["dataset"].iloc[0], "preset": frame["preset"].iloc[0],
+                     "stabilizer": frame["stabilizer"].iloc[0], "eps": frame["eps"].iloc[0],
+                     "switch-on epoch": frame["warmup"].iloc[0], "epochs": len(frame),
+                     "non-finite epochs": len(nonfinite),
+                     "first non-finite": int(nonfinite["epoch"].iloc[0]) if len(nonfinite) else None,
+                     "skipped steps": int(frame["skipped_steps"].fillna(0).sum()),
+                     "max grad norm": frame["grad_norm_max"].max(),
+                     "final pseudo Dice": frame["pseudo_dice"].iloc[-1]})
+    table = pd.DataFrame(rows)
+    bad = table[table["non-finite epochs"] > 0]
+    text = ("No run logged a non-finite epoch loss and " if bad.empty else
+            f"{len(bad)} run(s) logged non-finite epoch losses ({', '.join(bad['run'])}); ")
+    text += (f"{int(table['skipped steps'].sum())} optimizer steps were skipped by the trainer's guard in all runs "
+             "together.")
+    return Section("Training runs", text + "\n\n" + markdown_table(table))
+
+
+def switch_on_section(switch_on: pd.DataFrame) -> Section:
+    """Q1: the fraction of pixels with grad_mag_squared below 1e-4 and 1e-2 at switch-on."""
+    fp32 = switch_on[(switch_on["precision"] == "fp32") & (switch_on["stabilizer"] == "clamp")]
+    rows = []
+    for dataset, frame in fp32.groupby("dataset"):
+        row = {"dataset": dataset, "cases × checkpoints": int(frame[["case", "checkpoint"]].drop_duplicates().shape[0])}
+        for eps, seed in SEED_BELOW.items():
+            values = frame.loc[frame["eps"] == eps, "frac_below_eps"]
+            row[f"below {eps:g} (median)"] = _percent(values.median() if len(values) else math.nan)
+            row[f"below {eps:g} (range)"] = (f"{_percent(values.min())} – {_percent(values.max())}"
+                                            if len(values) else "–")
+            row[f"seed: below {eps:g}"] = _percent(seed)
+        rows.append(row)
+    body = ("The fraction of pixels whose squared Sobel magnitude s = gx² + gy² lies below each eps, on the "
+            "predictions of each run's switch-on checkpoint (fp32), next to what the seed reports.\n\n"
+            + (markdown_table(pd.DataFrame(rows)) if rows else "No switch-on checkpoint was swept."))
+    return Section("1. How many pixels sit below the clamp at switch-on?", body)
+
+
+def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dict]) -> Section:
+    """Q2: whether NaN occurs, at which op and why."""
+    lines = []
+    bad_runs = runs[~runs["train_loss"].map(math.isfinite)].groupby("run")["epoch"].min()
+    lines.append("Training: " + ("no run produced a non-finite epoch loss." if bad_runs.empty else
+                                 "; ".join(f"{run} first at epoch {epoch}" for run, epoch in bad_runs.items()) + "."))
+    nonfinite = sweep[(sweep["nonfinite_loss"] > 0) | (sweep["nonfinite_grad"] > 0)]
+    if nonfinite.empty:
+        lines.append(f"Sweep: all {len(sweep)} evaluations (every setting, precision and case) had a finite loss and "
+                     "gradient.")
+    else:
+        where = nonfinite.groupby(["stabilizer", "eps", "precision"]).size()
+        lines.append("Sweep: non-finite loss or gradient in " + "; ".join(
+            f"{s} {e:g} {p} ({n} cases)" for (s, e, p), n in where.items()) + ".")
+    for name, summary in analyses.items():
+        text = f"Analysis of {name}: verdict **{summary['verdict']}** — {summary['verdict_reason']}."
+        for report in summary.get("provenance", [])[:2]:
+            text += f" Provenance ({report.get('precision')}, {report.get('case')}): {report.get('message')}"
+        lines.append(text)
+    if not analyses:
+        lines.append("No checkpoint was analysed (no run went non-finite and none was chosen).")
+    return Section("2. Does NaN occur, at which op, and why?", "\n\n".join(f"- {line}" for line in lines))
+
+
+def datasets_section(switch_on: pd.DataFrame, runs: pd.DataFrame) -> Optional[Section]:
+    """Q3: whether 501 and 502 differ, and in what."""
+    if switch_on["dataset"].nunique() < 2:
+        return None
+    fp32 = switch_on[switch_on["precision"] == "fp32"]
+    quantities = {
+        "pixels below 1e-2": fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-2)].groupby("dataset")[
+            "frac_below_eps"].median(),
+        "max |dL/dlogit|, clamp 1e-4": fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-4)].groupby(
+            "dataset")["grad_max"].max(),
+        "|compactness bias|, clamp 1e-2": fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-2)].assign(
+            b=lambda f: f["bias_compactness"].abs()).groupby("dataset")["b"].median(),
+        "non-finite evaluations": switch_on.assign(
+            n=lambda f: (f["nonfinite_loss"] + f["nonfinite_grad"] > 0).astype(int)).groupby("dataset")["n"].sum(),
+        "non-finite training epochs": runs.assign(n=lambda f: (~f["train_loss"].map(math.isfinite)).astype(int))
+        .groupby("dataset")["n"].sum(),
+    }
+    table = pd.DataFrame(quantities).T
+    table.columns = [str(c) for c in table.columns]
+    sentences = []
+    for name, values in quantities.items():
+        values = values.dropna()
+        if len(values) < 2:
+            continue
+        low, high = values.min(), values.max()
+        if name.startswith("non-finite"):
+            differ = high != low
+        else:
+            differ = low == 0 and high > 0 or (low > 0 and high / low >= DIFFER_FACTOR)
+        sentences.append(f"{name}: {'differ' if differ else 'do not differ materially'} "
+                         f"({', '.join(f'{d}: {format_number(v)}' for d, v in values.items())})")
+    body = (f"Medians over the switch-on checkpoints' cases (fp32). \"Differ\" means a factor of at least "
+            f"{DIFFER_FACTOR:g} between datasets (any difference for counts of non-finite values).\n\n"
+            + markdown_table(table.reset_index().rename(columns={"index": "quantity"}))
+            + "\n\n" + "\n".join(f"- {s}" for s in sentences))
+    return Section("3. Do datasets 501 (2–5 circles) and 502 (one circle) differ?", body)
+
+
+def bias_section(sweep_summary: dict, sweep: pd.DataFrame) -> Section:
+    """Q4: what 1e-2 costs in bias, and the sweep's recommendation and verdict."""
+    fp32 = sweep[sweep["precision"] == "fp32"]
+    rows = []
+    for stabilizer, eps in (("clamp", 1e-4), ("clamp", 1e-2)):
+        frame = fp32[(fp32["stabilizer"] == stabilizer) & (fp32["eps"] == eps)]
+        rows.append({"setting": f"{stabilizer} {eps:g}",
+                     "median |bias P|": _percent(frame["bias_perimeter"].abs().median()),
+                     "median |bias C|": _percent(frame["bias_compactness"].abs().median()),
+                     "max |dL/dlogit|": frame["grad_max"].max(),
+                     "pixels with zero gradient (median)": _percent(frame["frac_zero_grad"].median())})
+    recommended = sweep_summary.get("recommended") or {}
+    if recommended:
+        frame = fp32[(fp32["stabilizer"] == recommended.get("stabilizer")) & (fp32["eps"] == recommended.get("eps"))]
+        rows.append({"setting": f"recommended: {recommended.get('stabilizer')} {recommended.get('eps'):g}",
+                     "median |bias P|": _percent(frame["bias_perimeter"].abs().median()),
+                     "median |bias C|": _percent(frame["bias_compactness"].abs().median()),
+                     "max |dL/dlogit|": frame["grad_max"].max(),
+                     "pixels with zero gradient (median)": _percent(frame["frac_zero_grad"].median())})
+    verdict = (sweep_summary.get("verdict_clamp_1e-2") or {}).get("sentence", "")
+    body = ("Biases are relative to the fp64 eps→0 reference of the same prediction (fp32 rows, every swept "
+            "checkpoint and case).\n\n" + markdown_table(pd.DataFrame(rows)) + "\n\n" + verdict)
+    return Section("4. What does 1e-2 cost in bias?", body)
+
+
+def render(directory: str | Path, title: str = "geodiag study") -> RenderedReport:
+    """Write DIR/report.md and DIR/report.html (and DIR/figures/training.png) from the study's tables."""
+    directory = Path(directory)
+    runs = read_table(directory / "runs.csv", RUN_COLUMNS)
+    sweep = read_table(directory / "sweep" / "sweep.csv", SWEEP_COLUMNS)
+    sweep_summary = read_json(directory / "sweep" / "summary.json")
+    analyses = {p.parent.name: read_json(p) for p in sorted((directory / "analysis").glob("*/summary.json"))}
+    switch_on = _switch_on_rows(sweep, runs)
+    judged = sweep_summary.get("verdict_clamp_1e-2") or {}
+    verdict = judged.get("sentence", "The sweep gave no verdict.")
+    tone = {"justified": "ok", "not_justified": "bad"}.get(judged.get("status"), "warn")
+    curves = figures.training_curves(runs, directory / "figures" / "training.png")
+    sections = [Section("Verdict on the seed's clamp 1e-2", verdict, tone=tone), training_section(runs)]
+    sections[-1] = Section(sections[-1].title, sections[-1].body, figures=(Figure(
+        curves, "Per run: the epoch mean of the training loss (Dice+CE plus the geometric terms once on); dashed: "
+                "the switch-on epoch; a gap is a non-finite epoch."),))
+    sections += [switch_on_section(switch_on), nan_section(runs, sweep, analyses)]
+    compared = datasets_section(switch_on, runs)
+    if compared is not None:
+        sections.append(compared)
+    sections.append(bias_section(sweep_summary, sweep))
+    links = ["- [clamp sweep report](sweep/report.md) (every setting, precision and checkpoint)"]
+    links += [f"- [analysis of {name}](analysis/{name}/report.md)" for name in analyses]
+    sections.append(Section("Details", "\n".join(links)))
+    return write_report(directory, title, sections, data=[directory / "runs.csv"])
