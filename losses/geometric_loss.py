@@ -204,7 +204,9 @@ class GeometricLoss(Tappable, nn.Module):
             if seed:
                 disc = geometry.seed_discriminant(moments)
                 emit("aspect.discriminant", disc)
-                sqrt_in = self.stabilizer.sqrt_input(disc.clamp(max=1e12))
+                # tr^2 - 4 det >= 0 exactly, but cancels to fp32 noise of either sign for near-isotropic shapes:
+                # below -eps, sqrt(disc + eps) would be NaN. The floor at 0 leaves the seed's clamp presets as they are.
+                sqrt_in = self.stabilizer.sqrt_input(disc.clamp(min=0.0, max=1e12))
                 emit("aspect.sqrt_input", sqrt_in)
                 sqrt_out = torch.sqrt(sqrt_in)
                 emit("aspect.sqrt_output", sqrt_out)

@@ -249,3 +249,20 @@ def test_every_tapped_tensor_that_needs_grad_receives_its_gradient(preset):
     fn(torch.randn(2, 2, 20, 20, requires_grad=True)).backward()
     assert len(emitted) >= 10
     assert reached == emitted
+
+
+@pytest.mark.parametrize("stabilizer", ["additive", "shifted"])
+def test_seed_discriminant_rounding_below_zero_does_not_reach_the_sqrt(stabilizer):
+    """An axis-aligned square has tr^2 - 4 det = 0 exactly; fp32 cancellation makes it -2 for this one (notes §3).
+    Below -eps, sqrt(disc + eps) would be NaN."""
+    from shapes import square
+
+    probs = square(180, n=256, centre=(128.0, 128.0)).float().requires_grad_(True)
+    seen = {}
+    fn = GeometricLoss(classes=(0,), reference="prior", compactness_weight=0, aspect_formula="seed",
+                       stabilizer=stabilizer, eps=1e-4)
+    fn.register_tap(lambda name, t: seen.__setitem__(name, t.detach()), names=["aspect.discriminant"])
+    value = fn(probs)
+    value.backward()
+    assert seen["aspect.discriminant"].item() < -1e-4  # the hazard is real in fp32
+    assert torch.isfinite(value) and torch.isfinite(probs.grad).all()
