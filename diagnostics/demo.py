@@ -15,7 +15,7 @@ QUICK = RunSpec(502, "nnUNetTrainerGeometricQuick", epochs=6, iterations=4, warm
 def demo_study(out: str | Path, num_images: int = 24, image_size: int = 96, seed: int = 0, device: str = "cpu",
                log: Log = print) -> Study:
     return Study(out=Path(out).absolute(), datasets=(502,), runs=(QUICK,), num_images=num_images,
-                 image_size=image_size, analyse=(QUICK.name,), cases=4, seed=seed, device=device, log=log)
+                 image_size=image_size, analyse=((QUICK.name, {}),), cases=4, seed=seed, device=device, log=log)
 
 
 def run_demo(out: str | Path, log: Log = print, **settings) -> Path:

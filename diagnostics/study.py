@@ -55,7 +55,8 @@ class Study:
     num_images: int
     image_size: int
     sweep_epochs: tuple[int, ...] = (-1, 0, 1)  # relative to the switch-on epoch
-    analyse: tuple[str, ...] = ()                # run names whose switch-on checkpoint is always analysed
+    # (run name, loss overrides such as {"stabilizer": "additive", "eps": 0.0}): switch-on checkpoints always analysed
+    analyse: tuple[tuple[str, dict], ...] = ()
     cases: int = 8
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
     seed: int = 0
@@ -205,20 +206,21 @@ def analyze(study: Study) -> None:
         frame = runs[runs.run == run.name] if runs is not None else pd.DataFrame()
         bad = frame[frame.train_loss.map(lambda v: not math.isfinite(v)) | (frame.skipped_steps > 0)]
         if len(bad):
-            targets.append((run, int(bad.epoch.iloc[0]), "first epoch with a non-finite loss or a skipped step"))
-        if run.name in study.analyse:
-            targets.append((run, _switch_on(study, run), "switch-on epoch"))
+            targets.append((run, int(bad.epoch.iloc[0]), {}, "first epoch with a non-finite loss or a skipped step"))
+        targets += [(run, _switch_on(study, run), overrides, "switch-on epoch")
+                    for name, overrides in study.analyse if name == run.name]
     summaries = {}
-    for run, epoch, why in targets:
-        out = study.out / "analysis" / f"{run.name}-epoch{epoch}"
-        study.log(f"  {run.name} epoch {epoch} ({why})")
+    for run, epoch, overrides, why in targets:
+        suffix = "".join(f"-{value:g}" if isinstance(value, float) else f"-{value}" for value in overrides.values())
+        out = study.out / "analysis" / f"{run.name}-epoch{epoch}{suffix}"
+        study.log(f"  {run.name} epoch {epoch} ({why}{', loss ' + str(overrides) if overrides else ''})")
         with _nnunet_environment(study):
             summary = analyze_checkpoint(str(_checkpoint(study, run, epoch)), out, max_cases=study.cases,
                                          precisions=study.precisions, device=study.device,
-                                         resume=(out / "cases").is_dir())
+                                         resume=(out / "cases").is_dir(), **overrides)
         analysis_report.render(out)
         study.log(f"    verdict {summary['verdict']}: {summary['verdict_reason']}")
-        summaries[f"{run.name}-epoch{epoch}"] = summary
+        summaries[out.name] = summary
     study.products["analyses"] = summaries
 
 

@@ -22,6 +22,8 @@ RUN_COLUMNS = ("run", "dataset", "trainer", "preset", "stabilizer", "eps", "warm
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
 # Two datasets "differ" in a quantity when the larger median is at least this factor above the smaller.
 DIFFER_FACTOR = 1.5
+# A share of pixels below the clamp this many times above or below the seed's marks a different regime.
+REGIME_FACTOR = 2.0
 
 
 def _percent(value: float) -> str:
@@ -52,12 +54,16 @@ def training_section(runs: pd.DataFrame) -> Section:
                      "max grad norm": frame["grad_norm_max"].max(),
                      "final pseudo Dice": frame["pseudo_dice"].iloc[-1]})
     table = pd.DataFrame(rows)
+    after = runs[runs["geometric_active"].astype(bool)].groupby("preset")["grad_norm_max"].max().sort_values()
+    norms = ("Largest total gradient norm after the switch-on (what clip_grad_norm_ returned before clipping to "
+             "12), per preset: " + ", ".join(f"{preset} {format_number(value)}" for preset, value in after.items())
+             + ". ") if len(after) else ""
     bad = table[table["non-finite epochs"] > 0]
     text = ("No run logged a non-finite epoch loss and " if bad.empty else
             f"{len(bad)} run(s) logged non-finite epoch losses ({', '.join(bad['run'])}); ")
     text += (f"{int(table['skipped steps'].sum())} optimizer steps were skipped by the trainer's guard in all runs "
              "together.")
-    return Section("Training runs", text + "\n\n" + markdown_table(table))
+    return Section("Training runs", text + " " + norms + "\n\n" + markdown_table(table))
 
 
 def switch_on_section(switch_on: pd.DataFrame) -> Section:
@@ -76,6 +82,14 @@ def switch_on_section(switch_on: pd.DataFrame) -> Section:
     body = ("The fraction of pixels whose squared Sobel magnitude s = gx² + gy² lies below each eps, on the "
             "predictions of each run's switch-on checkpoint (fp32), next to what the seed reports.\n\n"
             + (markdown_table(pd.DataFrame(rows)) if rows else "No switch-on checkpoint was swept."))
+    medians = fp32[fp32["eps"] == 1e-2].groupby("dataset")["frac_below_eps"].median()
+    far = [d for d, v in medians.items() if not REGIME_FACTOR ** -1 <= v / SEED_BELOW[1e-2] <= REGIME_FACTOR]
+    if far:
+        flatter = medians[far].median() > SEED_BELOW[1e-2]
+        body += (f"\n\nOn dataset(s) {', '.join(map(str, far))} the share below 1e-2 is more than {REGIME_FACTOR:g}x "
+                 f"{'above' if flatter else 'below'} the seed's: these predictions are "
+                 f"{'flatter (more confident)' if flatter else 'noisier'} than the seed's at its switch-on, so "
+                 "the clamp acts on a different share of pixels here; the conclusions below are about this regime.")
     return Section("1. How many pixels sit below the clamp at switch-on?", body)
 
 
