@@ -108,12 +108,11 @@ def preprocess(checkpoint: Checkpoint, files: CaseFiles) -> Case:
 
     plans_manager = PlansManager(checkpoint.plans)
     config = plans_manager.get_configuration(checkpoint.configuration)
+    _check_raw_case(plans_manager, checkpoint, files)
     preprocessor = config.preprocessor_class(verbose=False)
-    if files.label is not None:
-        _check_same_size(checkpoint, files)
     data, seg, _ = preprocessor.run_case(files.images, files.label, plans_manager, config, checkpoint.dataset_json)
     if not np.isfinite(data).all():
-        raise GeodiagError(f"case {files.name}: the image contains NaN or Inf values")
+        raise GeodiagError(f"case {files.name}: preprocessing produced NaN or Inf values")
     if len(config.patch_size) == 2 and data.ndim == 4:
         data, seg = _slice_for_2d(data, seg)
     image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
@@ -133,13 +132,26 @@ def _slice_for_2d(data: np.ndarray, seg: Optional[np.ndarray]) -> tuple[np.ndarr
     return data[:, z], (seg[:, z] if seg is not None else None)
 
 
-def _check_same_size(checkpoint: Checkpoint, files: CaseFiles) -> None:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    reader = PlansManager(checkpoint.plans).image_reader_writer_class()
-    image, _ = reader.read_images(files.images)
-    label, _ = reader.read_seg(files.label)
-    if image.shape[1:] != label.shape[1:]:
+def _check_raw_case(plans_manager, checkpoint: Checkpoint, files: CaseFiles) -> None:
+    """What nnU-Net's preprocessing would silently spread or crash on, checked on the files as read: unreadable
+    files, a channel count the network was not trained for, NaN/Inf intensities, a label of another size."""
+    reader = plans_manager.image_reader_writer_class()
+    try:
+        image, _ = reader.read_images(files.images)
+        label = reader.read_seg(files.label)[0] if files.label is not None else None
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a problem with the user's file
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise GeodiagError(f"case {files.name}: {type(reader).__name__} cannot read its files ({detail})") from None
+    expected = _n_channels(checkpoint)
+    if image.shape[0] != expected:
+        raise GeodiagError(f"case {files.name}: {image.shape[0]} image channels, the checkpoint was trained on "
+                           f"{expected} (an RGB image, or a 4D volume read as channels?)")
+    if np.issubdtype(image.dtype, np.floating):
+        nan, inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
+        if nan or inf:
+            raise GeodiagError(f"case {files.name}: the image contains {nan} NaN and {inf} Inf values "
+                               f"({files.images[0]})")
+    if label is not None and image.shape[1:] != label.shape[1:]:
         raise GeodiagError(f"case {files.name}: image size {tuple(image.shape[1:])} and label size "
                            f"{tuple(label.shape[1:])} differ")
 

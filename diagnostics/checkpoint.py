@@ -3,12 +3,18 @@
 nnU-Net checkpoints fail ``torch.load(weights_only=True)`` because they hold numpy scalars (logged Dice values, the
 EMA). They are loaded here with weights_only=True plus an allowlist of exactly those globals, so an untrusted
 pickle never runs code; ``trust=True`` (``--trust-checkpoint``) opts out with a warning. Rebuilding the network
-resolves class names read from the checkpoint's plans; those names are allowlisted too, since plans from an untrusted
-file could otherwise name any importable callable.
+resolves class names read from the checkpoint's plans; nnU-Net resolves them with pydoc.locate, which imports any
+module and follows any attribute, so plans from an untrusted file could name any importable callable
+(``os.system``, or ``dynamic_network_architectures.architectures.unet.torch.hub.load`` behind an innocent prefix).
+Here each name is resolved without leaving an allowlisted package and must denote an nn.Module subclass defined in
+it; the classes nnU-Net looks up by bare name (reader, preprocessor, label manager, resampling) are type-checked.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
+import re
+import types
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -23,9 +29,11 @@ from .errors import GeodiagError
 
 CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
-# Where rebuilt network classes and their layer types may come from.
-NETWORK_MODULES = ("dynamic_network_architectures.",)
-LAYER_MODULES = ("torch.nn.",)
+# The packages whose classes a checkpoint's plans may name: the network, and its layer types (conv, norm, ...).
+NETWORK_PACKAGES = ("dynamic_network_architectures",)
+LAYER_PACKAGES = ("torch.nn",)
+# The first bytes of what torch.save writes: a zip archive (torch >= 1.6) or a bare pickle (the legacy format).
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _numpy_globals() -> list:
@@ -80,8 +88,14 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
         raise GeodiagError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise GeodiagError(f"{path} is a folder, not a checkpoint file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise GeodiagError(f"checkpoint {path} is empty (0 bytes)")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(CHECKPOINT_MAGIC):
+        raise GeodiagError(f"{path} is not a PyTorch checkpoint: it starts with {head!r}, not with a zip archive "
+                           "or pickle header as torch.save writes")
     try:
         if trust:
             warnings.warn(f"loading {path} with weights_only=False: its pickle can run arbitrary code; "
@@ -91,33 +105,70 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
             with torch.serialization.safe_globals(_numpy_globals()):
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "global" in str(exc).lower():
-            unsafe = _unsafe_globals(path)
-            raise GeodiagError(f"refusing to load {path}: it needs globals outside geodiag's allowlist "
-                               f"({', '.join(unsafe) or 'unknown'}); pass --trust-checkpoint only if you trust "
-                               "its source") from None
-        raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        unsafe = _unsafe_globals(path, exc)
+        if unsafe:
+            raise GeodiagError(f"refusing to load {path}: its pickle calls globals outside geodiag's allowlist "
+                               f"({', '.join(unsafe)}); pass --trust-checkpoint only if you trust its source "
+                               "(full pickle runs them)") from None
+        raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({_pickle_problem(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise GeodiagError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: "
-                           f"{_first_line(exc)})") from None
+        raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated or another "
+                           f"format: {_first_line(exc)})") from None
     if not isinstance(data, dict) or any(key not in data for key in CHECKPOINT_KEYS):
-        found = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+        found = sorted(map(str, data))[:6] if isinstance(data, dict) else type(data).__name__
         raise GeodiagError(f"{path} is not an nnU-Net checkpoint: expected keys {', '.join(CHECKPOINT_KEYS)}, "
                            f"found {found}")
-    return Checkpoint(path=path, data=data)
+    checkpoint = Checkpoint(path=path, data=data)
+    _check_structure(checkpoint)
+    if not trust:
+        check_plans_lookups(checkpoint)
+    return checkpoint
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _check_structure(checkpoint: Checkpoint) -> None:
+    """The parts of a checkpoint that geodiag reads, with the types it reads them as."""
+    where = f"checkpoint {checkpoint.path}"
+    if not hasattr(checkpoint.data["network_weights"], "items"):
+        raise GeodiagError(f"{where}: 'network_weights' is not a state dict")
+    init_args = checkpoint.data["init_args"]
+    if not isinstance(init_args, dict):
+        raise GeodiagError(f"{where}: 'init_args' is not a dict")
+    for key, kind in (("plans", dict), ("dataset_json", dict), ("configuration", str)):
+        if not isinstance(init_args.get(key), kind):
+            raise GeodiagError(f"{where}: init_args[{key!r}] is missing or not a {kind.__name__}")
+    configurations = checkpoint.plans.get("configurations")
+    if not isinstance(configurations, dict) or checkpoint.configuration not in configurations:
+        known = ", ".join(map(str, configurations)) if isinstance(configurations, dict) else "none"
+        raise GeodiagError(f"{where}: configuration {checkpoint.configuration!r} is not in its plans "
+                           f"(plans have: {known})")
+    if not isinstance(checkpoint.dataset_json.get("labels"), dict):
+        raise GeodiagError(f"{where}: its dataset.json has no 'labels'")
+
+
+def _unsafe_globals(path: Path, exc: pickle.UnpicklingError) -> list[str]:
+    """The non-allowlisted globals the pickle names: all of them for a zip checkpoint, else the first one torch
+    reports in ``exc``."""
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_globals()}
     try:
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-    except Exception:  # noqa: BLE001 - only used to enrich an error message
-        return []
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - the legacy format is not supported there; fall back to torch's message
+        found = re.findall(r"GLOBAL (\S+)", str(exc))
+    return [g for g in found if g not in allowed]
+
+
+def _pickle_problem(exc: pickle.UnpicklingError) -> str:
+    """The specific line of torch's multi-paragraph weights_only message."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    specific = [line for line in lines if line and not line.startswith(boilerplate)]
+    return (specific[0] if specific else _first_line(exc))[:200]
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run on for several)."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    first = text[0] if text else type(exc).__name__
+    return first.split(". ")[0][:200]
 
 
 def find_checkpoints(path: str | Path, fold: Optional[str] = None) -> list[Path]:
@@ -152,17 +203,85 @@ def find_checkpoints(path: str | Path, fold: Optional[str] = None) -> list[Path]
     return found
 
 
-def _check_class_name(name: str, allowed_prefixes: tuple[str, ...], what: str) -> None:
-    if not any(name.startswith(prefix) for prefix in allowed_prefixes):
-        raise GeodiagError(f"refusing to build {what} {name!r} named in the checkpoint's plans: only "
-                           f"{', '.join(allowed_prefixes)}* are allowed (use --trust-checkpoint to override)")
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == package or name.startswith(package + ".") for package in packages)
+
+
+def resolve_plans_class(name: object, packages: tuple[str, ...], what: str) -> type:
+    """The nn.Module subclass that a dotted name from a checkpoint's plans denotes, found without importing or
+    following anything outside ``packages``: only modules inside them are imported, every attribute on the way must
+    be such a module, no name part may be private, and the result must be an nn.Module subclass defined there."""
+    def refuse(why: str) -> GeodiagError:
+        return GeodiagError(f"refusing to build {what} {name!r} named in the checkpoint's plans: {why} "
+                            "(use --trust-checkpoint to override)")
+
+    if not isinstance(name, str) or not _within(name, packages):
+        raise refuse(f"only classes from {', '.join(p + '.*' for p in packages)} are allowed")
+    parts = name.split(".")
+    if any(not part.isidentifier() or part.startswith("_") for part in parts):
+        raise refuse("it has an empty, invalid or private name part")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        if not _within(module_name, packages):
+            break
+        try:
+            target: object = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for attribute in parts[split:-1]:
+            target = getattr(target, attribute, None)
+            if not (isinstance(target, types.ModuleType) and _within(target.__name__, packages)):
+                raise refuse(f"{attribute!r} leads outside {', '.join(packages)}")
+        found = getattr(target, parts[-1], None)
+        if not (isinstance(found, type) and issubclass(found, nn.Module) and _within(found.__module__, packages)):
+            raise refuse(f"it is not an nn.Module class defined in {', '.join(packages)}")
+        return found
+    raise refuse("no such module")
+
+
+def check_plans_lookups(checkpoint: Checkpoint) -> None:
+    """Check what nnU-Net finds by the bare names in the plans before anything calls it.
+
+    nnU-Net looks up its reader/writer, preprocessor, label manager and resampling functions with getattr on its own
+    modules, so a crafted name can pick anything those modules import. Each must be what its role requires.
+    """
+    from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    def refuse(role: str, value: object) -> GeodiagError:
+        return GeodiagError(f"refusing checkpoint {checkpoint.path}: its plans name {value!r} as the {role}, "
+                            "which is not one nnU-Net provides (use --trust-checkpoint to override)")
+
+    try:
+        plans = PlansManager(checkpoint.plans)
+        config = plans.get_configuration(checkpoint.configuration)
+        roles = [("image reader/writer", checkpoint.plans.get("image_reader_writer"),
+                  lambda: plans.image_reader_writer_class, BaseReaderWriter),
+                 ("label manager", checkpoint.plans.get("label_manager"), lambda: plans.label_manager_class,
+                  LabelManager),
+                 ("preprocessor", config.configuration.get("preprocessor_name"), lambda: config.preprocessor_class,
+                  DefaultPreprocessor)]
+        for role, value, lookup, base in roles:
+            found = lookup()
+            if not (isinstance(found, type) and issubclass(found, base)):
+                raise refuse(role, value)
+        for key in ("resampling_fn_data", "resampling_fn_seg", "resampling_fn_probabilities"):
+            function = getattr(config, key).func
+            if not (isinstance(function, types.FunctionType) and _within(function.__module__, ("nnunetv2",))):
+                raise refuse(key, config.configuration.get(key))
+    except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise GeodiagError(f"checkpoint {checkpoint.path} has unusable plans ({type(exc).__name__}: "
+                           f"{_first_line(exc)})") from None
 
 
 def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: bool = False) -> nn.Module:
     """The checkpoint's network with its weights, without deep supervision, in eval mode.
 
-    ``inplace_nonlin=False`` rebuilds LeakyReLU out of place (same weights) so tensor and module hooks see every
-    activation; nnU-Net's in-place LeakyReLU breaks full backward hooks.
+    Without ``trust`` every class name in the plans goes through ``resolve_plans_class`` before nnU-Net's
+    pydoc.locate sees it. ``inplace_nonlin=False`` rebuilds LeakyReLU out of place (same weights) so tensor and
+    module hooks see every activation; nnU-Net's in-place LeakyReLU breaks full backward hooks.
     """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -171,20 +290,23 @@ def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: b
     try:
         plans_manager = PlansManager(checkpoint.plans)
         config = plans_manager.get_configuration(checkpoint.configuration)
-    except (KeyError, TypeError, AssertionError) as exc:
+        arch_class_name = config.network_arch_class_name
+        arch_kwargs = dict(config.network_arch_init_kwargs)
+        req_import = list(config.network_arch_init_kwargs_req_import)
+    except (KeyError, TypeError, AssertionError, RuntimeError) as exc:
         raise GeodiagError(f"checkpoint {checkpoint.path} has no usable configuration "
                            f"{checkpoint.configuration!r} in its plans ({_first_line(exc)})") from None
-    arch_kwargs = dict(config.network_arch_init_kwargs)
     if not trust:
-        _check_class_name(config.network_arch_class_name, NETWORK_MODULES, "network class")
-        for key in config.network_arch_init_kwargs_req_import:
+        resolve_plans_class(arch_class_name, NETWORK_PACKAGES, "network class")
+        for key in req_import:
             if arch_kwargs.get(key) is not None:
-                _check_class_name(str(arch_kwargs[key]), LAYER_MODULES, f"layer type ({key})")
+                arch_kwargs[key] = resolve_plans_class(arch_kwargs[key], LAYER_PACKAGES, f"layer type ({key})")
+        req_import = []  # resolved here; nnU-Net's pydoc.locate sees only the network class name checked above
     if not inplace_nonlin and isinstance(arch_kwargs.get("nonlin_kwargs"), dict):
         arch_kwargs["nonlin_kwargs"] = {**arch_kwargs["nonlin_kwargs"], "inplace": False}
     label_manager = plans_manager.get_label_manager(checkpoint.dataset_json)
     network = get_network_from_plans(
-        config.network_arch_class_name, arch_kwargs, config.network_arch_init_kwargs_req_import,
+        arch_class_name, arch_kwargs, req_import,
         determine_num_input_channels(plans_manager, config, checkpoint.dataset_json),
         label_manager.num_segmentation_heads, allow_init=False, deep_supervision=False)
     weights = {k[len("module."):] if k.startswith("module.") else k: v

@@ -31,9 +31,16 @@ def _load(command: str):
     return importlib.import_module(f"geodiag.diagnostics.commands.{COMMANDS[command]}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its rejections on one line (``geodiag CMD: error: ...``, exit 2) instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geodiag", description="Gradient-stability diagnostics for geometric losses in nnU-Net.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="geodiag", description="Gradient-stability diagnostics for geometric losses in nnU-Net.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         if name == selected:
             module = _load(name)

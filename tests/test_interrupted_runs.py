@@ -1,0 +1,97 @@
+"""A long run killed mid-way loses nothing: --resume keeps every finished case and ends with the same tables."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from geodiag.diagnostics.cli import main
+
+CASES = "shapes_one_000,shapes_one_001,shapes_one_002,shapes_one_003"
+START_TIMEOUT_S = 300
+
+
+def _kill_after_first_case(argv: list[str], out: Path, finished: str, tmp_path: Path) -> None:
+    """Run the real CLI in a subprocess and SIGKILL it as soon as the first per-case file is complete."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same single thread as the in-process reference run
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "geodiag.diagnostics.cli", *argv], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while not list((out / "cases").glob(finished)):
+                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "no case finished in time"
+                time.sleep(0.01)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def _leave_a_half_written_temporary(folder: Path, target: str) -> Path:
+    """What a kill during an atomic write leaves: a hidden temporary sibling, never the target itself."""
+    leftover = folder / f".{target}.k1ll3d.tmp"
+    leftover.write_text('{"case": "half')
+    return leftover
+
+
+def _run(argv: list[str]) -> None:
+    assert main(argv) == 0
+
+
+def test_killed_analysis_resumes_without_recomputing_and_equals_an_uninterrupted_one(geometric_run, tmp_path):
+    checkpoint = str(geometric_run.checkpoints[geometric_run.switch_on_epoch])
+    argv = ["analyze-checkpoint", checkpoint, "--cases", CASES]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run([*argv, "--out", str(full)])
+
+    _kill_after_first_case([*argv, "--out", str(killed)], killed, "fp32/*.json", tmp_path)
+    done = sorted((killed / "cases" / "fp32").glob("*.json"))
+    assert 1 <= len(done) < 4, "the kill must land mid-way"
+    kept = {p: p.stat().st_mtime_ns for p in done + [p.with_suffix(".npz") for p in done]}
+    leftover = _leave_a_half_written_temporary(killed / "cases" / "fp32", "shapes_one_003.json")
+
+    _run([*argv, "--out", str(killed), "--resume"])
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "a finished case was recomputed"
+    assert len(list((killed / "cases" / "fp32").glob("*.json"))) == 4 and leftover.exists()
+    for name in ("tensors", "histograms", "eps_fractions", "terms"):
+        pd.testing.assert_frame_equal(pd.read_csv(killed / f"{name}.csv"), pd.read_csv(full / f"{name}.csv"))
+
+
+def test_killed_sweep_resumes_without_recomputing_and_equals_an_uninterrupted_one(geometric_run, tmp_path):
+    checkpoint = str(geometric_run.checkpoints[geometric_run.switch_on_epoch])
+    argv = ["clamp-sweep", f"ckpt={checkpoint}", "--cases", CASES, "--stabilizers", "clamp,shifted",
+            "--eps", "1e-4,1e-2", "--precision", "fp32"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run([*argv, "--out", str(full)])
+
+    _kill_after_first_case([*argv, "--out", str(killed)], killed, "ckpt/*[0-9].csv", tmp_path)
+    done = sorted((killed / "cases" / "ckpt").glob("*[0-9].csv"))
+    assert 1 <= len(done) < 4, "the kill must land mid-way"
+    kept = {p: p.stat().st_mtime_ns for p in done + [p.with_suffix(".hist.csv") for p in done]}
+    leftover = _leave_a_half_written_temporary(killed / "cases" / "ckpt", "shapes_one_003.csv")
+
+    _run([*argv, "--out", str(killed), "--resume"])
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "a finished case was recomputed"
+    assert len(list((killed / "cases" / "ckpt").glob("*[0-9].csv"))) == 4 and leftover.exists()
+    for name in ("sweep", "sweep_hist"):
+        pd.testing.assert_frame_equal(pd.read_csv(killed / f"{name}.csv"), pd.read_csv(full / f"{name}.csv"))
+
+
+@pytest.mark.parametrize("command", ["analyze-checkpoint", "clamp-sweep"])
+def test_rerunning_into_a_killed_runs_folder_without_resume_is_refused(geometric_run, tmp_path, capsys, command):
+    """A second run must not silently mix with (or overwrite) the finished cases of a killed one."""
+    checkpoint = str(geometric_run.checkpoints[geometric_run.switch_on_epoch])
+    folder = tmp_path / "cases" / ("fp32" if command == "analyze-checkpoint" else "ckpt")
+    folder.mkdir(parents=True)
+    (folder / ("shapes_one_000.json" if command == "analyze-checkpoint" else "shapes_one_000.csv")).write_text("{}")
+    target = checkpoint if command == "analyze-checkpoint" else f"ckpt={checkpoint}"
+    assert main([command, target, "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
