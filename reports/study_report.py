@@ -93,7 +93,8 @@ def switch_on_section(switch_on: pd.DataFrame) -> Section:
     return Section("1. How many pixels sit below the clamp at switch-on?", body)
 
 
-def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dict]) -> Section:
+def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dict],
+                analysis_tensors: dict[str, pd.DataFrame]) -> Section:
     """Q2: whether NaN occurs, at which op and why."""
     lines = []
     bad_runs = runs[~runs["train_loss"].map(math.isfinite)].groupby("run")["epoch"].min()
@@ -108,7 +109,14 @@ def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dic
         lines.append("Sweep: non-finite loss or gradient in " + "; ".join(
             f"{s} {e:g} {p} ({n} cases)" for (s, e, p), n in where.items()) + ".")
     for name, summary in analyses.items():
-        text = f"Analysis of {name}: verdict **{summary['verdict']}** — {summary['verdict_reason']}."
+        settings = summary.get("settings", {})
+        text = (f"Analysis of {name} ({settings.get('stabilizer')} eps {settings.get('eps'):g}): verdict "
+                f"**{summary['verdict']}** — {summary['verdict_reason']}.")
+        s_stats = analysis_tensors.get(name)
+        if s_stats is not None and len(s_stats):
+            zeros, count, low = int(s_stats["zero"].sum()), int(s_stats["count"].sum()), s_stats["min"].min()
+            text += (f" Its s = gx² + gy² had {zeros} exact zeros among {count} pixel evaluations (smallest "
+                     f"{format_number(low)}): a bare sqrt fails only where s is exactly 0 (0 × ∞ in backward).")
         for report in summary.get("provenance", [])[:2]:
             text += f" Provenance ({report.get('precision')}, {report.get('case')}): {report.get('message')}"
         lines.append(text)
@@ -148,6 +156,17 @@ def datasets_section(switch_on: pd.DataFrame, runs: pd.DataFrame) -> Optional[Se
             differ = low == 0 and high > 0 or (low > 0 and high / low >= DIFFER_FACTOR)
         sentences.append(f"{name}: {'differ' if differ else 'do not differ materially'} "
                          f"({', '.join(f'{d}: {format_number(v)}' for d, v in values.items())})")
+    clamp2 = fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-2)]
+    bias = clamp2.assign(b=lambda f: f["bias_perimeter"].abs()).groupby("dataset")["b"].median()
+    perimeter = clamp2.groupby("dataset")["ref_perimeter"].median()
+    if len(bias) == 2 and bias.min() > 0 and perimeter.min() > 0:
+        (d1, d2) = bias.index
+        bias_ratio, perimeter_ratio = bias[d2] / bias[d1], perimeter[d1] / perimeter[d2]
+        if max(bias_ratio, perimeter_ratio) / min(bias_ratio, perimeter_ratio) <= DIFFER_FACTOR:
+            sentences.append(
+                f"why: the relative perimeter bias of clamp 1e-2 is {format_number(bias_ratio)}x larger on {d2} and "
+                f"its true perimeter {format_number(perimeter_ratio)}x smaller: the clamp adds about the same phantom "
+                "perimeter (√eps per flat pixel) to both, a larger share of fewer circles")
     body = (f"Medians over the switch-on checkpoints' cases (fp32). \"Differ\" means a factor of at least "
             f"{DIFFER_FACTOR:g} between datasets (any difference for counts of non-finite values).\n\n"
             + markdown_table(table.reset_index().rename(columns={"index": "quantity"}))
@@ -187,6 +206,11 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     sweep = read_table(directory / "sweep" / "sweep.csv", SWEEP_COLUMNS)
     sweep_summary = read_json(directory / "sweep" / "summary.json")
     analyses = {p.parent.name: read_json(p) for p in sorted((directory / "analysis").glob("*/summary.json"))}
+    analysis_tensors = {}
+    for name in analyses:
+        tensors = read_table(directory / "analysis" / name / "tensors.csv", ("tensor", "kind", "zero", "count", "min"))
+        analysis_tensors[name] = tensors[(tensors["tensor"] == "compactness.grad_mag_squared")
+                                         & (tensors["kind"] == "value")]
     switch_on = _switch_on_rows(sweep, runs)
     judged = sweep_summary.get("verdict_clamp_1e-2") or {}
     verdict = judged.get("sentence", "The sweep gave no verdict.")
@@ -196,7 +220,7 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     sections[-1] = Section(sections[-1].title, sections[-1].body, figures=(Figure(
         curves, "Per run: the epoch mean of the training loss (Dice+CE plus the geometric terms once on); dashed: "
                 "the switch-on epoch; a gap is a non-finite epoch."),))
-    sections += [switch_on_section(switch_on), nan_section(runs, sweep, analyses)]
+    sections += [switch_on_section(switch_on), nan_section(runs, sweep, analyses, analysis_tensors)]
     compared = datasets_section(switch_on, runs)
     if compared is not None:
         sections.append(compared)
