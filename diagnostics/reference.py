@@ -15,8 +15,10 @@ from .study import Log, RunSpec, Study, run_study
 TRAINERS = ("nnUNetTrainerGeometricV23", "nnUNetTrainerGeometricV24", "nnUNetTrainerGeometric")
 RUNS = tuple(RunSpec(dataset, trainer, epochs=10, iterations=10, warmup=5)
              for dataset in (501, 502) for trainer in TRAINERS)
-# What is committed: the reports and their tables, never checkpoints, data or per-case files.
+# What is committed: Markdown, PNG figures and tables; never checkpoints, data or per-case files, and not the HTML
+# renderings (they embed the same PNGs again; the study folder keeps them).
 EXCLUDED = ("nnunet", "cases")
+EXCLUDED_SUFFIXES = (".parquet", ".html")
 
 
 def reference_study(work: str | Path, device: str = "cpu", log: Log = print) -> Study:
@@ -29,11 +31,11 @@ def reference_study(work: str | Path, device: str = "cpu", log: Log = print) -> 
 
 
 def publish(work: Path, report_dir: Path) -> list[Path]:
-    """Copy the study's reports and tables (Markdown, HTML, PNG, CSV, JSON) into ``report_dir``."""
+    """Copy the study's reports and tables (Markdown, PNG, CSV, JSON) into ``report_dir``."""
     written = []
     for path in sorted(work.rglob("*")):
         relative = path.relative_to(work)
-        if not path.is_file() or set(relative.parts) & set(EXCLUDED) or path.suffix == ".parquet":
+        if not path.is_file() or set(relative.parts) & set(EXCLUDED) or path.suffix in EXCLUDED_SUFFIXES:
             continue
         target = report_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)

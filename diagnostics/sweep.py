@@ -75,7 +75,11 @@ def dataset_id(checkpoint: Checkpoint) -> Optional[int]:
 
 
 def geometric_active(checkpoint: Checkpoint) -> Optional[bool]:
-    """Whether the geometric term was on in the checkpoint's last epoch, for geodiag's own trainers."""
+    """Whether the geometric term was on in the checkpoint's last epoch: what geodiag's trainers logged, else
+    their class's warm-up; None for other trainers."""
+    logged = checkpoint.data.get("logging", {}).get("geometric_active")
+    if logged and checkpoint.epoch is not None and checkpoint.epoch < len(logged):
+        return bool(logged[checkpoint.epoch])
     try:
         from geodiag.losses import nnunet_trainer
     except ImportError:
@@ -245,13 +249,17 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False) -> list[Checkpoi
 def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None,
               settings: Sequence[Setting] = (), precisions: Sequence[str] = ("fp32",),
               aspect_formula: str = "seed", device: str = "cpu", trust: bool = False, resume: bool = False,
+              max_cases: Optional[int] = None,
               progress: Optional[Callable[[str], None]] = None) -> tuple[pd.DataFrame, SweepTiming]:
     """Sweep every checkpoint × case × setting × precision; write DIR/sweep.csv and DIR/sweep_hist.csv."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GeodiagError(f"--out {out} exists and is not a folder")
     case_dir = out / "cases"
-    case_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        case_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
     if not resume and any(case_dir.glob("*/*.csv")):
         raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
     settings = list(settings) or parse_settings(DEFAULT_STABILIZERS, DEFAULT_EPS)
@@ -261,7 +269,7 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
     items = load_sweep_items(specs, trust)
     for item in items:
         folder = case_dir / _slug(item.label)
-        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None]
+        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
         if not files:
             raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
         todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]

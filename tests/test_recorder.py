@@ -10,7 +10,7 @@ from geodiag.diagnostics.histograms import decade_grid
 from geodiag.diagnostics.recorder import Recorder, sqrt_summary
 from geodiag.losses import GeometricLoss
 from shapes import disk
-from host_reads import HostReadDetector
+from geodiag.diagnostics.host_sync import HostReadDetector
 
 
 def _uncertain_logits(batch: int = 2, n: int = 64, seed: int = 0) -> torch.Tensor:

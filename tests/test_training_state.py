@@ -8,7 +8,7 @@ from torch import nn
 
 from geodiag.diagnostics.errors import GeodiagError
 from geodiag.diagnostics.training_state import TrainingStateRecorder, checkpoint_health
-from host_reads import HostReadDetector
+from geodiag.diagnostics.host_sync import HostReadDetector
 
 FP32_MAX = torch.finfo(torch.float32).max
 

@@ -1,0 +1,41 @@
+"""`geodiag bench`: geodiag's overheads measured side by side with a plain nnU-Net step and today's tools."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "measure geodiag's overheads against a plain nnU-Net step, detect_anomaly and TensorBoard; write CSV + Markdown"
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+    parser.add_argument("--out", default="geodiag-bench", type=Path,
+                        help="folder for bench.csv and bench.md (default %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats: checks that everything runs, figures are not meaningful")
+    parser.add_argument("--only", type=_names, metavar="NAMES",
+                        help="comma-separated benchmarks: monitor, provenance, loss-share, vectorisation, sweep, "
+                             "histogram, host-syncs, memory (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import environment_line, run_bench, to_markdown, write_results
+    from ..devices import resolve_device
+
+    device = resolve_device(args.device)
+    results = run_bench(device, quick=args.quick, only=args.only,
+                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    header = environment_line(device) + (" (--quick: sizes too small for the figures to mean much)"
+                                         if args.quick else "")
+    csv_path, md_path = write_results(results, args.out, header)
+    print(to_markdown(results, header))
+    print(f"wrote {csv_path} and {md_path}")
+    missed = [r for r in results if r.met is False]
+    if missed:
+        print(f"{len(missed)} target(s) missed: " + "; ".join(f"{r.benchmark}: {r.subject}" for r in missed))
+    return 0

@@ -1,0 +1,47 @@
+"""`geodiag bench --quick` runs end to end and writes a well-formed CSV and Markdown table (no timed assertions)."""
+import csv
+import math
+
+import numpy as np
+import torch
+
+from geodiag.diagnostics import bench
+from geodiag.diagnostics.cli import main
+
+
+def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_path, capsys):
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert rows and tuple(rows[0]) == bench.COLUMNS
+    assert {r["benchmark"] for r in rows} >= {"monitor overhead", "provenance overhead", "loss share of a step",
+                                              "vectorisation", "clamp sweep", "histogram", "host syncs",
+                                              "peak memory"}
+    for row in rows:
+        assert math.isfinite(float(row["value"])) and row["met"] in ("true", "false", "")
+    markdown = (tmp_path / "bench.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == len(rows) + 1  # header + one line per CSV row
+    assert markdown in capsys.readouterr().out
+
+
+def test_loss_forward_and_backward_read_nothing_back_to_the_host():
+    rows = bench.bench_host_syncs(bench.SCALES["quick"], torch.device("cpu"), bench.Clock(torch.device("cpu")))
+    assert [row.value for row in rows] == [0] * len(rows)
+
+
+def test_host_read_detector_flags_an_item_call():
+    count, _ = bench.count_host_syncs(lambda: torch.ones(3).sum().item(), torch.device("cpu"))
+    assert count == 1
+
+
+def test_tensorboard_path_counts_match_numpy_on_tensorboards_default_edges():
+    edges = bench.tensorboard_default_bins()
+    assert edges[len(edges) // 2] == 0.0 and np.all(np.diff(edges) > 0)
+    values = torch.tensor([-2.0, 1e-3, 0.5, 7.0])
+    result = bench.tensorboard_histogram(values, edges)
+    assert result["counts"].sum() == 4 and result["sum_squares"] == float((values.double() ** 2).sum())
+
+
+def test_unknown_benchmark_is_a_one_line_user_error(tmp_path, capsys):
+    assert main(["bench", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
