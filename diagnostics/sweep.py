@@ -100,17 +100,11 @@ def foreground_classes(checkpoint: Checkpoint) -> tuple[int, ...]:
     return tuple(int(c) for c in labels.foreground_labels)
 
 
-def _quantile(x: torch.Tensor, q: float) -> float:
-    flat = x.flatten().double()
-    if flat.numel() == 0:
-        return math.nan
+def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile (nearest rank) of a tensor's elements, as a 0-d tensor (no host read)."""
+    flat = x.flatten()
     k = min(flat.numel(), max(1, math.ceil(q * flat.numel())))
-    return float(flat.kthvalue(k).values)
-
-
-def _finite_max(x: torch.Tensor) -> float:
-    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    return float(finite.abs().max()) if x.numel() else math.nan
+    return flat.kthvalue(k).values
 
 
 def _reference(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...]) -> dict[str, float]:
@@ -129,8 +123,12 @@ def _capture(loss: GeometricLoss, names: Sequence[str]) -> dict[str, torch.Tenso
 
 
 def evaluate_setting(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...], setting: Setting,
-                     aspect_formula: str) -> dict:
-    """Loss, descriptors and gradient statistics of one case [1, C, *S] under one setting."""
+                     aspect_formula: str) -> tuple[dict, torch.Tensor]:
+    """Loss, descriptors and gradient statistics of one case [1, C, *S] under one setting, and its s.
+
+    The statistics are gathered on the device and read back at once. 1/(2 sqrt(x)) decreases, so the sqrt's
+    largest local derivative and its 99th percentile come from the minimum and 1st percentile of its input.
+    """
     leaf = logits.detach().requires_grad_(True)
     loss_fn = GeometricLoss(classes, softmax=True, stabilizer=setting.stabilizer, eps=setting.eps,
                             aspect_formula=aspect_formula)
@@ -144,24 +142,32 @@ def evaluate_setting(logits: torch.Tensor, label: torch.Tensor, classes: tuple[i
     grad = leaf.grad.float()
     s = seen["compactness.grad_mag_squared"].detach()
     sqrt_in = seen["compactness.sqrt_input"].detach()
-    local = 0.5 / torch.sqrt(sqrt_in.double())
     s_gradient = s_grad.get("s", torch.zeros_like(s))
-    finite_grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+    finite = torch.isfinite(grad)
+    magnitude = torch.where(finite, grad, torch.zeros_like(grad)).abs()
+    stats = torch.stack([
+        value.detach().double(), seen["perimeter"].detach().mean().double(),
+        seen["compactness"].detach().mean().double(), seen["aspect"].detach().mean().double(),
+        magnitude.amax().double(), torch.linalg.vector_norm(magnitude.double()), _kth(magnitude, 0.999).double(),
+        sqrt_in.amin().double(), _kth(sqrt_in, 0.01).double(),
+        (s < setting.eps).double().mean(), (s_gradient == 0).double().mean(), (~finite).sum().double(),
+    ]).tolist()
+    (loss, perimeter, compactness, aspect, grad_max, grad_l2, grad_p999, sqrt_min, sqrt_p01, below, zero_grad,
+     nonfinite_grad) = stats
     return {
-        "loss": float(value.detach()),
-        "perimeter": float(seen["perimeter"].detach().mean()),
-        "compactness": float(seen["compactness"].detach().mean()),
-        "aspect": float(seen["aspect"].detach().mean()),
-        "grad_max": _finite_max(grad),
-        "grad_l2": float(finite_grad.double().norm()),
-        "grad_p999": _quantile(finite_grad.abs(), 0.999),
-        "sqrt_deriv_max": _finite_max(local),
-        "sqrt_deriv_p99": _quantile(local, 0.99),
-        "frac_below_eps": float((s < setting.eps).double().mean()),
-        "frac_zero_grad": float((s_gradient == 0).double().mean()),
-        "nonfinite_loss": int(not math.isfinite(float(value.detach()))),
-        "nonfinite_grad": int((~torch.isfinite(grad)).sum()),
-    }
+        "loss": loss, "perimeter": perimeter, "compactness": compactness, "aspect": aspect,
+        "grad_max": grad_max, "grad_l2": grad_l2, "grad_p999": grad_p999,
+        "sqrt_deriv_max": _local_derivative(sqrt_min), "sqrt_deriv_p99": _local_derivative(sqrt_p01),
+        "frac_below_eps": below, "frac_zero_grad": zero_grad,
+        "nonfinite_loss": int(not math.isfinite(loss)), "nonfinite_grad": int(nonfinite_grad),
+    }, s
+
+
+def _local_derivative(x: float) -> float:
+    """d sqrt(x)/dx = 1 / (2 sqrt(x)); inf at 0, NaN below."""
+    if x > 0:
+        return 0.5 / math.sqrt(x)
+    return math.inf if x == 0 else math.nan
 
 
 def _bias(value: float, reference: float) -> float:
@@ -176,16 +182,6 @@ class CheckpointSweep:
     checkpoint: Checkpoint
     classes: tuple[int, ...]
     meta: dict = field(default_factory=dict)
-
-
-def _grad_mag_histogram(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...]) -> LogHistogram:
-    loss = GeometricLoss(classes, softmax=True, aspect_weight=0.0)
-    seen = _capture(loss, ("compactness.grad_mag_squared",))
-    hist = LogHistogram()
-    with torch.no_grad():
-        loss(logits.detach().float(), label)
-    hist.update(seen["compactness.grad_mag_squared"])
-    return hist
 
 
 def _hist_rows(hist: LogHistogram) -> list[dict]:
@@ -208,11 +204,12 @@ def sweep_case(item: CheckpointSweep, network, case: Case, patch_size, settings:
             logits = predict_logits(network, case.image, patch_size)
         timing.forward_s += time.perf_counter() - start
         reference = _reference(logits, label, item.classes)
-        if precision == precisions[0]:
-            hist_rows = [{**item.meta, "case": case.name, **r}
-                         for r in _hist_rows(_grad_mag_histogram(logits, label, item.classes))]
         for setting in settings:
-            measured = evaluate_setting(logits, label, item.classes, setting, aspect_formula)
+            measured, s = evaluate_setting(logits, label, item.classes, setting, aspect_formula)
+            if precision == precisions[0] and setting == settings[0]:
+                histogram = LogHistogram()
+                histogram.update(s)
+                hist_rows = [{**item.meta, "case": case.name, **r} for r in _hist_rows(histogram)]
             rows.append({
                 **item.meta, "case": case.name, "stabilizer": setting.stabilizer, "eps": setting.eps,
                 "precision": precision, **measured,
