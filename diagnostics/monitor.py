@@ -98,7 +98,8 @@ class TrainingMonitor:
         values = [loss, info.get("dc_ce", nan)] + [geometric.get(term, nan) for term in self.terms]
         self._iterations.append(torch.stack([v.detach().to(torch.float64).reshape(()) for v in values]))
         self.state.record(scaler=info.get("grad_scaler"), found_inf=info.get("skipped"),
-                          grad_norm=info.get("grad_norm"), model=network, optimizer=optimizer, step=self._iteration)
+                          grad_norm=info.get("grad_norm"), model=network, optimizer=optimizer, step=self._iteration,
+                          check_parameters=self.recorder.recording)
         self._iteration += 1
         self.recorder.step()
 

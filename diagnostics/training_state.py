@@ -68,12 +68,15 @@ class TrainingStateRecorder:
         model: Optional[nn.Module] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
         step: Optional[int] = None,
+        check_parameters: bool = True,
     ) -> None:
         """Record one step; call it after ``scaler.update()`` (a skip shows as a decreased scale).
 
         ``found_inf``: the step's overflow flag if known (GradScaler forgets it in ``update()``).
         ``grad_norm``: what ``clip_grad_norm_`` returned. ``model`` / ``optimizer``: whose weights and momentum
         buffers to check; parameters are named after ``model`` (else ``param[i]`` in optimizer order).
+        ``check_parameters=False`` skips that scan (a pass over every weight and buffer) for this step and
+        records it as not checked: weights only turn non-finite through a step whose gradient norm is not.
         """
         params = self._parameters(model, optimizer)
         device = self._device(scaler, grad_norm, params)
@@ -106,10 +109,13 @@ class TrainingStateRecorder:
         norm = as_tensor(grad_norm)
         values = [scale, decreased.to(torch.float64), found, skipped, inv_finite.to(torch.float64), norm,
                   torch.isfinite(norm).to(torch.float64)]
-        weight_flags = self._nonfinite_flags(params, device)
-        momentum_flags = self._nonfinite_flags(
-            [optimizer.state.get(p, {}).get("momentum_buffer") if optimizer is not None else None for p in params],
-            device)
+        if check_parameters:
+            weight_flags = self._nonfinite_flags(params, device)
+            momentum_flags = self._nonfinite_flags(
+                [optimizer.state.get(p, {}).get("momentum_buffer") if optimizer is not None else None for p in params],
+                device)
+        else:
+            weight_flags = momentum_flags = torch.full((len(params),), math.nan, dtype=torch.float64, device=device)
         self._series.append(torch.cat([torch.stack(values), weight_flags, momentum_flags]))
         self.steps.append(len(self.steps) if step is None else step)
 
@@ -162,8 +168,9 @@ class TrainingStateRecorder:
                 row[field] = None if math.isnan(row[field]) else bool(row[field])
             weights = values[n_fields:n_fields + n_params]
             momentum = values[n_fields + n_params:]
-            row["nonfinite_weights"] = [n for n, flag in zip(self.parameter_names, weights) if flag]
-            row["nonfinite_momentum"] = [n for n, flag in zip(self.parameter_names, momentum) if flag]
+            row["parameters_checked"] = not any(math.isnan(flag) for flag in weights)
+            row["nonfinite_weights"] = [n for n, flag in zip(self.parameter_names, weights) if flag == 1.0]
+            row["nonfinite_momentum"] = [n for n, flag in zip(self.parameter_names, momentum) if flag == 1.0]
             rows.append(row)
         return rows
 

@@ -173,3 +173,15 @@ def test_a_tensor_saved_under_several_names_is_counted_once():
                                                     "other": torch.ones(2)}})
     assert report["weights"]["nonfinite_elements"] == 1
     assert list(report["weights"]["nonfinite"]) == ["encoder.w"]
+
+
+def test_a_step_recorded_without_the_parameter_scan_is_marked_unchecked_not_non_finite():
+    net = nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    recorder = TrainingStateRecorder()
+    recorder.record(model=net, grad_norm=torch.tensor(1.0), check_parameters=False)
+    recorder.record(model=net, grad_norm=torch.tensor(1.0))
+    unchecked, checked = recorder.rows()
+    assert unchecked["parameters_checked"] is False and unchecked["nonfinite_weights"] == []
+    assert checked["parameters_checked"] is True and checked["nonfinite_weights"] == ["weight"]
