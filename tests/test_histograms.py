@@ -183,3 +183,77 @@ def test_update_never_reads_a_value_back_to_the_host(dtype):
 def test_bad_thresholds_are_rejected():
     with pytest.raises(ValueError):
         LogHistogram(thresholds=(1e-2, 1e-3))
+
+
+def _numpy_reference(values: np.ndarray, thresholds) -> dict:
+    """Every special count, bin and threshold fraction of fp32 values, computed independently in numpy fp64."""
+    with np.errstate(invalid="ignore"):
+        x = values.astype(np.float64)
+    mag = np.abs(x)
+    finite = np.isfinite(x)
+    nonzero = finite & (mag > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # The bin is where fp32 log10 puts the value; away from an edge (checked below) numpy's fp64 agrees.
+        log = np.log10(mag[nonzero])
+    layout = BinLayout()
+    bins = np.clip(np.floor((log - layout.log10_min) * layout.bins_per_decade), 0, layout.n_bins - 1).astype(int)
+    return {
+        "count": x.size, "nan": int(np.isnan(x).sum()), "posinf": int((x == np.inf).sum()),
+        "neginf": int((x == -np.inf).sum()), "zero": int((x == 0).sum()), "negative": int((x < 0).sum()),
+        "fp32_subnormal": int(((mag > 0) & (mag < 2.0 ** -126)).sum()),
+        "fp16_overflow": int((finite & (mag >= 65520.0)).sum()),
+        "fp16_underflow": int(((mag > 0) & (mag <= 2.0 ** -25)).sum()),
+        "fp16_subnormal": int(((mag > 2.0 ** -25) & (mag < 2.0 ** -14 - 2.0 ** -25)).sum()),
+        "bf16_overflow": int((finite & (mag >= (2 - 2.0 ** -8) * 2.0 ** 127)).sum()),
+        "bf16_underflow": int(((mag > 0) & (mag <= 2.0 ** -134)).sum()),
+        "bf16_subnormal": int(((mag > 2.0 ** -134) & (mag < 2.0 ** -126 - 2.0 ** -134)).sum()),
+        "bin_counts": np.bincount(bins, minlength=layout.n_bins).tolist(),
+        "below": {t: float(np.sum(x < t) / x.size) for t in thresholds},
+        "min": float(x[finite].min()), "max": float(x[finite].max()),
+        "sum": float(x[finite].sum()), "sum_squares": float(np.dot(x[finite], x[finite])),
+    }
+
+
+def test_update_matches_an_independent_numpy_computation_on_adversarial_values():
+    # Every IEEE boundary and its fp32 neighbours, subnormals, signed zeros, infinities, NaNs (quiet and signalling
+    # payloads), thresholds and their neighbours, random values over the whole fp32 range; both signs.
+    boundaries = [2.0 ** -149, 2.0 ** -134, 2.0 ** -133, 2.0 ** -127, 2.0 ** -126 - 2.0 ** -134, 2.0 ** -126,
+                  2.0 ** -25, 2.0 ** -24, 2.0 ** -14 - 2.0 ** -25, 2.0 ** -14, 65504.0, 65519.0, 65520.0,
+                  (2 - 2.0 ** -8) * 2.0 ** 127, (2 - 2.0 ** -7) * 2.0 ** 127, *decade_grid(), 0.5, 1.0, 3.0]
+    base = np.array(boundaries, dtype=np.float32)
+    steps = [base]
+    for direction in (-np.inf, np.inf):
+        current = base
+        for _ in range(3):
+            current = np.nextafter(current, np.float32(direction))
+            steps.append(current)
+    rng = np.random.default_rng(7)
+    random = (rng.standard_normal(20000) * 10.0 ** rng.uniform(-44, 38, 20000)).astype(np.float32)
+    subnormal = np.arange(0, 4096, dtype=np.int32).view(np.float32)
+    special = np.array([0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF], dtype=np.int32).view(np.float32)
+    values = np.concatenate(steps + [random, subnormal, special])
+    values = np.concatenate([values, -values])
+    thresholds = decade_grid() + (0.5, 1.0)
+
+    h = LogHistogram(thresholds=thresholds)
+    h.update(torch.from_numpy(values))
+    row = h.to_dict()
+    expected = _numpy_reference(values, thresholds)
+    for name in ("count", "nan", "posinf", "neginf", "zero", "negative", "fp32_subnormal", "fp16_overflow",
+                 "fp16_underflow", "fp16_subnormal", "bf16_overflow", "bf16_underflow", "bf16_subnormal"):
+        assert row[name] == expected[name], name
+    for t in thresholds:
+        assert row[f"below_{t:g}"] == expected["below"][t]
+    assert (row["min"], row["max"]) == (expected["min"], expected["max"])
+    finite = row["finite"]
+    scale = float(np.abs(values[np.isfinite(values)].astype(np.float64)).sum())
+    assert row["sum"] == pytest.approx(expected["sum"], rel=1e-12, abs=1e-12 * scale)
+    assert row["rms"] ** 2 * finite == pytest.approx(expected["sum_squares"], rel=1e-12)
+    # Bins: numpy's fp64 log10 may put a value within 1e-4 of a bin edge on the other side than fp32's does.
+    layout = BinLayout()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        position = (np.log10(np.abs(values.astype(np.float64))) - layout.log10_min) * layout.bins_per_decade
+    near_edge = int(np.sum(np.isfinite(position) & (np.abs(position - np.round(position)) < 1e-4)))
+    got, want = np.array(row["bin_counts"]), np.array(expected["bin_counts"])
+    assert got.sum() == want.sum() == row["finite"] - row["zero"]
+    assert np.abs(got - want).sum() <= 2 * near_edge < 0.05 * values.size
