@@ -1,13 +1,11 @@
-"""analyze-checkpoint on real nnU-Net checkpoints: verdicts, tables, resume."""
+"""analyze-checkpoint on real nnU-Net checkpoints: verdicts and tables (resume: test_interrupted_runs.py)."""
 import json
 import math
 
-import pandas as pd
 import pytest
 
 from checkpoint_faults import collapsed_scaler, nan_momentum, nan_weights, write_modified
 from geodiag.diagnostics.analyze import analyze_checkpoint
-from geodiag.diagnostics.errors import GeodiagError
 from geodiag.reports import tables
 
 
@@ -72,21 +70,6 @@ def test_unprotected_sqrt_gives_a_non_finite_gradient_named_at_its_producer(stoc
     assert bad == bool(summary["provenance"])
     if bad:
         assert any("sqrt" in (p["node"] or p["op"]).lower() for p in summary["provenance"])
-
-
-def test_resumed_analysis_equals_an_uninterrupted_one(geometric_run, tmp_path):
-    path = geometric_run.checkpoints[geometric_run.switch_on_epoch]
-    _analyze(path, tmp_path / "full", max_cases=3)
-    interrupted = tmp_path / "interrupted"
-    _analyze(path, interrupted, max_cases=3)
-    next(iter(sorted((interrupted / "cases" / "fp32").glob("*.npz")))).unlink()  # as if killed mid-case
-    (interrupted / "tensors.csv").unlink()
-    with pytest.raises(GeodiagError, match="--resume"):
-        _analyze(path, interrupted, max_cases=3)
-    _analyze(path, interrupted, max_cases=3, resume=True)
-    for name in ("tensors", "histograms", "eps_fractions", "terms"):
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full" / f"{name}.csv"),
-                                      pd.read_csv(interrupted / f"{name}.csv"))
 
 
 def test_geometric_fraction_of_pixels_below_eps_matches_an_independent_count(geometric_run, tmp_path):

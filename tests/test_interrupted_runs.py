@@ -46,42 +46,34 @@ def _run(argv: list[str]) -> None:
     assert main(argv) == 0
 
 
-def test_killed_analysis_resumes_without_recomputing_and_equals_an_uninterrupted_one(geometric_run, tmp_path):
+# command, its extra arguments, the per-case files (folder under cases/, glob), the file written beside each, tables
+RESUMABLE = {
+    "analyze-checkpoint": ([], "fp32", "*.json", ".npz", ("tensors", "histograms", "eps_fractions", "terms")),
+    "clamp-sweep": (["--stabilizers", "clamp,shifted", "--eps", "1e-4,1e-2", "--precision", "fp32"], "ckpt",
+                    "*[0-9].csv", ".hist.csv", ("sweep", "sweep_hist")),
+}
+
+
+@pytest.mark.parametrize("command", list(RESUMABLE))
+def test_killed_run_resumes_without_recomputing_and_equals_an_uninterrupted_one(geometric_run, tmp_path, command):
+    extra, folder, pattern, partner, names = RESUMABLE[command]
     checkpoint = str(geometric_run.checkpoints[geometric_run.switch_on_epoch])
-    argv = ["analyze-checkpoint", checkpoint, "--cases", CASES]
+    spec = checkpoint if command == "analyze-checkpoint" else f"ckpt={checkpoint}"
+    argv = [command, spec, "--cases", CASES, *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run([*argv, "--out", str(full)])
 
-    _kill_after_first_case([*argv, "--out", str(killed)], killed, "fp32/*.json", tmp_path)
-    done = sorted((killed / "cases" / "fp32").glob("*.json"))
+    _kill_after_first_case([*argv, "--out", str(killed)], killed, f"{folder}/{pattern}", tmp_path)
+    cases = killed / "cases" / folder
+    done = sorted(cases.glob(pattern))
     assert 1 <= len(done) < 4, "the kill must land mid-way"
-    kept = {p: p.stat().st_mtime_ns for p in done + [p.with_suffix(".npz") for p in done]}
-    leftover = _leave_a_half_written_temporary(killed / "cases" / "fp32", "shapes_one_003.json")
+    kept = {p: p.stat().st_mtime_ns for p in done + [p.with_suffix(partner) for p in done]}
+    leftover = _leave_a_half_written_temporary(cases, f"shapes_one_003{done[0].suffix}")
 
     _run([*argv, "--out", str(killed), "--resume"])
     assert {p: p.stat().st_mtime_ns for p in kept} == kept, "a finished case was recomputed"
-    assert len(list((killed / "cases" / "fp32").glob("*.json"))) == 4 and leftover.exists()
-    for name in ("tensors", "histograms", "eps_fractions", "terms"):
-        pd.testing.assert_frame_equal(pd.read_csv(killed / f"{name}.csv"), pd.read_csv(full / f"{name}.csv"))
-
-
-def test_killed_sweep_resumes_without_recomputing_and_equals_an_uninterrupted_one(geometric_run, tmp_path):
-    checkpoint = str(geometric_run.checkpoints[geometric_run.switch_on_epoch])
-    argv = ["clamp-sweep", f"ckpt={checkpoint}", "--cases", CASES, "--stabilizers", "clamp,shifted",
-            "--eps", "1e-4,1e-2", "--precision", "fp32"]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    _run([*argv, "--out", str(full)])
-
-    _kill_after_first_case([*argv, "--out", str(killed)], killed, "ckpt/*[0-9].csv", tmp_path)
-    done = sorted((killed / "cases" / "ckpt").glob("*[0-9].csv"))
-    assert 1 <= len(done) < 4, "the kill must land mid-way"
-    kept = {p: p.stat().st_mtime_ns for p in done + [p.with_suffix(".hist.csv") for p in done]}
-    leftover = _leave_a_half_written_temporary(killed / "cases" / "ckpt", "shapes_one_003.csv")
-
-    _run([*argv, "--out", str(killed), "--resume"])
-    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "a finished case was recomputed"
-    assert len(list((killed / "cases" / "ckpt").glob("*[0-9].csv"))) == 4 and leftover.exists()
-    for name in ("sweep", "sweep_hist"):
+    assert len(list(cases.glob(pattern))) == 4 and leftover.exists()
+    for name in names:
         pd.testing.assert_frame_equal(pd.read_csv(killed / f"{name}.csv"), pd.read_csv(full / f"{name}.csv"))
 
 
