@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(selected: str | None) -> argparse.ArgumentParser:
     parser = _Parser(prog="geodiag", description="Gradient-stability diagnostics for geometric losses in nnU-Net.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", title="commands (geodiag COMMAND --help for each)", parser_class=_Parser)
     for name in COMMANDS:
         if name == selected:
             module = _load(name)
