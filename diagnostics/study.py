@@ -24,9 +24,6 @@ from .errors import GeodiagError
 from .nnunet_plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
 Log = Callable[[str], None]
-RUN_COLUMNS = ("run", "dataset", "trainer", "preset", "stabilizer", "eps", "warmup", "epoch", "geometric_active",
-               "train_loss", "train_dc_ce", "train_geometric", "train_compactness", "train_aspect", "val_loss",
-               "pseudo_dice", "skipped_steps", "grad_norm_max")
 
 
 @dataclass(frozen=True)
@@ -176,7 +173,7 @@ def summarize(study: Study) -> None:
                 "train_compactness": value("train_compactness"), "train_aspect": value("train_aspect"),
                 "val_loss": value("val_losses"), "pseudo_dice": value("mean_fg_dice"),
                 "skipped_steps": value("skipped_steps"), "grad_norm_max": value("grad_norm_max")})
-    frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    frame = pd.DataFrame(rows, columns=tables.RUN_COLUMNS)
     tables.write_table(frame, study.out / "runs.csv")
     last = frame.groupby("run").tail(1)
     for row in last.itertuples():
@@ -184,10 +181,6 @@ def summarize(study: Study) -> None:
         study.log(f"  {row.run}: final train loss {row.train_loss:.4g}, pseudo Dice {row.pseudo_dice:.3f}, "
                   f"non-finite epochs {len(bad)}, skipped steps {int(frame[frame.run == row.run].skipped_steps.sum())}")
     study.products["runs"] = frame
-
-
-def _switch_on(study: Study, run: RunSpec) -> int:
-    return run.warmup
 
 
 def _checkpoint(study: Study, run: RunSpec, epoch: int) -> Path:
@@ -207,7 +200,7 @@ def analyze(study: Study) -> None:
         bad = frame[frame.train_loss.map(lambda v: not math.isfinite(v)) | (frame.skipped_steps > 0)]
         if len(bad):
             targets.append((run, int(bad.epoch.iloc[0]), {}, "first epoch with a non-finite loss or a skipped step"))
-        targets += [(run, _switch_on(study, run), overrides, "switch-on epoch")
+        targets += [(run, run.warmup, overrides, "switch-on epoch")
                     for name, overrides in study.analyse if name == run.name]
     summaries = {}
     for run, epoch, overrides, why in targets:
@@ -233,7 +226,7 @@ def sweep(study: Study) -> None:
     specs = []
     for run in study.runs:
         for offset in study.sweep_epochs:
-            epoch = _switch_on(study, run) + offset
+            epoch = run.warmup + offset
             if 0 <= epoch < run.epochs:
                 specs.append(f"{run.name}-e{epoch}={_checkpoint(study, run, epoch)}")
     out = study.out / "sweep"

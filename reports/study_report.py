@@ -14,10 +14,8 @@ import pandas as pd
 
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
-from .tables import SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table
+from .tables import RUN_COLUMNS, SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table
 
-RUN_COLUMNS = ("run", "dataset", "trainer", "preset", "stabilizer", "eps", "warmup", "epoch", "geometric_active",
-               "train_loss", "train_dc_ce", "train_geometric", "skipped_steps", "grad_norm_max", "pseudo_dice")
 # What the seed reports at its switch-on (8 images of 512^2, epoch 5).
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
 # Two datasets "differ" in a quantity when the larger median is at least this factor above the smaller.

@@ -34,6 +34,11 @@ SWEEP_COLUMNS = (
     "sqrt_deriv_max", "sqrt_deriv_p99", "frac_below_eps", "frac_zero_grad", "nonfinite_loss", "nonfinite_grad",
 )
 SWEEP_HIST_COLUMNS = ("checkpoint", "dataset", "epoch", "bin_low", "bin_high", "count")
+RUN_COLUMNS = (
+    "run", "dataset", "trainer", "preset", "stabilizer", "eps", "warmup", "epoch", "geometric_active",
+    "train_loss", "train_dc_ce", "train_geometric", "train_compactness", "train_aspect", "val_loss",
+    "pseudo_dice", "skipped_steps", "grad_norm_max",
+)
 
 
 class ReportInputError(ValueError):
