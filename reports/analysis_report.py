@@ -97,13 +97,15 @@ def _key_value_table(pairs: list[tuple[str, Any]]) -> str:
 def _checkpoint_section(summary: dict) -> Section:
     checkpoint = _field(summary, "checkpoint")
     settings = _field(summary, "settings")
-    pairs = [(key, checkpoint.get(key)) for key in ("path", "trainer_name", "configuration", "fold", "epoch",
-                                                   "geometric_active")]
+    path = str(checkpoint.get("path") or "")
+    pairs = [("checkpoint", "/".join(Path(path).parts[-2:]) or None)]
+    pairs += [(key, checkpoint.get(key)) for key in ("trainer_name", "configuration", "fold", "epoch",
+                                                    "geometric_active")]
     eps = settings.get("eps")
     pairs += [("stabilizer", settings.get("stabilizer")), ("eps", None if eps is None else format_eps(eps)),
               ("precisions", ", ".join(map(str, settings.get("precisions") or [])) or None),
               ("device", settings.get("device")), ("cases replayed", summary.get("cases"))]
-    return Section("Checkpoint and settings", _key_value_table(pairs))
+    return Section("Checkpoint and settings", _key_value_table(pairs) + (f"\n\nFull path: `{path}`" if path else ""))
 
 
 def _state_section(summary: dict) -> Section:
