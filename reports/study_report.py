@@ -223,7 +223,7 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     if compared is not None:
         sections.append(compared)
     sections.append(bias_section(sweep_summary, sweep))
-    links = ["- clamp sweep (every setting, precision and checkpoint): `sweep/report.md` (and `report.html` beside it)"]
-    links += [f"- analysis of {name}: `analysis/{name}/report.md`, `analysis/{name}/report.html`" for name in analyses]
+    links = ["- clamp sweep (every setting, precision and checkpoint): `sweep/report.md`"]
+    links += [f"- analysis of {name}: `analysis/{name}/report.md`" for name in analyses]
     sections.append(Section("Details", "\n".join(links)))
     return write_report(directory, title, sections, data=[directory / "runs.csv"])
