@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric, nnUNetTrainerGeometricQuick
+from geodiag.reports import tables
 
 from .recorder import Attachment, Recorder
 from .training_state import TrainingStateRecorder
@@ -134,7 +134,7 @@ class TrainingMonitor:
                              state["inv_scale_finite"], len(state["nonfinite_weights"]),
                              len(state["nonfinite_momentum"]), next(iter(state["nonfinite_weights"]), "")])
         previous = path.read_text() if path.exists() else ""
-        write_atomically(path, previous + buffer.getvalue())
+        tables.write_text(path, previous + buffer.getvalue())
 
     def _write_histograms(self, epoch: int, rows: list[dict], state_summary: dict) -> None:
         layout = self.recorder.layout
@@ -148,26 +148,7 @@ class TrainingMonitor:
             "training_state": state_summary,
             "rows": rows,
         }
-        write_atomically(self.folder / f"histograms_epoch_{epoch:04d}.json",
-                         json.dumps(_json_safe(document), allow_nan=False))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def _json_safe(value):
-    """NaN and inf as null (strict JSON), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
+        tables.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", document)
 
 
 # ---------------------------------------------------------------------- trainers
