@@ -28,13 +28,11 @@ from .errors import GeodiagError
 from .histograms import BinLayout, LogHistogram, decade_grid
 from .provenance import NonFiniteProvenance
 from .recorder import THRESHOLDED, Recorder
-from .sweep import PRECISIONS, foreground_classes, geometric_active, parse_precisions
+from .devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
+from .sweep import foreground_classes, geometric_active
 from .training_state import checkpoint_health
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
-FP16_MAX = 65504.0
-# GradScaler's initial scale: gradients in fp16 training are this much larger than the ones measured here.
-INITIAL_LOSS_SCALE = 65536.0
 
 
 def loss_for(checkpoint: Checkpoint, stabilizer: Optional[str], eps: Optional[float]) -> GeometricLoss:
@@ -217,7 +215,7 @@ def _headroom(tensors: pd.DataFrame) -> dict:
             continue
         in_network = row.tensor == "logits" or row.tensor.startswith("network")
         if in_network and row.kind == "grad":
-            limit, quantity = FP16_MAX / INITIAL_LOSS_SCALE, "max |grad| x 65536 (GradScaler) vs fp16 max 65504"
+            limit, quantity = FP16_MAX / GRAD_SCALER_INITIAL_SCALE, "max |grad| x 65536 (GradScaler) vs fp16 max 65504"
         elif in_network:
             limit, quantity = FP16_MAX, "max |x| vs fp16 max 65504 (autocast)"
         else:

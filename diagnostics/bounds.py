@@ -33,6 +33,7 @@ from torch import nn
 
 from geodiag.losses import GeometricLoss, preset_kwargs
 
+from .devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS
 from .errors import GeodiagError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,11 +41,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BASELINE_PATH = Path(__file__).with_name("bounds_baseline.json")
 BASELINE_FORMAT = 1
 
-PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# GradScaler's initial scale and fp16's largest finite value: the headroom of the first scaled backward pass.
-GRAD_SCALER_INITIAL_SCALE = 65536.0
-FP16_MAX = 65504.0
 
 # A measured |dP/dp| may exceed the exact-arithmetic bound by fp32 rounding only.
 BOUND_ROUNDING_SLACK = 1e-3
@@ -546,17 +542,6 @@ class Outcome:
     @property
     def passed(self) -> bool:
         return not self.regressions
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GeodiagError("--device cuda, but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise GeodiagError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def run_checks(losses: Mapping[str, LossFn], cases: Sequence[Case], precisions: Sequence[str] = tuple(PRECISIONS),

@@ -1,9 +1,18 @@
-"""Which torch device a command runs on: CUDA when present and asked for (auto), else the CPU."""
+"""Where and in which precision a command runs: the device (CUDA when present and asked for, else the CPU), the
+autocast precisions, and the fp16 limits that nnU-Net's CUDA training runs into."""
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 from .errors import GeodiagError
+
+# Autocast dtype per precision name; fp32 runs without autocast.
+PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16's largest finite value and GradScaler's initial scale: the headroom of the first scaled backward pass.
+FP16_MAX = float(torch.finfo(torch.float16).max)
+GRAD_SCALER_INITIAL_SCALE = 65536.0
 
 
 def resolve_device(name: str) -> str:
@@ -14,3 +23,11 @@ def resolve_device(name: str) -> str:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise GeodiagError(f"unknown device {name!r}; use auto, cpu or cuda")
     return name
+
+
+def parse_precisions(names: Sequence[str]) -> list[str]:
+    """Validated precision names; a GeodiagError names the first unknown one."""
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown:
+        raise GeodiagError(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
+    return list(names)

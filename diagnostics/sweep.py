@@ -22,12 +22,12 @@ from geodiag.reports import tables
 
 from .cases import Case, find_cases, predict_logits, preprocess
 from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
+from .devices import PRECISIONS
 from .errors import GeodiagError
 from .histograms import LogHistogram
 
 DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_STABILIZERS = ("clamp", "additive", "shifted")
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,6 @@ def parse_settings(stabilizers: Sequence[str], eps: Sequence[float]) -> list[Set
     if not settings:
         raise GeodiagError("no settings to sweep: give at least one stabiliser and one eps")
     return settings
-
-
-def parse_precisions(names: Sequence[str]) -> list[str]:
-    unknown = [n for n in names if n not in PRECISIONS]
-    if unknown:
-        raise GeodiagError(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
-    return list(names)
 
 
 def dataset_id(checkpoint: Checkpoint) -> Optional[int]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .bounds import PRECISIONS, Baseline, Outcome, as_loss, resolve_device, run_checks, select_cases
+import torch
+
+from .bounds import Baseline, Outcome, as_loss, run_checks, select_cases
+from .devices import PRECISIONS, resolve_device
 
 
 def assert_gradient_bounds(
@@ -25,7 +28,7 @@ def assert_gradient_bounds(
     checked = as_loss(loss, setting)
     if isinstance(baseline, (str, Path)):
         baseline = Baseline.load(baseline)
-    outcomes = run_checks({setting: checked}, select_cases(cases), precisions, resolve_device(device), baseline)
+    outcomes = run_checks({setting: checked}, select_cases(cases), precisions, torch.device(resolve_device(device)), baseline)
     regressions = [str(r) for outcome in outcomes for r in outcome.regressions]
     if regressions:
         raise AssertionError(f"{len(regressions)} gradient-bound regression(s):\n" + "\n".join(regressions))

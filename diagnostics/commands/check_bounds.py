@@ -33,7 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import bounds
+    from ..devices import PRECISIONS, resolve_device
     from ..errors import GeodiagError
 
     if args.list:
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:<14}{', '.join(f'{k}={v}' for k, v in kwargs.items())}")
         return 0
 
-    device = bounds.resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     if args.loss:
         if args.settings:
             raise GeodiagError("--settings picks built-in GeometricLoss settings; a --loss is checked as it is")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         losses = bounds.builtin_losses(args.settings)
         baseline_path = args.baseline or bounds.BASELINE_PATH
     cases = bounds.select_cases(args.cases)
-    precisions = args.precisions or list(bounds.PRECISIONS)
+    precisions = args.precisions or list(PRECISIONS)
 
     baseline = None
     if baseline_path is not None and not (args.update_baseline and not baseline_path.exists()):

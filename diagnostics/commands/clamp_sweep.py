@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from geodiag.reports import sweep_report
 
     from ..devices import resolve_device
-    from ..sweep import parse_precisions, parse_settings, run_sweep
+    from ..devices import parse_precisions
+    from ..sweep import parse_settings, run_sweep
 
     settings = parse_settings(args.stabilizers, args.eps)
     precisions = parse_precisions(args.precision)
