@@ -19,7 +19,7 @@ import pandas as pd
 from geodiag.reports import tables
 
 from .datasets import dataset_spec, generator_settings, make_dataset
-from .environment import NnunetDirs
+from .environment import NnunetDirs, nnunet_env
 from .errors import GeodiagError
 from .nnunet_plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
@@ -78,19 +78,15 @@ class Step:
 
 @contextlib.contextmanager
 def _nnunet_environment(study: Study):
-    """nnUNet_raw/preprocessed/results of the study (nnU-Net reads them lazily), restored afterwards."""
-    values = {**study.dirs.as_env(), "nnUNet_compile": "f"}
-    values.setdefault("nnUNet_n_proc_DA", os.environ.get("nnUNet_n_proc_DA", "0"))
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
+    """What ``nnunet_env`` gives nnU-Net's tools, with the study's folders, for in-process training (nnU-Net reads
+    its variables lazily); torch.compile stays off so hooks see every op. os.environ is restored afterwards."""
+    saved = dict(os.environ)
+    os.environ.update(nnunet_env(study.dirs, nnUNet_compile="f"))
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # ----------------------------------------------------------------------------------------------------- steps
