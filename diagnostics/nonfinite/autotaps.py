@@ -1,0 +1,379 @@
+"""Automatic taps: the numerically risky calls of any loss, measured per source line while it runs.
+
+Why: the researcher whose loss went NaN wrote it their way; they should not have to rewrite it with named taps
+first. A ``TorchFunctionMode`` sees every torch call the loss makes (``torch.sqrt``, ``Tensor.clamp``, ``x ** 0.5``,
+``a / b``) from the caller's frame, so each risky call is measured where the user wrote it (``sites``).
+
+Per site: calls; log histograms (``LogHistogram``) of the risky input, of the output, of the gradient arriving at
+the output and of the local derivative (1/(2 sqrt x) for sqrt, |a|/b^2 for a/b, 1/|x| for log, ...); for a clamp
+the fraction of elements it moved to each bound (output above its input: raised to ``min``; below: lowered to
+``max``; those get zero gradient); non-finite elements in the output and in the gradient the op sends back to its
+inputs. Besides: ``masked_nonfinite``, op outputs (any op) that held NaN/Inf in a loss call whose final value was
+finite (the ``if isnan: return pred.sum() * 0`` pattern), and host syncs (``.item()``, ``bool(t)``...) by line.
+
+Cost: each call only appends references on the host; the tensors are reduced on their device when the pending
+elements exceed ``budget`` or at ``result()``, whose read-back is the single host sync. A tensor that an in-place
+op is about to overwrite is checked first. Nothing is installed outside ``run``/``with``: zero cost when not attached.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from geodiag.diagnostics.histograms import LogHistogram
+from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
+                                                 is_inplace, numeric)
+
+HISTOGRAM_KINDS = ("input", "output", "grad", "local_derivative")
+_IGNORED = frozenset({"__get__", "__set__", "dim", "size", "numel", "__len__", "is_floating_point", "__repr__",
+                      "__format__", "register_hook", "requires_grad_", "detach", "__hash__", "__eq__"})
+_UNARY_DERIVATIVE = {  # |d out / d x| from the input x and the output y, in fp32 or fp64
+    "sqrt": lambda x, y: 0.5 / y.abs(),
+    "rsqrt": lambda x, y: 0.5 * y.abs() ** 3,
+    "reciprocal": lambda x, y: y * y,
+    "log": lambda x, y: 1.0 / x.abs(),  # natural log; log2 / log10 differ by a constant factor
+    "log1p": lambda x, y: 1.0 / (1.0 + x).abs(),
+    "exp": lambda x, y: y.abs(),
+    "acos": lambda x, y: 1.0 / (1.0 - x * x).abs().sqrt(),
+    "asin": lambda x, y: 1.0 / (1.0 - x * x).abs().sqrt(),
+}
+
+
+@dataclass(eq=False)
+class _Site:
+    name: str            # user's file:line
+    op: str
+    kind: str            # "risky", "host_sync" or "other"
+    index: int
+    calls: int = 0
+    bounds: set = field(default_factory=set)               # numeric (min, max) a clamp was called with
+    pending: list = field(default_factory=list)            # (input, output, extra) references, forward
+    pending_grad: list = field(default_factory=list)       # (grad at output, [grads sent to inputs])
+    histograms: dict = field(default_factory=dict)
+    counters: Optional[torch.Tensor] = None                # at_min, at_max, elements moved-or-not, nonfinite_bwd
+
+    def histogram(self, kind: str, device: torch.device) -> LogHistogram:
+        if kind not in self.histograms:
+            self.histograms[kind] = LogHistogram(device=device)
+        return self.histograms[kind]
+
+
+class _TapMode(TorchFunctionMode):
+    def __init__(self, taps: "AutoTaps") -> None:
+        super().__init__()
+        self.taps = taps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func_name(func)
+        if name in _IGNORED:
+            return func(*args, **kwargs)
+        taps = self.taps
+        op = RISKY_OPS.get(name)
+        operands = _risky_operands(op, name, args, kwargs) if op is not None else None
+        if is_inplace(name):
+            taps._check_outputs()  # the data is about to change
+            if operands is not None:
+                operands = (operands[0].detach().clone(),) + operands[1:]
+        out = func(*args, **kwargs)
+        file, line = caller_location(2)
+        sync = HOST_SYNCS.get(name) or _boolean_index(name, args)
+        if sync is not None:
+            taps._site(file, line, sync, "host_sync").calls += 1
+            return out
+        first = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+        if not isinstance(first, torch.Tensor) or not first.is_floating_point():
+            return out
+        if operands is None:
+            site = taps._site(file, line, name.strip("_"), "other")
+        else:
+            site = taps._site(file, line, op, "risky")
+            taps._record(site, operands, first, name, args, kwargs)
+        site.calls += 1
+        taps._outputs.append((site.index, first.detach()))
+        return out
+
+
+def _risky_operands(op: str, name: str, args: tuple, kwargs: dict):
+    """(input watched, extra) for a risky call, or None when this call is not risky after all (x ** 2, a / 3)."""
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("exponent"))
+    if op == "pow":
+        if name == "__rpow__":                # c ** x: exponential in x
+            return (first, None)
+        exponent = numeric(second)
+        if exponent is not None and (exponent >= 0 and exponent == int(exponent)):
+            return None                        # x ** 2: polynomial, nothing singular
+        if not isinstance(first, torch.Tensor):
+            return (second, None) if isinstance(second, torch.Tensor) else None
+        return (first, exponent)
+    if op == "div":
+        if name in ("__rdiv__", "__rtruediv__"):  # c / x
+            return (first, None)
+        if isinstance(second, torch.Tensor):
+            return (second, None)
+        return None if numeric(second) not in (None, 0.0) else (first, None)
+    if op in ("atan2", "hypot"):
+        return (second, None) if isinstance(second, torch.Tensor) else (first, None)
+    return (first, None) if isinstance(first, torch.Tensor) else None
+
+
+def _boolean_index(name: str, args: tuple) -> Optional[str]:
+    if name != "__getitem__" or len(args) < 2:
+        return None
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return "boolean index" if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index) else None
+
+
+class AutoTaps:
+    """Collects the risky calls, masked non-finite values and host syncs of every loss call made through it.
+
+    ``value = taps.run(loss, *args)`` (or ``with taps: ...`` for code that is not one loss call; masked values
+    are then not judged), ``value.backward()``, then ``taps.result()``: one read-back of everything.
+    """
+
+    def __init__(self, budget: int = 1 << 22) -> None:
+        self.budget = budget               # pending elements held before reducing on the device
+        self._sites: dict = {}
+        self._order: list[_Site] = []
+        self._outputs: list = []           # (site index, output) of the current loss call, not yet checked
+        self._checked: list = []           # (site indices, non-finite flags) of the current loss call
+        self._masked: list = []            # (site indices, flags & final value finite) per loss call
+        self._pending_elements = 0
+        self._mode: Optional[_TapMode] = None
+
+    # ------------------------------------------------------------------ attach
+    def __enter__(self) -> "AutoTaps":
+        self._mode = _TapMode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._mode = None
+        self._check_outputs()
+        self._checked.clear()
+
+    def run(self, loss: Callable, *args, **kwargs):
+        """``loss(*args, **kwargs)`` with taps; its outputs' non-finite values count as masked if it is finite."""
+        with self:
+            value = loss(*args, **kwargs)
+            self._check_outputs()
+            if isinstance(value, torch.Tensor) and self._checked:
+                final_finite = torch.isfinite(value.detach()).all()
+                indices = torch.cat([i for i, _ in self._checked])
+                flags = torch.cat([f for _, f in self._checked])
+                self._masked.append((indices, flags & final_finite))
+        return value
+
+    # ------------------------------------------------------------------ called by the mode
+    def _site(self, file: str, line: int, op: str, kind: str) -> _Site:
+        key = (file, line, op)
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = _Site(format_site(file, line), op, kind, len(self._order))
+            self._order.append(site)
+        return site
+
+    def _record(self, site: _Site, operands: tuple, out: torch.Tensor, name: str, args: tuple, kwargs: dict) -> None:
+        watched, extra = operands
+        if site.op == "clamp":
+            extra = None
+            site.bounds.add(_clamp_bounds(name, args, kwargs))
+        elif site.op == "div" and isinstance(watched, torch.Tensor) and watched.shape != out.shape:
+            watched = watched.expand_as(out)
+        site.pending.append((watched.detach(), out.detach(), extra))
+        self._pending_elements += 2 * out.numel()
+        if out.requires_grad and out.grad_fn is not None:
+            out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self._record_grad(site, grad_inputs,
+                                                                                          grad_outputs))
+        if self._pending_elements > self.budget:
+            self._reduce()
+
+    def _record_grad(self, site: _Site, grad_inputs, grad_outputs) -> None:
+        arriving = grad_outputs[0] if grad_outputs else None
+        sent = [g for g in grad_inputs if g is not None]
+        site.pending_grad.append((arriving, sent))
+        self._pending_elements += (arriving.numel() if arriving is not None else 0) + sum(g.numel() for g in sent)
+
+    def _check_outputs(self) -> None:
+        """Flags the outputs seen so far that hold a NaN/Inf (one fused max-norm over all of them)."""
+        if not self._outputs:
+            return
+        indices = [i for i, _ in self._outputs]
+        tensors = [t for _, t in self._outputs]
+        self._outputs = []
+        with torch.no_grad():
+            norms = torch._foreach_norm([t if t.numel() else t.new_zeros(()) for t in tensors], math.inf)
+            flags = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+        self._checked.append((torch.tensor(indices, device=flags.device), flags))
+
+    # ------------------------------------------------------------------ reduce on the device
+    @torch.no_grad()
+    def _reduce(self) -> None:
+        for site in self._order:
+            if site.pending:
+                self._reduce_forward(site)
+            if site.pending_grad:
+                self._reduce_backward(site)
+        self._pending_elements = 0
+
+    def _reduce_forward(self, site: _Site) -> None:
+        records, site.pending = site.pending, []
+        device = records[0][1].device
+        inputs = torch.cat([_flat(x, y) for x, y, _ in records])
+        outputs = torch.cat([y.reshape(-1).float() if y.dtype != torch.float64 else y.reshape(-1)
+                             for _, y, _ in records])
+        site.histogram("input", device).update(inputs)
+        site.histogram("output", device).update(outputs)
+        counters = self._counters(site, device)
+        if site.op == "clamp" and inputs.numel() == outputs.numel():
+            counters[0] += (outputs > inputs).sum()  # raised to min
+            counters[1] += (outputs < inputs).sum()  # lowered to max
+            counters[2] += outputs.numel()
+        derivative = self._local_derivative(site, records, inputs, outputs)
+        if derivative is not None:
+            site.histogram("local_derivative", device).update(derivative)
+
+    @staticmethod
+    def _local_derivative(site: _Site, records: list, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        if x.numel() != y.numel():
+            return None
+        if site.op in _UNARY_DERIVATIVE:
+            return _UNARY_DERIVATIVE[site.op](x, y)
+        if site.op == "div":            # y = a / b: |dy/db| = |a| / b^2 = |y / b|
+            return (y / x).abs()
+        if site.op == "pow" and all(e is not None for _, _, e in records):
+            exponent = torch.cat([torch.full((r[1].numel(),), r[2], dtype=x.dtype, device=x.device)
+                                  for r in records])
+            return (exponent * x.abs() ** (exponent - 1)).abs()
+        return None
+
+    def _reduce_backward(self, site: _Site) -> None:
+        records, site.pending_grad = site.pending_grad, []
+        arriving = [a.reshape(-1) for a, _ in records if a is not None]
+        sent = [g.reshape(-1) for _, gs in records for g in gs]
+        if not arriving and not sent:
+            return
+        device = (arriving or sent)[0].device
+        if arriving:
+            site.histogram("grad", device).update(torch.cat([a.float() if a.dtype != torch.float64 else a
+                                                             for a in arriving]))
+        counters = self._counters(site, device)
+        for g in sent:
+            counters[3] += g.numel() - torch.isfinite(g).sum()
+
+    @staticmethod
+    def _counters(site: _Site, device: torch.device) -> torch.Tensor:
+        if site.counters is None:
+            site.counters = torch.zeros(4, dtype=torch.int64, device=device)
+        return site.counters
+
+    # ------------------------------------------------------------------ read back
+    def result(self) -> "AutoTapResult":
+        """Everything measured so far, read back from the device in one transfer."""
+        self._reduce()
+        parts, layout = [], []
+        for site in self._order:
+            for kind in HISTOGRAM_KINDS:
+                if kind in site.histograms:
+                    parts.append(site.histograms[kind].packed())
+                    layout.append((site, kind, site.histograms[kind]))
+            if site.counters is not None:
+                parts.append(site.counters.double())
+                layout.append((site, "counters", None))
+        masked = torch.zeros(len(self._order), dtype=torch.float64)
+        if self._masked:
+            device = self._masked[0][0].device
+            per_site = torch.zeros(len(self._order), dtype=torch.float64, device=device)
+            for indices, flags in self._masked:
+                per_site.index_add_(0, indices, flags.double())
+            parts.append(per_site)
+        host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else None
+        histograms, counters, offset = {}, {}, 0
+        for site, kind, hist in layout:
+            size = hist.packed_size if hist is not None else 4
+            chunk = host[offset:offset + size]
+            offset += size
+            if hist is not None:
+                histograms[(site.name, site.op, kind)] = hist.summarize(chunk)
+            else:
+                counters[site.index] = [int(v) for v in chunk]
+        if self._masked:
+            masked = host[offset:offset + len(self._order)]
+        return _assemble(self._order, histograms, counters, masked)
+
+
+def _flat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The watched input flattened, broadcast to its output's shape where it was broadcast, in fp32 or fp64."""
+    if isinstance(x, torch.Tensor) and x.shape != y.shape and x.numel() < y.numel():
+        try:
+            x = x.expand_as(y)
+        except RuntimeError:
+            pass
+    return x.reshape(-1).float() if x.dtype != torch.float64 else x.reshape(-1)
+
+
+def _clamp_bounds(name: str, args: tuple, kwargs: dict) -> tuple:
+    """The numeric (min, max) of a clamp call; None for a missing or tensor bound."""
+    if name.startswith("clamp_min"):
+        return numeric(args[1] if len(args) > 1 else kwargs.get("min")), None
+    if name.startswith("clamp_max"):
+        return None, numeric(args[1] if len(args) > 1 else kwargs.get("max"))
+    low = args[1] if len(args) > 1 else kwargs.get("min")
+    high = args[2] if len(args) > 2 else kwargs.get("max")
+    return numeric(low), numeric(high)
+
+
+@dataclass
+class AutoTapResult:
+    """``sites``: one row per risky or host-sync site, in order of first call; ``masked_nonfinite``: sites whose
+    outputs held NaN/Inf in loss calls that returned a finite value; ``histograms``: (site, op, kind) -> row of
+    ``LogHistogram.summarize`` (kind: input, output, grad arriving at the output, local_derivative)."""
+
+    sites: list
+    masked_nonfinite: list
+    histograms: dict
+
+    def site(self, name: str, op: str) -> dict:
+        for row in self.sites:
+            if row["site"] == name and row["op"] == op:
+                return row
+        raise KeyError(f"{name} {op}")
+
+
+def _assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapResult:
+    rows, masked_rows = [], []
+    for site in order:
+        if masked[site.index] > 0:
+            masked_rows.append({"site": site.name, "op": site.op, "calls": int(masked[site.index])})
+        if site.kind == "other":
+            continue
+        row = {"site": site.name, "op": site.op, "calls": site.calls, "nonfinite_forward": 0,
+               "nonfinite_backward": 0, "at_bound_fraction": None, "at_min_fraction": None,
+               "at_max_fraction": None, "max_abs_grad": None, "max_local_derivative": None,
+               "host_syncs": site.calls if site.kind == "host_sync" else 0}
+        output = histograms.get((site.name, site.op, "output"))
+        if output is not None:
+            row["nonfinite_forward"] = output["nan"] + output["posinf"] + output["neginf"]
+        grad = histograms.get((site.name, site.op, "grad"))
+        if grad is not None and grad["finite"]:
+            row["max_abs_grad"] = max(abs(grad["min"]), abs(grad["max"]))
+        derivative = histograms.get((site.name, site.op, "local_derivative"))
+        if derivative is not None and derivative["finite"]:
+            row["max_local_derivative"] = max(abs(derivative["min"]), abs(derivative["max"]))
+        at_min, at_max, elements, nonfinite_backward = counters.get(site.index, (0, 0, 0, 0))
+        row["nonfinite_backward"] = nonfinite_backward
+        if site.op == "clamp" and elements:
+            lows = {b[0] for b in site.bounds}
+            highs = {b[1] for b in site.bounds}
+            row["at_min_fraction"] = at_min / elements if lows != {None} else None
+            row["at_max_fraction"] = at_max / elements if highs != {None} else None
+            row["at_bound_fraction"] = (at_min + at_max) / elements
+            row["bounds"] = sorted(site.bounds, key=str)
+        rows.append(row)
+    return AutoTapResult(rows, masked_rows, histograms)

@@ -1,0 +1,118 @@
+"""Where a torch call comes from (the user's ``file:line``) and what kind of call it is.
+
+Why: automatic taps and bound overrides see every torch call a loss makes through a ``TorchFunctionMode``; a
+call is only useful to a researcher named by the line of *their* file that made it, so the stack is walked
+past torch's own Python code (``torch.nn.functional``, ``torch._tensor``) and past geodiag's diagnostics.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from geodiag.diagnostics.errors import GeodiagError
+
+_SKIPPED_DIRS = (os.path.dirname(torch.__file__) + os.sep,
+                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+_skipped_file: dict[str, bool] = {}
+
+# Canonical op per torch function name (Tensor methods, their in-place forms, operators, torch.* and linalg).
+RISKY_OPS = {
+    "sqrt": "sqrt", "sqrt_": "sqrt",
+    "rsqrt": "rsqrt", "rsqrt_": "rsqrt",
+    "pow": "pow", "pow_": "pow", "__pow__": "pow", "__ipow__": "pow", "__rpow__": "pow", "float_power": "pow",
+    "div": "div", "div_": "div", "divide": "div", "true_divide": "div", "__truediv__": "div", "__itruediv__": "div",
+    "__div__": "div", "__rdiv__": "div", "__rtruediv__": "div",
+    "reciprocal": "reciprocal", "reciprocal_": "reciprocal",
+    "log": "log", "log_": "log", "log2": "log", "log10": "log", "log1p": "log1p", "log1p_": "log1p",
+    "exp": "exp", "exp_": "exp", "expm1": "exp", "exp2": "exp",
+    "clamp": "clamp", "clamp_": "clamp", "clip": "clamp", "clip_": "clamp",
+    "clamp_min": "clamp", "clamp_min_": "clamp", "clamp_max": "clamp", "clamp_max_": "clamp",
+    "atan2": "atan2", "arctan2": "atan2", "atan2_": "atan2",
+    "acos": "acos", "arccos": "acos", "acos_": "acos", "asin": "asin", "arcsin": "asin", "asin_": "asin",
+    "hypot": "hypot",
+    "norm": "norm", "linalg_norm": "norm", "linalg_vector_norm": "norm", "linalg_matrix_norm": "norm",
+    "frobenius_norm": "norm",
+    "linalg_eigh": "eig", "linalg_eigvalsh": "eig", "linalg_eig": "eig", "linalg_eigvals": "eig",
+    "linalg_svd": "eig", "linalg_svdvals": "eig", "svd": "eig",
+}
+# Calls that read a device value back to the host (a stall per call on a GPU).
+HOST_SYNCS = {"item": "item", "__bool__": "bool", "__float__": "float", "__int__": "int", "__index__": "int",
+              "tolist": "tolist", "cpu": "cpu", "numpy": "numpy", "nonzero": "nonzero", "argwhere": "nonzero",
+              "masked_select": "masked_select", "unique": "unique", "bincount": "bincount", "__array__": "numpy"}
+ADD_OPS = frozenset({"add", "__add__", "__radd__"})
+
+
+def is_inplace(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__"
+
+
+def func_name(func) -> str:
+    return getattr(func, "__name__", "")
+
+
+def _skipped(filename: str) -> bool:
+    skipped = _skipped_file.get(filename)
+    if skipped is None:
+        skipped = _skipped_file[filename] = os.path.abspath(filename).startswith(_SKIPPED_DIRS)
+    return skipped
+
+
+def display_path(filename: str) -> str:
+    """A source file as the sites table names it: relative to the working directory when inside it."""
+    absolute = os.path.abspath(filename)
+    relative = os.path.relpath(absolute, os.getcwd())
+    return absolute if relative.startswith("..") else relative
+
+
+def caller_location(depth: int = 2) -> tuple[str, int]:
+    """(file, line) of the first frame outside torch and geodiag's diagnostics, starting ``depth`` frames up."""
+    frame = sys._getframe(depth)
+    while frame is not None and _skipped(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return "<torch>", 0
+    return frame.f_code.co_filename, frame.f_lineno
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A user's ``FILE:LINE``; FILE as the sites table names it, an absolute path, or just the file name."""
+
+    file: str
+    line: int
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "SiteSpec":
+        file, sep, line = text.strip().rpartition(":")
+        if not sep or not file or not line.isdigit():
+            raise GeodiagError(f"site {text!r} is not FILE:LINE (e.g. my_loss.py:42)")
+        return cls(file, int(line), text)
+
+    def matches(self, filename: str, line: int) -> bool:
+        if line != self.line:
+            return False
+        if os.sep in self.file or "/" in self.file:
+            return os.path.abspath(self.file) == os.path.abspath(filename)
+        return os.path.basename(filename) == self.file
+
+
+def format_site(filename: str, line: int) -> str:
+    return f"{display_path(filename)}:{line}"
+
+
+def unmatched_error(spec: SiteSpec, reason: str, found: Iterable[str]) -> GeodiagError:
+    found = sorted(set(found))
+    listing = ", ".join(found) if found else "none"
+    return GeodiagError(f"site {spec.text}: {reason}; sites found: {listing}")
+
+
+def numeric(value: object) -> Optional[float]:
+    """A Python number (or a 0-dim tensor's value is NOT read: that would be a host sync) as float, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
