@@ -17,7 +17,7 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 """
 from __future__ import annotations
 
-import math
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -29,8 +29,14 @@ from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_l
                                                  is_inplace, numeric)
 
 HISTOGRAM_KINDS = ("input", "output", "grad", "local_derivative")
-_IGNORED = frozenset({"__get__", "__set__", "dim", "size", "numel", "__len__", "is_floating_point", "__repr__",
-                      "__format__", "register_hook", "requires_grad_", "detach", "__hash__", "__eq__"})
+# Calls passed straight through: attribute access, shape queries, and views and copies, whose values are those of
+# a tensor already checked where it was made (a mask index is still counted as a host sync).
+_PASS_THROUGH = frozenset({
+    "__get__", "__set__", "dim", "size", "numel", "__len__", "is_floating_point", "__repr__", "__format__",
+    "register_hook", "requires_grad_", "detach", "__hash__", "__eq__", "__getitem__", "view", "view_as", "reshape",
+    "reshape_as", "expand", "expand_as", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "flatten",
+    "unflatten", "clone", "narrow", "select", "split", "chunk", "unbind", "movedim", "type_as", "to", "float",
+    "half", "double", "bfloat16", "__contains__", "__iter__", "_is_view", "data_ptr", "untyped_storage"})
 _UNARY_DERIVATIVE = {  # |d out / d x| from the input x and the output y, in fp32 or fp64
     "sqrt": lambda x, y: 0.5 / y.abs(),
     "rsqrt": lambda x, y: 0.5 * y.abs() ** 3,
@@ -70,7 +76,9 @@ class _TapMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func_name(func)
-        if name in _IGNORED:
+        if name in _PASS_THROUGH:
+            if name == "__getitem__" and _boolean_index(args):
+                self.taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
             return func(*args, **kwargs)
         taps = self.taps
         op = RISKY_OPS.get(name)
@@ -80,21 +88,21 @@ class _TapMode(TorchFunctionMode):
             if operands is not None:
                 operands = (operands[0].detach().clone(),) + operands[1:]
         out = func(*args, **kwargs)
-        file, line = caller_location(2)
-        sync = HOST_SYNCS.get(name) or _boolean_index(name, args)
+        sync = HOST_SYNCS.get(name)
         if sync is not None:
-            taps._site(file, line, sync, "host_sync").calls += 1
+            taps._site(*caller_location(2), sync, "host_sync").calls += 1
             return out
         first = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
         if not isinstance(first, torch.Tensor) or not first.is_floating_point():
             return out
+        file, line = caller_location(2)
         if operands is None:
             site = taps._site(file, line, name.strip("_"), "other")
         else:
             site = taps._site(file, line, op, "risky")
             taps._record(site, operands, first, name, args, kwargs)
         site.calls += 1
-        taps._outputs.append((site.index, first.detach()))
+        (taps._scalars if first.dim() == 0 else taps._outputs).append((site.index, first))
         return out
 
 
@@ -122,11 +130,12 @@ def _risky_operands(op: str, name: str, args: tuple, kwargs: dict):
     return (first, None) if isinstance(first, torch.Tensor) else None
 
 
-def _boolean_index(name: str, args: tuple) -> Optional[str]:
-    if name != "__getitem__" or len(args) < 2:
-        return None
+def _boolean_index(args: tuple) -> bool:
+    """Indexing with a mask needs the mask's count on the host."""
+    if len(args) < 2:
+        return False
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
-    return "boolean index" if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index) else None
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
 
 
 class AutoTaps:
@@ -141,6 +150,7 @@ class AutoTaps:
         self._sites: dict = {}
         self._order: list[_Site] = []
         self._outputs: list = []           # (site index, output) of the current loss call, not yet checked
+        self._scalars: list = []           # the same, for 0-dim outputs (checked together in one stack)
         self._checked: list = []           # (site indices, non-finite flags) of the current loss call
         self._masked: list = []            # (site indices, flags & final value finite) per loss call
         self._pending_elements = 0
@@ -148,26 +158,36 @@ class AutoTaps:
 
     # ------------------------------------------------------------------ attach
     def __enter__(self) -> "AutoTaps":
-        self._mode = _TapMode(self)
-        self._mode.__enter__()
+        self._attach()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-        self._mode = None
+        self._detach()
         self._check_outputs()
         self._checked.clear()
 
+    def _attach(self) -> None:
+        self._mode = _TapMode(self)
+        self._mode.__enter__()
+
+    def _detach(self) -> None:
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+
     def run(self, loss: Callable, *args, **kwargs):
         """``loss(*args, **kwargs)`` with taps; its outputs' non-finite values count as masked if it is finite."""
-        with self:
+        self._attach()
+        try:
             value = loss(*args, **kwargs)
-            self._check_outputs()
-            if isinstance(value, torch.Tensor) and self._checked:
-                final_finite = torch.isfinite(value.detach()).all()
-                indices = torch.cat([i for i, _ in self._checked])
-                flags = torch.cat([f for _, f in self._checked])
-                self._masked.append((indices, flags & final_finite))
+        finally:
+            self._detach()
+        self._check_outputs()
+        if isinstance(value, torch.Tensor) and self._checked:
+            final_finite = torch.isfinite(value.detach()).all()
+            indices = torch.cat([i for i, _ in self._checked])
+            flags = torch.cat([f for _, f in self._checked])
+            self._masked.append((indices, flags & final_finite))
+        self._checked.clear()
         return value
 
     # ------------------------------------------------------------------ called by the mode
@@ -189,8 +209,7 @@ class AutoTaps:
         site.pending.append((watched.detach(), out.detach(), extra))
         self._pending_elements += 2 * out.numel()
         if out.requires_grad and out.grad_fn is not None:
-            out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self._record_grad(site, grad_inputs,
-                                                                                          grad_outputs))
+            out.grad_fn.register_hook(partial(self._record_grad, site))
         if self._pending_elements > self.budget:
             self._reduce()
 
@@ -201,15 +220,22 @@ class AutoTaps:
         self._pending_elements += (arriving.numel() if arriving is not None else 0) + sum(g.numel() for g in sent)
 
     def _check_outputs(self) -> None:
-        """Flags the outputs seen so far that hold a NaN/Inf (one fused max-norm over all of them)."""
-        if not self._outputs:
+        """Flags the outputs seen so far that hold a NaN/Inf: one stack for the 0-dim outputs, one fused
+        max |x| (NaN propagates) for the others."""
+        if not (self._outputs or self._scalars):
             return
-        indices = [i for i, _ in self._outputs]
-        tensors = [t for _, t in self._outputs]
-        self._outputs = []
+        indices, flags = [], []
         with torch.no_grad():
-            norms = torch._foreach_norm([t if t.numel() else t.new_zeros(()) for t in tensors], math.inf)
-            flags = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+            if self._scalars:
+                indices += [i for i, _ in self._scalars]
+                flags.append(~torch.isfinite(torch.stack([t for _, t in self._scalars]).float()))
+            if self._outputs:
+                indices += [i for i, _ in self._outputs]
+                largest = torch._foreach_max(torch._foreach_abs([t if t.numel() else t.new_zeros(())
+                                                                 for _, t in self._outputs]))
+                flags.append(~torch.isfinite(torch.stack(largest).float()))
+        self._outputs, self._scalars = [], []
+        flags = torch.cat(flags)
         self._checked.append((torch.tensor(indices, device=flags.device), flags))
 
     # ------------------------------------------------------------------ reduce on the device
@@ -263,9 +289,9 @@ class AutoTaps:
         if arriving:
             site.histogram("grad", device).update(torch.cat([a.float() if a.dtype != torch.float64 else a
                                                              for a in arriving]))
-        counters = self._counters(site, device)
-        for g in sent:
-            counters[3] += g.numel() - torch.isfinite(g).sum()
+        if sent:
+            sent = torch.cat([g.float() if g.dtype != torch.float64 else g for g in sent])
+            self._counters(site, device)[3] += sent.numel() - torch.isfinite(sent).sum()
 
     @staticmethod
     def _counters(site: _Site, device: torch.device) -> torch.Tensor:

@@ -5,6 +5,8 @@ mode is active, a clamp called from a chosen ``FILE:LINE`` gets the given value 
 such a clamp may instead hold ``sqrt(x + c)``: the add with a Python number feeding that line's sqrt is redone
 with the given value (``clamp`` wins when a line has both). A chosen site that no call matched, or whose clamp has
 no numeric ``min``, raises a GeodiagError on leaving the ``with`` block, listing the sites that could be chosen.
+With ``AutoTaps``, enter the override inside the tapped call (modes stack: the innermost sees a call first), so
+the taps measure the replaced bound.
 """
 from __future__ import annotations
 

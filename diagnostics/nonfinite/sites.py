@@ -46,8 +46,16 @@ HOST_SYNCS = {"item": "item", "__bool__": "bool", "__float__": "float", "__int__
 ADD_OPS = frozenset({"add", "__add__", "__radd__"})
 
 
+_inplace: dict[str, bool] = {}
+
+
 def is_inplace(name: str) -> bool:
-    return name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__"
+    """Whether a torch function of this name overwrites its first argument (``clamp_``, ``__iadd__``, ``x[m] = 0``)."""
+    inplace = _inplace.get(name)
+    if inplace is None:
+        inplace = _inplace[name] = (name.endswith("_") and not name.endswith("__") or name.startswith("__i")
+                                    and name != "__index__" and name != "__int__" or name == "__setitem__")
+    return inplace
 
 
 def func_name(func) -> str:
