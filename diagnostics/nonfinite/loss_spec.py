@@ -7,6 +7,7 @@ checkpoint or a run folder, which may come from anywhere.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -67,7 +68,8 @@ def load_loss(spec: str, input_kind: str = "probabilities") -> UserLoss:
 def _import_file(spec: str, path: str):
     if not os.path.isfile(path):
         raise GeodiagError(f"--loss {spec!r}: no such file {path}")
-    module_name = "geodiag_user_loss_" + os.path.splitext(os.path.basename(path))[0]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    module_name = f"geodiag_user_loss_{stem}_{hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]}"
     module_spec = importlib.util.spec_from_file_location(module_name, os.path.abspath(path))
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name

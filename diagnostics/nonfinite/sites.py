@@ -46,16 +46,14 @@ HOST_SYNCS = {"item": "item", "__bool__": "bool", "__float__": "float", "__int__
 ADD_OPS = frozenset({"add", "__add__", "__radd__"})
 
 
-_inplace: dict[str, bool] = {}
+_INPLACE_OPERATORS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__",
+                                "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                                "__ilshift__", "__irshift__", "__setitem__"})
 
 
 def is_inplace(name: str) -> bool:
-    """Whether a torch function of this name overwrites its first argument (``clamp_``, ``__iadd__``, ``x[m] = 0``)."""
-    inplace = _inplace.get(name)
-    if inplace is None:
-        inplace = _inplace[name] = (name.endswith("_") and not name.endswith("__") or name.startswith("__i")
-                                    and name != "__index__" and name != "__int__" or name == "__setitem__")
-    return inplace
+    """Whether a torch function of this name overwrites its first argument (``clamp_``, ``+=``, ``x[m] = 0``)."""
+    return name in _INPLACE_OPERATORS or (name[-1:] == "_" and name[-2:] != "__")
 
 
 def func_name(func) -> str:
@@ -120,7 +118,7 @@ def unmatched_error(spec: SiteSpec, reason: str, found: Iterable[str]) -> Geodia
 
 
 def numeric(value: object) -> Optional[float]:
-    """A Python number (or a 0-dim tensor's value is NOT read: that would be a host sync) as float, else None."""
+    """A Python number as float, else None (a tensor's value is never read here: that would be a host sync)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
