@@ -75,20 +75,21 @@ class _TapMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = func_name(func)
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _KINDS[func] = _kind(func)
+        name, op, sync, inplace = kind
         if name in _PASS_THROUGH:
             if name == "__getitem__" and _boolean_index(args):
                 self.taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
             return func(*args, **kwargs)
         taps = self.taps
-        op = RISKY_OPS.get(name)
         operands = _risky_operands(op, name, args, kwargs) if op is not None else None
-        if is_inplace(name):
+        if inplace:
             taps._check_outputs()  # the data is about to change
             if operands is not None:
                 operands = (operands[0].detach().clone(),) + operands[1:]
         out = func(*args, **kwargs)
-        sync = HOST_SYNCS.get(name)
         if sync is not None:
             taps._site(*caller_location(2), sync, "host_sync").calls += 1
             return out
@@ -104,6 +105,14 @@ class _TapMode(TorchFunctionMode):
         site.calls += 1
         (taps._scalars if first.dim() == 0 else taps._outputs).append((site.index, first))
         return out
+
+
+_KINDS: dict = {}  # torch function -> (name, risky op or None, host sync or None, in place)
+
+
+def _kind(func) -> tuple:
+    name = func_name(func)
+    return name, RISKY_OPS.get(name), HOST_SYNCS.get(name), is_inplace(name) if name else False
 
 
 def _risky_operands(op: str, name: str, args: tuple, kwargs: dict):

@@ -77,7 +77,14 @@ def display_path(filename: str) -> str:
 def caller_location(depth: int = 2) -> tuple[str, int]:
     """(file, line) of the first frame outside torch and geodiag's diagnostics, starting ``depth`` frames up."""
     frame = sys._getframe(depth)
-    while frame is not None and _skipped(frame.f_code.co_filename):
+    skipped = _skipped_file.get
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        is_skipped = skipped(filename)
+        if is_skipped is None:
+            is_skipped = _skipped(filename)
+        if not is_skipped:
+            break
         frame = frame.f_back
     if frame is None:
         return "<torch>", 0
