@@ -228,3 +228,34 @@ def test_a_site_matching_no_call_or_no_numeric_min_is_a_one_line_error(v23, tmp_
     with pytest.raises(GeodiagError, match=r"capped.py:2: its clamp has no numeric min bound; sites found: .*capped"):
         with BoundOverride({"capped.py:2": 1e-2}):
             capped(two_shapes_logits(), None)
+
+
+INPLACE_MASKING = '''import torch
+
+
+def distance_loss(pred):
+    p = pred[:, 1]
+    d = torch.sqrt(p - 0.5)
+    d[torch.isnan(d)] = 0.0
+    return d.mean()
+'''
+
+
+def test_values_overwritten_in_place_later_are_counted_as_they_were(tmp_path):
+    """The sqrt's NaNs are zeroed in place on the next line (a validation metric: no backward, which the in-place
+    write would break): they still count, as non-finite and as masked."""
+    path = tmp_path / "inplace.py"
+    path.write_text(INPLACE_MASKING)
+    loss = load_loss(f"{path}:distance_loss", input_kind="logits")
+    prediction = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    taps = AutoTaps()
+    value = taps.run(loss, prediction, None)
+    result = taps.result()
+    expected_nan = int((prediction[:, 1].double().numpy() < 0.5).sum())
+    sqrt_site = f"{path}:{line_of('torch.sqrt', str(path))}"  # outside the working directory: absolute
+    assert 0 < expected_nan < 128 and torch.isfinite(value)
+    row = result.site(sqrt_site, "sqrt")
+    assert row["nonfinite_forward"] == expected_nan
+    assert {"site": sqrt_site, "op": "sqrt", "calls": 1} in result.masked_nonfinite
+    mask_line = f"{path}:{line_of('d[torch.isnan(d)] = 0.0', str(path))}"
+    assert result.site(mask_line, "boolean index")["host_syncs"] == 1

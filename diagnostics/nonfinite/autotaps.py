@@ -17,6 +17,7 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 """
 from __future__ import annotations
 
+import time
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -86,9 +87,11 @@ class _TapMode(TorchFunctionMode):
         taps = self.taps
         operands = _risky_operands(op, name, args, kwargs) if op is not None else None
         if inplace:
-            taps._check_outputs()  # the data is about to change
+            taps._before_overwrite(args[0] if args else None)
             if operands is not None:
                 operands = (operands[0].detach().clone(),) + operands[1:]
+            if name == "__setitem__" and _boolean_index(args):
+                taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
         out = func(*args, **kwargs)
         if sync is not None:
             taps._site(*caller_location(2), sync, "host_sync").calls += 1
@@ -161,7 +164,7 @@ class AutoTaps:
         self._outputs: list = []           # (site index, output) of the current loss call, not yet checked
         self._scalars: list = []           # the same, for 0-dim outputs (checked together in one stack)
         self._checked: list = []           # (site indices, non-finite flags) of the current loss call
-        self._masked: list = []            # (site indices, flags & final value finite) per loss call
+        self._masked: dict = {}            # output sequence -> (site indices, masked counts); see _masked_counts
         self._pending_elements = 0
         self._mode: Optional[_TapMode] = None
 
@@ -172,8 +175,7 @@ class AutoTaps:
 
     def __exit__(self, *exc) -> None:
         self._detach()
-        self._check_outputs()
-        self._checked.clear()
+        self._outputs, self._scalars, self._checked = [], [], []  # no final value: nothing to judge masked against
 
     def _attach(self) -> None:
         self._mode = _TapMode(self)
@@ -193,11 +195,22 @@ class AutoTaps:
         self._check_outputs()
         if isinstance(value, torch.Tensor) and self._checked:
             final_finite = torch.isfinite(value.detach()).all()
-            indices = torch.cat([i for i, _ in self._checked])
             flags = torch.cat([f for _, f in self._checked])
-            self._masked.append((indices, flags & final_finite))
-        self._checked.clear()
+            indices = tuple(i for site_indices, _ in self._checked for i in site_indices)
+            self._masked_counts(indices, flags.device)[1].add_(flags & final_finite)
+        self._checked = []
         return value
+
+    def _masked_counts(self, indices: tuple, device: torch.device) -> tuple:
+        """(site index per output, masked count per output) for one sequence of outputs. A loss makes the same
+        sequence of calls every time, so the copy of the indices to the device (on CUDA a stream sync when
+        copied from pageable memory) happens once per distinct sequence, and the counts stay one tensor."""
+        key = (indices, device)
+        entry = self._masked.get(key)
+        if entry is None:
+            entry = self._masked[key] = (torch.tensor(indices, device=device),
+                                         torch.zeros(len(indices), dtype=torch.int64, device=device))
+        return entry
 
     # ------------------------------------------------------------------ called by the mode
     def _site(self, file: str, line: int, op: str, kind: str) -> _Site:
@@ -227,6 +240,19 @@ class AutoTaps:
         sent = [g for g in grad_inputs if g is not None]
         site.pending_grad.append((arriving, sent))
         self._pending_elements += (arriving.numel() if arriving is not None else 0) + sum(g.numel() for g in sent)
+        if self._pending_elements > self.budget:
+            self._reduce()
+
+    def _before_overwrite(self, target) -> None:
+        """An in-place op is about to change ``target``: judge the outputs held so far, and reduce the pending
+        risky tensors now if ``target`` shares memory with one of them."""
+        self._check_outputs()
+        if not isinstance(target, torch.Tensor):
+            return
+        memory = target.untyped_storage().data_ptr()
+        if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == memory
+               for site in self._order for record in site.pending for t in record[:2]):
+            self._reduce()
 
     def _check_outputs(self) -> None:
         """Flags the outputs seen so far that hold a NaN/Inf: one stack for the 0-dim outputs, one fused
@@ -244,8 +270,7 @@ class AutoTaps:
                                                                  for _, t in self._outputs]))
                 flags.append(~torch.isfinite(torch.stack(largest).float()))
         self._outputs, self._scalars = [], []
-        flags = torch.cat(flags)
-        self._checked.append((torch.tensor(indices, device=flags.device), flags))
+        self._checked.append((indices, torch.cat(flags)))
 
     # ------------------------------------------------------------------ reduce on the device
     @torch.no_grad()
@@ -323,10 +348,10 @@ class AutoTaps:
                 layout.append((site, "counters", None))
         masked = torch.zeros(len(self._order), dtype=torch.float64)
         if self._masked:
-            device = self._masked[0][0].device
+            device = next(iter(self._masked.values()))[0].device
             per_site = torch.zeros(len(self._order), dtype=torch.float64, device=device)
-            for indices, flags in self._masked:
-                per_site.index_add_(0, indices, flags.double())
+            for indices, counts in self._masked.values():
+                per_site.index_add_(0, indices, counts.double())
             parts.append(per_site)
         host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else None
         histograms, counters, offset = {}, {}, 0
@@ -412,3 +437,38 @@ def _assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapR
             row["bounds"] = sorted(site.bounds, key=str)
         rows.append(row)
     return AutoTapResult(rows, masked_rows, histograms)
+
+
+def autotap_overhead(loss: Callable, prediction: torch.Tensor, target: Optional[torch.Tensor] = None,
+                     repeats: int = 20) -> dict:
+    """Thread CPU time of the loss's forward + backward without and with automatic taps, measured side by side.
+
+    The two variants alternate (plain, tapped, plain, ...) after one warm-up of each, so drift of a shared machine
+    falls on both; the tapped time includes its ``result()`` read-back, spread over the ``repeats`` calls.
+    On CUDA each timed block ends with a synchronize so queued kernels are paid for by the block that issued them.
+    """
+    def step(taps: Optional[AutoTaps]) -> None:
+        leaf = prediction.detach().clone().requires_grad_(True)
+        value = taps.run(loss, leaf, target) if taps is not None else loss(leaf, target)
+        value.backward()
+
+    def finish() -> None:
+        if prediction.device.type == "cuda":
+            torch.cuda.synchronize(prediction.device)
+
+    warm = AutoTaps()
+    step(None), step(warm), warm.result(), finish()
+    taps, plain, tapped = AutoTaps(), 0.0, 0.0
+    for _ in range(repeats):
+        start = time.thread_time()
+        step(None)
+        finish()
+        middle = time.thread_time()
+        step(taps)
+        finish()
+        plain, tapped = plain + middle - start, tapped + time.thread_time() - middle
+    start = time.thread_time()
+    taps.result()
+    tapped += time.thread_time() - start
+    return {"plain_s": plain / repeats, "tapped_s": tapped / repeats, "ratio": tapped / plain, "repeats": repeats,
+            "clock": "thread CPU time"}
