@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from geodiag.diagnostics.errors import GeodiagError
-from geodiag.diagnostics.nonfinite.autotaps import AutoTaps
+from geodiag.diagnostics.nonfinite.autotaps import AutoTaps, autotap_overhead
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 from geodiag.diagnostics.nonfinite.override import BoundOverride
 
@@ -144,6 +144,9 @@ def test_an_intermediate_nan_hidden_by_the_guard_is_reported_as_masked(v23):
     assert (site("disc = torch.sqrt("), "sqrt") in masked
     assert result.site(site("disc = torch.sqrt("), "sqrt")["nonfinite_forward"] == 1
     assert all(row["calls"] >= 1 for row in result.masked_nonfinite)
+    # by risk: the rows whose outputs went non-finite come before every row that stayed finite
+    ranked = [row["nonfinite_forward"] > 0 for row in result.by_risk()]
+    assert ranked[0] and ranked == sorted(ranked, reverse=True) and not all(ranked)
 
 
 def test_host_syncs_are_counted_at_their_lines(v23):
@@ -259,3 +262,15 @@ def test_values_overwritten_in_place_later_are_counted_as_they_were(tmp_path):
     assert {"site": sqrt_site, "op": "sqrt", "calls": 1} in result.masked_nonfinite
     mask_line = f"{path}:{line_of('d[torch.isnan(d)] = 0.0', str(path))}"
     assert result.site(mask_line, "boolean index")["host_syncs"] == 1
+
+
+def test_autotap_overhead_times_both_variants_side_by_side():
+    calls = []
+
+    def counted(pred, target):
+        calls.append(torch._C._len_torch_function_stack())
+        return (pred[:, 1] ** 0.5).mean()
+
+    figures = autotap_overhead(counted, torch.rand(1, 2, 8, 8), repeats=3)
+    assert calls == [0, 1] * 4  # warm-up then three pairs, plain (no mode) and tapped (one mode) alternating
+    assert figures["ratio"] == figures["tapped_s"] / figures["plain_s"] and figures["plain_s"] > 0

@@ -18,8 +18,8 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -61,7 +61,7 @@ class _Site:
     pending: list = field(default_factory=list)            # (input, output, extra) references, forward
     pending_grad: list = field(default_factory=list)       # (grad at output, [grads sent to inputs])
     histograms: dict = field(default_factory=dict)
-    counters: Optional[torch.Tensor] = None                # at_min, at_max, elements moved-or-not, nonfinite_bwd
+    counters: Optional[torch.Tensor] = None                # at min, at max, clamp elements, non-finite sent back
 
     def histogram(self, kind: str, device: torch.device) -> LogHistogram:
         if kind not in self.histograms:
@@ -405,6 +405,15 @@ class AutoTapResult:
                 return row
         raise KeyError(f"{name} {op}")
 
+    def by_risk(self) -> list:
+        """The rows most likely behind a NaN first: non-finite gradients sent back, non-finite outputs, masked
+        non-finite outputs, then the largest share of elements held at a clamp bound (zero gradient), then the
+        largest local derivative, then host syncs."""
+        def risk(row: dict) -> tuple:
+            return (row["nonfinite_backward"] > 0, row["nonfinite_forward"] > 0, row["masked_calls"] > 0,
+                    row["at_bound_fraction"] or 0.0, row["max_local_derivative"] or 0.0, row["host_syncs"])
+        return sorted(self.sites, key=risk, reverse=True)
+
 
 def _assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapResult:
     rows, masked_rows = [], []
@@ -416,7 +425,7 @@ def _assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapR
         row = {"site": site.name, "op": site.op, "calls": site.calls, "nonfinite_forward": 0,
                "nonfinite_backward": 0, "at_bound_fraction": None, "at_min_fraction": None,
                "at_max_fraction": None, "max_abs_grad": None, "max_local_derivative": None,
-               "host_syncs": site.calls if site.kind == "host_sync" else 0}
+               "host_syncs": site.calls if site.kind == "host_sync" else 0, "masked_calls": int(masked[site.index])}
         output = histograms.get((site.name, site.op, "output"))
         if output is not None:
             row["nonfinite_forward"] = output["nan"] + output["posinf"] + output["neginf"]
