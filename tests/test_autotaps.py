@@ -274,3 +274,35 @@ def test_autotap_overhead_times_both_variants_side_by_side():
     figures = autotap_overhead(counted, torch.rand(1, 2, 8, 8), repeats=3)
     assert calls == [0, 1] * 4  # warm-up then three pairs, plain (no mode) and tapped (one mode) alternating
     assert figures["ratio"] == figures["tapped_s"] / figures["plain_s"] and figures["plain_s"] > 0
+
+
+LOGGING_LOSS = '''import math
+
+import torch
+
+
+def logged_loss(pred):
+    fg = pred[:, 1]
+    if (fg > 0.99).any():
+        fg = fg.clamp(max=0.99)
+    area = float(fg.sum())
+    stats = fg.mean(dim=(1, 2)).cpu().tolist()
+    border = torch.nonzero(fg > 0.5)
+    if math.isnan(area) or len(border) == 0:
+        return pred.sum() * 0
+    return (fg.sum() - area) + fg.mean() * len(stats)
+'''
+
+
+def test_each_kind_of_host_sync_is_counted_at_its_line(tmp_path):
+    path = tmp_path / "logged.py"
+    path.write_text(LOGGING_LOSS)
+    taps = AutoTaps()
+    prediction = torch.zeros(2, 2, 8, 8)
+    prediction[:, 1, 2:6, 2:6] = 1.0
+    taps.run(load_loss(f"{path}:logged_loss", input_kind="logits"), prediction, None)
+    syncs = {(row["site"], row["op"]): row["host_syncs"] for row in taps.result().sites if row["host_syncs"]}
+    at = lambda snippet: f"{path}:{line_of(snippet, str(path))}"  # noqa: E731
+    assert syncs == {(at("if (fg > 0.99).any():"), "bool"): 1, (at("area = float(fg.sum())"), "float"): 1,
+                     (at("stats = fg.mean"), "cpu"): 1, (at("stats = fg.mean"), "tolist"): 1,
+                     (at("border = torch.nonzero"), "nonzero"): 1}

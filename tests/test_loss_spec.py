@@ -119,3 +119,11 @@ def test_bad_specs_are_one_line_errors_naming_spec_and_reason(user_file, spec, r
     message = str(error.value)
     assert "\n" not in message and repr(spec) in message
     assert pytest.importorskip("re").search(reason, message), message
+
+
+def test_a_loss_file_imports_its_sibling_modules(tmp_path):
+    (tmp_path / "shape_terms_helper.py").write_text("def foreground(pred):\n    return pred[:, 1]\n")
+    (tmp_path / "train_loss.py").write_text("from shape_terms_helper import foreground\n\n\n"
+                                            "def loss(pred, target):\n    return foreground(pred).mean()\n")
+    x = logits()
+    assert torch.equal(load_loss(f"{tmp_path / 'train_loss.py'}:loss")(x, None), torch.softmax(x, 1)[:, 1].mean())

@@ -70,6 +70,9 @@ def _import_file(spec: str, path: str):
         raise GeodiagError(f"--loss {spec!r}: no such file {path}")
     stem = os.path.splitext(os.path.basename(path))[0]
     module_name = f"geodiag_user_loss_{stem}_{hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]}"
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # as with python path/to/file.py: the file's own folder is importable
     module_spec = importlib.util.spec_from_file_location(module_name, os.path.abspath(path))
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
