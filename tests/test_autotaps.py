@@ -14,6 +14,7 @@ from geodiag.diagnostics.errors import GeodiagError
 from geodiag.diagnostics.nonfinite.autotaps import AutoTaps, autotap_overhead
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 from geodiag.diagnostics.nonfinite.override import BoundOverride
+from geodiag.diagnostics.nonfinite.sites import exception_site
 
 LOSS_FILE = os.path.join(os.path.dirname(__file__), "seed_style_loss.py")
 SIZE = 64
@@ -306,3 +307,18 @@ def test_each_kind_of_host_sync_is_counted_at_its_line(tmp_path):
     assert syncs == {(at("if (fg > 0.99).any():"), "bool"): 1, (at("area = float(fg.sum())"), "float"): 1,
                      (at("stats = fg.mean"), "cpu"): 1, (at("stats = fg.mean"), "tolist"): 1,
                      (at("border = torch.nonzero"), "nonzero"): 1}
+
+
+def test_a_loss_that_raises_is_named_by_the_users_line_and_leaves_nothing_attached(tmp_path):
+    path = tmp_path / "only2d.py"
+    path.write_text("import torch.nn.functional as F\n\n\ndef only2d(pred):\n"
+                    "    weight = pred.new_ones(1, 1, 3, 3)\n"
+                    "    return F.conv2d(pred[:, 1:], weight, padding=1).mean()\n")
+    loss = load_loss(f"{path}:only2d")
+    taps = AutoTaps()
+    with pytest.raises(RuntimeError) as error:
+        taps.run(loss, torch.zeros(1, 2, 4, 4, 4), None)  # a 3D case
+    assert exception_site(error.value) == f"{path}:{line_of('F.conv2d', str(path))}"
+    assert torch._C._len_torch_function_stack() == 0
+    value = taps.run(loss, torch.zeros(1, 2, 4, 4), None)  # the next call is judged on its own outputs only
+    assert torch.isfinite(value) and taps.result().masked_nonfinite == []

@@ -190,6 +190,9 @@ class AutoTaps:
         self._attach()
         try:
             value = loss(*args, **kwargs)
+        except BaseException:
+            self._outputs, self._scalars, self._checked = [], [], []  # a failed call has no value to judge against
+            raise
         finally:
             self._detach()
         self._check_outputs()

@@ -91,6 +91,19 @@ def caller_location(depth: int = 2) -> tuple[str, int]:
     return frame.f_code.co_filename, frame.f_lineno
 
 
+def exception_site(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc``'s traceback outside torch and geodiag's diagnostics: the
+    user's line that made the failing call ("<unknown>" when every frame is torch's or geodiag's)."""
+    found = "<unknown>"
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not _skipped(filename):
+            found = format_site(filename, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     """A user's ``FILE:LINE``; FILE as the sites table names it, an absolute path, or just the file name."""
