@@ -36,7 +36,7 @@ def grad_scale_collapsed(scale: float, floor: float) -> bool:
     """Whether a GradScaler scale is below ``floor`` or so small that 1/scale overflows in fp32.
 
     GradScaler unscales with an fp32 reciprocal: below about 2.9e-39 it is inf, and the next finite step is
-    unscaled to NaN (notes/numerics.md §4). Below 1 the scale already shrinks gradients instead of protecting
+    unscaled to NaN (0 * inf for zero entries). Below 1 the scale already shrinks gradients instead of protecting
     them from fp16 underflow, and it regrows only after 2000 clean steps per doubling.
     """
     with np.errstate(over="ignore", divide="ignore"):
