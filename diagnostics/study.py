@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, TextIO
 
 import pandas as pd
 
@@ -89,6 +90,28 @@ def _nnunet_environment(study: Study):
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def progress(total: int, label: str, unit: str, log: Log, stream: Optional[TextIO] = None) -> Iterator[Callable[[], None]]:
+    """Yields ``advance()``, called once per finished unit of work: a tqdm bar on ``stream`` (stderr) when it is a
+    terminal, otherwise one plain line per unit through ``log`` (log files and CI have no use for a redrawn bar)."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        from tqdm import tqdm
+
+        # mininterval 0: units are slow (an epoch, a case), every one is worth a redraw
+        with tqdm(total=total, desc=label, unit=unit, file=stream, leave=False, mininterval=0) as bar:
+            yield lambda: bar.update(1)
+        return
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        log(f"{label}: {unit} {done}/{total}")
+
+    yield advance
+
+
 # ----------------------------------------------------------------------------------------------------- steps
 def make_data(study: Study) -> None:
     for dataset_id in study.datasets:
@@ -133,13 +156,27 @@ def train(study: Study) -> None:
         dataset_json = tables.read_json(study.dirs.preprocessed / name / "dataset.json")
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
-        with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log):
+        console = sys.stdout  # nnU-Net's own prints go to train.log, the progress to the console
+
+        def to_console(message: str) -> None:
+            with contextlib.redirect_stdout(console):
+                study.log(message)
+
+        with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
+                progress(run.epochs, f"  {run.name}", "epoch", to_console) as advance:
             trainer = trainer_class(plans, TINY_CONFIGURATION, 0, dataset_json, torch.device(study.device))
             trainer.num_epochs = run.epochs
             trainer.num_iterations_per_epoch = run.iterations
             trainer.num_val_iterations_per_epoch = run.val_iterations
             trainer.warmup_epochs = run.warmup
             trainer.save_every_epoch = True
+            end_epoch = trainer.on_epoch_end
+
+            def on_epoch_end() -> None:
+                end_epoch()
+                advance()
+
+            trainer.on_epoch_end = on_epoch_end
             trainer.run_training()
         study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations, geometric term from epoch "
                   f"{run.warmup}, in {time.perf_counter() - start:.0f} s")
