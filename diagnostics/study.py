@@ -220,6 +220,60 @@ def _checkpoint(study: Study, run: RunSpec, epoch: int) -> Path:
     return study.fold_folder(run) / f"checkpoint_epoch_{epoch:04d}.pth"
 
 
+def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict]:
+    """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
+    (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
+    geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from geodiag.losses import GeometricLoss
+    from geodiag.reports.study_report import SEED_BELOW
+
+    from .cases import find_cases, predict_logits, preprocess
+    from .checkpoint import build_network, load_checkpoint
+    from .sweep import foreground_classes
+
+    checkpoint = load_checkpoint(path)
+    classes = foreground_classes(checkpoint)
+    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
+    network = build_network(checkpoint).to(device)
+    losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
+                                               aspect_weight=0)
+              for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
+    rows = []
+    for files in find_cases(checkpoint)[:max_cases]:
+        case = preprocess(checkpoint, files)
+        with torch.no_grad():
+            logits = predict_logits(network, case.image, patch_size).float()
+            for units, loss in losses.items():
+                seen = {}
+                with loss.register_tap(lambda name, t: seen.__setitem__(name, t),
+                                       names=("compactness.grad_mag_squared",)):
+                    loss(logits)
+                s = seen["compactness.grad_mag_squared"]
+                shares = torch.stack([(s < eps).double().mean() for eps in SEED_BELOW]).tolist()
+                rows += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
+                          "pixels": s.numel()} for eps, share in zip(SEED_BELOW, shares)]
+    return rows
+
+
+def small_s(study: Study) -> None:
+    """switch_on_s.csv: the shares of small s at each run's switch-on checkpoint, in the seed's units and ours."""
+    from geodiag.reports.study_report import SWITCH_ON_S_COLUMNS
+
+    rows = []
+    for run in study.runs:
+        with _nnunet_environment(study):
+            shares = small_s_shares(_checkpoint(study, run, run.warmup), study.cases, study.device)
+        rows += [{"run": run.name, "dataset": run.dataset_id, "epoch": run.warmup, **row} for row in shares]
+        seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
+        means = seed.groupby("eps")["fraction_below"].mean()
+        study.log(f"  {run.name} epoch {run.warmup}: " + ", ".join(
+            f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items()) + " (mean over cases, seed's units)")
+    tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
+
+
 def analyze(study: Study) -> None:
     """The switch-on checkpoint of the chosen runs, and the first bad epoch of any run that went non-finite."""
     from geodiag.reports import analysis_report
@@ -272,7 +326,7 @@ def sweep(study: Study) -> None:
 
 
 STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train), Step("summarize", summarize),
-         Step("analyze", analyze), Step("sweep", sweep))
+         Step("small-s", small_s), Step("analyze", analyze), Step("sweep", sweep))
 
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:

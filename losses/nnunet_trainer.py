@@ -168,7 +168,8 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         """The geometric settings in effect, as recorded next to the checkpoints."""
         return {"trainer": type(self).__name__, "geometric_preset": self.geometric_preset,
                 "stabilizer": self.geometric_loss.stabilizer.name, "eps": self.geometric_loss.stabilizer.eps,
-                "aspect_formula": self.geometric_loss.aspect_formula, "classes": list(self.geometric_loss.classes),
+                "aspect_formula": self.geometric_loss.aspect_formula, "sobel": self.geometric_loss.sobel,
+                "classes": list(self.geometric_loss.classes),
                 "weights": self.geometric_weights, "reference": self.geometric_reference,
                 "warmup_epochs": self.warmup_epochs, "save_every_epoch": self.save_every_epoch}
 
