@@ -195,6 +195,22 @@ def test_replay_presets_tap_the_seeds_s_in_the_seeds_units(preset, eps):
     np.testing.assert_allclose(64 * seen["normalised"][0, 0, 1:-1, 1:-1].numpy(), expected[1:-1, 1:-1], rtol=1e-12)
 
 
+@pytest.mark.parametrize("preset", ["v2.3", "v2.4"])
+def test_replay_presets_take_moments_in_pixel_coordinates_as_the_seed(preset):
+    """The seed's aspect term: covariance of the soft mask in pixel coordinates (numpy, fp64, computed here)."""
+    import numpy as np
+
+    mask = ellipse(12, 5, n=40, centre=(19.3, 20.6), angle=0.4)
+    seen = {}
+    fn = GeometricLoss.from_preset(preset, classes=(0,), reference="prior", compactness_weight=0)
+    fn.register_tap(lambda name, t: seen.__setitem__(name, t.detach()), names=("aspect.moments",))
+    fn(mask)
+    weights = mask[0, 0].numpy()
+    ys, xs = np.indices(weights.shape, dtype=np.float64)
+    expected = np.cov(np.stack([ys.ravel(), xs.ravel()]), aweights=weights.ravel(), bias=True)
+    np.testing.assert_allclose(seen["aspect.moments"][0, 0].numpy(), expected, rtol=1e-10)
+
+
 def test_seed_sobel_reads_a_constant_map_as_a_border_step():
     """Zero padding: a constant 0.5 map has s = 0 inside and a step to 0 at the border (the seed's arithmetic)."""
     seen = {}
