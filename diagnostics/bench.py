@@ -89,9 +89,9 @@ class Clock:
     """CPU time of the measuring thread on the CPU (robust to other processes), synchronised wall time on CUDA.
 
     Thread, not process, time: after numpy's work (the TensorBoard path) helper threads keep spinning, and process
-    time charged that spin to whatever ran next (LogHistogram.update read 100 ms of process time over 53 ms of
-    wall time). torch runs at one thread here and the CPU autograd engine works on the calling thread, so for a
-    training step thread, process and wall time agree (measured: 647.5 / 647.5 / 647.5 ms).
+    time charged that spin to whatever ran next (LogHistogram.update read more process time than wall time).
+    torch runs at one thread here and the CPU autograd engine works on the calling thread, so for a training
+    step thread, process and wall time agree.
     """
 
     def __init__(self, device: torch.device) -> None:

@@ -10,8 +10,6 @@ import importlib
 import os
 import sys
 
-from geodiag.reports.tables import ReportInputError
-
 from .errors import GeodiagError
 
 COMMANDS = {
@@ -50,6 +48,14 @@ def _parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_bad_input(exc: Exception) -> bool:
+    """A GeodiagError, or the reports' ReportInputError. The latter is looked up only when geodiag.reports.tables
+    was imported: importing it loads pandas, which ``geodiag env`` (run on every shell start) must not pay for,
+    and a command that never imported it cannot have raised it."""
+    tables = sys.modules.get("geodiag.reports.tables")
+    return isinstance(exc, GeodiagError) or (tables is not None and isinstance(exc, tables.ReportInputError))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -65,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser(selected).parse_args(argv)
         return int(_load(selected).run(args) or 0)
-    except (GeodiagError, ReportInputError) as exc:
-        print(f"geodiag {selected}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"geodiag {selected}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a user never gets a traceback unless asked for one
+        if _is_bad_input(exc):
+            print(f"geodiag {selected}: error: {exc}", file=sys.stderr)
+            return 2
         if os.environ.get("GEODIAG_DEBUG"):
             raise
         print(f"geodiag {selected}: error: {type(exc).__name__}: {exc} (set GEODIAG_DEBUG=1 for a traceback)",

@@ -156,8 +156,7 @@ class nnUNetTrainerGeometricMonitored(nnUNetTrainerGeometric):
     """nnUNetTrainerGeometric plus a TrainingMonitor writing into ``<fold>/geodiag_monitor/``.
 
     Settings (class attributes): ``monitor_every`` (histograms every N-th iteration; per-iteration losses
-    and state always; default 16, measured at 1.02x a plain step where every iteration costs 1.49x — geodiag
-    bench, nnU-Net 2D step at 128^2 on the CPU), ``monitor_per_parameter`` (one gradient histogram per parameter instead of one pooled),
+    and state always; default 16, its cost measured by ``geodiag bench``), ``monitor_per_parameter`` (one gradient histogram per parameter instead of one pooled),
     ``monitor_conv_outputs`` (also every convolution's output and its gradient).
     """
 

@@ -12,7 +12,7 @@ How, and what it costs (see the module docstring of ``geodiag.diagnostics.replay
   ``torch._C._current_autograd_node()`` names the node being run. During a forward op's dispatch,
   ``torch._C._autograd._get_sequence_nr() - 1`` is the sequence number of the node it creates.
 - Per op it launches one ``torch.aminmax`` per floating output and keeps the two 0-d results on the device:
-  one kernel, no host sync (``isfinite().all()`` was 16x slower on CPU: 129 us vs 8 us for 64k floats).
+  one kernel, no host sync (``isfinite().all()`` is a reduction plus a host read).
   ``step_end()`` reads all of them at once: one host sync per step.
 - Inputs are never re-checked: each output's device address maps to the slot of the op that wrote it, so an
   input's finiteness and range are read from its producer's min/max. Only inputs from outside the step
@@ -21,11 +21,7 @@ How, and what it costs (see the module docstring of ``geodiag.diagnostics.replay
   source line (a short frame walk), the autograd sequence number. A backward op inherits the module, tap and
   source line of the forward op that created its node (same sequence number).
 
-Measured cost (CPU, 1 thread, torch 2.15, process time, median of 9x3 steps, on a shared 2-core machine):
-a bare dispatch mode that only runs each op already costs 1.43-1.45x on small steps (~4 us per op against
-~8 us per op of work), so per-op interception cannot reach 1.3x there. GeometricLoss fwd+bwd 2x2x128^2: this
-mode 2.40x, detect_anomaly 1.95x; PlainConvUNet training step 2x1x64^2: 2.16x vs 2.43x; GeometricLoss
-8x2x512^2 (large ops): 1.25x vs 1.20x. Our own bookkeeping is ~8 us per recorded op plus one aminmax.
+Its cost, side by side with a plain step and detect_anomaly, is what ``geodiag bench`` measures (see the README).
 
 ``sync="op"`` reads each op's flag at once instead (a host sync per op) and captures full details of the
 producer while its tensors are alive; ``replay`` uses it. With ``sync="step"`` the producer's tensors are

@@ -1,7 +1,7 @@
 """The reference study behind reports/reference/: datasets 501 and 502 under the seed's V2.3, V2.4 and production.
 
 The seed trained 512^2 images for 100 epochs on a GPU with a warm-up of 5 epochs; here 40 images of 128^2, 10
-epochs of 10 iterations with the same warm-up of 5, on the CPU (about 10-15 minutes). Checkpoints of the first
+epochs of 10 iterations with the same warm-up of 5, on the CPU. Checkpoints of the first
 epoch (uncertain predictions) and of the epochs before, at and after the switch-on are swept; the V2.3 run on 502 (the seed's incident) is always analysed, as
 trained and with a bare sqrt, and so is any run that goes non-finite.
 """

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, TextIO
 
 import pandas as pd
 
@@ -89,6 +90,28 @@ def _nnunet_environment(study: Study):
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def progress(total: int, label: str, unit: str, log: Log, stream: Optional[TextIO] = None) -> Iterator[Callable[[], None]]:
+    """Yields ``advance()``, called once per finished unit of work: a tqdm bar on ``stream`` (stderr) when it is a
+    terminal, otherwise one plain line per unit through ``log`` (log files and CI have no use for a redrawn bar)."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        from tqdm import tqdm
+
+        # mininterval 0: units are slow (an epoch, a case), every one is worth a redraw
+        with tqdm(total=total, desc=label, unit=unit, file=stream, leave=False, mininterval=0) as bar:
+            yield lambda: bar.update(1)
+        return
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        log(f"{label}: {unit} {done}/{total}")
+
+    yield advance
+
+
 # ----------------------------------------------------------------------------------------------------- steps
 def make_data(study: Study) -> None:
     for dataset_id in study.datasets:
@@ -133,13 +156,27 @@ def train(study: Study) -> None:
         dataset_json = tables.read_json(study.dirs.preprocessed / name / "dataset.json")
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
-        with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log):
+        console = sys.stdout  # nnU-Net's own prints go to train.log, the progress to the console
+
+        def to_console(message: str) -> None:
+            with contextlib.redirect_stdout(console):
+                study.log(message)
+
+        with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
+                progress(run.epochs, f"  {run.name}", "epoch", to_console) as advance:
             trainer = trainer_class(plans, TINY_CONFIGURATION, 0, dataset_json, torch.device(study.device))
             trainer.num_epochs = run.epochs
             trainer.num_iterations_per_epoch = run.iterations
             trainer.num_val_iterations_per_epoch = run.val_iterations
             trainer.warmup_epochs = run.warmup
             trainer.save_every_epoch = True
+            end_epoch = trainer.on_epoch_end
+
+            def on_epoch_end() -> None:
+                end_epoch()
+                advance()
+
+            trainer.on_epoch_end = on_epoch_end
             trainer.run_training()
         study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations, geometric term from epoch "
                   f"{run.warmup}, in {time.perf_counter() - start:.0f} s")
@@ -181,6 +218,60 @@ def summarize(study: Study) -> None:
 
 def _checkpoint(study: Study, run: RunSpec, epoch: int) -> Path:
     return study.fold_folder(run) / f"checkpoint_epoch_{epoch:04d}.pth"
+
+
+def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict]:
+    """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
+    (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
+    geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from geodiag.losses import GeometricLoss
+    from geodiag.reports.study_report import SEED_BELOW
+
+    from .cases import find_cases, predict_logits, preprocess
+    from .checkpoint import build_network, load_checkpoint
+    from .sweep import foreground_classes
+
+    checkpoint = load_checkpoint(path)
+    classes = foreground_classes(checkpoint)
+    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
+    network = build_network(checkpoint).to(device)
+    losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
+                                               aspect_weight=0)
+              for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
+    rows = []
+    for files in find_cases(checkpoint)[:max_cases]:
+        case = preprocess(checkpoint, files)
+        with torch.no_grad():
+            logits = predict_logits(network, case.image, patch_size).float()
+            for units, loss in losses.items():
+                seen = {}
+                with loss.register_tap(lambda name, t: seen.__setitem__(name, t),
+                                       names=("compactness.grad_mag_squared",)):
+                    loss(logits)
+                s = seen["compactness.grad_mag_squared"]
+                shares = torch.stack([(s < eps).double().mean() for eps in SEED_BELOW]).tolist()
+                rows += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
+                          "pixels": s.numel()} for eps, share in zip(SEED_BELOW, shares)]
+    return rows
+
+
+def small_s(study: Study) -> None:
+    """switch_on_s.csv: the shares of small s at each run's switch-on checkpoint, in the seed's units and ours."""
+    from geodiag.reports.study_report import SWITCH_ON_S_COLUMNS
+
+    rows = []
+    for run in study.runs:
+        with _nnunet_environment(study):
+            shares = small_s_shares(_checkpoint(study, run, run.warmup), study.cases, study.device)
+        rows += [{"run": run.name, "dataset": run.dataset_id, "epoch": run.warmup, **row} for row in shares]
+        seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
+        means = seed.groupby("eps")["fraction_below"].mean()
+        study.log(f"  {run.name} epoch {run.warmup}: " + ", ".join(
+            f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items()) + " (mean over cases, seed's units)")
+    tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
 
 
 def analyze(study: Study) -> None:
@@ -235,7 +326,7 @@ def sweep(study: Study) -> None:
 
 
 STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train), Step("summarize", summarize),
-         Step("analyze", analyze), Step("sweep", sweep))
+         Step("small-s", small_s), Step("analyze", analyze), Step("sweep", sweep))
 
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:

@@ -29,31 +29,26 @@ class GeometricLoss(Tappable, nn.Module):
 
     Terms, each ``weight * Huber(descriptor(pred) - reference)`` weighted by a smooth area ramp:
       - compactness: P^2 / (4 pi A) in 2D, S^3 / (36 pi V^2) in 3D (1 for a disk or ball). P and S sum
-        sqrt(s), s the squared normalised Sobel gradient (replicate padding), through a sqrt stabiliser.
+        sqrt(s), s = the sum of squared Sobel derivatives, through a sqrt stabiliser. ``sobel="normalised"``
+        divides the kernel by its gain and pads by replication; ``sobel="seed"`` replays the seed's raw
+        kernel with zero padding (s 64x larger in 2D, so the same eps is a different threshold).
       - aspect: anisotropy disc / tr^2 of the second central moments in normalised coordinates, with the
         sum-of-squares discriminant (sqrt-free, 2D and 3D). ``aspect_formula="seed"`` replays the seed's
         2D form: sqrt(clamp(tr^2 - 4 det)) in pixel units and the elongation sqrt(lambda_max / lambda_min).
     ``reference="target"`` compares with the label's own descriptor (multi-object images such as dataset
     501); ``"prior"`` with a circle. Images where the class is absent from the label get no geometric term.
 
-    Why ``shifted`` is the default stabiliser (measured with this module, 256^2 disks r = 20 and 80, binary and
-    sigmoid edges of width 1 and 2, compactness relative to an fp64 eps -> 0 reference; see the issue note):
+    The defaults are the ``production`` preset: a shifted sqrt at eps 1e-10. Every stabiliser bounds the
+    gradient with respect to the Sobel outputs by 1 whatever eps is (d sqrt(s)/d g = g / sqrt(s) and
+    |g| <= sqrt(s)), so a small eps costs no stability in fp32, where these terms always run, while a large
+    one biases the perimeter: ``clamp`` and ``additive`` add sqrt(eps) per flat pixel, ``shifted`` adds
+    nothing on flat regions and under-reads an edge pixel by at most sqrt(eps). With ``clamp``, pixels
+    below eps get no gradient. The seed's V2.3 / V2.4 are the presets ``v2.3`` / ``v2.4``.
 
-        eps        1e-10      1e-8       1e-6       1e-4     1e-2
-        clamp      -          1.02-1.10  1.21-2.28  4.4-37   171-2757   (+sqrt(eps) per flat pixel)
-        shifted    0.999-1.0  0.993-1.0  0.95-0.995 0.69-0.95 0.12-0.62 (edges only; 0 on flat regions)
-
-    ``additive`` matches ``clamp`` within 0.5%. ``shifted`` adds nothing on flat regions (binary labels are
-    read exactly); on noisy predictions it loses sqrt(eps) per pixel, so its bias vanishes as eps does.
-    Every form bounds the gradient with respect to the Sobel outputs by 1 whatever eps is (chain rule), so a
-    small eps costs no stability in fp32, where these terms always run: the ``production`` preset (used by
-    the trainer) takes eps 1e-10. eps 1e-2 stays the constructor default only because the issue asks for
-    V2.4's value; it under-reads soft edges by up to x0.12. With ``clamp``, pixels below eps get no gradient.
-
-    Numerics: the geometric terms are computed in fp32 (fp64 for fp64 input) with autocast disabled, using elementwise products
-    and sums only (moments in pixel units overflow fp16 through einsum/matmul). Forward and backward
-    never synchronise with the host. Empty or tiny predictions are faded out by a smoothstep ramp on the
-    soft area (``min_area`` pixels), not by returning a detached zero or masking NaN.
+    Numerics: the geometric terms are computed in fp32 (fp64 for fp64 input) with autocast disabled, using
+    elementwise products and sums only (moments in pixel units overflow fp16 through einsum/matmul). Forward
+    and backward never synchronise with the host. Empty or tiny predictions are faded out by a smoothstep
+    ramp on the soft area (``min_area`` pixels), not by returning a detached zero or masking NaN.
 
     Taps (see ``register_tap``): the names in ``TAP_NAMES``, shaped [B, K, ...] with K = len(classes).
     """
@@ -84,8 +79,9 @@ class GeometricLoss(Tappable, nn.Module):
         aspect_weight: float = 1.0,
         reference: str = "target",
         stabilizer: str = "shifted",
-        eps: float = 1e-2,
+        eps: float = 1e-10,
         aspect_formula: str = "anisotropy",
+        sobel: str = "normalised",
         softmax: bool = False,
         min_area: float = 16.0,
         huber_beta: float = 0.1,
@@ -98,6 +94,7 @@ class GeometricLoss(Tappable, nn.Module):
         for name, allowed, value in (
             ("reference", REFERENCES, reference),
             ("aspect_formula", ASPECT_FORMULAS, aspect_formula),
+            ("sobel", geometry.SOBEL_FORMS, sobel),
             ("reduction", REDUCTIONS, reduction),
         ):
             if value not in allowed:
@@ -111,6 +108,7 @@ class GeometricLoss(Tappable, nn.Module):
         self.reference = reference
         self.stabilizer = SqrtStabilizer(stabilizer, float(eps))
         self.aspect_formula = aspect_formula
+        self.sobel = sobel
         self.softmax = softmax
         self.min_area = float(min_area)
         self.huber_beta = float(huber_beta)
@@ -126,7 +124,7 @@ class GeometricLoss(Tappable, nn.Module):
     def extra_repr(self) -> str:
         return (f"classes={self.classes}, compactness_weight={self.compactness_weight}, "
                 f"aspect_weight={self.aspect_weight}, reference={self.reference!r}, "
-                f"stabilizer={self.stabilizer}, aspect_formula={self.aspect_formula!r}")
+                f"stabilizer={self.stabilizer}, aspect_formula={self.aspect_formula!r}, sobel={self.sobel!r}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -187,7 +185,7 @@ class GeometricLoss(Tappable, nn.Module):
         emit("area", size)
         result = {"area": size}
         if self.compactness_weight > 0:
-            s = geometry.grad_mag_squared(probs, ndim)
+            s = geometry.grad_mag_squared(probs, ndim, self.sobel)
             emit("compactness.grad_mag_squared", s)
             sqrt_in = self.stabilizer.sqrt_input(s)
             emit("compactness.sqrt_input", sqrt_in)

@@ -14,33 +14,49 @@ import torch.nn.functional as F
 _SMOOTH = (1.0, 2.0, 1.0)
 _DIFF = (-1.0, 0.0, 1.0)
 
+# How the Sobel derivative is taken:
+# - "normalised": the kernel divided by its gain, so a unit ramp has gradient 1, with replicate padding, so a
+#   constant map has gradient 0 up to the border. geodiag's own setting.
+# - "seed": the raw kernel ([-1 0 1; -2 0 2; -1 0 1] in 2D) with zero padding, the seed's
+#   F.conv2d(p, k, padding=1). Its s is gain^2 times the normalised s inside the image (64x in 2D) and the
+#   perimeter gain times (8x); border pixels see a step down to 0. Every eps and every fraction of pixels
+#   below an eps that the seed quotes is in these units.
+SOBEL_FORMS = ("normalised", "seed")
+
+
+def sobel_gain(form: str, ndim: int) -> float:
+    """The factor between a Sobel form's derivative and the normalised one: 1, or the raw kernel's 8 (2D), 32 (3D)."""
+    if form not in SOBEL_FORMS:
+        raise ValueError(f"unknown sobel form {form!r}; choose one of {', '.join(SOBEL_FORMS)}")
+    return 1.0 if form == "normalised" else 2.0 * 4.0 ** (ndim - 1)
+
 
 @lru_cache(maxsize=None)
-def _sobel_kernel(ndim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[ndim, 1, 3, ...] Sobel kernels, normalised so a unit ramp has gradient 1 (/8 in 2D, /32 in 3D)."""
+def _sobel_kernel(ndim: int, gain: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[ndim, 1, 3, ...] Sobel kernels divided by the raw kernel's gain and multiplied by ``gain``."""
     kernels = []
     for axis in range(ndim):
         factors = [torch.tensor(_DIFF if a == axis else _SMOOTH, dtype=torch.float64) for a in range(ndim)]
         k = factors[0]
         for factor in factors[1:]:
             k = torch.tensordot(k, factor, dims=0)
-        kernels.append(k / (2.0 * 4.0 ** (ndim - 1)))
+        kernels.append(k * (gain / (2.0 * 4.0 ** (ndim - 1))))
     return torch.stack(kernels).unsqueeze(1).to(device=device, dtype=dtype)
 
 
-def sobel_gradients(p: torch.Tensor) -> torch.Tensor:
-    """Normalised Sobel derivatives with replicate padding: [N, 1, *S] -> [N, ndim, *S]."""
+def sobel_gradients(p: torch.Tensor, form: str = "normalised") -> torch.Tensor:
+    """Sobel derivatives of one of ``SOBEL_FORMS``: [N, 1, *S] -> [N, ndim, *S]."""
     ndim = p.dim() - 2
-    kernel = _sobel_kernel(ndim, p.device, p.dtype)
-    padded = F.pad(p, (1, 1) * ndim, mode="replicate")
+    kernel = _sobel_kernel(ndim, sobel_gain(form, ndim), p.device, p.dtype)
+    padded = F.pad(p, (1, 1) * ndim, mode="replicate" if form == "normalised" else "constant")
     conv = F.conv2d if ndim == 2 else F.conv3d
     return conv(padded, kernel)
 
 
-def grad_mag_squared(p: torch.Tensor, ndim: int) -> torch.Tensor:
+def grad_mag_squared(p: torch.Tensor, ndim: int, form: str = "normalised") -> torch.Tensor:
     """s = sum over axes of the squared Sobel derivative, per mask: [B, K, *S] -> [B, K, *S]."""
     lead, spatial = p.shape[:-ndim], p.shape[-ndim:]
-    gradients = sobel_gradients(p.reshape(-1, 1, *spatial))
+    gradients = sobel_gradients(p.reshape(-1, 1, *spatial), form)
     return gradients.square().sum(dim=1).reshape(*lead, *spatial)
 
 

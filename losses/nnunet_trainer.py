@@ -36,7 +36,7 @@ def grad_scale_collapsed(scale: float, floor: float) -> bool:
     """Whether a GradScaler scale is below ``floor`` or so small that 1/scale overflows in fp32.
 
     GradScaler unscales with an fp32 reciprocal: below about 2.9e-39 it is inf, and the next finite step is
-    unscaled to NaN (notes/numerics.md §4). Below 1 the scale already shrinks gradients instead of protecting
+    unscaled to NaN (0 * inf for zero entries). Below 1 the scale already shrinks gradients instead of protecting
     them from fp16 underflow, and it regrows only after 2000 clean steps per doubling.
     """
     with np.errstate(over="ignore", divide="ignore"):
@@ -168,7 +168,8 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         """The geometric settings in effect, as recorded next to the checkpoints."""
         return {"trainer": type(self).__name__, "geometric_preset": self.geometric_preset,
                 "stabilizer": self.geometric_loss.stabilizer.name, "eps": self.geometric_loss.stabilizer.eps,
-                "aspect_formula": self.geometric_loss.aspect_formula, "classes": list(self.geometric_loss.classes),
+                "aspect_formula": self.geometric_loss.aspect_formula, "sobel": self.geometric_loss.sobel,
+                "classes": list(self.geometric_loss.classes),
                 "weights": self.geometric_weights, "reference": self.geometric_reference,
                 "warmup_epochs": self.warmup_epochs, "save_every_epoch": self.save_every_epoch}
 

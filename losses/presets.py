@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 PRESETS: dict[str, dict] = {
-    # What geodiag recommends: shifted sqrt (no bias on flat regions) at an eps small enough that soft edges and
-    # noisy backgrounds read within 0.1% of the eps -> 0 perimeter in fp32 (the chain rule bounds the gradient
-    # whatever eps is); sqrt-free anisotropy in normalised coordinates.
-    "production": dict(stabilizer="shifted", eps=1e-10, aspect_formula="anisotropy"),
-    # The seed's V2.3: sqrt(clamp(s, min=1e-4)) for the perimeter and for tr^2 - 4 det (pixel units).
-    "v2.3": dict(stabilizer="clamp", eps=1e-4, aspect_formula="seed"),
+    # What geodiag recommends, and GeometricLoss's defaults: shifted sqrt (no bias on flat regions) at an eps whose
+    # bias, at most sqrt(eps) per edge pixel, is far below fp32's resolution of a perimeter (the chain rule bounds
+    # the gradient whatever eps is); sqrt-free anisotropy in normalised coordinates; normalised Sobel.
+    "production": dict(stabilizer="shifted", eps=1e-10, aspect_formula="anisotropy", sobel="normalised"),
+    # The seed's V2.3, in the seed's arithmetic: raw Sobel with zero padding, sqrt(clamp(s, min=1e-4)) for the
+    # perimeter and for tr^2 - 4 det with moments in pixel coordinates.
+    "v2.3": dict(stabilizer="clamp", eps=1e-4, aspect_formula="seed", sobel="seed"),
     # The seed's V2.4 "fix": the same with the clamp raised to 1e-2.
-    "v2.4": dict(stabilizer="clamp", eps=1e-2, aspect_formula="seed"),
+    "v2.4": dict(stabilizer="clamp", eps=1e-2, aspect_formula="seed", sobel="seed"),
 }
 
 

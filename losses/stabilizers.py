@@ -22,7 +22,7 @@ STABILIZERS = ("clamp", "additive", "shifted")
 @dataclass(frozen=True)
 class SqrtStabilizer:
     name: str = "shifted"
-    eps: float = 1e-2
+    eps: float = 1e-10
 
     def __post_init__(self) -> None:
         if self.name not in STABILIZERS:

@@ -1,8 +1,12 @@
 """The study report: the training runs, the seed's questions answered from the sweep and the analyses.
 
-Inputs (written by ``geodiag.diagnostics.study``): DIR/runs.csv, DIR/sweep/sweep.csv with the sweep report's
-DIR/sweep/summary.json, and DIR/analysis/*/summary.json. Every finding is computed from those tables; the
-thresholds used for words such as "differ" are printed beside them.
+Inputs (written by ``geodiag.diagnostics.study``): DIR/runs.csv, DIR/switch_on_s.csv, DIR/sweep/sweep.csv with
+the sweep report's DIR/sweep/summary.json, and DIR/analysis/*/summary.json. Every finding is computed from those
+tables; the thresholds used for words such as "differ" are printed beside them.
+
+Units: the seed computes s = gx^2 + gy^2 with the raw Sobel kernel and zero padding, 64x geodiag's normalised s
+(2D). Shares of pixels below the seed's thresholds are compared with the seed's in its units (switch_on_s.csv);
+the sweep's eps act on the normalised s, where the seed's clamps 1e-4 / 1e-2 are 1.6e-6 / 1.6e-4.
 """
 from __future__ import annotations
 
@@ -16,8 +20,16 @@ from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .tables import RUN_COLUMNS, SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table
 
-# What the seed reports at its switch-on (8 images of 512^2, epoch 5).
+# What the seed reports at its switch-on (8 images of 512^2, epoch 5): shares of pixels with s below each
+# threshold, s in the seed's units (raw Sobel, zero padding).
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
+# DIR/switch_on_s.csv: per run, case, units ("seed" or "normalised") and threshold, the share of pixels below it.
+SWITCH_ON_S_COLUMNS = ("run", "dataset", "epoch", "case", "units", "eps", "fraction_below", "pixels")
+# The seed's s over geodiag's normalised s, inside the image (2D): the raw Sobel kernel's gain 8, squared.
+SEED_UNITS_FACTOR = 64.0
+SWEEP_UNITS = (f"The sweep's eps act on geodiag's normalised s, 1/{SEED_UNITS_FACTOR:g} of the seed's: its clamp 1e-2 "
+               f"is the seed's clamp {SEED_UNITS_FACTOR * 1e-2:g}, and the seed's 1e-4 / 1e-2 are "
+               f"{1e-4 / SEED_UNITS_FACTOR:.2g} / {1e-2 / SEED_UNITS_FACTOR:.2g} here.")
 # Two datasets "differ" in a quantity when the larger median is at least this factor above the smaller.
 DIFFER_FACTOR = 1.5
 # A share of pixels below the clamp this many times above or below the seed's marks a different regime.
@@ -64,30 +76,44 @@ def training_section(runs: pd.DataFrame) -> Section:
     return Section("Training runs", text + " " + norms + "\n\n" + markdown_table(table))
 
 
-def switch_on_section(switch_on: pd.DataFrame) -> Section:
-    """Q1: the fraction of pixels with grad_mag_squared below 1e-4 and 1e-2 at switch-on."""
-    fp32 = switch_on[(switch_on["precision"] == "fp32") & (switch_on["stabilizer"] == "clamp")]
-    rows = []
-    for dataset, frame in fp32.groupby("dataset"):
-        row = {"dataset": dataset, "cases × checkpoints": int(frame[["case", "checkpoint"]].drop_duplicates().shape[0])}
+def _compared_with_seed(share: float, seed: float) -> str:
+    """How a share compares with the seed's, in words fixed by ``REGIME_FACTOR``."""
+    if share == 0:
+        return "none, where the seed reports " + _percent(seed)
+    ratio = share / seed
+    if REGIME_FACTOR ** -1 <= ratio <= REGIME_FACTOR:
+        return f"within a factor of {REGIME_FACTOR:g} of the seed's {_percent(seed)}"
+    return f"{format_number(ratio if ratio > 1 else 1 / ratio)}x {'more' if ratio > 1 else 'less'} than the seed's " \
+           f"{_percent(seed)}"
+
+
+def switch_on_section(small_s: pd.DataFrame) -> Section:
+    """Q1: the share of pixels with s below the seed's 1e-4 and 1e-2 at switch-on, in the seed's units."""
+    seed_units = small_s[small_s["units"] == "seed"]
+    rows, sentences = [], []
+    for dataset, frame in seed_units.groupby("dataset"):
+        row = {"dataset": dataset, "runs × cases": int(frame[["run", "case"]].drop_duplicates().shape[0])}
+        words = []
         for eps, seed in SEED_BELOW.items():
-            values = frame.loc[frame["eps"] == eps, "frac_below_eps"]
-            row[f"below {eps:g} (median)"] = _percent(values.median() if len(values) else math.nan)
+            values = frame.loc[frame["eps"] == eps, "fraction_below"]
+            median = values.median() if len(values) else math.nan
+            row[f"below {eps:g} (median)"] = _percent(median)
             row[f"below {eps:g} (range)"] = (f"{_percent(values.min())} – {_percent(values.max())}"
                                             if len(values) else "–")
             row[f"seed: below {eps:g}"] = _percent(seed)
+            if not math.isnan(median):
+                words.append(f"{_percent(median)} below {eps:g} ({_compared_with_seed(median, seed)})")
         rows.append(row)
-    body = ("The fraction of pixels whose squared Sobel magnitude s = gx² + gy² lies below each eps, on the "
-            "predictions of each run's switch-on checkpoint (fp32), next to what the seed reports.\n\n"
-            + (markdown_table(pd.DataFrame(rows)) if rows else "No switch-on checkpoint was swept."))
-    medians = fp32[fp32["eps"] == 1e-2].groupby("dataset")["frac_below_eps"].median()
-    far = [d for d, v in medians.items() if not REGIME_FACTOR ** -1 <= v / SEED_BELOW[1e-2] <= REGIME_FACTOR]
-    if far:
-        flatter = medians[far].median() > SEED_BELOW[1e-2]
-        body += (f"\n\nOn dataset(s) {', '.join(map(str, far))} the share below 1e-2 is more than {REGIME_FACTOR:g}x "
-                 f"{'above' if flatter else 'below'} the seed's: these predictions are "
-                 f"{'flatter (more confident)' if flatter else 'noisier'} than the seed's at its switch-on, so "
-                 "the clamp acts on a different share of pixels here; the conclusions below are about this regime.")
+        if words:
+            sentences.append(f"Dataset {dataset}: " + "; ".join(words) + ".")
+    body = ("The share of pixels whose squared Sobel magnitude s = gx² + gy² lies below the seed's two clamps, on "
+            "the fp32 predictions of each run's switch-on checkpoint, with s in the seed's units (raw Sobel kernel "
+            f"[-1 0 1; -2 0 2; -1 0 1], zero padding; geodiag's normalised s is 1/{SEED_UNITS_FACTOR:g} of it), "
+            "next to what the seed reports at its own switch-on. Medians over runs and cases. Words compare the "
+            f"medians with the seed's shares: \"within a factor of {REGIME_FACTOR:g}\" or the factor itself.\n\n"
+            + (markdown_table(pd.DataFrame(rows)) if rows else "No switch-on checkpoint was measured."))
+    if sentences:
+        body += "\n\n" + "\n".join(f"- {sentence}" for sentence in sentences)
     return Section("1. How many pixels sit below the clamp at switch-on?", body)
 
 
@@ -123,14 +149,15 @@ def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dic
     return Section("2. Does NaN occur, at which op, and why?", "\n\n".join(f"- {line}" for line in lines))
 
 
-def datasets_section(switch_on: pd.DataFrame, runs: pd.DataFrame) -> Optional[Section]:
+def datasets_section(switch_on: pd.DataFrame, small_s: pd.DataFrame, runs: pd.DataFrame) -> Optional[Section]:
     """Q3: whether 501 and 502 differ, and in what."""
     if switch_on["dataset"].nunique() < 2:
         return None
     fp32 = switch_on[switch_on["precision"] == "fp32"]
+    seed_units = small_s[small_s["units"] == "seed"]
     quantities = {
-        "pixels below 1e-2": fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-2)].groupby("dataset")[
-            "frac_below_eps"].median(),
+        "pixels below 1e-2 (seed's units)": seed_units[seed_units["eps"] == 1e-2].groupby("dataset")[
+            "fraction_below"].median(),
         "max |dL/dlogit|, clamp 1e-4": fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-4)].groupby(
             "dataset")["grad_max"].max(),
         "|compactness bias|, clamp 1e-2": fp32[(fp32["stabilizer"] == "clamp") & (fp32["eps"] == 1e-2)].assign(
@@ -193,8 +220,8 @@ def bias_section(sweep_summary: dict, sweep: pd.DataFrame) -> Section:
                      "pixels with zero gradient (median)": _percent(frame["frac_zero_grad"].median())})
     verdict = (sweep_summary.get("verdict_clamp_1e-2") or {}).get("sentence", "")
     body = ("Biases are relative to the fp64 eps→0 reference of the same prediction (fp32 rows, every swept "
-            "checkpoint and case).\n\n" + markdown_table(pd.DataFrame(rows)) + "\n\n" + verdict)
-    return Section("4. What does 1e-2 cost in bias?", body)
+            "checkpoint and case). " + SWEEP_UNITS + "\n\n" + markdown_table(pd.DataFrame(rows)) + "\n\n" + verdict)
+    return Section("4. What does clamp 1e-2 (normalised s) cost in bias?", body)
 
 
 def render(directory: str | Path, title: str = "geodiag study") -> RenderedReport:
@@ -209,21 +236,23 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
         tensors = read_table(directory / "analysis" / name / "tensors.csv", ("tensor", "kind", "zero", "count", "min"))
         analysis_tensors[name] = tensors[(tensors["tensor"] == "compactness.grad_mag_squared")
                                          & (tensors["kind"] == "value")]
+    small_s = read_table(directory / "switch_on_s.csv", SWITCH_ON_S_COLUMNS)
     switch_on = _switch_on_rows(sweep, runs)
     judged = sweep_summary.get("verdict_clamp_1e-2") or {}
     verdict = judged.get("sentence", "The sweep gave no verdict.")
     tone = {"justified": "ok", "not_justified": "bad"}.get(judged.get("status"), "warn")
     curves = figures.training_curves(runs, directory / "figures" / "training.png")
-    sections = [Section("Verdict on the seed's clamp 1e-2", verdict, tone=tone), training_section(runs)]
+    sections = [Section("Verdict on clamp 1e-2 (normalised s)", verdict + " " + SWEEP_UNITS, tone=tone),
+                training_section(runs)]
     sections[-1] = Section(sections[-1].title, sections[-1].body, figures=(Figure(
         curves, "Per run: the epoch mean of the training loss (Dice+CE plus the geometric terms once on); dashed: "
                 "the switch-on epoch; a gap is a non-finite epoch."),))
-    sections += [switch_on_section(switch_on), nan_section(runs, sweep, analyses, analysis_tensors)]
-    compared = datasets_section(switch_on, runs)
+    sections += [switch_on_section(small_s), nan_section(runs, sweep, analyses, analysis_tensors)]
+    compared = datasets_section(switch_on, small_s, runs)
     if compared is not None:
         sections.append(compared)
     sections.append(bias_section(sweep_summary, sweep))
     links = ["- clamp sweep (every setting, precision and checkpoint): `sweep/report.md`"]
     links += [f"- analysis of {name}: `analysis/{name}/report.md`" for name in analyses]
     sections.append(Section("Details", "\n".join(links)))
-    return write_report(directory, title, sections, data=[directory / "runs.csv"])
+    return write_report(directory, title, sections, data=[directory / "runs.csv", directory / "switch_on_s.csv"])

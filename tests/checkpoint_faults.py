@@ -22,7 +22,7 @@ def nan_weights(data: dict) -> None:
 
 
 def collapsed_scaler(data: dict) -> None:
-    """A GradScaler state after ~144 skipped steps from 65536 (notes/numerics.md §4)."""
+    """A GradScaler state after ~144 skipped steps from 65536: 2^16 * 0.5^144 = 2^-128, whose fp32 reciprocal is inf."""
     data["grad_scaler_state"] = {"scale": 2.9e-39, "growth_factor": 2.0, "backoff_factor": 0.5,
                                  "growth_interval": 2000, "_growth_tracker": 0}
 

@@ -36,6 +36,16 @@ def test_env_exports_the_shim_folder_first_and_keeps_other_folders(tmp_path):
     assert (SHIM / "geodiag_nnunet_trainers.py").is_file()
 
 
+def test_env_imports_neither_pandas_nor_torch_nor_matplotlib(tmp_path):
+    """`geodiag env` runs inside eval on every shell start: it must stay light. -X importtime lists every module
+    the process imported, on stderr, one line each, in a fresh interpreter."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "geodiag.diagnostics.cli", "env"], check=True,
+                         capture_output=True, text=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "geodiag.diagnostics.environment" in imported and run.stdout.startswith("export ")
+    assert not {"pandas", "torch", "matplotlib", "numpy"} & imported
+
+
 def test_env_with_root_creates_and_exports_the_nnunet_folders(tmp_path):
     lines = _env_lines("--root", str(tmp_path / "root"))
     for name, folder in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),

@@ -155,12 +155,81 @@ def test_presets_replay_the_seed_clamps():
     assert GeometricLoss.from_preset("v2.4").aspect_formula == "seed"
 
 
+def _settings(loss: GeometricLoss) -> tuple:
+    return (loss.classes, loss.compactness_weight, loss.aspect_weight, loss.reference, loss.stabilizer,
+            loss.aspect_formula, loss.sobel, loss.softmax, loss.min_area, loss.huber_beta, loss.reduction)
+
+
+def test_constructor_defaults_are_the_production_preset():
+    """A bare GeometricLoss() is what geodiag recommends, not the seed's V2.4 eps 1e-2."""
+    assert _settings(GeometricLoss()) == _settings(GeometricLoss.from_preset("production"))
+    assert GeometricLoss().stabilizer.eps == 1e-10
+
+
+@pytest.mark.parametrize("preset,eps", [("v2.3", 1e-4), ("v2.4", 1e-2)])
+def test_replay_presets_tap_the_seeds_s_in_the_seeds_units(preset, eps):
+    """The seed's s: raw Sobel [-1 0 1; -2 0 2; -1 0 1] with zero padding (its F.conv2d(p, k, padding=1)),
+    computed by an independent numpy fp64 implementation on one soft prediction, including its border."""
+    import numpy as np
+
+    from sobel_reference import sobel_squared_magnitude
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 2, 40, 40, generator=gen, dtype=torch.float64) + 4 * (2 * disk(9, n=40) - 1).repeat(
+        1, 2, 1, 1) * torch.tensor([-0.5, 0.5], dtype=torch.float64).view(1, 2, 1, 1)
+    fn = GeometricLoss.from_preset(preset, softmax=True, reference="prior")
+    seen = {}
+    fn.register_tap(lambda name, t: seen.__setitem__(name, t.detach()),
+                    names=("probabilities", "compactness.grad_mag_squared", "compactness.sqrt_input"))
+    fn(logits)
+    foreground = torch.softmax(logits, dim=1)[0, 1].numpy()
+    expected = sobel_squared_magnitude(foreground, raw=True, padding="constant")
+    np.testing.assert_allclose(seen["compactness.grad_mag_squared"][0, 0].numpy(), expected, rtol=1e-12, atol=1e-15)
+    # the clamp acts on that s, at the seed's own threshold
+    np.testing.assert_allclose(seen["compactness.sqrt_input"][0, 0].numpy(), np.maximum(expected, eps), rtol=1e-12)
+    # and the normalised s of production is 1/64 of it away from the border (replicate vs zero padding there)
+    production = GeometricLoss(softmax=True, reference="prior")
+    production.register_tap(lambda name, t: seen.__setitem__("normalised", t.detach()),
+                            names=("compactness.grad_mag_squared",))
+    production(logits)
+    np.testing.assert_allclose(64 * seen["normalised"][0, 0, 1:-1, 1:-1].numpy(), expected[1:-1, 1:-1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["v2.3", "v2.4"])
+def test_replay_presets_take_moments_in_pixel_coordinates_as_the_seed(preset):
+    """The seed's aspect term: covariance of the soft mask in pixel coordinates (numpy, fp64, computed here)."""
+    import numpy as np
+
+    mask = ellipse(12, 5, n=40, centre=(19.3, 20.6), angle=0.4)
+    seen = {}
+    fn = GeometricLoss.from_preset(preset, classes=(0,), reference="prior", compactness_weight=0)
+    fn.register_tap(lambda name, t: seen.__setitem__(name, t.detach()), names=("aspect.moments",))
+    fn(mask)
+    weights = mask[0, 0].numpy()
+    ys, xs = np.indices(weights.shape, dtype=np.float64)
+    expected = np.cov(np.stack([ys.ravel(), xs.ravel()]), aweights=weights.ravel(), bias=True)
+    np.testing.assert_allclose(seen["aspect.moments"][0, 0].numpy(), expected, rtol=1e-10)
+
+
+def test_seed_sobel_reads_a_constant_map_as_a_border_step():
+    """Zero padding: a constant 0.5 map has s = 0 inside and a step to 0 at the border (the seed's arithmetic)."""
+    seen = {}
+    fn = GeometricLoss(classes=(0,), reference="prior", sobel="seed", aspect_weight=0)
+    fn.register_tap(lambda name, t: seen.__setitem__(name, t.detach()), names=("compactness.grad_mag_squared",))
+    fn(torch.full((1, 1, 16, 16), 0.5, dtype=torch.float64))
+    s = seen["compactness.grad_mag_squared"][0, 0]
+    assert s[1:-1, 1:-1].abs().max().item() == 0.0
+    # an edge pixel (not a corner): the derivative across the border is (0 - 0.5) * (1 + 2 + 1) = -2
+    assert s[0, 5].item() == pytest.approx(4.0, rel=1e-12)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(stabilizer="sqrtish"), "unknown stabilizer"),
     (dict(eps=-1.0), "eps must be"),
     (dict(eps=float("nan")), "eps must be"),
     (dict(reference="square"), "unknown reference"),
     (dict(classes=()), "at least one"),
+    (dict(sobel="raw"), "unknown sobel"),
 ])
 def test_invalid_settings_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -253,8 +322,8 @@ def test_every_tapped_tensor_that_needs_grad_receives_its_gradient(preset):
 
 @pytest.mark.parametrize("stabilizer", ["additive", "shifted"])
 def test_seed_discriminant_rounding_below_zero_does_not_reach_the_sqrt(stabilizer):
-    """An axis-aligned square has tr^2 - 4 det = 0 exactly; fp32 cancellation makes it -2 for this one (notes §3).
-    Below -eps, sqrt(disc + eps) would be NaN."""
+    """An axis-aligned square has tr^2 - 4 det = 0 exactly; fp32 cancellation makes it -2 for this one
+    (the two products of ~1e7 px^2 agree to fp32's 24 bits only). Below -eps, sqrt(disc + eps) would be NaN."""
     from shapes import square
 
     probs = square(180, n=256, centre=(128.0, 128.0)).float().requires_grad_(True)
