@@ -2,7 +2,8 @@
 
 Why self-contained: a report is mailed, attached to an issue or opened from a cluster's scratch disk; the HTML
 embeds its PNGs as base64 ``data:`` URIs and its style inline, so it references no file and no network.
-Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
+Tables sit in a horizontally scrolling box and wrap their headers and first column, so a wide table never
+widens the page or hides columns beyond its right edge. Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
 ```code```), enough for generated text and safe to convert without a Markdown dependency.
 """
 from __future__ import annotations
@@ -28,11 +29,15 @@ section.ok, section.warn, section.bad { border-left: 6px solid; padding: 0.2em 1
 section.ok { border-color: #2e7d32; background: #f1f8f1; }
 section.warn { border-color: #ed6c02; background: #fff6ec; }
 section.bad { border-color: #c62828; background: #fdf0f0; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; display: block; overflow-x: auto; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+div.table { overflow-x: auto; max-width: 100%; margin: 0.8em 0; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.45em; text-align: right; }
+th, td:first-child { overflow-wrap: anywhere; }
+td { white-space: nowrap; }
+td:first-child { white-space: normal; min-width: 6em; }
 th { background: #f3f3f3; }
 td:first-child, th:first-child { text-align: left; }
-code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
+code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; overflow-wrap: anywhere; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.88em; color: #555; }
@@ -140,9 +145,9 @@ def _cells(line: str) -> list[str]:
 def _table_html(lines: list[str]) -> str:
     rows = [line for line in lines if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
     head, *rest = rows
-    out = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in _cells(head)) + "</tr>"]
+    out = ['<div class="table"><table>', "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in _cells(head)) + "</tr>"]
     out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
-    out.append("</table>")
+    out.append("</table></div>")
     return "\n".join(out)
 
 

@@ -49,9 +49,10 @@ def sweep_table(datasets=(501, 502), precisions=("fp32", "fp16")) -> pd.DataFram
 
 
 def sweep_hist(datasets=(501, 502)) -> pd.DataFrame:
-    edges = np.linspace(-8, 2, 21)
+    edges = np.linspace(-8, 2, 21)  # log10 of the raw |x| edges the table holds
     counts = np.exp(-0.5 * ((edges[:-1] + 1.75) / 0.8) ** 2) * 1000
-    return pd.DataFrame([dict(checkpoint=f"ckpt{e}", dataset=d, epoch=e, bin_low=lo, bin_high=hi, count=int(c))
+    return pd.DataFrame([dict(checkpoint=f"ckpt{e}", dataset=d, epoch=e, bin_low=10 ** lo, bin_high=10 ** hi,
+                              count=int(c))
                          for d in datasets for e in (5, 20) for lo, hi, c in zip(edges[:-1], edges[1:], counts)])
 
 
@@ -90,8 +91,8 @@ def analysis_inputs(directory: Path, verdict: str = "non_finite_gradient", prove
                                   neginf=0, zero=3, subnormal=0, negative=0, fp16_overflow=0, fp16_underflow=0,
                                   bf16_overflow=0, bf16_underflow=0, min=1e-6, max=5.0, mean=0.1, p50=0.03,
                                   p90=0.3, p99=2.0, p999=4.0))
-                bins += [dict(precision=precision, tensor=tensor, kind=kind, bin_low=b, bin_high=b + 1, count=10)
-                         for b in range(-6, 1)]
+                bins += [dict(precision=precision, tensor=tensor, kind=kind, bin_low=10.0 ** b,
+                              bin_high=10.0 ** (b + 1), count=10) for b in range(-6, 1)]
     pd.DataFrame(stats).to_csv(directory / "tensors.csv", index=False)
     pd.DataFrame(bins).to_csv(directory / "histograms.csv", index=False)
     pd.DataFrame([dict(precision=p, tensor="compactness.grad_mag_squared", eps=e, fraction_below=f,
@@ -198,7 +199,7 @@ def test_analysis_report_leads_with_the_verdict_and_reports_headroom_and_provena
     assert "4 NaN in dL/dlogits (fp16)" in markdown
     assert "1 decades of headroom. That is less than the 1 decade" in markdown   # 0.999... < 1: flagged
     assert "`compactness.sqrt_output` grad (fp16): 4 NaN" in markdown
-    assert "- fp32: 0.34% below 1e-4, 29% below 1e-2" in markdown
+    assert "- fp32, `compactness.grad_mag_squared`: 0.34% below 1e-4, 29% below 1e-2" in markdown
     assert "| backward | SqrtBackward0 |" in markdown
     assert_self_contained((analysis_dir / "report.html").read_text())
     for name in ("histograms_fp32.png", "histograms_fp16.png", "eps_fractions.png"):
