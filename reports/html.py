@@ -54,23 +54,37 @@ class Figure:
 
 @dataclass(frozen=True)
 class Section:
-    """A titled part of a report: Markdown-subset body, then figures; ``tone`` colours a verdict box."""
+    """A titled part of a report: Markdown-subset body, then figures; ``tone`` colours a verdict box.
+
+    ``numbered`` sections are numbered 1, 2, ... in the order they are rendered, so a section a report leaves
+    out (a comparison that does not apply) leaves no gap in the numbers.
+    """
 
     title: str
     body: str = ""
     figures: Sequence[Figure] = field(default_factory=tuple)
     tone: str = ""
+    numbered: bool = False
 
     def __post_init__(self) -> None:
         if self.tone not in TONES:
             raise ValueError(f"unknown tone {self.tone!r}; choose one of {TONES}")
 
 
+def _headings(sections: Sequence[Section]) -> list[str]:
+    """Each section's heading as rendered: numbered ones prefixed with their rank among the numbered."""
+    headings, number = [], 0
+    for section in sections:
+        number += section.numbered
+        headings.append(f"{number}. {section.title}" if section.numbered else section.title)
+    return headings
+
+
 def to_markdown(title: str, sections: Sequence[Section], directory: Path) -> str:
     """The report as Markdown, figures linked relative to ``directory`` (where report.md is written)."""
     parts = [f"# {title}"]
-    for section in sections:
-        parts.append(f"## {section.title}")
+    for section, heading in zip(sections, _headings(sections)):
+        parts.append(f"## {heading}")
         if section.body:
             parts.append(section.body.strip())
         for figure in section.figures:
@@ -82,9 +96,9 @@ def to_markdown(title: str, sections: Sequence[Section], directory: Path) -> str
 def to_html(title: str, sections: Sequence[Section]) -> str:
     """The report as one HTML page with every figure embedded as a data URI."""
     body = [f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
+    for section, heading in zip(sections, _headings(sections)):
         tone = f' class="{section.tone}"' if section.tone else ""
-        body.append(f"<section{tone}>\n<h2>{html.escape(section.title)}</h2>")
+        body.append(f"<section{tone}>\n<h2>{html.escape(heading)}</h2>")
         if section.body:
             body.append(markdown_to_html(section.body))
         body.extend(_figure_html(figure) for figure in section.figures)
