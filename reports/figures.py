@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib
+import matplotlib.colors
 import matplotlib.style
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from .tables import ReportInputError, format_eps, setting_label, write_bytes
@@ -261,36 +263,52 @@ def bias_gradient_tradeoff(headline: pd.DataFrame, recommended: tuple[str, float
     return figure
 
 
+def _colour_and_style_legend(ax, colours: dict[str, str], styles: dict[str, str]) -> None:
+    """One legend entry per colour (what the colour means) and per line style (the dataset), outside the axes on
+    the right, instead of one entry per line: a sweep has datasets × settings lines."""
+    handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()]
+    handles += [Line2D([], [], color="black", ls=style, label=label) for label, style in styles.items()]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              ncol=1 + (len(handles) - 1) // 22)
+
+
 @figure_writer
 def epoch_evolution(by_epoch: pd.DataFrame, fraction_eps: Sequence[float]) -> Figure:
     """Left: median frac_below_eps over epochs at ``fraction_eps``; right: max grad_max over epochs per setting.
 
-    ``by_epoch`` is the headline table grouped by dataset and epoch (see ``recommendation.headline_table``).
+    Colour: the eps (left) or the setting (right); line style: the dataset. ``by_epoch`` is the headline table
+    grouped by dataset and epoch (see ``recommendation.headline_table``).
     """
-    figure = Figure(figsize=(13, 4.5))
+    figure = Figure(figsize=(14, 5.2))
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    styles = ["-", "--", ":", "-."]
-    datasets = list(dict.fromkeys(by_epoch["dataset"]))
-    for d_index, dataset in enumerate(datasets):
+    line_styles = ["-", "--", ":", "-."]
+    palette = matplotlib.colormaps["tab20"]
+    settings = by_epoch[["stabilizer", "eps"]].drop_duplicates().sort_values(["stabilizer", "eps"])
+    setting_colours = {setting_label(s, e): matplotlib.colors.to_hex(palette(i % 20))
+                       for i, (s, e) in enumerate(settings.itertuples(index=False))}
+    eps_colours = {f"eps {format_eps(eps)}": f"C{i}" for i, eps in enumerate(fraction_eps)}
+    dataset_styles = {}
+    for d_index, dataset in enumerate(dict.fromkeys(by_epoch["dataset"])):
         subset = by_epoch[by_epoch["dataset"] == dataset]
-        style = styles[d_index % len(styles)]
-        for e_index, eps in enumerate(fraction_eps):
+        style = dataset_styles[f"dataset {dataset}"] = line_styles[d_index % len(line_styles)]
+        for eps, colour in zip(fraction_eps, eps_colours.values()):
             rows = subset[np.isclose(subset["eps"], eps)].groupby("epoch")["median_frac_below_eps"].median()
-            left.plot(rows.index, rows.to_numpy(), marker="o", ls=style, color=f"C{e_index}",
+            left.plot(rows.index, rows.to_numpy(), marker="o", ls=style, color=colour,
                       label=f"{dataset}: eps {format_eps(eps)}")
-        for s_index, ((stabilizer, eps), group) in enumerate(subset.groupby(["stabilizer", "eps"], sort=True)):
+        for (stabilizer, eps), group in subset.groupby(["stabilizer", "eps"], sort=True):
             group = _log_plottable(group.sort_values("epoch"), ("max_grad_max",))
-            right.plot(group["epoch"], group["max_grad_max"], marker="o", ls=style, color=f"C{s_index % 10}",
-                       label=f"{dataset}: {setting_label(stabilizer, eps)}")
+            label = setting_label(stabilizer, eps)
+            right.plot(group["epoch"], group["max_grad_max"], marker="o", ls=style, color=setting_colours[label],
+                       label=f"{dataset}: {label}")
     left.set_xlabel("epoch")
-    left.set_ylabel("pixels with grad_mag_squared < eps (median share)")
+    left.set_ylabel("median share of pixels with\ngrad_mag_squared < eps")
     left.set_ylim(-0.02, 1.02)
     right.set_xlabel("epoch")
     right.set_ylabel("max |dL/dlogit|")
     right.set_yscale("log")
-    for ax in (left, right):
+    for ax, colours in ((left, eps_colours), (right, setting_colours)):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _colour_and_style_legend(ax, colours, dataset_styles)
     figure.tight_layout()
     return figure
 
