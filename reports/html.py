@@ -2,8 +2,8 @@
 
 Why self-contained: a report is mailed, attached to an issue or opened from a cluster's scratch disk; the HTML
 embeds its PNGs as base64 ``data:`` URIs and its style inline, so it references no file and no network.
-Tables sit in a horizontally scrolling box and wrap their headers and first column, so a wide table never
-widens the page or hides columns beyond its right edge. Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
+Tables sit in a horizontally scrolling box and their cells may break after an underscore or a dot before a letter,
+so a wide table neither widens the page nor, at a common window width, hides columns behind a scrollbar. Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
 ```code```), enough for generated text and safe to convert without a Markdown dependency.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .tables import write_text
 TONES = ("", "ok", "warn", "bad")
 
 _STYLE = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1240px; margin: 2em auto;
        padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
 h1 { font-size: 1.7em; margin-bottom: 0.2em; }
 h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
@@ -30,11 +30,8 @@ section.ok { border-color: #2e7d32; background: #f1f8f1; }
 section.warn { border-color: #ed6c02; background: #fff6ec; }
 section.bad { border-color: #c62828; background: #fdf0f0; }
 div.table { overflow-x: auto; max-width: 100%; margin: 0.8em 0; }
-table { border-collapse: collapse; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.45em; text-align: right; }
-th, td:first-child { overflow-wrap: anywhere; }
-td { white-space: nowrap; }
-td:first-child { white-space: normal; min-width: 6em; }
+table { border-collapse: collapse; font-size: 0.82em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.4em; text-align: right; }
 th { background: #f3f3f3; }
 td:first-child, th:first-child { text-align: left; }
 code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; overflow-wrap: anywhere; }
@@ -156,11 +153,17 @@ def _cells(line: str) -> list[str]:
     return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
 
 
+def _cell(text: str) -> str:
+    """A table cell that may break after an underscore or a dot (fp16_<wbr>underflow, compactness.<wbr>term);
+    numbers such as 6.03e-18 have no other break opportunity, so they stay whole."""
+    return re.sub(r"([_.])(?=[A-Za-z])", r"\1<wbr>", _inline(text))
+
+
 def _table_html(lines: list[str]) -> str:
     rows = [line for line in lines if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
     head, *rest = rows
-    out = ['<div class="table"><table>', "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in _cells(head)) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
+    out = ['<div class="table"><table>', "<tr>" + "".join(f"<th>{_cell(c)}</th>" for c in _cells(head)) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
     out.append("</table></div>")
     return "\n".join(out)
 
