@@ -172,11 +172,14 @@ def test_figures_keep_geodiag_style_after_nnunet_set_a_large_seaborn_font_scale(
     seaborn = pytest.importorskip("seaborn")
     sweep_table().to_csv(tmp_path / "sweep.csv", index=False)
     sweep_hist().to_csv(tmp_path / "sweep_hist.csv", index=False)
+    (tmp_path / "analysis").mkdir()
+    analysis_inputs(tmp_path / "analysis")
     with matplotlib.rc_context():
         seaborn.set(font_scale=2.5)  # what nnU-Net's progress plot does, process-wide
         assert matplotlib.rcParams["xtick.labelsize"] > 20
         sweep_report.render(tmp_path)
-    assert len(saved_figures) == 4
+        analysis_report.render(tmp_path / "analysis")
+    assert len(saved_figures) == 4 + 3
     largest = 10.0  # geodiag's largest font (titles); seaborn's font_scale=2.5 makes tick labels 27.5
     for figure in saved_figures:
         renderer = figure.canvas.get_renderer()
