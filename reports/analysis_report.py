@@ -179,9 +179,10 @@ def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optiona
         if histograms is not None:
             path = figures.tensor_histograms(histograms, tensors, precision, directory / "figures"
                                              / f"histograms_{precision}.png")
-            figure_list.append(Figure(path, f"log10 |x| of every recorded tensor in {precision} (values left, "
-                                            "gradients right); beside each: exact counts of 0, NaN, +Inf, −Inf, "
-                                            "which are not in the bins. Dashed: fp16's range."))
+            figure_list.append(Figure(path, f"Histograms of log10 |x| (bars span log10 of each bin's edges; "
+                                            f"count on a log axis) of every recorded tensor in {precision} (values "
+                                            "left, gradients right); beside each: exact counts of 0, NaN, +Inf, "
+                                            "−Inf, which are not in the bins. Dashed: fp16's range."))
         sections.append(Section(f"Tensors in {precision}", "Magnitudes are of |x| over finite values.\n\n" + table,
                                 figures=figure_list))
     return sections
@@ -191,20 +192,20 @@ def _eps_section(directory: Path, fractions: Optional[pd.DataFrame]) -> Optional
     if fractions is None or fractions.empty:
         return None
     lines = []
-    for precision, group in fractions.groupby("precision", sort=False):
+    for (precision, tensor), group in fractions.groupby(["precision", "tensor"], sort=False):
         named = [f"{100 * row.fraction_below:.3g}% below {format_eps(row.eps)}"
                  for row in group.itertuples(index=False)
                  if any(math.isclose(row.eps, e, rel_tol=1e-9) for e in SEED_EPS)]
         zero = float(group["zero_grad_fraction"].iloc[0])
-        lines.append(f"- {precision}: {', '.join(named) or 'eps 1e-4 and 1e-2 not measured'}; exactly zero gradient "
-                     f"arriving at grad_mag_squared: {100 * zero:.3g}% of pixels")
+        lines.append(f"- {precision}, `{tensor}`: {', '.join(named) or 'eps 1e-4 and 1e-2 not measured'}; exactly "
+                     f"zero gradient arriving at it: {100 * zero:.3g}% of its elements")
     path = figures.eps_fractions(fractions, directory / "figures" / "eps_fractions.png")
-    body = ("Fraction of grad_mag_squared pixels below each eps: a clamp at that eps passes them zero gradient.\n\n"
-            + "\n".join(lines) + "\n\n"
+    body = ("Fraction of the elements of each clamped tensor below each eps: a clamp at that eps passes them zero "
+            "gradient.\n\n" + "\n".join(lines) + "\n\n"
             + markdown_table(fractions[list(EPS_FRACTION_COLUMNS)].assign(eps=fractions["eps"].map(format_eps))))
-    return Section("grad_mag_squared below eps", body, figures=[Figure(
-        path, "Share of grad_mag_squared pixels below eps per precision (solid); dotted: share with exactly zero "
-              "gradient.")])
+    return Section("Clamped tensors below eps", body, figures=[Figure(
+        path, "One panel per clamped tensor: share of its elements below eps per precision (solid); dotted: share "
+              "with exactly zero gradient.")])
 
 
 def _provenance_section(summary: dict) -> Section:

@@ -2,28 +2,44 @@
 
 Why no pyplot: pyplot keeps global figure state and picks a GUI backend; a report renderer running inside a
 sweep or a CLI must not. Every function takes tidy tables already aggregated by the report modules, draws,
-writes the PNG atomically and returns its path. Log axes drop non-positive and non-finite points (matplotlib
-would clip them to the axis edge and draw a misleading value); ``unplottable_on_log`` counts what was dropped so
-captions can say so.
+writes the PNG atomically and returns its path. Why an own style: nnU-Net's progress plot sets a global seaborn
+style with a large font scale, and a study draws its figures in the same process; each figure is drawn and
+saved inside ``STYLE`` (matplotlib's defaults plus the settings below), whatever ran before.
+
+Histogram bins are stored in raw |x| (``bin_low``, ``bin_high``) and drawn at log10 of their own edges. Log
+axes drop non-positive and non-finite points (matplotlib would clip them to the axis edge and draw a misleading
+value); ``unplottable_on_log`` counts what was dropped so captions can say so.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import matplotlib
+import matplotlib.colors
+import matplotlib.style
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
-from .tables import format_eps, setting_label, write_bytes
+from .tables import ReportInputError, format_eps, setting_label, write_bytes
 
 DPI = 90
 FP16_MAX = 65504.0
 FP16_SMALLEST_SUBNORMAL = 2.0 ** -24
+FP16_LIMITS = (FP16_SMALLEST_SUBNORMAL, FP16_MAX)
 SPECIAL_LABELS = {"zero": "zero", "nan": "NaN", "posinf": "+Inf", "neginf": "−Inf"}
+# geodiag's figure settings, applied on top of matplotlib's defaults (the "default" style resets every style key).
+STYLE = ("default", {
+    "font.size": 9.0, "axes.titlesize": 10.0, "axes.labelsize": 9.0, "xtick.labelsize": 8.0, "ytick.labelsize": 8.0,
+    "legend.fontsize": 8.0, "figure.titlesize": 10.0, "axes.grid": False, "savefig.bbox": None,
+})
 
 
 def unplottable_on_log(values: pd.Series | np.ndarray) -> int:
@@ -47,16 +63,53 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return write_bytes(path, buffer.getvalue())
 
 
-def _draw_magnitudes(ax, bins: pd.DataFrame) -> None:
+def figure_writer(draw: Callable[..., Figure]) -> Callable[..., Path]:
+    """``draw(*args)`` -> Figure becomes ``writer(*args, path)`` -> Path of the PNG, drawn and saved in ``STYLE``."""
+    @functools.wraps(draw)
+    def writer(*args, **kwargs) -> Path:
+        *draw_args, path = args
+        with matplotlib.style.context(STYLE):
+            return _save(draw(*draw_args, **kwargs), path)
+
+    return writer
+
+
+def log10_edges(bins: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """log10 of each bin's (bin_low, bin_high); an open-ended bin (edge 0 or Inf) is drawn one median bin wide."""
+    raw_low, raw_high = bins["bin_low"].to_numpy(dtype=float), bins["bin_high"].to_numpy(dtype=float)
+    if not ((raw_low >= 0) & (raw_high > raw_low)).all():
+        raise ReportInputError("histogram bins must be magnitudes |x| with 0 <= bin_low < bin_high in every row")
+    with np.errstate(divide="ignore"):
+        low, high = np.log10(raw_low), np.log10(raw_high)
+    widths = (high - low)[np.isfinite(high - low)]
+    step = float(np.median(widths)) if widths.size else 1.0
+    low = np.where(np.isfinite(low), low, high - step)
+    high = np.where(np.isfinite(high), high, low + step)
+    return low, high
+
+
+def _draw_magnitudes(ax, bins: pd.DataFrame, xlim: tuple[float, float]) -> None:
+    """Bars at log10 of the bins' edges on a log count axis whose floor (0.5) keeps a count of 1 visible."""
     drawn = bins[bins["count"] > 0]
     if drawn.empty:
         ax.text(0.5, 0.5, "no finite non-zero values", ha="center", va="center", transform=ax.transAxes, color="#777")
     else:
-        ax.bar(drawn["bin_low"], drawn["count"], width=drawn["bin_high"] - drawn["bin_low"], align="edge",
-               color="#4c72b0", edgecolor="none")
+        low, high = log10_edges(drawn)
+        ax.bar(low, drawn["count"].to_numpy(dtype=float), width=high - low, align="edge", color="#4c72b0",
+               edgecolor="none")
         ax.set_yscale("log")
-    for limit in (FP16_SMALLEST_SUBNORMAL, FP16_MAX):
+        ax.set_ylim(0.5, 2.0 * float(drawn["count"].max()))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    for limit in FP16_LIMITS:
         ax.axvline(math.log10(limit), color="#c62828", lw=0.8, ls="--")
+    ax.set_xlim(*xlim)
+
+
+def _shared_log10_range(bins: pd.DataFrame) -> tuple[float, float]:
+    """One x range for every panel of a figure: all non-empty bins and the fp16 limits, half a decade of margin."""
+    low, high = log10_edges(bins[bins["count"] > 0])
+    ends = np.concatenate([low, high, np.log10(FP16_LIMITS)])
+    return float(ends.min()) - 0.5, float(ends.max()) + 0.5
 
 
 def _draw_specials(ax, stats: pd.Series | None) -> None:
@@ -71,7 +124,8 @@ def _draw_specials(ax, stats: pd.Series | None) -> None:
                 fontweight="bold" if colour == "#c62828" else "normal", va="top")
 
 
-def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision: str, path: str | Path) -> Path:
+@figure_writer
+def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision: str) -> Figure:
     """Per tensor (rows) log10|x| histograms of values and gradients, each with its exact 0/NaN/±Inf counts beside.
 
     ``histograms`` and ``tensors`` follow HISTOGRAM_COLUMNS / TENSORS_COLUMNS; only ``precision`` is drawn.
@@ -79,8 +133,11 @@ def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision
     stats = tensors[tensors["precision"] == precision]
     bins = histograms[histograms["precision"] == precision]
     names = list(dict.fromkeys(list(stats["tensor"]) + list(bins["tensor"])))
-    figure = Figure(figsize=(12, 0.6 + 1.55 * max(len(names), 1)))
-    grid = figure.add_gridspec(max(len(names), 1), 4, width_ratios=[5, 1.1, 5, 1.1], wspace=0.25, hspace=0.7)
+    height = 1.2 + 1.55 * max(len(names), 1)
+    figure = Figure(figsize=(12, height))
+    grid = figure.add_gridspec(max(len(names), 1), 4, width_ratios=[5, 1.1, 5, 1.1], wspace=0.25, hspace=0.7,
+                               top=1 - 0.75 / height, bottom=0.5 / height, left=0.06, right=0.98)
+    xlim = _shared_log10_range(bins)
     for row, name in enumerate(names):
         for column, kind in enumerate(("value", "grad")):
             hist_ax = figure.add_subplot(grid[row, 2 * column])
@@ -93,64 +150,89 @@ def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision
                 hist_ax.set_xticks([])
                 hist_ax.set_yticks([])
             else:
-                _draw_magnitudes(hist_ax, kind_bins)
+                _draw_magnitudes(hist_ax, kind_bins, xlim)
             hist_ax.set_title(f"{name} · {kind}", fontsize=9, loc="left")
             hist_ax.tick_params(labelsize=7)
+            if row == len(names) - 1:
+                hist_ax.set_xlabel("log10 |x|", fontsize=8)
             _draw_specials(special_ax, None if selected.empty else selected.iloc[0])
-    figure.suptitle(f"log10 |x| per tensor ({precision}); beside: exact counts of 0, NaN, ±Inf (not in the bins); "
-                    "dashed: fp16 smallest subnormal and largest finite value", fontsize=10)
-    return _save(figure, path)
+    figure.suptitle(f"Histograms of log10 |x| per tensor ({precision}), count on a log axis; beside: exact counts of "
+                    "0, NaN, ±Inf (not in the bins);\ndashed: fp16 smallest subnormal and largest finite value",
+                    fontsize=10, y=1 - 0.1 / height, va="top")
+    return figure
 
 
-def eps_fractions(fractions: pd.DataFrame, path: str | Path) -> Path:
-    """Fraction of grad_mag_squared pixels below each eps (log x), one line per precision; dotted: zero-gradient share."""
-    figure = Figure(figsize=(7, 4))
-    ax = figure.add_subplot()
-    for index, (precision, group) in enumerate(fractions.groupby("precision", sort=False)):
-        group = group.sort_values("eps")
-        colour = f"C{index}"
-        ax.plot(group["eps"], group["fraction_below"], marker="o", color=colour, label=f"{precision}: below eps")
-        ax.axhline(float(group["zero_grad_fraction"].iloc[0]), color=colour, ls=":",
-                   label=f"{precision}: zero gradient")
-    ax.set_xscale("log")
-    ax.set_xlabel("eps")
-    ax.set_ylabel("fraction of pixels")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    return _save(figure, path)
-
-
-def grad_mag_squared_histograms(hist: pd.DataFrame, eps_values: Sequence[float], path: str | Path) -> Path:
-    """grad_mag_squared distribution per dataset (one panel each), one line per checkpoint, eps as vertical lines.
-
-    ``hist`` follows SWEEP_HIST_COLUMNS; counts are shown as the fraction of that checkpoint's pixels per bin.
-    """
-    datasets = list(dict.fromkeys(hist["dataset"]))
-    figure = Figure(figsize=(6 * max(len(datasets), 1), 4.2))
-    for index, dataset in enumerate(datasets, start=1):
-        ax = figure.add_subplot(1, len(datasets), index)
-        subset = hist[hist["dataset"] == dataset].sort_values(["epoch", "checkpoint", "bin_low"])
-        for checkpoint, group in subset.groupby(["epoch", "checkpoint"], sort=False):
-            total = group["count"].sum()
-            shares = group["count"] / total if total else group["count"]
-            ax.stairs(shares.to_numpy(), np.append(group["bin_low"].to_numpy(), group["bin_high"].iloc[-1]),
-                      label=f"{checkpoint[1]} (epoch {checkpoint[0]})")
-        for eps in eps_values:
-            ax.axvline(math.log10(eps), color="#c62828", lw=0.8, ls="--")
-            ax.text(math.log10(eps), 1.01, format_eps(eps), transform=ax.get_xaxis_transform(), ha="center", fontsize=7,
-                    color="#c62828")
-        ax.set_title(f"dataset {dataset}", fontsize=10, pad=14)
-        ax.set_xlabel("log10 grad_mag_squared")
-        ax.set_ylabel("fraction of pixels per bin")
+@figure_writer
+def eps_fractions(fractions: pd.DataFrame) -> Figure:
+    """One panel per tensor: the fraction of its elements below each eps (log x), one line per precision; dotted:
+    the share of elements whose gradient is exactly zero. ``fractions`` follows EPS_FRACTION_COLUMNS."""
+    tensors = list(dict.fromkeys(fractions["tensor"]))
+    figure = Figure(figsize=(5.5 * max(len(tensors), 1), 4))
+    for t_index, tensor in enumerate(tensors, start=1):
+        ax = figure.add_subplot(1, len(tensors), t_index)
+        subset = fractions[fractions["tensor"] == tensor]
+        for index, (precision, group) in enumerate(subset.groupby("precision", sort=False)):
+            group = group.sort_values("eps")
+            colour = f"C{index}"
+            ax.plot(group["eps"], group["fraction_below"], marker="o", color=colour,
+                    label=f"{tensor} ({precision}): below eps")
+            ax.axhline(float(group["zero_grad_fraction"].iloc[0]), color=colour, ls=":",
+                       label=f"{tensor} ({precision}): zero gradient")
+        ax.set_title(tensor)
+        ax.set_xscale("log")
+        ax.set_xlabel("eps")
+        ax.set_ylabel("fraction of elements")
+        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
 
 
-def bias_gradient_tradeoff(headline: pd.DataFrame, path: str | Path, recommended: tuple[str, float] | None) -> Path:
+def _contiguous_shares(bins: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Bins (only the non-empty ones are stored) as stairs: log10 edges with zero-height steps over the gaps."""
+    low, high = log10_edges(bins)
+    order = np.argsort(low)
+    low, high, counts = low[order], high[order], bins["count"].to_numpy(dtype=float)[order]
+    total = counts.sum()
+    shares = counts / total if total else counts
+    edges = np.unique(np.concatenate([low, high]))
+    heights = np.zeros(len(edges) - 1)
+    heights[np.searchsorted(edges, low)] = shares
+    return heights, edges
+
+
+@figure_writer
+def grad_mag_squared_histograms(hist: pd.DataFrame, eps_values: Sequence[float]) -> Figure:
+    """grad_mag_squared distribution per dataset (one panel each), one line per checkpoint, eps as vertical lines.
+
+    ``hist`` follows SWEEP_HIST_COLUMNS (raw bin edges); drawn at log10 of the edges, as the fraction of that
+    checkpoint's binned pixels per bin, so the eps lines sit at log10(eps) on the same axis.
+    """
+    datasets = list(dict.fromkeys(hist["dataset"]))
+    figure = Figure(figsize=(8.5 * max(len(datasets), 1), 4.6))
+    colours = matplotlib.colormaps["tab20"]
+    for index, dataset in enumerate(datasets, start=1):
+        ax = figure.add_subplot(1, len(datasets), index)
+        subset = hist[(hist["dataset"] == dataset) & (hist["count"] > 0)].sort_values(["epoch", "checkpoint"])
+        for c_index, (checkpoint, group) in enumerate(subset.groupby(["epoch", "checkpoint"], sort=False)):
+            heights, edges = _contiguous_shares(group)
+            ax.stairs(heights, edges, color=colours(c_index % 20), label=f"{checkpoint[1]} (epoch {checkpoint[0]})")
+        for eps in eps_values:
+            ax.axvline(math.log10(eps), color="#c62828", lw=0.8, ls="--")
+            ax.text(math.log10(eps), 1.01, format_eps(eps), transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", rotation=90, fontsize=7, color="#c62828")
+        ax.set_title(f"dataset {dataset}", pad=26)
+        ax.set_xlabel("log10 grad_mag_squared")
+        ax.set_ylabel("fraction of binned pixels per bin")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    return figure
+
+
+@figure_writer
+def bias_gradient_tradeoff(headline: pd.DataFrame, recommended: tuple[str, float] | None) -> Figure:
     """x: median |bias_compactness|, y: max grad_max, log-log; one line per stabiliser through its eps values."""
     figure = Figure(figsize=(7.5, 5))
     ax = figure.add_subplot()
@@ -178,43 +260,61 @@ def bias_gradient_tradeoff(headline: pd.DataFrame, path: str | Path, recommended
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
 
 
-def epoch_evolution(by_epoch: pd.DataFrame, fraction_eps: Sequence[float], path: str | Path) -> Path:
+def _colour_and_style_legend(ax, colours: dict[str, str], styles: dict[str, str]) -> None:
+    """One legend entry per colour (what the colour means) and per line style (the dataset), outside the axes on
+    the right, instead of one entry per line: a sweep has datasets × settings lines."""
+    handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()]
+    handles += [Line2D([], [], color="black", ls=style, label=label) for label, style in styles.items()]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              ncol=1 + (len(handles) - 1) // 22)
+
+
+@figure_writer
+def epoch_evolution(by_epoch: pd.DataFrame, fraction_eps: Sequence[float]) -> Figure:
     """Left: median frac_below_eps over epochs at ``fraction_eps``; right: max grad_max over epochs per setting.
 
-    ``by_epoch`` is the headline table grouped by dataset and epoch (see ``recommendation.headline_table``).
+    Colour: the eps (left) or the setting (right); line style: the dataset. ``by_epoch`` is the headline table
+    grouped by dataset and epoch (see ``recommendation.headline_table``).
     """
-    figure = Figure(figsize=(13, 4.5))
+    figure = Figure(figsize=(14, 5.2))
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    styles = ["-", "--", ":", "-."]
-    datasets = list(dict.fromkeys(by_epoch["dataset"]))
-    for d_index, dataset in enumerate(datasets):
+    line_styles = ["-", "--", ":", "-."]
+    palette = matplotlib.colormaps["tab20"]
+    settings = by_epoch[["stabilizer", "eps"]].drop_duplicates().sort_values(["stabilizer", "eps"])
+    setting_colours = {setting_label(s, e): matplotlib.colors.to_hex(palette(i % 20))
+                       for i, (s, e) in enumerate(settings.itertuples(index=False))}
+    eps_colours = {f"eps {format_eps(eps)}": f"C{i}" for i, eps in enumerate(fraction_eps)}
+    dataset_styles = {}
+    for d_index, dataset in enumerate(dict.fromkeys(by_epoch["dataset"])):
         subset = by_epoch[by_epoch["dataset"] == dataset]
-        style = styles[d_index % len(styles)]
-        for e_index, eps in enumerate(fraction_eps):
+        style = dataset_styles[f"dataset {dataset}"] = line_styles[d_index % len(line_styles)]
+        for eps, colour in zip(fraction_eps, eps_colours.values()):
             rows = subset[np.isclose(subset["eps"], eps)].groupby("epoch")["median_frac_below_eps"].median()
-            left.plot(rows.index, rows.to_numpy(), marker="o", ls=style, color=f"C{e_index}",
+            left.plot(rows.index, rows.to_numpy(), marker="o", ls=style, color=colour,
                       label=f"{dataset}: eps {format_eps(eps)}")
-        for s_index, ((stabilizer, eps), group) in enumerate(subset.groupby(["stabilizer", "eps"], sort=True)):
+        for (stabilizer, eps), group in subset.groupby(["stabilizer", "eps"], sort=True):
             group = _log_plottable(group.sort_values("epoch"), ("max_grad_max",))
-            right.plot(group["epoch"], group["max_grad_max"], marker="o", ls=style, color=f"C{s_index % 10}",
-                       label=f"{dataset}: {setting_label(stabilizer, eps)}")
+            label = setting_label(stabilizer, eps)
+            right.plot(group["epoch"], group["max_grad_max"], marker="o", ls=style, color=setting_colours[label],
+                       label=f"{dataset}: {label}")
     left.set_xlabel("epoch")
-    left.set_ylabel("pixels with grad_mag_squared < eps (median share)")
+    left.set_ylabel("median share of pixels with\ngrad_mag_squared < eps")
     left.set_ylim(-0.02, 1.02)
     right.set_xlabel("epoch")
     right.set_ylabel("max |dL/dlogit|")
     right.set_yscale("log")
-    for ax in (left, right):
+    for ax, colours in ((left, eps_colours), (right, setting_colours)):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _colour_and_style_legend(ax, colours, dataset_styles)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
 
 
-def dataset_comparison(by_dataset: pd.DataFrame, path: str | Path) -> Path:
+@figure_writer
+def dataset_comparison(by_dataset: pd.DataFrame) -> Figure:
     """Grouped bars per setting, one bar per dataset: median |bias_compactness| and max grad_max (log y)."""
     figure = Figure(figsize=(13, 4.5))
     datasets = list(dict.fromkeys(by_dataset["dataset"]))
@@ -239,10 +339,11 @@ def dataset_comparison(by_dataset: pd.DataFrame, path: str | Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
 
 
-def training_curves(runs: pd.DataFrame, path: str | Path) -> Path:
+@figure_writer
+def training_curves(runs: pd.DataFrame) -> Figure:
     """Epoch-mean training loss per run (one panel per dataset), with each run's switch-on epoch dashed."""
     datasets = list(dict.fromkeys(runs["dataset"]))
     figure = Figure(figsize=(6.0 * len(datasets), 3.6))
@@ -256,4 +357,4 @@ def training_curves(runs: pd.DataFrame, path: str | Path) -> Path:
         ax.set_ylabel("train loss (epoch mean)")
         ax.legend(fontsize=7)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure

@@ -2,7 +2,8 @@
 
 Why self-contained: a report is mailed, attached to an issue or opened from a cluster's scratch disk; the HTML
 embeds its PNGs as base64 ``data:`` URIs and its style inline, so it references no file and no network.
-Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
+Tables sit in a horizontally scrolling box and their cells may break after an underscore or a dot before a letter,
+so a wide table neither widens the page nor, at a common window width, hides columns behind a scrollbar. Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
 ```code```), enough for generated text and safe to convert without a Markdown dependency.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .tables import write_text
 TONES = ("", "ok", "warn", "bad")
 
 _STYLE = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1240px; margin: 2em auto;
        padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
 h1 { font-size: 1.7em; margin-bottom: 0.2em; }
 h2 { font-size: 1.3em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
@@ -28,11 +29,12 @@ section.ok, section.warn, section.bad { border-left: 6px solid; padding: 0.2em 1
 section.ok { border-color: #2e7d32; background: #f1f8f1; }
 section.warn { border-color: #ed6c02; background: #fff6ec; }
 section.bad { border-color: #c62828; background: #fdf0f0; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; display: block; overflow-x: auto; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+div.table { overflow-x: auto; max-width: 100%; margin: 0.8em 0; }
+table { border-collapse: collapse; font-size: 0.82em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.4em; text-align: right; }
 th { background: #f3f3f3; }
 td:first-child, th:first-child { text-align: left; }
-code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
+code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; overflow-wrap: anywhere; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.88em; color: #555; }
@@ -49,23 +51,37 @@ class Figure:
 
 @dataclass(frozen=True)
 class Section:
-    """A titled part of a report: Markdown-subset body, then figures; ``tone`` colours a verdict box."""
+    """A titled part of a report: Markdown-subset body, then figures; ``tone`` colours a verdict box.
+
+    ``numbered`` sections are numbered 1, 2, ... in the order they are rendered, so a section a report leaves
+    out (a comparison that does not apply) leaves no gap in the numbers.
+    """
 
     title: str
     body: str = ""
     figures: Sequence[Figure] = field(default_factory=tuple)
     tone: str = ""
+    numbered: bool = False
 
     def __post_init__(self) -> None:
         if self.tone not in TONES:
             raise ValueError(f"unknown tone {self.tone!r}; choose one of {TONES}")
 
 
+def _headings(sections: Sequence[Section]) -> list[str]:
+    """Each section's heading as rendered: numbered ones prefixed with their rank among the numbered."""
+    headings, number = [], 0
+    for section in sections:
+        number += section.numbered
+        headings.append(f"{number}. {section.title}" if section.numbered else section.title)
+    return headings
+
+
 def to_markdown(title: str, sections: Sequence[Section], directory: Path) -> str:
     """The report as Markdown, figures linked relative to ``directory`` (where report.md is written)."""
     parts = [f"# {title}"]
-    for section in sections:
-        parts.append(f"## {section.title}")
+    for section, heading in zip(sections, _headings(sections)):
+        parts.append(f"## {heading}")
         if section.body:
             parts.append(section.body.strip())
         for figure in section.figures:
@@ -77,9 +93,9 @@ def to_markdown(title: str, sections: Sequence[Section], directory: Path) -> str
 def to_html(title: str, sections: Sequence[Section]) -> str:
     """The report as one HTML page with every figure embedded as a data URI."""
     body = [f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
+    for section, heading in zip(sections, _headings(sections)):
         tone = f' class="{section.tone}"' if section.tone else ""
-        body.append(f"<section{tone}>\n<h2>{html.escape(section.title)}</h2>")
+        body.append(f"<section{tone}>\n<h2>{html.escape(heading)}</h2>")
         if section.body:
             body.append(markdown_to_html(section.body))
         body.extend(_figure_html(figure) for figure in section.figures)
@@ -137,12 +153,18 @@ def _cells(line: str) -> list[str]:
     return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
 
 
+def _cell(text: str) -> str:
+    """A table cell that may break after an underscore or a dot (fp16_<wbr>underflow, compactness.<wbr>term);
+    numbers such as 6.03e-18 have no other break opportunity, so they stay whole."""
+    return re.sub(r"([_.])(?=[A-Za-z])", r"\1<wbr>", _inline(text))
+
+
 def _table_html(lines: list[str]) -> str:
     rows = [line for line in lines if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
     head, *rest = rows
-    out = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in _cells(head)) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
-    out.append("</table>")
+    out = ['<div class="table"><table>', "<tr>" + "".join(f"<th>{_cell(c)}</th>" for c in _cells(head)) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
+    out.append("</table></div>")
     return "\n".join(out)
 
 

@@ -1,8 +1,8 @@
 """The study report: the training runs, the seed's questions answered from the sweep and the analyses.
 
 Inputs (written by ``geodiag.diagnostics.study``): DIR/runs.csv, DIR/switch_on_s.csv, DIR/sweep/sweep.csv with
-the sweep report's DIR/sweep/summary.json, and DIR/analysis/*/summary.json. Every finding is computed from those
-tables; the thresholds used for words such as "differ" are printed beside them.
+the sweep report's DIR/sweep/summary.json and DIR/sweep/headline.csv, and DIR/analysis/*/summary.json. Every
+finding is computed from those tables; the thresholds used for words such as "differ" are printed beside them.
 
 Units: the seed computes s = gx^2 + gy^2 with the raw Sobel kernel and zero padding, 64x geodiag's normalised s
 (2D). Shares of pixels below the seed's thresholds are compared with the seed's in its units (switch_on_s.csv);
@@ -14,12 +14,18 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
-from .tables import RUN_COLUMNS, SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table
+from .recommendation import SEED_V23, SEED_V24
+from .tables import (RUN_COLUMNS, SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table,
+                     setting_label)
 
+# The columns of the sweep's headline table (sweep/headline.csv) that the bias section reads.
+HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_abs_bias_compactness", "max_grad_max",
+                    "median_frac_zero_grad")
 # What the seed reports at its switch-on (8 images of 512^2, epoch 5): shares of pixels with s below each
 # threshold, s in the seed's units (raw Sobel, zero padding).
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
@@ -114,7 +120,7 @@ def switch_on_section(small_s: pd.DataFrame) -> Section:
             + (markdown_table(pd.DataFrame(rows)) if rows else "No switch-on checkpoint was measured."))
     if sentences:
         body += "\n\n" + "\n".join(f"- {sentence}" for sentence in sentences)
-    return Section("1. How many pixels sit below the clamp at switch-on?", body)
+    return Section("How many pixels sit below the clamp at switch-on?", body, numbered=True)
 
 
 def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dict],
@@ -146,7 +152,8 @@ def nan_section(runs: pd.DataFrame, sweep: pd.DataFrame, analyses: dict[str, dic
         lines.append(text)
     if not analyses:
         lines.append("No checkpoint was analysed (no run went non-finite and none was chosen).")
-    return Section("2. Does NaN occur, at which op, and why?", "\n\n".join(f"- {line}" for line in lines))
+    return Section("Does NaN occur, at which op, and why?", "\n\n".join(f"- {line}" for line in lines),
+                   numbered=True)
 
 
 def datasets_section(switch_on: pd.DataFrame, small_s: pd.DataFrame, runs: pd.DataFrame) -> Optional[Section]:
@@ -196,32 +203,32 @@ def datasets_section(switch_on: pd.DataFrame, small_s: pd.DataFrame, runs: pd.Da
             f"{DIFFER_FACTOR:g} between datasets (any difference for counts of non-finite values).\n\n"
             + markdown_table(table.reset_index().rename(columns={"index": "quantity"}))
             + "\n\n" + "\n".join(f"- {s}" for s in sentences))
-    return Section("3. Do datasets 501 (2–5 circles) and 502 (one circle) differ?", body)
+    return Section("Do datasets 501 (2–5 circles) and 502 (one circle) differ?", body, numbered=True)
 
 
-def bias_section(sweep_summary: dict, sweep: pd.DataFrame) -> Section:
-    """Q4: what 1e-2 costs in bias, and the sweep's recommendation and verdict."""
-    fp32 = sweep[sweep["precision"] == "fp32"]
-    rows = []
-    for stabilizer, eps in (("clamp", 1e-4), ("clamp", 1e-2)):
-        frame = fp32[(fp32["stabilizer"] == stabilizer) & (fp32["eps"] == eps)]
-        rows.append({"setting": f"{stabilizer} {eps:g}",
-                     "median |bias P|": _percent(frame["bias_perimeter"].abs().median()),
-                     "median |bias C|": _percent(frame["bias_compactness"].abs().median()),
-                     "max |dL/dlogit|": frame["grad_max"].max(),
-                     "pixels with zero gradient (median)": _percent(frame["frac_zero_grad"].median())})
+def bias_section(sweep_summary: dict, headline: pd.DataFrame) -> Section:
+    """Q4: what 1e-2 costs in bias: the sweep's headline rows, the same rows its verdict on clamp 1e-2 quotes."""
     recommended = sweep_summary.get("recommended") or {}
+    named = [("", SEED_V23), ("", SEED_V24)]
     if recommended:
-        frame = fp32[(fp32["stabilizer"] == recommended.get("stabilizer")) & (fp32["eps"] == recommended.get("eps"))]
-        rows.append({"setting": f"recommended: {recommended.get('stabilizer')} {recommended.get('eps'):g}",
-                     "median |bias P|": _percent(frame["bias_perimeter"].abs().median()),
-                     "median |bias C|": _percent(frame["bias_compactness"].abs().median()),
-                     "max |dL/dlogit|": frame["grad_max"].max(),
-                     "pixels with zero gradient (median)": _percent(frame["frac_zero_grad"].median())})
+        named.append(("recommended: ", (recommended.get("stabilizer"), recommended.get("eps"))))
+    rows = []
+    for prefix, (stabilizer, eps) in named:
+        frame = headline[(headline["stabilizer"] == stabilizer) & np.isclose(headline["eps"], eps, rtol=1e-9, atol=0)]
+        if frame.empty:
+            continue
+        row = frame.iloc[0]
+        rows.append({"setting": prefix + setting_label(stabilizer, eps),
+                     "median |bias P|": _percent(row["median_abs_bias_perimeter"]),
+                     "median |bias C|": _percent(row["median_abs_bias_compactness"]),
+                     "max |dL/dlogit|": row["max_grad_max"],
+                     "pixels with zero gradient (median)": _percent(row["median_frac_zero_grad"])})
     verdict = (sweep_summary.get("verdict_clamp_1e-2") or {}).get("sentence", "")
-    body = ("Biases are relative to the fp64 eps→0 reference of the same prediction (fp32 rows, every swept "
-            "checkpoint and case). " + SWEEP_UNITS + "\n\n" + markdown_table(pd.DataFrame(rows)) + "\n\n" + verdict)
-    return Section("4. What does clamp 1e-2 (normalised s) cost in bias?", body)
+    body = ("Biases are relative to the fp64 eps→0 reference of the same prediction; medians and maxima pool every "
+            "swept checkpoint, case and precision (the sweep's headline table, whose rows the verdict quotes). "
+            + SWEEP_UNITS + "\n\n" + (markdown_table(pd.DataFrame(rows)) if rows else "Neither setting was swept.")
+            + "\n\n" + verdict)
+    return Section("What does clamp 1e-2 (normalised s) cost in bias?", body, numbered=True)
 
 
 def render(directory: str | Path, title: str = "geodiag study") -> RenderedReport:
@@ -230,6 +237,7 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     runs = read_table(directory / "runs.csv", RUN_COLUMNS)
     sweep = read_table(directory / "sweep" / "sweep.csv", SWEEP_COLUMNS)
     sweep_summary = read_json(directory / "sweep" / "summary.json")
+    headline = read_table(directory / "sweep" / "headline.csv", HEADLINE_COLUMNS)
     analyses = {p.parent.name: read_json(p) for p in sorted((directory / "analysis").glob("*/summary.json"))}
     analysis_tensors = {}
     for name in analyses:
@@ -251,7 +259,7 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     compared = datasets_section(switch_on, small_s, runs)
     if compared is not None:
         sections.append(compared)
-    sections.append(bias_section(sweep_summary, sweep))
+    sections.append(bias_section(sweep_summary, headline))
     links = ["- clamp sweep (every setting, precision and checkpoint): `sweep/report.md`"]
     links += [f"- analysis of {name}: `analysis/{name}/report.md`" for name in analyses]
     sections.append(Section("Details", "\n".join(links)))

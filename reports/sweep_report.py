@@ -119,11 +119,12 @@ def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, re
     if hist is not None and not hist.empty:
         path = figures.grad_mag_squared_histograms(hist, eps_values, out / "grad_mag_squared.png")
         sections.append(Section("grad_mag_squared and the eps values", figures=[Figure(
-            path, "Distribution of grad_mag_squared per checkpoint (fraction of pixels per log10 bin); dashed: the "
-                  "swept eps values. A clamp passes zero gradient to every pixel left of its line.")]))
+            path, "Distribution of grad_mag_squared per checkpoint: x = log10 of the bins' edges, y = fraction of the "
+                  "checkpoint's binned pixels per bin (exact zeros are not in the bins); dashed: log10 of the swept "
+                  "eps values. A clamp passes zero gradient to every pixel left of its line.")]))
     dropped = figures.unplottable_on_log(rec.candidates["median_abs_bias_compactness"]) + \
         figures.unplottable_on_log(rec.candidates["max_grad_max"])
-    path = figures.bias_gradient_tradeoff(rec.candidates, out / "bias_vs_gradient.png", rec.recommended_setting)
+    path = figures.bias_gradient_tradeoff(rec.candidates, rec.recommended_setting, out / "bias_vs_gradient.png")
     note = f" {dropped} value(s) zero or non-finite, not drawn on the log axes." if dropped else ""
     sections.append(Section("Bias vs gradient", figures=[Figure(
         path, "Each line is a stabiliser through its eps values: x = median |compactness bias|, y = max |dL/dlogit|; "

@@ -1,7 +1,9 @@
 """Reading and writing the tables that diagnostics measure: the column schemas, atomic CSV/Parquet/JSON writes.
 
 Why atomic: a report directory is read while sweeps still run; a half-written CSV must never be what a
-reader sees, so every file goes to a temporary sibling first and replaces the target with ``os.replace``.
+reader sees, so every file goes to a temporary sibling first and replaces the target with ``os.replace``. The
+sibling is created with mode 0666 less the user's umask, like any other file (``tempfile.mkstemp`` would make
+every report 0600, unreadable to the group a results folder is shared with on a cluster).
 CSV is always written (readable anywhere); Parquet beside it when pyarrow is importable (typed, compact).
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -52,13 +54,14 @@ def parquet_available() -> bool:
 
 def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

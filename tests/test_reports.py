@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geodiag.reports import analysis_report, sweep_report
+from geodiag.reports import analysis_report, study_report, sweep_report
 from geodiag.reports.html import markdown_to_html
 from geodiag.reports.screenshot import BROWSERS, ScreenshotError, find_browser, screenshot
 from geodiag.reports.tables import (ReportInputError, parquet_available, read_table, write_json, write_table)
@@ -49,9 +50,10 @@ def sweep_table(datasets=(501, 502), precisions=("fp32", "fp16")) -> pd.DataFram
 
 
 def sweep_hist(datasets=(501, 502)) -> pd.DataFrame:
-    edges = np.linspace(-8, 2, 21)
+    edges = np.linspace(-8, 2, 21)  # log10 of the raw |x| edges the table holds
     counts = np.exp(-0.5 * ((edges[:-1] + 1.75) / 0.8) ** 2) * 1000
-    return pd.DataFrame([dict(checkpoint=f"ckpt{e}", dataset=d, epoch=e, bin_low=lo, bin_high=hi, count=int(c))
+    return pd.DataFrame([dict(checkpoint=f"ckpt{e}", dataset=d, epoch=e, bin_low=10 ** lo, bin_high=10 ** hi,
+                              count=int(c))
                          for d in datasets for e in (5, 20) for lo, hi, c in zip(edges[:-1], edges[1:], counts)])
 
 
@@ -90,8 +92,8 @@ def analysis_inputs(directory: Path, verdict: str = "non_finite_gradient", prove
                                   neginf=0, zero=3, subnormal=0, negative=0, fp16_overflow=0, fp16_underflow=0,
                                   bf16_overflow=0, bf16_underflow=0, min=1e-6, max=5.0, mean=0.1, p50=0.03,
                                   p90=0.3, p99=2.0, p999=4.0))
-                bins += [dict(precision=precision, tensor=tensor, kind=kind, bin_low=b, bin_high=b + 1, count=10)
-                         for b in range(-6, 1)]
+                bins += [dict(precision=precision, tensor=tensor, kind=kind, bin_low=10.0 ** b,
+                              bin_high=10.0 ** (b + 1), count=10) for b in range(-6, 1)]
     pd.DataFrame(stats).to_csv(directory / "tensors.csv", index=False)
     pd.DataFrame(bins).to_csv(directory / "histograms.csv", index=False)
     pd.DataFrame([dict(precision=p, tensor="compactness.grad_mag_squared", eps=e, fraction_below=f,
@@ -198,7 +200,7 @@ def test_analysis_report_leads_with_the_verdict_and_reports_headroom_and_provena
     assert "4 NaN in dL/dlogits (fp16)" in markdown
     assert "1 decades of headroom. That is less than the 1 decade" in markdown   # 0.999... < 1: flagged
     assert "`compactness.sqrt_output` grad (fp16): 4 NaN" in markdown
-    assert "- fp32: 0.34% below 1e-4, 29% below 1e-2" in markdown
+    assert "- fp32, `compactness.grad_mag_squared`: 0.34% below 1e-4, 29% below 1e-2" in markdown
     assert "| backward | SqrtBackward0 |" in markdown
     assert_self_contained((analysis_dir / "report.html").read_text())
     for name in ("histograms_fp32.png", "histograms_fp16.png", "eps_fractions.png"):
@@ -226,11 +228,57 @@ def test_screenshot_without_a_browser_is_a_clear_error(tmp_path):
         find_browser((str(tmp_path / "no-such-browser"),))
 
 
-def test_screenshot_of_a_report_is_a_png(sweep_dir, tmp_path):
+def browser_or_skip() -> str:
+    """The installed browser; skip without one, except in CI, which installs Chromium (.ci/run) and sets
+    GEODIAG_REQUIRE_BROWSER: there a missing browser is a failure, not a skip."""
     try:
-        find_browser(BROWSERS)
+        return find_browser(BROWSERS)
     except ScreenshotError:
+        if os.environ.get("GEODIAG_REQUIRE_BROWSER"):
+            raise
         pytest.skip("no Chromium or Chrome installed")
+
+
+def test_screenshot_of_a_report_is_a_png(sweep_dir, tmp_path):
+    browser_or_skip()
     out = screenshot(sweep_dir / "report.html", tmp_path / "shot.png")
     with Image.open(out) as image:
         assert image.size == (1280, 2000)
+
+
+def study_inputs(directory: Path) -> dict:
+    """A one-dataset study (no dataset comparison) whose fp16 rows of clamp 1e-2 are worse than its fp32 rows;
+    returns the sweep summary the study report reads."""
+    runs = pd.DataFrame([dict(run="502-V23", dataset=502, trainer="nnUNetTrainerGeometric", preset="v2.3",
+                              stabilizer="clamp", eps=1e-4, warmup=5, epoch=e, geometric_active=e >= 5,
+                              train_loss=1.0 / (e + 1), train_dc_ce=0.5, train_geometric=0.1, train_compactness=0.1,
+                              train_aspect=0.0, val_loss=0.5, pseudo_dice=0.9, skipped_steps=0, grad_norm_max=1.0)
+                         for e in (4, 5, 6)])
+    runs.to_csv(directory / "runs.csv", index=False)
+    pd.DataFrame([dict(run="502-V23", dataset=502, epoch=5, case="c0", units=units, eps=eps, fraction_below=0.2,
+                       pixels=4096) for units in ("seed", "normalised") for eps in (1e-4, 1e-2)]
+                 ).to_csv(directory / "switch_on_s.csv", index=False)
+    sweep = sweep_table(datasets=(502,), precisions=("fp32", "fp16"))
+    sweep["checkpoint"] = "502-V23-e" + sweep["epoch"].astype(str)
+    fp16_clamp = (sweep["precision"] == "fp16") & (sweep["stabilizer"] == "clamp") & (sweep["eps"] == 1e-2)
+    sweep.loc[fp16_clamp, "grad_max"] = 0.05
+    sweep.loc[fp16_clamp, "bias_compactness"] = 1.0
+    (directory / "sweep").mkdir()
+    sweep.to_csv(directory / "sweep" / "sweep.csv", index=False)
+    sweep_report.render(directory / "sweep")
+    return json.loads((directory / "sweep" / "summary.json").read_text())
+
+
+def test_study_verdict_quotes_the_row_of_the_table_under_it_and_sections_are_numbered_as_rendered(tmp_path):
+    summary = study_inputs(tmp_path)
+    markdown = study_report.render(tmp_path, "study").markdown.read_text()
+    numbered = re.findall(r"^## (\d+)\. ", markdown, flags=re.M)
+    assert numbered == [str(n) for n in range(1, len(numbered) + 1)] and len(numbered) == 3  # no dataset comparison
+    verdict = summary["verdict_clamp_1e-2"]
+    clamp = verdict["clamp_1e-2"]
+    # pooled over both precisions: median |bias C| of 0.9 (fp32) and 1.0 (fp16) rows, max grad_max the fp16 0.05
+    assert clamp["median_abs_bias_compactness"] == pytest.approx(0.95) and clamp["max_grad_max"] == 0.05
+    assert verdict["sentence"] in markdown
+    bias_section = markdown.split("What does clamp 1e-2 (normalised s) cost in bias?")[1]
+    [row] = [line for line in bias_section.splitlines() if line.startswith("| clamp 1e-2 |")]
+    assert "| 95% |" in row and "| 0.05 |" in row
