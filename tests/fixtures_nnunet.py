@@ -164,8 +164,9 @@ def patch32_checkpoint(tiny_dataset_502: NnunetDataset) -> Path:
 
 
 # 3D: balls in volumes of 40-56 voxels per axis, patch 48^3: every case is shorter than the patch along some axis
-# and longer along another.
-BALL_SHAPES = ((40, 56, 48), (56, 44, 40), (48, 40, 56), (44, 52, 44))
+# (by a size the network's total stride, 4, does not divide: an unpadded tile cannot go through it) and longer
+# along another.
+BALL_SHAPES = ((42, 56, 48), (56, 45, 40), (48, 41, 56), (43, 53, 44))
 PATCH_3D = (48, 48, 48)
 CONFIGURATION_3D = "3d_tiny"
 
