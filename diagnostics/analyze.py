@@ -1,11 +1,14 @@
 """`analyze-checkpoint`: why (or whether) a geometric loss goes non-finite, measured on one nnU-Net checkpoint.
 
-For each precision and each real case: the network predicts with autograd on, Dice+CE and the geometric loss are
-evaluated against the label and back-propagated, and a Recorder histograms every tap of the loss, the logits and
-the parameter gradients while the provenance mode watches for the first op that produces NaN/Inf. The checkpoint's
-own state (weights, momentum, GradScaler scale) is checked too. Each case's histograms are written as soon as they
-are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so ``resume`` continues an interrupted run
-and the merged tables are the same as an uninterrupted run's.
+For each precision and each real case, two inputs. Training patches drawn by nnU-Net's own data loader go through
+the network with autograd on, as in a training step: Dice+CE and the geometric loss are back-propagated into the
+network, and a Recorder histograms every tap of the loss, the logits and the parameter gradients. The whole case,
+predicted as nnU-Net predicts it (no gradient into the network, which a sliding window over a case larger than
+the patch cannot give), yields the per-image loss terms. The provenance mode replays a pass that went non-finite
+and names the first op that produced NaN/Inf. The checkpoint's own state (weights, momentum, GradScaler scale) is
+checked too. Each case's results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz +
+.json, atomically), so ``resume`` continues an interrupted run and the merged tables are the same as an
+uninterrupted run's; DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
 """
 from __future__ import annotations
 

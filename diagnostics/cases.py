@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,14 +30,14 @@ class CaseFiles:
 class Case:
     """A preprocessed case: image [C, *S] (normalised as in training) and label map [1, *S] in the same space,
     plus nnU-Net's own arrays ([C, Z, Y, X] data and seg, properties with the foreground locations) from which
-    its data loader draws training patches."""
+    its data loader draws training patches (absent for synthetic cases, which are never cut into patches)."""
 
     name: str
     image: torch.Tensor
     label: Optional[torch.Tensor]
-    data: np.ndarray
-    seg: Optional[np.ndarray]
-    properties: dict
+    data: Optional[np.ndarray] = None
+    seg: Optional[np.ndarray] = None
+    properties: dict = field(default_factory=dict)
 
 
 def _file_ending(checkpoint: Checkpoint) -> str:

@@ -65,8 +65,8 @@ def training_patches(checkpoint: Checkpoint, case: Case, count: int, seed: int =
 
     if count < 1:
         raise GeodiagError(f"--patches must be at least 1, got {count}")
-    if case.seg is None or "class_locations" not in case.properties:
-        raise GeodiagError(f"case {case.name} has no label to place training patches by")
+    if case.data is None or case.seg is None or "class_locations" not in case.properties:
+        raise GeodiagError(f"case {case.name} has no preprocessed label to place training patches by")
     plans = PlansManager(checkpoint.plans)
     patch_size = list(plans.get_configuration(checkpoint.configuration).patch_size)
     oversampling = foreground_oversampling(checkpoint)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,16 @@ def stock_run(tiny_dataset_502: NnunetDataset) -> NnunetRun:
     return NnunetRun("nnUNetTrainer", tiny_dataset_502, folder, {}, None, "")
 
 
+def crop_with_padding(array: np.ndarray, bbox: list[list[int]], fill: float) -> np.ndarray:
+    """array[:, lo:hi, ...] (fp64) with ``fill`` wherever the box reaches outside the array: an nnU-Net training
+    patch cut here in numpy, from the box its data loader chose."""
+    out = np.full((array.shape[0], *[hi - lo for lo, hi in bbox]), fill, dtype=np.float64)
+    source = tuple(slice(max(lo, 0), min(hi, size)) for (lo, hi), size in zip(bbox, array.shape[1:]))
+    target = tuple(slice(max(lo, 0) - lo, min(hi, size) - lo) for (lo, hi), size in zip(bbox, array.shape[1:]))
+    out[(slice(None),) + target] = array[(slice(None),) + source]
+    return out
+
+
 def untrained_checkpoint(dataset: NnunetDataset, configuration: str, definition: dict) -> Path:
     """A stock nnUNetTrainer's freshly initialised checkpoint (as its first save would write it) for a
     configuration added to the dataset's plans in memory only (the plans file stays as planned)."""
@@ -173,7 +184,6 @@ CONFIGURATION_3D = "3d_tiny"
 
 def _write_balls_3d(raw: Path, dataset_id: int) -> Path:
     """A raw nnU-Net dataset of one bright ball per noisy volume (NIfTI, spacing 1)."""
-    import numpy as np
     import SimpleITK as sitk
 
     folder = raw / f"Dataset{dataset_id:03d}_Balls3D"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_nnunet import BALL_SHAPES, PATCH_3D
+from fixtures_nnunet import BALL_SHAPES, PATCH_3D, crop_with_padding
 from geodiag.diagnostics.analyze import analyze_checkpoint
 from geodiag.diagnostics.cases import find_cases, predict_logits, preprocess
 from geodiag.diagnostics.checkpoint import build_network, load_checkpoint
@@ -17,15 +17,6 @@ from geodiag.diagnostics.patches import training_patches
 from geodiag.reports import tables
 
 log = logging.getLogger(__name__)
-
-
-def _crop_with_padding(array: np.ndarray, bbox: list[list[int]], fill: float) -> np.ndarray:
-    """array[:, lo:hi, ...] with ``fill`` wherever the box reaches outside the array (written here, in numpy)."""
-    out = np.full((array.shape[0], *[hi - lo for lo, hi in bbox]), fill, dtype=np.float64)
-    source = tuple(slice(max(lo, 0), min(hi, size)) for (lo, hi), size in zip(bbox, array.shape[1:]))
-    target = tuple(slice(max(lo, 0) - lo, min(hi, size) - lo) for (lo, hi), size in zip(bbox, array.shape[1:]))
-    out[(slice(None),) + target] = array[(slice(None),) + source]
-    return out
 
 
 def _patch_size(checkpoint) -> list[int]:
@@ -45,8 +36,8 @@ def test_patches_are_cut_from_the_preprocessed_case_and_the_oversampled_ones_hol
     for i, bbox in enumerate(batch.bboxes):
         spatial = bbox if which == "3d" else bbox[1:]  # a 2D patch is a [1, H, W] box in the [Z, Y, X] case
         assert [hi - lo for lo, hi in spatial] == patch
-        image = _crop_with_padding(case.data, bbox, 0.0)
-        label = np.maximum(_crop_with_padding(case.seg, bbox, -1.0), 0)
+        image = crop_with_padding(case.data, bbox, 0.0)
+        label = np.maximum(crop_with_padding(case.seg, bbox, -1.0), 0)
         if which == "2d":
             image, label = image[:, 0], label[:, 0]
         np.testing.assert_array_equal(batch.image[i].numpy(), image.astype(np.float32))
