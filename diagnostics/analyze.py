@@ -164,7 +164,8 @@ def _failed(result: dict) -> bool:
 
 
 def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
-                 patch_size, device: torch.device, patches: int) -> tuple[dict[str, np.ndarray], dict]:
+                 patch_size, device: torch.device, patches: int,
+                 augment: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """One case in one precision: packed histograms by 'name|kind' (training patches), and the case's results.
 
     ``patches`` training patches go through the network with gradients as in a training step: they give the
@@ -175,7 +176,7 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: Geomet
     case = preprocess(checkpoint, files)
     if case.label is None:
         raise GeodiagError(f"case {files.name} has no label; the geometric loss compares against labels")
-    batch = training_patches(checkpoint, case, patches)
+    batch = training_patches(checkpoint, case, patches, augment=augment)
     label = case.label[None].to(device)
     dtype = PRECISIONS[precision]
     recorder = Recorder(eps_grid=decade_grid())
@@ -184,7 +185,7 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: Geomet
     packed = {f"{name}|{kind}": h.packed().cpu().numpy() for (name, kind), h in recorder.histograms().items()}
     patch_result = {"count": patches, "patch_size": [int(p) for p in patch_size], "bboxes": batch.bboxes,
                     "forced_foreground": batch.forced_foreground,
-                    "foreground_oversampling": batch.foreground_oversampling,
+                    "foreground_oversampling": batch.foreground_oversampling, "augmented": batch.augmented,
                     **_pass_result(logits, geometric, total), "network_gradients": _network_gradients(network)}
     network.zero_grad(set_to_none=True)
     image_logits, image_geometric, image_total = _image_pass(network, case.image, label, loss, dice_ce, dtype,
@@ -326,7 +327,7 @@ def _state(checkpoint: Checkpoint) -> dict:
 def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
                        device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
                        precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
-                       resume: bool = False, patches: int = DEFAULT_PATCHES,
+                       resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
                        progress: Optional[Progress] = None) -> dict:
     """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
     out = Path(out)
@@ -354,7 +355,8 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     patch_size = [int(p) for p in PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size]
     run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
                                       "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                                      "aspect_formula": loss.aspect_formula, "patches": patches}, resume, has_results)
+                                      "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},
+                                resume, has_results)
     dev = torch.device(device)
     network = None
     packed_by_precision: dict[str, dict[str, np.ndarray]] = {}
@@ -368,7 +370,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                     network = build_network(checkpoint, trust=trust).to(dev)
                     dice_ce = dice_ce_for(checkpoint)
                 packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision, patch_size, dev,
-                                              patches)
+                                              patches, augment)
                 buffer = io.BytesIO()
                 np.savez(buffer, **packed)
                 tables.write_bytes(npz_path, buffer.getvalue())
@@ -397,10 +399,11 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                        "geometric_active": geometric_active(checkpoint)},
         "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
                      "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev),
-                     "patches_per_case": patches, "patch_size": patch_size},
+                     "patches_per_case": patches, "patch_size": patch_size, "augment": augment},
         "inputs": {
             "patches": (f"{patches} training patch(es) of {'x'.join(map(str, patch_size))} per case, placed by "
-                        f"nnU-Net's data loader (foreground oversampling {oversampling:g}, no augmentation); "
+                        f"nnU-Net's data loader (foreground oversampling {oversampling:g}, "
+                        f"{'nnUNetTrainer augmentation' if augment else 'no augmentation'}); "
                         "forward and backward through the network as in a training step"),
             "whole_image": ("each whole preprocessed case, predicted as nnU-Net predicts it (short axes padded to "
                             "the patch, sliding window with half-patch overlap and Gaussian blending) without "

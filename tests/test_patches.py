@@ -143,3 +143,23 @@ def test_clamp_sweep_with_the_seeds_2d_aspect_formula_on_a_3d_checkpoint_is_a_on
                  "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--aspect-formula anisotropy" in err[0], err
+
+
+def test_augmented_patches_go_through_nnunets_training_transforms(patch32_checkpoint, tmp_path):
+    """With --augment the patches are cut at nnUNetTrainer's enlarged size and transformed down to the patch: no
+    longer plain crops of the case, still patch-sized, labels still 0/1; the summary says so."""
+    ck = load_checkpoint(patch32_checkpoint)
+    patch = _patch_size(ck)
+    case = preprocess(ck, find_cases(ck)[0])
+    batch = training_patches(ck, case, 2, augment=True)
+    assert list(batch.image.shape[2:]) == patch and list(batch.label.shape[2:]) == patch
+    assert set(batch.label.unique().tolist()) <= {0.0, 1.0}
+    cut = [hi - lo for lo, hi in batch.bboxes[0][1:]]
+    assert all(c > p for c, p in zip(cut, patch)), cut  # enlarged for rotation and scaling
+    plain = crop_with_padding(case.data, batch.bboxes[0], 0.0)[:, 0]
+    assert batch.image[0].shape != plain.shape or not np.allclose(batch.image[0].numpy(), plain)
+    again = training_patches(ck, case, 2, augment=True)
+    torch.testing.assert_close(again.image, batch.image)  # seeded: a resumed run sees the same patches
+    summary = analyze_checkpoint(str(patch32_checkpoint), tmp_path, max_cases=1, patches=2, augment=True)
+    assert "nnUNetTrainer augmentation" in summary["inputs"]["patches"] and summary["settings"]["augment"] is True
+    assert summary["network_gradients"]["values"] > 0
