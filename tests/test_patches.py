@@ -134,7 +134,10 @@ def test_clamp_sweep_runs_on_a_3d_checkpoint_against_a_reference_of_its_own_aspe
     assert code == 0, capsys.readouterr().err
     frame = tables.read_table(out / "sweep.csv", tables.SWEEP_COLUMNS)
     assert len(frame) == 2 * 2 * 2
-    assert frame.bias_aspect.abs().max() < 1e-5, frame.bias_aspect.tolist()  # fp32 against fp64
+    # eps does not act on it: one bias for every setting, fp32 rounding against fp64 (a reference built with
+    # the other formula is off by the gap between the descriptors, ~100% here)
+    assert frame.bias_aspect.max() - frame.bias_aspect.min() < 1e-9, frame.bias_aspect.tolist()
+    assert frame.bias_aspect.abs().max() < 1e-3, frame.bias_aspect.tolist()
 
 
 def test_clamp_sweep_with_the_seeds_2d_aspect_formula_on_a_3d_checkpoint_is_a_one_line_error(checkpoint_3d,
