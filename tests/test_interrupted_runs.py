@@ -106,7 +106,8 @@ CHANGED_SETTINGS = {
 def test_resuming_with_other_settings_is_refused_naming_what_changed(stock_run, tmp_path, capsys, name):
     """Finished cases computed with one eps must never be merged with cases of another under one label."""
     command, first, changed, needle = CHANGED_SETTINGS[name]
-    target = str(stock_run.final_checkpoint) if command == "analyze-checkpoint" else f"ckpt={stock_run.final_checkpoint}"
+    checkpoint = str(stock_run.final_checkpoint)
+    target = checkpoint if command == "analyze-checkpoint" else f"ckpt={checkpoint}"
     fixed = [] if command == "analyze-checkpoint" else ["--stabilizers", "clamp", "--precision", "fp32"]
     argv = [command, target, "--cases", "shapes_one_000", "--out", str(tmp_path), "--device", "cpu"]
     _run([*argv, *fixed, *first])
