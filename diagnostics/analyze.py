@@ -301,8 +301,8 @@ def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
         return "non_finite_gradient", (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
                                        f"{len(passes)} evaluations (first: {_evaluation(*bad_grad[0])})")
     return "healthy", (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
-                       f"{len(passes)} evaluations ({len(results)} cases x precisions, each on its training "
-                       "patches and its whole image)")
+                       f"{len(passes)} evaluations (each of {len(results)} case-precision pairs on its training "
+                       "patches and on its whole image)")
 
 
 def _evaluation(result: dict, name: str) -> str:
