@@ -1,11 +1,14 @@
 """`analyze-checkpoint`: why (or whether) a geometric loss goes non-finite, measured on one nnU-Net checkpoint.
 
-For each precision and each real case: the network predicts with autograd on, Dice+CE and the geometric loss are
-evaluated against the label and back-propagated, and a Recorder histograms every tap of the loss, the logits and
-the parameter gradients while the provenance mode watches for the first op that produces NaN/Inf. The checkpoint's
-own state (weights, momentum, GradScaler scale) is checked too. Each case's histograms are written as soon as they
-are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so ``resume`` continues an interrupted run
-and the merged tables are the same as an uninterrupted run's.
+For each precision and each real case, two inputs. Training patches drawn by nnU-Net's own data loader go through
+the network with autograd on, as in a training step: Dice+CE and the geometric loss are back-propagated into the
+network, and a Recorder histograms every tap of the loss, the logits and the parameter gradients. The whole case,
+predicted as nnU-Net predicts it (no gradient into the network, which a sliding window over a case larger than
+the patch cannot give), yields the per-image loss terms. The provenance mode replays a pass that went non-finite
+and names the first op that produced NaN/Inf. The checkpoint's own state (weights, momentum, GradScaler scale) is
+checked too. Each case's results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz +
+.json, atomically), so ``resume`` continues an interrupted run and the merged tables are the same as an
+uninterrupted run's; DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +29,9 @@ from .cases import CaseFiles, find_cases, predict_logits, preprocess
 from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
 from .errors import GeodiagError
 from .histograms import BinLayout, LogHistogram, decade_grid
+from .patches import PatchBatch, training_patches
+from .progress import Progress, progress_over
+from . import run_record
 from .provenance import NonFiniteProvenance
 from .recorder import THRESHOLDED, Recorder
 from .devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
@@ -33,6 +39,9 @@ from .sweep import foreground_classes, geometric_active
 from .training_state import checkpoint_health
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
+# The two inputs each case is evaluated on (keys of a case result).
+PASSES = ("patches", "whole_image")
+DEFAULT_PATCHES = 2
 
 
 def loss_for(checkpoint: Checkpoint, stabilizer: Optional[str], eps: Optional[float]) -> GeometricLoss:
@@ -103,57 +112,100 @@ def _case_paths(out: Path, precision: str, case: str) -> tuple[Path, Path]:
     return folder / f"{case}.npz", folder / f"{case}.json"
 
 
-def _forward_backward(network, image: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce,
-                      dtype: Optional[torch.dtype], patch_size, device: torch.device, recorder: Optional[Recorder]):
-    """Network forward (autocast in ``dtype``), Dice+CE + geometric loss, backward; returns the three tensors."""
-    network.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = predict_logits(network, image, patch_size)
-    logits.retain_grad()
-    if recorder is not None:
-        recorder.attach_tensor("logits", logits)
+def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce):
+    """Dice+CE + geometric loss on ``logits`` and its backward; returns (geometric, total)."""
     geometric = loss(logits, label)
     total = dice_ce(logits.float(), label) + geometric
     total.backward()
+    return geometric, total
+
+
+def _patch_pass(network, batch: PatchBatch, loss: GeometricLoss, dice_ce, dtype: Optional[torch.dtype],
+                device: torch.device, recorder: Optional[Recorder]):
+    """Training's step on the patches without the optimizer: forward (autocast in ``dtype``), loss, backward
+    through the network; returns (logits, geometric, total)."""
+    network.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = network(batch.image.to(device))
+    logits.retain_grad()
+    if recorder is not None:
+        recorder.attach_tensor("logits", logits)
+    geometric, total = _loss_backward(logits, batch.label.to(device), loss, dice_ce)
     return logits, geometric, total
 
 
-def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
-                 patch_size, device: torch.device) -> tuple[dict[str, np.ndarray], dict]:
-    """One case in one precision: packed histograms by 'name|kind', and the case's scalar results.
+def _image_pass(network, image: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce,
+                dtype: Optional[torch.dtype], patch_size, device: torch.device):
+    """The whole image predicted without gradients into the network, the loss back-propagated to its logits;
+    returns (logits leaf, geometric, total)."""
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = predict_logits(network, image, patch_size)
+    leaf = logits.detach().requires_grad_(True)
+    geometric, total = _loss_backward(leaf, label, loss, dice_ce)
+    return leaf, geometric, total
 
-    A case whose loss or gradient is non-finite is replayed under the provenance mode with a check after every
-    op (fairseq's pattern: full checks only on the failing batch), which names the op that produced it.
+
+def _pass_result(logits: torch.Tensor, geometric: torch.Tensor, total: torch.Tensor) -> dict:
+    return {"loss": float(total.detach()), "geometric_loss": float(geometric.detach()),
+            "nonfinite_loss": int(not math.isfinite(float(total.detach()))),
+            "nonfinite_logit_grad": int((~torch.isfinite(logits.grad)).sum())}
+
+
+def _network_gradients(network) -> dict:
+    """How many parameter-gradient tensors and values the last backward left, and how many are non-finite."""
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    return {"tensors": len(grads), "values": int(sum(g.numel() for g in grads)),
+            "nonfinite": int(sum(int((~torch.isfinite(g)).sum()) for g in grads))}
+
+
+def _failed(result: dict) -> bool:
+    return bool(result["nonfinite_loss"] or result["nonfinite_logit_grad"]
+                or result.get("network_gradients", {}).get("nonfinite"))
+
+
+def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
+                 patch_size, device: torch.device, patches: int,
+                 augment: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """One case in one precision: packed histograms by 'name|kind' (training patches), and the case's results.
+
+    ``patches`` training patches go through the network with gradients as in a training step: they give the
+    histograms and the network's gradients. The whole image, predicted as nnU-Net predicts it, gives the
+    per-image loss terms. A pass whose loss or gradient is non-finite is replayed under the provenance mode with
+    a check after every op (fairseq's pattern: full checks only on the failing batch), which names the op.
     """
     case = preprocess(checkpoint, files)
     if case.label is None:
         raise GeodiagError(f"case {files.name} has no label; the geometric loss compares against labels")
+    batch = training_patches(checkpoint, case, patches, augment=augment)
     label = case.label[None].to(device)
     dtype = PRECISIONS[precision]
     recorder = Recorder(eps_grid=decade_grid())
     with recorder.attach_loss(loss), recorder.attach_network(network):
-        logits, geometric, total = _forward_backward(network, case.image, label, loss, dice_ce, dtype, patch_size,
-                                                     device, recorder)
+        logits, geometric, total = _patch_pass(network, batch, loss, dice_ce, dtype, device, recorder)
     packed = {f"{name}|{kind}": h.packed().cpu().numpy() for (name, kind), h in recorder.histograms().items()}
-    params = [p.grad for p in network.parameters() if p.grad is not None]
-    result = {
-        "case": files.name,
-        "precision": precision,
-        "loss": float(total.detach()),
-        "geometric_loss": float(geometric.detach()),
-        "nonfinite_loss": int(not math.isfinite(float(total.detach()))),
-        "nonfinite_logit_grad": int((~torch.isfinite(logits.grad)).sum()),
-        "nonfinite_param_grad": int(sum(int((~torch.isfinite(g)).sum()) for g in params)),
-        "terms": _term_values(loss, logits, label, dice_ce),
-        "provenance": None,
-    }
-    if result["nonfinite_loss"] or result["nonfinite_logit_grad"] or result["nonfinite_param_grad"]:
+    patch_result = {"count": patches, "patch_size": [int(p) for p in patch_size], "bboxes": batch.bboxes,
+                    "forced_foreground": batch.forced_foreground,
+                    "foreground_oversampling": batch.foreground_oversampling, "augmented": batch.augmented,
+                    **_pass_result(logits, geometric, total), "network_gradients": _network_gradients(network)}
+    network.zero_grad(set_to_none=True)
+    image_logits, image_geometric, image_total = _image_pass(network, case.image, label, loss, dice_ce, dtype,
+                                                             patch_size, device)
+    image_result = {"shape": list(case.image.shape[1:]),
+                    **_pass_result(image_logits, image_geometric, image_total)}
+    result = {"case": files.name, "precision": precision, "patches": patch_result, "whole_image": image_result,
+              "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None}
+    if _failed(patch_result) or _failed(image_result):
         with NonFiniteProvenance(network, loss, sync="op") as provenance:
-            _forward_backward(network, case.image, label, loss, dice_ce, dtype, patch_size, device, None)
+            if _failed(patch_result):
+                _patch_pass(network, batch, loss, dice_ce, dtype, device, None)
+            else:
+                _image_pass(network, case.image, label, loss, dice_ce, dtype, patch_size, device)
         report = provenance.report()
         if report is not None:
-            result["provenance"] = {"phase": report.phase, "op": report.op, "node": report.node,
+            result["provenance"] = {"pass": "patches" if _failed(patch_result) else "whole_image",
+                                    "phase": report.phase, "op": report.op, "node": report.node,
                                     "module": report.module, "tap": report.tap, "message": report.message}
+    network.zero_grad(set_to_none=True)
     return packed, result
 
 
@@ -239,17 +291,23 @@ def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
     if health["grad_scaler_collapsed"]:
         return "grad_scaler_collapsed", (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
                                          "steps; once 1/scale is inf, a finite step unscales to NaN")
-    bad_loss = [r for r in results if r["nonfinite_loss"]]
+    passes = [(r, name) for r in results for name in PASSES]
+    bad_loss = [(r, name) for r, name in passes if r[name]["nonfinite_loss"]]
     if bad_loss:
-        return "non_finite_loss", (f"the loss is non-finite on {len(bad_loss)} of {len(results)} case evaluations "
-                                   f"(first: {bad_loss[0]['case']} in {bad_loss[0]['precision']})")
-    bad_grad = [r for r in results if r["nonfinite_logit_grad"] or r["nonfinite_param_grad"]]
+        return "non_finite_loss", (f"the loss is non-finite on {len(bad_loss)} of {len(passes)} evaluations "
+                                   f"(first: {_evaluation(*bad_loss[0])})")
+    bad_grad = [(r, name) for r, name in passes if _failed(r[name])]
     if bad_grad:
         return "non_finite_gradient", (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
-                                       f"{len(results)} case evaluations (first: {bad_grad[0]['case']} in "
-                                       f"{bad_grad[0]['precision']})")
+                                       f"{len(passes)} evaluations (first: {_evaluation(*bad_grad[0])})")
     return "healthy", (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
-                       f"{len(results)} case evaluations")
+                       f"{len(passes)} evaluations (each of {len(results)} case-precision pairs on its training "
+                       "patches and on its whole image)")
+
+
+def _evaluation(result: dict, name: str) -> str:
+    where = "training patches" if name == "patches" else "whole image"
+    return f"{result['case']} in {result['precision']}, {where}"
 
 
 def _state(checkpoint: Checkpoint) -> dict:
@@ -269,11 +327,14 @@ def _state(checkpoint: Checkpoint) -> dict:
 def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
                        device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
                        precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
-                       resume: bool = False, progress: Optional[Callable[[str], None]] = None) -> dict:
+                       resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
+                       progress: Optional[Progress] = None) -> dict:
     """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GeodiagError(f"--out {out} exists and is not a folder")
+    if patches < 1:
+        raise GeodiagError(f"--patches must be at least 1, got {patches}")
     precisions = parse_precisions(precisions)
     found = find_checkpoints(path, fold)
     if len(found) > 1:
@@ -283,29 +344,33 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         (out / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    if not resume and any((out / "cases").glob("*/*.json")):
+    has_results = any((out / "cases").glob("*/*.json"))
+    if not resume and has_results:
         raise GeodiagError(f"{out} already holds an analysis; pass --resume to continue it or use a new --out")
     state = _state(checkpoint)
     case_files = find_cases(checkpoint, cases)[: max_cases or None]
     loss = loss_for(checkpoint, stabilizer, eps)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    patch_size = [int(p) for p in PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size]
+    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
+                                      "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
+                                      "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},
+                                resume, has_results)
     dev = torch.device(device)
     network = None
     packed_by_precision: dict[str, dict[str, np.ndarray]] = {}
     results = []
     for precision in precisions:
         merged: dict[str, np.ndarray] = {}
-        for index, files in enumerate(case_files):
+        for files in progress_over(case_files, f"{precision} cases", progress):
             npz_path, json_path = _case_paths(out, precision, files.name)
             if not (resume and npz_path.exists() and json_path.exists()):
-                if progress:
-                    progress(f"{precision}: case {files.name} ({index + 1}/{len(case_files)})")
                 if network is None:
                     network = build_network(checkpoint, trust=trust).to(dev)
                     dice_ce = dice_ce_for(checkpoint)
-                    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-                    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
-                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision, patch_size, dev)
+                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision, patch_size, dev,
+                                              patches, augment)
                 buffer = io.BytesIO()
                 np.savez(buffer, **packed)
                 tables.write_bytes(npz_path, buffer.getvalue())
@@ -325,6 +390,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
     dc_ce_norm = terms.loc[terms.term == "dc_ce", "grad_norm"].mean() if len(terms) else math.nan
     geo_norm = terms.loc[terms.term == "geometric_total", "grad_norm"].mean() if len(terms) else math.nan
+    oversampling = results[0]["patches"]["foreground_oversampling"] if results else math.nan
     summary = {
         "verdict": verdict,
         "verdict_reason": reason,
@@ -332,7 +398,23 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                        "configuration": checkpoint.configuration, "fold": checkpoint.fold, "epoch": checkpoint.epoch,
                        "geometric_active": geometric_active(checkpoint)},
         "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                     "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev)},
+                     "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev),
+                     "patches_per_case": patches, "patch_size": patch_size, "augment": augment},
+        "inputs": {
+            "patches": (f"{patches} training patch(es) of {'x'.join(map(str, patch_size))} per case, placed by "
+                        f"nnU-Net's data loader (foreground oversampling {oversampling:g}, "
+                        f"{'nnUNetTrainer augmentation' if augment else 'no augmentation'}); "
+                        "forward and backward through the network as in a training step"),
+            "whole_image": ("each whole preprocessed case, predicted as nnU-Net predicts it (short axes padded to "
+                            "the patch, sliding window with half-patch overlap and Gaussian blending) without "
+                            "gradients into the network; the loss is back-propagated to its logits only"),
+        },
+        "statistics_from": {"tensors.csv": "patches", "histograms.csv": "patches", "eps_fractions.csv": "patches",
+                            "network_gradients": "patches", "closest_to_trouble": "patches",
+                            "terms.csv": "whole_image", "dominant_gradient": "whole_image",
+                            "verdict": "patches and whole_image", "provenance": "the failing pass (see each entry)"},
+        "network_gradients": {key: sum(r["patches"]["network_gradients"][key] for r in results)
+                              for key in ("tensors", "values", "nonfinite")},
         "state": state,
         "closest_to_trouble": _headroom(tensors),
         "dominant_gradient": ({"term": str(shares.idxmax()), "share": float(shares.max()),

@@ -1,18 +1,18 @@
-"""Real cases for a checkpoint: find image/label files, preprocess them as nnU-Net does, predict with gradients.
+"""Real cases for a checkpoint: find image/label files, preprocess them as nnU-Net does, predict whole images.
 
-nnU-Net's own prediction runs under torch.inference_mode, so gradient measurements need this separate forward.
+nnU-Net's predictor forces fp16 autocast on CUDA, so the whole-image prediction is rebuilt here from its own parts
+(padding, sliding-window steps, Gaussian blending) to run in the precision being measured.
 """
 from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpoint
@@ -28,11 +28,16 @@ class CaseFiles:
 
 @dataclass
 class Case:
-    """A preprocessed case: image [C, *S] (normalised as in training) and label map [1, *S] in the same space."""
+    """A preprocessed case: image [C, *S] (normalised as in training) and label map [1, *S] in the same space,
+    plus nnU-Net's own arrays ([C, Z, Y, X] data and seg, properties with the foreground locations) from which
+    its data loader draws training patches (absent for synthetic cases, which are never cut into patches)."""
 
     name: str
     image: torch.Tensor
     label: Optional[torch.Tensor]
+    data: Optional[np.ndarray] = None
+    seg: Optional[np.ndarray] = None
+    properties: dict = field(default_factory=dict)
 
 
 def _file_ending(checkpoint: Checkpoint) -> str:
@@ -110,16 +115,19 @@ def preprocess(checkpoint: Checkpoint, files: CaseFiles) -> Case:
     config = plans_manager.get_configuration(checkpoint.configuration)
     _check_raw_case(plans_manager, checkpoint, files)
     preprocessor = config.preprocessor_class(verbose=False)
-    data, seg, _ = preprocessor.run_case(files.images, files.label, plans_manager, config, checkpoint.dataset_json)
+    data, seg, properties = preprocessor.run_case(files.images, files.label, plans_manager, config,
+                                                  checkpoint.dataset_json)
     if not np.isfinite(data).all():
         raise GeodiagError(f"case {files.name}: preprocessing produced NaN or Inf values")
+    seg = seg if files.label is not None else None
+    image, label = data, seg
     if len(config.patch_size) == 2 and data.ndim == 4:
-        data, seg = _slice_for_2d(data, seg)
-    image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-    label = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32)) if files.label is not None else None
+        image, label = _slice_for_2d(data, seg)
+    image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    label = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)) if label is not None else None
     if label is not None:
         label = label.clamp_min(0)  # nnU-Net marks outside-the-crop as -1
-    return Case(files.name, image, label)
+    return Case(files.name, image, label, data, seg, properties)
 
 
 def _slice_for_2d(data: np.ndarray, seg: Optional[np.ndarray]) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -156,33 +164,32 @@ def _check_raw_case(plans_manager, checkpoint: Checkpoint, files: CaseFiles) -> 
                            f"{tuple(label.shape[1:])} differ")
 
 
-def predict_logits(network: nn.Module, image: torch.Tensor, patch_size: list[int]) -> torch.Tensor:
-    """Logits [1, C, *S] of one preprocessed image, with autograd enabled.
+def predict_logits(network: nn.Module, image: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """Logits [1, C, *S] of one whole preprocessed image as nnU-Net's predictor computes them, without gradients.
 
-    Images no larger than the patch size are padded to it (as nnU-Net's sliding window does) and run in one
-    forward; larger images run nnU-Net's sliding window without gradients and return the logits as a leaf.
+    As nnU-Net's sliding window: axes shorter than the patch are padded up to it (zeros, split evenly on both
+    sides), tiles overlap by half a patch and are blended with nnU-Net's Gaussian weights, the padding is cropped
+    off again. No test-time mirroring. The network gets no gradient from this pass: what training back-propagates
+    is measured on training patches (``patches.training_patches``).
     """
-    spatial = tuple(image.shape[1:])
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    spatial, patch = tuple(image.shape[1:]), tuple(int(p) for p in patch_size)
+    if len(spatial) != len(patch):
+        raise GeodiagError(f"image has {len(spatial)} spatial dimensions, the network expects {len(patch)}")
     device = next(network.parameters()).device
-    x = image.to(device)[None]
-    if len(spatial) != len(patch_size):
-        raise GeodiagError(f"image has {len(spatial)} spatial dimensions, the network expects {len(patch_size)}")
-    if all(s <= p for s, p in zip(spatial, patch_size)):
-        pad = []
-        for s, p in reversed(list(zip(spatial, patch_size))):
-            pad += [0, p - s]
-        logits = network(F.pad(x, pad))
-        return logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-
-    steps = compute_steps_for_sliding_window(spatial, patch_size, 0.5)
-    out, weight = None, torch.zeros((1, 1, *spatial), device=device)
+    padded, revert = pad_nd_image(image.to(device), patch, "constant", {"value": 0}, True, None)
+    size = tuple(padded.shape[1:])
+    x = padded[None]
     with torch.no_grad():
-        for start in itertools.product(*steps):
-            window = (slice(None), slice(None)) + tuple(slice(b, b + p) for b, p in zip(start, patch_size))
-            tile = network(x[window])
-            out = torch.zeros((1, tile.shape[1], *spatial), device=device) if out is None else out
-            out[window] += tile
-            weight[window] += 1
-    return (out / weight).requires_grad_(True)
-
+        gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32,
+                                    device=device)
+        out, weight = None, torch.zeros((1, 1, *size), device=device)
+        for start in itertools.product(*compute_steps_for_sliding_window(size, patch, 0.5)):
+            window = (slice(None), slice(None)) + tuple(slice(b, b + p) for b, p in zip(start, patch))
+            tile = network(x[window]).float()
+            out = torch.zeros((1, tile.shape[1], *size), device=device) if out is None else out
+            out[window] += tile * gaussian
+            weight[window] += gaussian
+    return (out / weight)[(slice(None), slice(None)) + tuple(revert[1:])]

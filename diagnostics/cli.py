@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"geodiag {selected}: error: {type(exc).__name__}: {exc} (set GEODIAG_DEBUG=1 for a traceback)",
               file=sys.stderr)
-        return 1
+        return 2  # 1 is check-bounds' 'regression found'; a crash is never a finding
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .environment import NnunetDirs, nnunet_env
 from .errors import GeodiagError
@@ -44,24 +44,35 @@ def tiny_architecture(architecture: dict, n_stages: int = 4, base_features: int 
     return tiny
 
 
-def add_tiny_configuration(plans_file: str | Path, name: str = TINY_CONFIGURATION, parent: str = "2d",
-                           n_stages: int = 4, base_features: int = 8, max_features: int = 64) -> dict:
-    """Add (or replace) configuration ``name`` inheriting from ``parent`` with a tiny architecture; returns it."""
-    plans_file = Path(plans_file)
-    if not plans_file.is_file():
-        raise GeodiagError(f"no plans file at {plans_file}; run planning first")
-    plans = json.loads(plans_file.read_text())
+def tiny_configuration(plans: dict, parent: str = "2d", n_stages: int = 4, base_features: int = 8,
+                       max_features: int = 64, patch_size: Optional[Sequence[int]] = None) -> dict:
+    """A configuration inheriting from ``parent`` of ``plans`` with a tiny architecture and, if given, its own
+    patch size (which must stay divisible by the kept stages' total stride)."""
     configurations = plans["configurations"]
     if parent not in configurations:
-        raise GeodiagError(f"{plans_file} has no configuration {parent!r} to inherit from")
+        raise GeodiagError(f"the plans have no configuration {parent!r} to inherit from")
     if "architecture" not in configurations[parent]:
-        raise GeodiagError(f"configuration {parent!r} in {plans_file} has no architecture of its own")
+        raise GeodiagError(f"configuration {parent!r} has no architecture of its own")
     configuration = {
         "inherits_from": parent,
         "architecture": tiny_architecture(configurations[parent]["architecture"], n_stages, base_features,
                                           max_features),
     }
-    configurations[name] = configuration
+    if patch_size is not None:
+        configuration["patch_size"] = [int(p) for p in patch_size]
+    return configuration
+
+
+def add_tiny_configuration(plans_file: str | Path, name: str = TINY_CONFIGURATION, parent: str = "2d",
+                           n_stages: int = 4, base_features: int = 8, max_features: int = 64,
+                           patch_size: Optional[Sequence[int]] = None) -> dict:
+    """Add (or replace) configuration ``name`` (see ``tiny_configuration``) in a plans file; returns it."""
+    plans_file = Path(plans_file)
+    if not plans_file.is_file():
+        raise GeodiagError(f"no plans file at {plans_file}; run planning first")
+    plans = json.loads(plans_file.read_text())
+    configuration = tiny_configuration(plans, parent, n_stages, base_features, max_features, patch_size)
+    plans["configurations"][name] = configuration
     plans_file.write_text(json.dumps(plans, indent=4) + "\n")
     return configuration
 
@@ -87,8 +98,10 @@ def nnunet_tool(name: str) -> str:
     return path
 
 
-def plan_and_preprocess(dataset_id: int, dirs: NnunetDirs, tiny: bool = True, log_file: Optional[Path] = None) -> Path:
-    """Run ``nnUNetv2_plan_and_preprocess -d ID -c 2d -np 1 -npfp 1`` and add ``2d_tiny``; returns the plans file.
+def plan_and_preprocess(dataset_id: int, dirs: NnunetDirs, tiny: bool = True, log_file: Optional[Path] = None,
+                        configuration: str = "2d") -> Path:
+    """Run ``nnUNetv2_plan_and_preprocess -d ID -c CONFIGURATION -np 1 -npfp 1`` and, for 2d, add ``2d_tiny``;
+    returns the plans file.
 
     nnUNet_n_proc_DA=0 (in-process augmentation for training) makes planning crash (torch.set_num_threads(0)
     in its VRAM estimate), so the planning subprocess gets 1.
@@ -96,14 +109,14 @@ def plan_and_preprocess(dataset_id: int, dirs: NnunetDirs, tiny: bool = True, lo
     dataset_folder_name(dataset_id, dirs)
     dirs.create()
     log_file = log_file or dirs.preprocessed / f"plan_and_preprocess_{int(dataset_id):03d}.log"
-    command = [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(int(dataset_id)), "-c", "2d", "-np", "1",
-               "-npfp", "1"]
+    command = [nnunet_tool("nnUNetv2_plan_and_preprocess"), "-d", str(int(dataset_id)), "-c", configuration,
+               "-np", "1", "-npfp", "1"]
     with open(log_file, "w") as log:
         code = subprocess.run(command, env=nnunet_env(dirs, nnUNet_n_proc_DA="1"), stdout=log,
                               stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise GeodiagError(f"nnUNetv2_plan_and_preprocess failed (exit {code}); see {log_file}")
     plans = plans_file(dataset_id, dirs)
-    if tiny:
+    if tiny and configuration == "2d":
         add_tiny_configuration(plans)
     return plans

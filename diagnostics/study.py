@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TextIO
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -22,6 +22,7 @@ from geodiag.reports import tables
 from .datasets import dataset_spec, generator_settings, make_dataset
 from .environment import NnunetDirs, nnunet_env
 from .errors import GeodiagError
+from .progress import counter
 from .nnunet_plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
 Log = Callable[[str], None]
@@ -90,28 +91,6 @@ def _nnunet_environment(study: Study):
         os.environ.update(saved)
 
 
-@contextlib.contextmanager
-def progress(total: int, label: str, unit: str, log: Log, stream: Optional[TextIO] = None) -> Iterator[Callable[[], None]]:
-    """Yields ``advance()``, called once per finished unit of work: a tqdm bar on ``stream`` (stderr) when it is a
-    terminal, otherwise one plain line per unit through ``log`` (log files and CI have no use for a redrawn bar)."""
-    stream = sys.stderr if stream is None else stream
-    if stream.isatty():
-        from tqdm import tqdm
-
-        # mininterval 0: units are slow (an epoch, a case), every one is worth a redraw
-        with tqdm(total=total, desc=label, unit=unit, file=stream, leave=False, mininterval=0) as bar:
-            yield lambda: bar.update(1)
-        return
-    done = 0
-
-    def advance() -> None:
-        nonlocal done
-        done += 1
-        log(f"{label}: {unit} {done}/{total}")
-
-    yield advance
-
-
 # ----------------------------------------------------------------------------------------------------- steps
 def make_data(study: Study) -> None:
     for dataset_id in study.datasets:
@@ -163,7 +142,7 @@ def train(study: Study) -> None:
                 study.log(message)
 
         with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
-                progress(run.epochs, f"  {run.name}", "epoch", to_console) as advance:
+                counter(run.epochs, f"  {run.name}", "epoch", to_console) as advance:
             trainer = trainer_class(plans, TINY_CONFIGURATION, 0, dataset_json, torch.device(study.device))
             trainer.num_epochs = run.epochs
             trainer.num_iterations_per_epoch = run.iterations

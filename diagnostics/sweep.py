@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 import torch
@@ -25,6 +25,8 @@ from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkp
 from .devices import PRECISIONS
 from .errors import GeodiagError
 from .histograms import LogHistogram
+from .progress import Progress, progress_over
+from . import run_record
 
 DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_STABILIZERS = ("clamp", "additive", "shifted")
@@ -100,9 +102,12 @@ def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
     return flat.kthvalue(k).values
 
 
-def _reference(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...]) -> dict[str, float]:
-    """Descriptors of the prediction in fp64 with an exact sqrt (eps = 0), forward only."""
-    loss = GeometricLoss(classes, softmax=True, stabilizer="clamp", eps=0.0, aspect_formula="seed", reduction="none")
+def _reference(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...],
+               aspect_formula: str) -> dict[str, float]:
+    """Descriptors of the prediction in fp64 with an exact sqrt (eps = 0), forward only, with the aspect formula
+    whose bias is measured."""
+    loss = GeometricLoss(classes, softmax=True, stabilizer="clamp", eps=0.0, aspect_formula=aspect_formula,
+                         reduction="none")
     seen = _capture(loss, ("perimeter", "compactness", "aspect"))
     with torch.no_grad():
         loss(logits.detach().double(), label.double())
@@ -163,6 +168,14 @@ def _local_derivative(x: float) -> float:
     return math.inf if x == 0 else math.nan
 
 
+def device_clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work has finished: CUDA kernels run asynchronously, so an
+    unsynchronised clock times the launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _bias(value: float, reference: float) -> float:
     return value / reference - 1.0 if reference != 0 and math.isfinite(reference) else math.nan
 
@@ -192,11 +205,11 @@ def sweep_case(item: CheckpointSweep, network, case: Case, patch_size, settings:
     hist_rows: list[dict] = []
     for precision in precisions:
         dtype = PRECISIONS[precision]
-        start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        start = device_clock(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = predict_logits(network, case.image, patch_size)
-        timing.forward_s += time.perf_counter() - start
-        reference = _reference(logits, label, item.classes)
+        timing.forward_s += device_clock(device) - start
+        reference = _reference(logits, label, item.classes, aspect_formula)
         for setting in settings:
             measured, s = evaluate_setting(logits, label, item.classes, setting, aspect_formula)
             if precision == precisions[0] and setting == settings[0]:
@@ -219,12 +232,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "checkpoint"
 
 
-def load_sweep_items(specs: Sequence[str], trust: bool = False) -> list[CheckpointSweep]:
-    """``[LABEL=]PATH`` specs (files or results folders) as labelled checkpoints."""
+def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[str] = None) -> list[CheckpointSweep]:
+    """``[LABEL=]PATH`` specs (files or results folders; ``fold`` picks fold_<fold> in a results folder) as
+    labelled checkpoints."""
     items = []
     for spec in specs:
         label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        for file in find_checkpoints(path):
+        for file in find_checkpoints(path, fold):
             ck = load_checkpoint(file, trust=trust)
             name = label or f"{ck.plans.get('dataset_name', '?')}/{ck.trainer_name}/{file.stem}"
             meta = {"checkpoint": name, "dataset": dataset_id(ck), "epoch": ck.epoch,
@@ -232,16 +246,20 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False) -> list[Checkpoi
             items.append(CheckpointSweep(name, ck, foreground_classes(ck), meta))
     labels = [i.label for i in items]
     if len(set(labels)) != len(labels):
-        raise GeodiagError("two checkpoints share a label; name them LABEL=PATH")
+        raise GeodiagError("two checkpoints share a label; name them LABEL=PATH, or pick one fold with --fold")
     return items
 
 
 def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None,
               settings: Sequence[Setting] = (), precisions: Sequence[str] = ("fp32",),
               aspect_formula: str = "seed", device: str = "cpu", trust: bool = False, resume: bool = False,
-              max_cases: Optional[int] = None,
-              progress: Optional[Callable[[str], None]] = None) -> tuple[pd.DataFrame, SweepTiming]:
-    """Sweep every checkpoint × case × setting × precision; write DIR/sweep.csv and DIR/sweep_hist.csv."""
+              max_cases: Optional[int] = None, fold: Optional[str] = None,
+              progress: Optional[Progress] = None) -> tuple[pd.DataFrame, SweepTiming]:
+    """Sweep every checkpoint × case × setting × precision; write DIR/sweep.csv and DIR/sweep_hist.csv.
+
+    Each case is predicted whole (nnU-Net's sliding window, no gradients into the network); every gradient the
+    sweep reports is the loss's gradient at those logits.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GeodiagError(f"--out {out} exists and is not a folder")
@@ -250,13 +268,17 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
         case_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    if not resume and any(case_dir.glob("*/*.csv")):
+    has_results = any(case_dir.glob("*/*.csv"))
+    if not resume and has_results:
         raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
     settings = list(settings) or parse_settings(DEFAULT_STABILIZERS, DEFAULT_EPS)
     dev = torch.device(device)
     timing = SweepTiming()
-    start = time.perf_counter()
-    items = load_sweep_items(specs, trust)
+    start = device_clock(dev)
+    items = load_sweep_items(specs, trust, fold)
+    run_record.check_and_record(out, {"settings": [[s.stabilizer, s.eps] for s in settings],
+                                      "precisions": list(precisions), "aspect_formula": aspect_formula},
+                                resume, has_results)
     for item in items:
         folder = case_dir / _slug(item.label)
         files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
@@ -268,17 +290,18 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         patch_size = PlansManager(item.checkpoint.plans).get_configuration(item.checkpoint.configuration).patch_size
+        if aspect_formula == "seed" and len(patch_size) != 2:
+            raise GeodiagError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
+                               "only: pass --aspect-formula anisotropy")
         network = build_network(item.checkpoint, trust=trust).to(dev)
-        for index, files_of_case in enumerate(todo):
-            if progress:
-                progress(f"{item.label}: case {files_of_case.name} ({index + 1}/{len(todo)})")
+        for files_of_case in progress_over(todo, item.label, progress):
             case = preprocess(item.checkpoint, files_of_case)
             rows, hist_rows = sweep_case(item, network, case, patch_size, settings, precisions, aspect_formula,
                                          dev, timing)
             stem = folder / _slug(files_of_case.name)
             tables.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
             tables.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
-    timing.total_s = time.perf_counter() - start
+    timing.total_s = device_clock(dev) - start
     frame = collect(out)
     return frame, timing
 

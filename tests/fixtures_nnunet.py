@@ -1,4 +1,5 @@
-"""Session-scoped nnU-Net fixtures: temporary data folders, a tiny planned dataset 502, a geometric and a stock run.
+"""Session-scoped nnU-Net fixtures: temporary data folders, a tiny planned dataset 502, a geometric and a stock run,
+untrained checkpoints whose cases are larger than the patch (2D) or larger and smaller along different axes (3D).
 
 Import them from conftest.py with ``from fixtures_nnunet import *``. Each is built once per session, as small as
 nnU-Net allows (16 images of 64^2, the ``2d_tiny`` configuration, 1 MB checkpoints).
@@ -12,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from geodiag.diagnostics.environment import EXT_TRAINER_VAR, NnunetDirs, ext_tra
 from geodiag.diagnostics.nnunet_plans import PLANS_NAME, TINY_CONFIGURATION, nnunet_tool, plan_and_preprocess
 
 __all__ = ["NnunetDataset", "NnunetRun", "nnunet_env", "tiny_dataset_502", "geometric_run", "stock_run",
-           "env_from_geodiag"]
+           "env_from_geodiag", "patch32_checkpoint", "tiny_dataset_3d", "checkpoint_3d"]
 
 QUICK_TRAINER = "nnUNetTrainerGeometricQuick"
 
@@ -132,3 +134,89 @@ def stock_run(tiny_dataset_502: NnunetDataset) -> NnunetRun:
     trainer.run_training()
     folder = Path(trainer.output_folder)
     return NnunetRun("nnUNetTrainer", tiny_dataset_502, folder, {}, None, "")
+
+
+def crop_with_padding(array: np.ndarray, bbox: list[list[int]], fill: float) -> np.ndarray:
+    """array[:, lo:hi, ...] (fp64) with ``fill`` wherever the box reaches outside the array: an nnU-Net training
+    patch cut here in numpy, from the box its data loader chose."""
+    out = np.full((array.shape[0], *[hi - lo for lo, hi in bbox]), fill, dtype=np.float64)
+    source = tuple(slice(max(lo, 0), min(hi, size)) for (lo, hi), size in zip(bbox, array.shape[1:]))
+    target = tuple(slice(max(lo, 0) - lo, min(hi, size) - lo) for (lo, hi), size in zip(bbox, array.shape[1:]))
+    out[(slice(None),) + target] = array[(slice(None),) + source]
+    return out
+
+
+def untrained_checkpoint(dataset: NnunetDataset, configuration: str, definition: dict) -> Path:
+    """A stock nnUNetTrainer's freshly initialised checkpoint (as its first save would write it) for a
+    configuration added to the dataset's plans in memory only (the plans file stays as planned)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    plans = dataset.load_plans()
+    plans["configurations"][configuration] = definition
+    torch.manual_seed(0)
+    trainer = nnUNetTrainer(plans, configuration, 0, dataset.load_dataset_json(), torch.device("cpu"))
+    trainer.initialize()
+    Path(trainer.output_folder).mkdir(parents=True, exist_ok=True)
+    path = Path(trainer.output_folder) / "checkpoint_final.pth"
+    trainer.save_checkpoint(str(path))
+    return path
+
+
+# 2D: the 64^2 images of dataset 502 on patches of 32^2, so every case is larger than the patch.
+PATCH32_CONFIGURATION = "2d_tiny_patch32"
+
+
+@pytest.fixture(scope="session")
+def patch32_checkpoint(tiny_dataset_502: NnunetDataset) -> Path:
+    from geodiag.diagnostics.nnunet_plans import tiny_configuration
+
+    definition = tiny_configuration(tiny_dataset_502.load_plans(), "2d", patch_size=(32, 32))
+    return untrained_checkpoint(tiny_dataset_502, PATCH32_CONFIGURATION, definition)
+
+
+# 3D: balls in volumes of 40-56 voxels per axis, patch 48^3: every case is shorter than the patch along some axis
+# (by a size the network's total stride, 4, does not divide: an unpadded tile cannot go through it) and longer
+# along another.
+BALL_SHAPES = ((42, 56, 48), (56, 45, 40), (48, 41, 56), (43, 53, 44))
+PATCH_3D = (48, 48, 48)
+CONFIGURATION_3D = "3d_tiny"
+
+
+def _write_balls_3d(raw: Path, dataset_id: int) -> Path:
+    """A raw nnU-Net dataset of one bright ball per noisy volume (NIfTI, spacing 1)."""
+    import SimpleITK as sitk
+
+    folder = raw / f"Dataset{dataset_id:03d}_Balls3D"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(3)
+    for index, shape in enumerate(BALL_SHAPES):
+        grid = np.indices(shape).astype(np.float32)
+        centre = [rng.uniform(14, s - 14) for s in shape]
+        label = (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= 10.0 ** 2).astype(np.uint8)
+        image = 100.0 + 80.0 * label + rng.normal(0, 15, shape)
+        for array, path in ((image.astype(np.float32), folder / "imagesTr" / f"ball_{index:03d}_0000.nii.gz"),
+                            (label, folder / "labelsTr" / f"ball_{index:03d}.nii.gz")):
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "synthetic"}, "labels": {"background": 0, "ball": 1},
+        "numTraining": len(BALL_SHAPES), "file_ending": ".nii.gz"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_3d(nnunet_env: NnunetDirs) -> NnunetDataset:
+    """Dataset590_Balls3D planned and preprocessed by the real planner (3d_fullres)."""
+    folder = _write_balls_3d(nnunet_env.raw, 590)
+    plans_file = plan_and_preprocess(590, nnunet_env, configuration="3d_fullres")
+    return NnunetDataset(590, folder.name, nnunet_env, plans_file, CONFIGURATION_3D)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_3d(tiny_dataset_3d: NnunetDataset) -> Path:
+    """An untrained stock checkpoint of 3d_tiny: 3d_fullres cut to 3 stages of 4-16 features, patch 48^3."""
+    from geodiag.diagnostics.nnunet_plans import tiny_configuration
+
+    definition = tiny_configuration(tiny_dataset_3d.load_plans(), "3d_fullres", n_stages=3, base_features=4,
+                                    max_features=16, patch_size=PATCH_3D)
+    return untrained_checkpoint(tiny_dataset_3d, CONFIGURATION_3D, definition)

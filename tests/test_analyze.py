@@ -80,21 +80,23 @@ def test_unprotected_sqrt_gives_a_non_finite_gradient_named_at_its_producer(stoc
 
 
 def test_geometric_fraction_of_pixels_below_eps_matches_an_independent_count(geometric_run, tmp_path):
-    """eps_fractions.csv against s recomputed here from the same network output in fp64."""
+    """eps_fractions.csv (measured on the training patches) against s recomputed here in fp64 from the network's
+    output on the same patches, cut here from the preprocessed case at the boxes the analysis recorded."""
+    import numpy as np
     import torch
 
-    from geodiag.diagnostics.cases import find_cases, predict_logits, preprocess
+    from fixtures_nnunet import crop_with_padding
+    from geodiag.diagnostics.cases import find_cases, preprocess
     from geodiag.diagnostics.checkpoint import build_network, load_checkpoint
 
     path = geometric_run.checkpoints[geometric_run.switch_on_epoch]
     _analyze(path, tmp_path, max_cases=1)
     ck = load_checkpoint(path)
     case = preprocess(ck, find_cases(ck)[0])
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    patch = PlansManager(ck.plans).get_configuration(ck.configuration).patch_size
+    boxes = json.loads((tmp_path / "cases" / "fp32" / f"{case.name}.json").read_text())["patches"]["bboxes"]
+    patches = np.stack([crop_with_padding(case.data, box, 0.0)[:, 0] for box in boxes])
     with torch.no_grad():
-        p = torch.softmax(predict_logits(build_network(ck), case.image, patch).double(), dim=1)[:, 1]
+        p = torch.softmax(build_network(ck)(torch.from_numpy(patches).float()).double(), dim=1)[:, 1]
     padded = torch.nn.functional.pad(p[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
     gy = ((padded[:, 2:, :-2] + 2 * padded[:, 2:, 1:-1] + padded[:, 2:, 2:])
           - (padded[:, :-2, :-2] + 2 * padded[:, :-2, 1:-1] + padded[:, :-2, 2:])) / 8

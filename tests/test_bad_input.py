@@ -273,3 +273,20 @@ def test_invalid_sweep_settings(capsys, tmp_path, checkpoint, options, needle):
 def test_invalid_precision_for_an_analysis(capsys, tmp_path, checkpoint):
     _one_line_error(capsys, _analyze(checkpoint, tmp_path / "out", "--precision", "fp8"), "unknown precision 'fp8'")
 
+
+
+# ---------------------------------------------------------------------- check-bounds: 1 is a regression, never a crash
+def test_a_loss_that_crashes_in_check_bounds_exits_2_not_1(capsys, tmp_path, monkeypatch):
+    """A researcher's loss with a shape bug: check-bounds must not report the crash as a gradient regression."""
+    (tmp_path / "crashing_user_loss.py").write_text(
+        "import torch\n\n"
+        "def dice_with_shape_bug(probs, target):\n"
+        "    fg = probs[:, 1]\n"
+        "    inter = (fg * target.squeeze(1)).sum(dim=(1, 2, 3))  # [B, H, W] has no dim 3\n"
+        "    return 1 - (2 * inter / (fg.sum() + target.sum()).clamp_min(1e-6)).mean()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["check-bounds", "--loss", "crashing_user_loss:dice_with_shape_bug", "--cases", "tiny_disk",
+                 "--precisions", "fp32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("geodiag check-bounds: error: ") and "Traceback" not in err[0]

@@ -87,3 +87,44 @@ def test_rerunning_into_a_killed_runs_folder_without_resume_is_refused(geometric
     target = checkpoint if command == "analyze-checkpoint" else f"ckpt={checkpoint}"
     assert main([command, target, "--out", str(tmp_path)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+# first run's options, the resumed run's, and what the refusal must name
+CHANGED_SETTINGS = {
+    "analyze-eps": ("analyze-checkpoint", ["--eps", "1e-2"], ["--eps", "1e-4"], "eps was 0.01 and is now 0.0001"),
+    "analyze-stabilizer": ("analyze-checkpoint", ["--stabilizer", "clamp"], ["--stabilizer", "additive"],
+                           "stabilizer was clamp and is now additive"),
+    "analyze-patches": ("analyze-checkpoint", ["--patches", "1"], ["--patches", "2"], "patches was 1 and is now 2"),
+    "sweep-eps": ("clamp-sweep", ["--eps", "1e-2"], ["--eps", "1e-4"], "settings was [['clamp', 0.01]]"),
+    "sweep-stabilizers": ("clamp-sweep", ["--stabilizers", "clamp"], ["--stabilizers", "shifted"], "settings was"),
+    "sweep-precision": ("clamp-sweep", ["--precision", "fp32"], ["--precision", "bf16"],
+                        "precisions was ['fp32'] and is now ['bf16']"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHANGED_SETTINGS))
+def test_resuming_with_other_settings_is_refused_naming_what_changed(stock_run, tmp_path, capsys, name):
+    """Finished cases computed with one eps must never be merged with cases of another under one label."""
+    command, first, changed, needle = CHANGED_SETTINGS[name]
+    checkpoint = str(stock_run.final_checkpoint)
+    target = checkpoint if command == "analyze-checkpoint" else f"ckpt={checkpoint}"
+    fixed = [] if command == "analyze-checkpoint" else ["--stabilizers", "clamp", "--precision", "fp32"]
+    argv = [command, target, "--cases", "shapes_one_000", "--out", str(tmp_path), "--device", "cpu"]
+    _run([*argv, *fixed, *first])
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "cases").glob("*/*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv, *fixed, *changed, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"geodiag {command}: error: --resume:") and needle in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+
+
+def test_resuming_an_analysis_with_another_precision_computes_only_that_precision(stock_run, tmp_path):
+    argv = ["analyze-checkpoint", str(stock_run.final_checkpoint), "--cases", "shapes_one_000", "--out",
+            str(tmp_path), "--device", "cpu"]
+    _run([*argv, "--precision", "fp32"])
+    fp32 = tmp_path / "cases" / "fp32" / "shapes_one_000.json"
+    before = fp32.stat().st_mtime_ns
+    _run([*argv, "--precision", "fp32,bf16", "--resume"])
+    assert fp32.stat().st_mtime_ns == before and (tmp_path / "cases" / "bf16" / "shapes_one_000.json").exists()
+    assert set(pd.read_csv(tmp_path / "tensors.csv").precision) == {"fp32", "bf16"}

@@ -19,6 +19,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=float, help="override the stabiliser's eps")
     parser.add_argument("--precision", default="fp32",
                         help="comma-separated precisions of the network forward: fp32, fp16, bf16")
+    parser.add_argument("--patches", type=int, default=None, metavar="N",
+                        help="training patches per case, drawn as nnU-Net's data loader draws them, that go through "
+                             "the network with gradients (default 2: one random, one on foreground)")
+    parser.add_argument("--augment", action="store_true",
+                        help="pass the training patches through nnUNetTrainer's training augmentation (default: off)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -28,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from geodiag.reports import analysis_report
 
-    from ..analyze import analyze_checkpoint
+    from ..analyze import DEFAULT_PATCHES, analyze_checkpoint
+    from ..progress import for_stream
     from ..devices import resolve_device
     from ..errors import GeodiagError
 
@@ -38,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, fold=args.fold, cases=args.cases, device=resolve_device(args.device),
         stabilizer=args.stabilizer, eps=args.eps, precisions=[p.strip() for p in args.precision.split(",")],
         max_cases=args.max_cases, trust=args.trust_checkpoint, resume=args.resume,
-        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        patches=DEFAULT_PATCHES if args.patches is None else args.patches, augment=args.augment,
+        progress=for_stream(sys.stderr))
     report = analysis_report.render(args.out)
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
     print(report.markdown)

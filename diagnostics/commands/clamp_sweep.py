@@ -24,6 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CHECKPOINT",
                         help="checkpoint files or nnU-Net results folders, optionally labelled")
+    parser.add_argument("--fold", help="fold to sweep when a results folder holds several folds")
     parser.add_argument("--cases", help="folder of cases, or comma-separated case names (default: the dataset's "
                                         "imagesTr/labelsTr under nnUNet_raw)")
     parser.add_argument("--eps", type=_floats, default=list(DEFAULT_EPS), help="comma-separated eps values")
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device
     from ..devices import parse_precisions
+    from ..progress import for_stream
     from ..sweep import parse_settings, run_sweep
 
     settings = parse_settings(args.stabilizers, args.eps)
@@ -52,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     frame, timing = run_sweep(args.checkpoints, args.out, cases=args.cases, settings=settings,
                               precisions=precisions, aspect_formula=args.aspect_formula, device=device,
-                              trust=args.trust_checkpoint, resume=args.resume,
-                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                              trust=args.trust_checkpoint, resume=args.resume, fold=args.fold,
+                              progress=for_stream(sys.stderr))
     report = sweep_report.render(args.out)
     print(f"{len(frame)} rows; network forward {timing.forward_s:.1f} s of {timing.total_s:.1f} s "
           f"(sweep / plain inference = {timing.ratio:.2f}x)")
