@@ -6,8 +6,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .bounds import Baseline, Outcome, as_loss, run_checks, select_cases
-from .devices import PRECISIONS, resolve_device
+from .tools.bounds import Baseline, Outcome, as_loss, run_checks, select_cases
+from .instruments.devices import PRECISIONS, resolve_device
 
 
 def assert_gradient_bounds(

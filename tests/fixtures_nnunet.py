@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from geodiag.diagnostics.datasets import make_dataset
-from geodiag.diagnostics.environment import EXT_TRAINER_VAR, NnunetDirs, ext_trainer_value
-from geodiag.diagnostics.nnunet_plans import PLANS_NAME, TINY_CONFIGURATION, nnunet_tool, plan_and_preprocess
+from geodiag.diagnostics.nnunet.datasets import make_dataset
+from geodiag.diagnostics.nnunet.environment import EXT_TRAINER_VAR, NnunetDirs, ext_trainer_value
+from geodiag.diagnostics.nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, nnunet_tool, plan_and_preprocess
 
 __all__ = ["NnunetDataset", "NnunetRun", "nnunet_env", "tiny_dataset_502", "geometric_run", "stock_run",
            "env_from_geodiag", "patch32_checkpoint", "tiny_dataset_3d", "checkpoint_3d"]
@@ -168,7 +168,7 @@ PATCH32_CONFIGURATION = "2d_tiny_patch32"
 
 @pytest.fixture(scope="session")
 def patch32_checkpoint(tiny_dataset_502: NnunetDataset) -> Path:
-    from geodiag.diagnostics.nnunet_plans import tiny_configuration
+    from geodiag.diagnostics.nnunet.plans import tiny_configuration
 
     definition = tiny_configuration(tiny_dataset_502.load_plans(), "2d", patch_size=(32, 32))
     return untrained_checkpoint(tiny_dataset_502, PATCH32_CONFIGURATION, definition)
@@ -215,7 +215,7 @@ def tiny_dataset_3d(nnunet_env: NnunetDirs) -> NnunetDataset:
 @pytest.fixture(scope="session")
 def checkpoint_3d(tiny_dataset_3d: NnunetDataset) -> Path:
     """An untrained stock checkpoint of 3d_tiny: 3d_fullres cut to 3 stages of 4-16 features, patch 48^3."""
-    from geodiag.diagnostics.nnunet_plans import tiny_configuration
+    from geodiag.diagnostics.nnunet.plans import tiny_configuration
 
     definition = tiny_configuration(tiny_dataset_3d.load_plans(), "3d_fullres", n_stages=3, base_features=4,
                                     max_features=16, patch_size=PATCH_3D)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from checkpoint_faults import collapsed_scaler, nan_momentum, nan_weights, write_modified
-from geodiag.diagnostics.analyze import analyze_checkpoint
+from geodiag.diagnostics.tools.analyze import analyze_checkpoint
 from geodiag.reports import tables
 
 
@@ -86,8 +86,8 @@ def test_geometric_fraction_of_pixels_below_eps_matches_an_independent_count(geo
     import torch
 
     from fixtures_nnunet import crop_with_padding
-    from geodiag.diagnostics.cases import find_cases, preprocess
-    from geodiag.diagnostics.checkpoint import build_network, load_checkpoint
+    from geodiag.diagnostics.nnunet.cases import find_cases, preprocess
+    from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
 
     path = geometric_run.checkpoints[geometric_run.switch_on_epoch]
     _analyze(path, tmp_path, max_cases=1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.instruments.errors import GeodiagError
 from geodiag.diagnostics.nonfinite.autotaps import AutoTaps, autotap_overhead
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 from geodiag.diagnostics.nonfinite.override import BoundOverride

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from checkpoint_faults import write_modified
-from geodiag.diagnostics.checkpoint import find_checkpoints, load_checkpoint
+from geodiag.diagnostics.nnunet.checkpoint import find_checkpoints, load_checkpoint
 from geodiag.diagnostics.cli import main
 
 log = logging.getLogger(__name__)

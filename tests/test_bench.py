@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from geodiag.diagnostics import bench
+from geodiag.diagnostics.tools import bench
 from geodiag.diagnostics.cli import main
 
 

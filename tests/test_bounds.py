@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from geodiag.diagnostics import bounds
+from geodiag.diagnostics.tools import bounds
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.testing import assert_gradient_bounds
 from geodiag.losses import GeometricLoss

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from checkpoint_faults import write_modified
-from geodiag.diagnostics.checkpoint import build_network, load_checkpoint
+from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
 from geodiag.diagnostics.cli import main
-from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.instruments.errors import GeodiagError
 
 
 class _TouchWithOsSystem:

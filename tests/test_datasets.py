@@ -9,8 +9,8 @@ from PIL import Image
 from scipy import ndimage
 
 from geodiag.diagnostics.cli import main
-from geodiag.diagnostics.datasets import SPECS, make_dataset
-from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.nnunet.datasets import SPECS, make_dataset
+from geodiag.diagnostics.instruments.errors import GeodiagError
 
 
 def _load(folder, split="Tr"):

@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 
-from geodiag.diagnostics.demo import run_demo
+from geodiag.diagnostics.study.demo import run_demo
 from geodiag.reports import tables
 
 

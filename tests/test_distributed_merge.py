@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from geodiag.diagnostics.histograms import LogHistogram, decade_grid
+from geodiag.diagnostics.instruments.histograms import LogHistogram, decade_grid
 
 WORLD_SIZE = 2
 

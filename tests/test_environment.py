@@ -10,9 +10,9 @@ from pathlib import Path
 
 import geodiag.losses.nnunet_trainer as trainer_module
 from geodiag.losses import preset_kwargs
-from geodiag.diagnostics import environment
+from geodiag.diagnostics.nnunet import environment
 from geodiag.diagnostics.cli import main
-from geodiag.diagnostics.environment import EXT_TRAINER_VAR, diagnose, ext_trainer_value, trainer_folders
+from geodiag.diagnostics.nnunet.environment import EXT_TRAINER_VAR, diagnose, ext_trainer_value, trainer_folders
 
 SHIM = Path(trainer_module.__file__).parent / "nnunet_ext"
 
@@ -42,7 +42,7 @@ def test_env_imports_neither_pandas_nor_torch_nor_matplotlib(tmp_path):
     run = subprocess.run([sys.executable, "-X", "importtime", "-m", "geodiag.diagnostics.cli", "env"], check=True,
                          capture_output=True, text=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
-    assert "geodiag.diagnostics.environment" in imported and run.stdout.startswith("export ")
+    assert "geodiag.diagnostics.nnunet.environment" in imported and run.stdout.startswith("export ")
     assert not {"pandas", "torch", "matplotlib", "numpy"} & imported
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from geodiag.losses import STABILIZERS, GeometricLoss
-from geodiag.diagnostics.host_sync import HostReadDetector
+from geodiag.diagnostics.instruments.host_sync import HostReadDetector
 from shapes import disk, ellipse, logits_from, two_class
 
 torch.manual_seed(0)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.instruments.errors import GeodiagError
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 
 from seed_style_loss import GeometricShapeLoss

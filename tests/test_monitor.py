@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from geodiag.diagnostics.monitor import (ITERATIONS_FILE, MONITOR_FOLDER, TrainingMonitor,
+from geodiag.diagnostics.nnunet.monitor import (ITERATIONS_FILE, MONITOR_FOLDER, TrainingMonitor,
                                          nnUNetTrainerGeometricMonitoredQuick)
 from geodiag.losses import GeometricLoss
 from shapes import disk
@@ -84,7 +84,7 @@ def test_monitored_trainer_is_found_by_nnunets_trainer_lookup(nnunet_env):  # no
 
     found = recursive_find_trainer_class_by_name("nnUNetTrainerGeometricMonitoredQuick")
     assert found.__name__ == "nnUNetTrainerGeometricMonitoredQuick"
-    assert found.__module__ == "geodiag.diagnostics.monitor"
+    assert found.__module__ == "geodiag.diagnostics.nnunet.monitor"
 
 
 # ---------------------------------------------------------------------- the monitor on its own

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fixtures_nnunet import env_from_geodiag
-from geodiag.diagnostics.environment import trainer_folders
-from geodiag.diagnostics.nnunet_plans import nnunet_tool
+from geodiag.diagnostics.nnunet.environment import trainer_folders
+from geodiag.diagnostics.nnunet.plans import nnunet_tool
 
 
 def _load(path):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from fixtures_nnunet import BALL_SHAPES, PATCH_3D, crop_with_padding
-from geodiag.diagnostics.analyze import analyze_checkpoint
-from geodiag.diagnostics.cases import find_cases, predict_logits, preprocess
-from geodiag.diagnostics.checkpoint import build_network, load_checkpoint
+from geodiag.diagnostics.tools.analyze import analyze_checkpoint
+from geodiag.diagnostics.nnunet.cases import find_cases, predict_logits, preprocess
+from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
 from geodiag.diagnostics.cli import main
-from geodiag.diagnostics.patches import training_patches
+from geodiag.diagnostics.nnunet.patches import training_patches
 from geodiag.reports import tables
 
 log = logging.getLogger(__name__)

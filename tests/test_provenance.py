@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from geodiag.diagnostics.errors import GeodiagError
-from geodiag.diagnostics.provenance import NonFiniteProvenance
+from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.nonfinite.provenance import NonFiniteProvenance
 from geodiag.losses import GeometricLoss
 
 SYNC_MODES = ("step", "op")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from geodiag.diagnostics.histograms import decade_grid
-from geodiag.diagnostics.recorder import Recorder, sqrt_summary
+from geodiag.diagnostics.instruments.histograms import decade_grid
+from geodiag.diagnostics.instruments.recorder import Recorder, sqrt_summary
 from geodiag.losses import GeometricLoss
 from shapes import disk
-from geodiag.diagnostics.host_sync import HostReadDetector
+from geodiag.diagnostics.instruments.host_sync import HostReadDetector
 
 
 def _uncertain_logits(batch: int = 2, n: int = 64, seed: int = 0) -> torch.Tensor:

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from geodiag.diagnostics.errors import GeodiagError
-from geodiag.diagnostics.replay import Precision, replay
+from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.nonfinite.replay import Precision, replay
 from geodiag.losses import GeometricLoss
 
 from test_provenance import disk, pixel_unit_first_moments

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from geodiag.diagnostics.errors import GeodiagError
-from geodiag.diagnostics.sweep import _reference, device_clock, parse_settings, run_sweep
+from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.tools.sweep import _reference, device_clock, parse_settings, run_sweep
 from geodiag.reports import tables
 from shapes import disk, logits_from
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from geodiag.diagnostics.errors import GeodiagError
-from geodiag.diagnostics.training_state import TrainingStateRecorder, checkpoint_health
-from geodiag.diagnostics.host_sync import HostReadDetector
+from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.instruments.training_state import TrainingStateRecorder, checkpoint_health
+from geodiag.diagnostics.instruments.host_sync import HostReadDetector
 
 FP32_MAX = torch.finfo(torch.float32).max
 

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from geodiag.diagnostics.histograms import LogHistogram
+from geodiag.diagnostics.instruments.histograms import LogHistogram
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
                                                  is_inplace, numeric)
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.instruments.errors import GeodiagError
 
 INPUT_KINDS = ("probabilities", "logits")
 

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from geodiag.diagnostics.errors import GeodiagError
+from geodiag.diagnostics.instruments.errors import GeodiagError
 
 _SKIPPED_DIRS = (os.path.dirname(torch.__file__) + os.sep,
                  os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)

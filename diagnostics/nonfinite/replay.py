@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 from .provenance import NonFiniteProvenance, ProvenanceReport
 
 VERDICTS = ("maths", "fp32-range", "low-precision", "not-reproduced", "non-finite-input")

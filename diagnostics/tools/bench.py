@@ -34,10 +34,10 @@ from torch import nn
 
 from geodiag.losses import GeometricLoss
 
-from .errors import GeodiagError
-from .histograms import LogHistogram, decade_grid
-from .host_sync import count_host_syncs
-from .recorder import Recorder
+from ..instruments.errors import GeodiagError
+from ..instruments.histograms import LogHistogram, decade_grid
+from ..instruments.host_sync import count_host_syncs
+from ..instruments.recorder import Recorder
 
 COLUMNS = ("benchmark", "subject", "baseline", "value", "unit", "target", "met", "method")
 
@@ -200,7 +200,7 @@ def soft_logits(label: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 # ---------------------------------------------------------------------- benchmarks
 def bench_monitor(scale: Scale, device: torch.device, clock: Clock) -> list[Result]:
     """The live monitor (every tap, the logits' and the parameters' gradients histogrammed) vs a plain step."""
-    from .monitor import TrainingMonitor
+    from ..nnunet.monitor import TrainingMonitor
 
     steps = {"plain": NnUNetStep(scale, device)}
     for every in (1, 16):
@@ -217,7 +217,7 @@ def bench_monitor(scale: Scale, device: torch.device, clock: Clock) -> list[Resu
 
 def bench_provenance(scale: Scale, device: torch.device, clock: Clock) -> list[Result]:
     """NonFiniteProvenance (one host sync per step) vs a plain step and vs torch.autograd.detect_anomaly."""
-    from .provenance import NonFiniteProvenance
+    from ..nonfinite.provenance import NonFiniteProvenance
 
     step = NnUNetStep(scale, device)
 
@@ -287,7 +287,7 @@ def bench_vectorised(scale: Scale, device: torch.device, clock: Clock) -> list[R
 
 def bench_sweep(scale: Scale, device: torch.device, clock: Clock) -> list[Result]:
     """The clamp sweep (7 settings, fp32) of each case vs plain inference of the same cases."""
-    from .cases import Case, predict_logits
+    from ..nnunet.cases import Case, predict_logits
     from .sweep import CheckpointSweep, Setting, SweepTiming, sweep_case
 
     step = NnUNetStep(scale, device)
@@ -433,7 +433,7 @@ def _status_bytes(key: str) -> int:
 
 
 def _probe_in_subprocess(subject: str, spatial: Sequence[int], device: torch.device) -> int:
-    code = ("import sys, torch; torch.set_num_threads(1); from geodiag.diagnostics.bench import memory_probe; "
+    code = ("import sys, torch; torch.set_num_threads(1); from geodiag.diagnostics.tools.bench import memory_probe; "
             f"print(memory_probe({subject!r}, {tuple(spatial)!r}, {str(device)!r}))")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -18,9 +18,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: no OpenMP spinning
-    from ..demo import run_demo
-    from ..devices import resolve_device
-    from ..errors import GeodiagError
+    from ..study.demo import run_demo
+    from ..instruments.devices import resolve_device
+    from ..instruments.errors import GeodiagError
 
     if args.num < 4 or args.size < 32:
         raise GeodiagError("--num must be at least 4 and --size at least 32")

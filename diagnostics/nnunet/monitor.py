@@ -35,8 +35,8 @@ from torch import nn
 from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric, nnUNetTrainerGeometricQuick
 from geodiag.reports import tables
 
-from .recorder import Attachment, Recorder
-from .training_state import TrainingStateRecorder
+from ..instruments.recorder import Attachment, Recorder
+from ..instruments.training_state import TrainingStateRecorder
 
 MONITOR_FOLDER = "geodiag_monitor"
 ITERATIONS_FILE = "iterations.csv"

@@ -11,7 +11,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..environment import export_lines
+    from ..nnunet.environment import export_lines
 
     print("\n".join(export_lines(args.root)))
     return 0

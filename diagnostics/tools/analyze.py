@@ -25,18 +25,18 @@ import torch
 from geodiag.losses import GeometricLoss
 from geodiag.reports import tables
 
-from .cases import CaseFiles, find_cases, predict_logits, preprocess
-from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
-from .errors import GeodiagError
-from .histograms import BinLayout, LogHistogram, decade_grid
-from .patches import PatchBatch, training_patches
-from .progress import Progress, progress_over
+from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
+from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
+from ..instruments.errors import GeodiagError
+from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
+from ..nnunet.patches import PatchBatch, training_patches
+from ..progress import Progress, progress_over
 from . import run_record
-from .provenance import NonFiniteProvenance
-from .recorder import THRESHOLDED, Recorder
-from .devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
+from ..nonfinite.provenance import NonFiniteProvenance
+from ..instruments.recorder import THRESHOLDED, Recorder
+from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
 from .sweep import foreground_classes, geometric_active
-from .training_state import checkpoint_health
+from ..instruments.training_state import checkpoint_health
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
 # The two inputs each case is evaluated on (keys of a case result).

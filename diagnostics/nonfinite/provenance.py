@@ -4,7 +4,7 @@
 output first holds a NaN: for ``sqrt(x * x)`` at x = 0 that is MulBackward0, which only turned the Inf of
 SqrtBackward0 into NaN. This mode watches every aten op, forward and backward, and blames the producer.
 
-How, and what it costs (see the module docstring of ``geodiag.diagnostics.replay`` for the full checks):
+How, and what it costs (see the module docstring of ``geodiag.diagnostics.nonfinite.replay`` for the full checks):
 
 - A ``TorchDispatchMode`` sees every aten op. The autograd engine carries the mode into backward (checked on
   CPU with torch 2.15: for sqrt(x * x) it sees expand in SumBackward0, mul.Scalar and div.Tensor in
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 SYNC_MODES = ("step", "op")
 

@@ -33,10 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from geodiag.reports import analysis_report
 
-    from ..analyze import DEFAULT_PATCHES, analyze_checkpoint
+    from ..tools.analyze import DEFAULT_PATCHES, analyze_checkpoint
     from ..progress import for_stream
-    from ..devices import resolve_device
-    from ..errors import GeodiagError
+    from ..instruments.devices import resolve_device
+    from ..instruments.errors import GeodiagError
 
     if args.max_cases is not None and args.max_cases < 1:
         raise GeodiagError("--max-cases must be at least 1")

@@ -35,9 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import bounds
-    from ..devices import PRECISIONS, resolve_device
-    from ..errors import GeodiagError
+    from ..tools import bounds
+    from ..instruments.devices import PRECISIONS, resolve_device
+    from ..instruments.errors import GeodiagError
 
     if args.list:
         print("cases:")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(write, path: Path, what: str) -> None:
-    from ..errors import GeodiagError
+    from ..instruments.errors import GeodiagError
 
     try:
         write()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")

@@ -19,11 +19,11 @@ import pandas as pd
 
 from geodiag.reports import tables
 
-from .datasets import dataset_spec, generator_settings, make_dataset
-from .environment import NnunetDirs, nnunet_env
-from .errors import GeodiagError
-from .progress import counter
-from .nnunet_plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
+from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
+from ..nnunet.environment import NnunetDirs, nnunet_env
+from ..instruments.errors import GeodiagError
+from ..progress import counter
+from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
 Log = Callable[[str], None]
 
@@ -163,7 +163,7 @@ def train(study: Study) -> None:
 
 def summarize(study: Study) -> None:
     """runs.csv: per run and epoch, what nnU-Net logged (Dice+CE, each geometric term, skips, gradient norm)."""
-    from .checkpoint import load_checkpoint
+    from ..nnunet.checkpoint import load_checkpoint
 
     rows = []
     for run in study.runs:
@@ -209,9 +209,9 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
     from geodiag.losses import GeometricLoss
     from geodiag.reports.study_report import SEED_BELOW
 
-    from .cases import find_cases, predict_logits, preprocess
-    from .checkpoint import build_network, load_checkpoint
-    from .sweep import foreground_classes
+    from ..nnunet.cases import find_cases, predict_logits, preprocess
+    from ..nnunet.checkpoint import build_network, load_checkpoint
+    from ..tools.sweep import foreground_classes
 
     checkpoint = load_checkpoint(path)
     classes = foreground_classes(checkpoint)
@@ -257,7 +257,7 @@ def analyze(study: Study) -> None:
     """The switch-on checkpoint of the chosen runs, and the first bad epoch of any run that went non-finite."""
     from geodiag.reports import analysis_report
 
-    from .analyze import analyze_checkpoint
+    from ..tools.analyze import analyze_checkpoint
 
     runs = study.products.get("runs")
     targets = []
@@ -287,7 +287,7 @@ def sweep(study: Study) -> None:
     """Every (stabiliser, eps) on the checkpoints around each run's switch-on."""
     from geodiag.reports import sweep_report
 
-    from .sweep import run_sweep
+    from ..tools.sweep import run_sweep
 
     specs = []
     for run in study.runs:

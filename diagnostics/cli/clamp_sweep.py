@@ -20,7 +20,7 @@ def _names(text: str) -> list[str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from ..sweep import DEFAULT_EPS, DEFAULT_STABILIZERS
+    from ..tools.sweep import DEFAULT_EPS, DEFAULT_STABILIZERS
 
     parser.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CHECKPOINT",
                         help="checkpoint files or nnU-Net results folders, optionally labelled")
@@ -44,10 +44,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from geodiag.reports import sweep_report
 
-    from ..devices import resolve_device
-    from ..devices import parse_precisions
+    from ..instruments.devices import resolve_device
+    from ..instruments.devices import parse_precisions
     from ..progress import for_stream
-    from ..sweep import parse_settings, run_sweep
+    from ..tools.sweep import parse_settings, run_sweep
 
     settings = parse_settings(args.stabilizers, args.eps)
     precisions = parse_precisions(args.precision)

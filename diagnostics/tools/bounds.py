@@ -35,8 +35,8 @@ from torch import nn
 from geodiag.losses import GeometricLoss, preset_kwargs
 from geodiag.losses.geometry import sobel_gain
 
-from .devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS
-from .errors import GeodiagError
+from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS
+from ..instruments.errors import GeodiagError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

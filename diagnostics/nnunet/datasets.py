@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 MIN_SIZE = 32
 FILE_ENDING = ".png"

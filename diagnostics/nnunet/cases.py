@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 
 @dataclass

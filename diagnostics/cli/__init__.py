@@ -1,7 +1,8 @@
-"""The ``geodiag`` command: dispatches to one module per subcommand under ``commands/``.
+"""The ``geodiag`` command: this dispatcher and one module per subcommand beside it (``python -m`` runs ``__main__``).
 
 A subcommand module provides ``HELP`` (one line), ``configure(parser)`` and ``run(args) -> int``. Modules are
 imported only when their command runs, so one command's heavy imports never slow down or break another.
+The only room that knows flag names; may import every other room.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 import os
 import sys
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 COMMANDS = {
     "env": "env",
@@ -26,7 +27,7 @@ COMMANDS = {
 
 
 def _load(command: str):
-    return importlib.import_module(f"geodiag.diagnostics.commands.{COMMANDS[command]}")
+    return importlib.import_module(f"geodiag.diagnostics.cli.{COMMANDS[command]}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +85,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2  # 1 is check-bounds' 'regression found'; a crash is never a finding
 
-
-if __name__ == "__main__":
-    sys.exit(main())

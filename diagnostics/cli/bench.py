@@ -24,8 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import environment_line, run_bench, to_markdown, write_results
-    from ..devices import resolve_device
+    from ..tools.bench import environment_line, run_bench, to_markdown, write_results
+    from ..instruments.devices import resolve_device
 
     device = resolve_device(args.device)
     results = run_bench(device, quick=args.quick, only=args.only,

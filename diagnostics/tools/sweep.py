@@ -20,12 +20,12 @@ import torch
 from geodiag.losses import GeometricLoss, SqrtStabilizer
 from geodiag.reports import tables
 
-from .cases import Case, find_cases, predict_logits, preprocess
-from .checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
-from .devices import PRECISIONS
-from .errors import GeodiagError
-from .histograms import LogHistogram
-from .progress import Progress, progress_over
+from ..nnunet.cases import Case, find_cases, predict_logits, preprocess
+from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
+from ..instruments.devices import PRECISIONS
+from ..instruments.errors import GeodiagError
+from ..instruments.histograms import LogHistogram
+from ..progress import Progress, progress_over
 from . import run_record
 
 DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)

@@ -11,7 +11,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..environment import diagnose
+    from ..nnunet.environment import diagnose
 
     diagnosis = diagnose(args.trainer)
     width = max(len(key) for key in diagnosis.facts)

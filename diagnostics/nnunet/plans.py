@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .environment import NnunetDirs, nnunet_env
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 PLANS_NAME = "nnUNetPlans"
 TINY_CONFIGURATION = "2d_tiny"

@@ -16,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import make_dataset
+    from ..nnunet.datasets import make_dataset
 
     folder = make_dataset(args.dataset_id, args.out, num=args.num, size=args.size, seed=args.seed,
                           num_test=args.num_test)

@@ -16,7 +16,7 @@ import torch
 
 from .cases import Case
 from .checkpoint import Checkpoint
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 # nnUNetTrainer.oversample_foreground_percent, used when the checkpoint's trainer class is not importable.
 DEFAULT_FOREGROUND_OVERSAMPLING = 0.33

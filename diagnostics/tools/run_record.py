@@ -10,7 +10,7 @@ from pathlib import Path
 
 from geodiag.reports import tables
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 SETTINGS_FILE = "settings.json"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from .errors import GeodiagError
+from ..instruments.errors import GeodiagError
 
 EXT_TRAINER_VAR = "nnUNet_extTrainer"
 DEFAULT_TRAINER = "nnUNetTrainerGeometric"

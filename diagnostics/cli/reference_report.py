@@ -15,8 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from ..devices import resolve_device
-    from ..reference import run_reference
+    from ..instruments.devices import resolve_device
+    from ..study.reference import run_reference
 
     report = run_reference(args.work, args.report_dir, device=resolve_device(args.device),
                            log=lambda message: print(message, flush=True))

@@ -1,1 +1,0 @@
-"""Thin argparse adapters, one module per ``geodiag`` subcommand; the work lives in the diagnostics modules."""
