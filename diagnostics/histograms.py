@@ -54,6 +54,7 @@ _MAGNITUDE_PROBES = (
 # Raw device counts, in buffer order: element count, the direct checks, then the probes.
 _RAW_COUNTS = ("count", "nan", "posinf", "infinite", "zero", "negative") + tuple(p[0] for p in _MAGNITUDE_PROBES)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
+_EXTREMA = 3  # min, -max, smallest nonzero |x|: the last entries of packed(), merged by minimum
 
 
 def _named_counts(raw: dict[str, int]) -> dict[str, int]:
@@ -237,7 +238,7 @@ class LogHistogram:
         self._buckets = self._counts[n_raw + layout.n_bins:]
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
         # min, -max, smallest nonzero |x| of the finite values: merged by minimum
-        self._extrema = torch.full((3,), math.inf, dtype=torch.float64, device=self.device)
+        self._extrema = torch.full((_EXTREMA,), math.inf, dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------------ accumulate (no host sync)
     @torch.no_grad()
@@ -313,7 +314,14 @@ class LogHistogram:
 
     @property
     def packed_size(self) -> int:
-        return self._counts.numel() + 5
+        return self._counts.numel() + 2 + _EXTREMA
+
+    @staticmethod
+    def merge_packed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Host copies of two ``packed()`` states merged: counts and moments add, the extrema take the minimum."""
+        merged = a + b
+        merged[-_EXTREMA:] = np.minimum(a[-_EXTREMA:], b[-_EXTREMA:])
+        return merged
 
     def summarize(self, packed: np.ndarray) -> dict:
         """A flat row from a host copy of ``packed()``: counts, fractions, signed extrema (min, max), extrema and
