@@ -3,7 +3,7 @@
 Why: a NaN hunt needs the shape of a distribution over many steps (how many pixels sit near zero, how close
 values come to the fp16 range) without the host sync per step that makes Cockpit or TensorBoard histograms
 expensive. ``LogHistogram.update`` reads each value's bits in a few integer ops and counts them with one bincount
-(an ``index_add_`` into a fixed-size buffer: torch.bincount on CUDA reads its maximum back), with no ``.item()``
+(a ``scatter_add_`` into a fixed-size buffer: torch.bincount on CUDA reads its maximum back), with no ``.item()``
 and no boolean indexing, so it can run every step; ``packed()`` gives
 the whole state as one float64 vector for a single transfer, ``summarize`` turns that host copy into a row.
 
@@ -269,7 +269,7 @@ class LogHistogram:
                 torch.sub(mag, found, out=found).bitwise_right_shift_(_CELL_SHIFT)
                 for below in lookup.below_cut:
                     found.add_(torch.gt(mag, torch.index_select(below, 0, key, out=scratch[:m]), out=above[:m]))
-                counts.index_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
+                counts.scatter_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
                 partials.append(self._statistics(value, mag, scratch[:m]))
         self._counts.index_add_(0, lookup.target, counts.index_select(0, lookup.source))
         totals = torch.stack([torch.stack(p) for p in partials])
