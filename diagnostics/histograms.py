@@ -54,7 +54,7 @@ _MAGNITUDE_PROBES = (
 # Raw device counts, in buffer order: element count, the direct checks, then the probes.
 _RAW_COUNTS = ("count", "nan", "posinf", "infinite", "zero", "negative") + tuple(p[0] for p in _MAGNITUDE_PROBES)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-_EXTREMA = 3  # min, -max, smallest nonzero |x|: the last entries of packed(), merged by minimum
+_EXTREMA = 3  # min, -max, min |x|: the last entries of packed(), merged by minimum
 
 
 def _named_counts(raw: dict[str, int]) -> dict[str, int]:
@@ -237,7 +237,7 @@ class LogHistogram:
         self._bins = self._counts[n_raw:n_raw + layout.n_bins]
         self._buckets = self._counts[n_raw + layout.n_bins:]
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
-        # min, -max, smallest nonzero |x| of the finite values: merged by minimum
+        # min, -max, min |x| of the finite values: merged by minimum
         self._extrema = torch.full((_EXTREMA,), math.inf, dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------------ accumulate (no host sync)
@@ -256,7 +256,7 @@ class LogHistogram:
                                              for _ in range(4))
         above = torch.empty(chunk, dtype=torch.int64, device=self.device)
         ones = torch.ones((), dtype=torch.int64, device=self.device).expand(chunk)
-        partials = []  # per piece: sum, sum of squares, min, -max, smallest nonzero |x|
+        partials = []  # per piece: sum, sum of squares, min, -max, min |x|
         for x in flat:
             for start in range(0, x.numel(), chunk):
                 piece = x[start:start + chunk]
@@ -270,21 +270,20 @@ class LogHistogram:
                 for below in lookup.below_cut:
                     found.add_(torch.gt(mag, torch.index_select(below, 0, key, out=scratch[:m]), out=above[:m]))
                 counts.scatter_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
-                partials.append(self._statistics(value, mag, scratch[:m]))
+                partials.append(self._statistics(value, mag))
         self._counts.index_add_(0, lookup.target, counts.index_select(0, lookup.source))
         totals = torch.stack([torch.stack(p) for p in partials])
         self._moments += totals[:, :2].sum(dim=0)
         torch.minimum(self._extrema, totals[:, 2:].amin(dim=0), out=self._extrema)
 
     @staticmethod
-    def _statistics(value: torch.Tensor, mag: torch.Tensor, scratch: torch.Tensor) -> list[torch.Tensor]:
-        """Sum, sum of squares, min, -max and smallest nonzero |x| of ``value`` (fp64, overwritten) with its
-        non-finite entries read as 0, ``mag`` its magnitude bits. A min or max of 0 that a NaN or Inf made is told
-        apart in ``summarize``, from the zero count and the smallest nonzero |x| (``_extremum``)."""
-        # |x| bits - 1, wrapped: 0 becomes the largest pattern, so the minimum is the smallest nonzero |x| (or inf)
-        smallest = torch.sub(mag, 1, out=scratch).bitwise_and_(_MAGNITUDE).min().clamp_max_(_INF_BITS - 1)
+    def _statistics(value: torch.Tensor, mag: torch.Tensor) -> list[torch.Tensor]:
+        """Sum, sum of squares, min, -max and min |x| of ``value`` (fp64, overwritten) with its non-finite entries
+        read as 0, ``mag`` its magnitude bits (NaN and Inf have the largest: they win the minimum only when alone).
+        A min or max of 0 that a NaN or Inf made is told apart in ``summarize`` (``_extremum``)."""
+        smallest = mag.min().clamp_max_(_INF_BITS).view(torch.float64)
         value.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        return [value.sum(), torch.dot(value, value), value.amin(), -value.amax(), (smallest + 1).view(torch.float64)]
+        return [value.sum(), torch.dot(value, value), value.amin(), -value.amax(), smallest]
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         """Add ``other``'s counts into this one (same layout and thresholds); returns self."""
@@ -333,23 +332,22 @@ class LogHistogram:
         bins[0] -= raw["zero"] + raw["nan"]
         bins[-1] -= raw["infinite"]
         buckets = packed[n_raw + n_bins:self._counts.numel()]
-        total_sum, total_sq, low, neg_high, smallest_nonzero = packed[self._counts.numel():]
+        total_sum, total_sq, low, neg_high, abs_min = (float(v) for v in packed[self._counts.numel():])
         count = special["count"]
         finite = count - special["nan"] - special["posinf"] - special["neginf"]
         row: dict = dict(special)
         row["finite"] = finite
         row["nonfinite_fraction"] = (count - finite) / count if count else math.nan
         row["zero_fraction"] = special["zero"] / count if count else math.nan
-        row["min"] = self._extremum(float(low), special["zero"], smallest_nonzero) if finite else math.nan
-        row["max"] = -self._extremum(float(neg_high), special["zero"], smallest_nonzero) if finite else math.nan
+        row["min"] = self._extremum(low, special["zero"], abs_min) if finite else math.nan
+        row["max"] = -self._extremum(neg_high, special["zero"], abs_min) if finite else math.nan
         row["mean"] = float(total_sum / finite) if finite else math.nan
         row["rms"] = math.sqrt(float(total_sq) / finite) if finite else math.nan
         row["sum"] = float(total_sum)
-        row["abs_min"] = (0.0 if special["zero"] else float(smallest_nonzero)) if finite else math.nan
+        row["abs_min"] = abs_min if finite else math.nan
         row["abs_max"] = max(abs(row["min"]), abs(row["max"])) if finite else math.nan
         for q in QUANTILES:
-            row[f"abs_p{q * 100:g}"] = self._quantile(bins, special["zero"], q, float(smallest_nonzero),
-                                                      row["abs_max"])
+            row[f"abs_p{q * 100:g}"] = self._quantile(bins, special["zero"], q, abs_min, row["abs_max"])
         below = np.cumsum(buckets)[:len(self.thresholds)]
         for t, n in zip(self.thresholds, below):
             row[f"below_{t:g}"] = float(n / count) if count else math.nan
@@ -357,15 +355,15 @@ class LogHistogram:
         return row
 
     @staticmethod
-    def _extremum(low: float, zeros: int, smallest_nonzero: float) -> float:
+    def _extremum(low: float, zeros: int, abs_min: float) -> float:
         """The finite minimum (or, negated, maximum) from the device's, where NaN and Inf counted as 0: a 0 there
         means no finite value lies below 0, so the minimum is 0 if a finite 0 was seen, else the smallest |x|."""
-        return low if low != 0 or zeros else float(smallest_nonzero)
+        return low if low != 0 or zeros else abs_min
 
-    def _quantile(self, bins: np.ndarray, zeros: int, q: float, smallest_nonzero: float, largest: float) -> float:
+    def _quantile(self, bins: np.ndarray, zeros: int, q: float, abs_min: float, abs_max: float) -> float:
         """Quantile q of |x| over the finite values: the value of rank floor(q (n - 1)) (numpy's "lower" method),
         found in its bin and placed log-linearly inside it by its rank there, between the bin's edges narrowed to
-        the smallest nonzero and the largest |x| (so it never leaves [abs_min, abs_max] or the bin)."""
+        the smallest and the largest |x| (so it never leaves [abs_min, abs_max] or the bin)."""
         total = int(zeros + bins.sum())
         if total == 0:
             return math.nan
@@ -377,8 +375,8 @@ class LogHistogram:
         before = cumulative[i] - bins[i]
         fraction = (rank - before + 0.5) / bins[i]
         edges = self.layout.log10_min + np.array([i, i + 1]) / self.layout.bins_per_decade
-        lo = max(math.log10(smallest_nonzero), edges[0])
-        hi = max(min(math.log10(largest), edges[1]), lo)
+        lo = max(math.log10(abs_min), edges[0]) if abs_min > 0 else edges[0]
+        hi = max(min(math.log10(abs_max), edges[1]), lo)
         return float(10.0 ** (lo + fraction * (hi - lo)))
 
     def to_dict(self) -> dict:
