@@ -16,6 +16,7 @@ the moments. (fp64 input is counted by its exact rounding; torch casts fp64 to b
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -94,8 +95,8 @@ class BinLayout:
         return self.bins_per_decade * (self.log10_max - self.log10_min)
 
     def edges(self) -> np.ndarray:
-        """The n_bins + 1 bin edges of |x|."""
-        return 10.0 ** (self.log10_min + np.arange(self.n_bins + 1) / self.bins_per_decade)
+        """The n_bins + 1 bin edges of |x|: bin k holds edges[k] <= |x| < edges[k + 1] (the ends open)."""
+        return _values(_edge_bits(self))
 
 
 # ------------------------------------------------------------------ from a value's bits to its counts
@@ -127,13 +128,14 @@ def _values(magnitude_bits: np.ndarray) -> np.ndarray:
     return np.asarray(magnitude_bits, dtype=np.int64).view(np.float64)
 
 
+@functools.lru_cache(maxsize=None)
 def _edge_bits(layout: BinLayout) -> np.ndarray:
-    """The fp64 bits of the inner bin edges 10^(log10_min + k / bins_per_decade), k = 1 .. n_bins - 1, each rounded
-    to the nearest fp64 (decimal arithmetic at 40 digits), as ``10.0 ** e`` would be if it were correctly rounded:
-    a threshold written as 1e-7 then falls on the same cut as the bin edge at 10^-7."""
+    """The fp64 bits of the bin edges 10^(log10_min + k / bins_per_decade), k = 0 .. n_bins, each rounded to the
+    nearest fp64 (decimal arithmetic at 40 digits), as ``10.0 ** e`` would be if it were correctly rounded: a
+    threshold written as 1e-7 then falls on the same cut as the bin edge at 10^-7."""
     context = decimal.Context(prec=40)
     exponents = (decimal.Decimal(layout.log10_min * layout.bins_per_decade + k) / layout.bins_per_decade
-                 for k in range(1, layout.n_bins))
+                 for k in range(layout.n_bins + 1))
     return np.array([_fp64_bits(float(context.power(10, e))) for e in exponents], dtype=np.int64)
 
 
@@ -146,7 +148,7 @@ def _targets(values: np.ndarray, layout: BinLayout, thresholds: tuple) -> list[t
         ops = {torch.le: np.less_equal, torch.lt: np.less, torch.ge: np.greater_equal}
         flags += [ops[compare](mag, bound) for _, compare, bound in _MAGNITUDE_PROBES]
         bucket = np.sum([values >= t for t in thresholds], axis=0, dtype=np.int64) + nan * len(thresholds)
-    bins = np.where(nan, 0, np.searchsorted(_values(_edge_bits(layout)), mag, side="right"))
+    bins = np.where(nan, 0, np.searchsorted(_values(_edge_bits(layout)[1:-1]), mag, side="right"))
     n_raw = len(_RAW_COUNTS)
     columns = [np.zeros(len(values), dtype=np.int64)]  # "count": every element
     columns += [np.where(f, i + 1, -1) for i, f in enumerate(flags)]
@@ -170,10 +172,11 @@ _SEGMENTS: dict = {}
 
 
 def _segments(layout: BinLayout, thresholds: tuple, device: torch.device) -> _Segments:
+    """Build (once per layout, thresholds and device) the cuts, the cell tables and the fold map."""
     key = (layout, thresholds, device)
     if key in _SEGMENTS:
         return _SEGMENTS[key]
-    candidates = [int(b) for b in _edge_bits(layout)] + [1, _INF_BITS, _INF_BITS + 1]
+    candidates = [int(b) for b in _edge_bits(layout)[1:-1]] + [1, _INF_BITS, _INF_BITS + 1]
     candidates += [_fp64_bits(bound) + (compare is torch.le) for _, compare, bound in _MAGNITUDE_PROBES]
     half = 1 << 18  # cells per sign
     cell_start = (np.arange(2 * half, dtype=np.int64) % half) << _CELL_SHIFT
