@@ -45,3 +45,30 @@ def test_tensorboard_path_counts_match_numpy_on_tensorboards_default_edges():
 def test_unknown_benchmark_is_a_one_line_user_error(tmp_path, capsys):
     assert main(["bench", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def _missed(scale, device, clock):
+    return [bench.Result("histogram", "a subject", "a baseline", 2.0, "x faster", ">= 10x", False, "")]
+
+
+def test_check_exits_non_zero_naming_each_missed_target_on_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(bench.BENCHMARKS, "missed", _missed)
+    arguments = ["bench", "--quick", "--device", "cpu", "--only", "host-syncs,missed", "--out", str(tmp_path)]
+    assert main(arguments) == 0  # without --check a miss is reported, not an error
+    assert main(arguments + ["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "missed: histogram: a subject vs a baseline: 2 x faster, target >= 10x" in err.splitlines()
+    assert "host syncs" not in err  # met targets are not listed
+    assert main(["bench", "--quick", "--device", "cpu", "--only", "host-syncs", "--out", str(tmp_path),
+                 "--check"]) == 0
+
+
+def test_readme_table_lists_the_rows_with_a_target_and_the_header_names_versions_and_threads(tmp_path):
+    assert main(["bench", "--quick", "--device", "cpu", "--only", "host-syncs", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    header, table = (tmp_path / "readme_table.md").read_text().split("\n\n", 1)
+    assert f"torch {torch.__version__}" in header and f"numpy {np.__version__}" in header
+    assert f"{torch.get_num_threads()} by default" in header
+    lines = table.strip().splitlines()
+    assert lines[0] == "| measured | vs | value | target | met |"
+    assert len(lines) == 2 + sum(1 for r in rows if r["target"])

@@ -257,3 +257,70 @@ def test_update_matches_an_independent_numpy_computation_on_adversarial_values()
     got, want = np.array(row["bin_counts"]), np.array(expected["bin_counts"])
     assert got.sum() == want.sum() == row["finite"] - row["zero"]
     assert np.abs(got - want).sum() <= 2 * near_edge < 0.05 * values.size
+
+
+def _bin_of(value: float, layout: BinLayout) -> int:
+    return int(np.searchsorted(layout.edges(), value, side="right")) - 1
+
+
+@pytest.mark.parametrize("case", ["one_bin_above_its_edge", "negative", "zeros_tiny_huge_nonfinite", "lognormal"])
+def test_quantiles_of_magnitude_lie_in_numpys_bin_and_between_the_exact_extrema(case):
+    rng = np.random.default_rng(11)
+    if case == "one_bin_above_its_edge":  # every value in [143, 150]: the bin is [133.4, 237.1)
+        values = rng.uniform(143.0, 150.0, 5000)
+    elif case == "negative":
+        values = -(10.0 ** rng.uniform(-3, 2, 5000))
+    elif case == "zeros_tiny_huge_nonfinite":
+        values = np.concatenate([np.zeros(700), 10.0 ** rng.uniform(-40, -30, 300), 10.0 ** rng.uniform(20, 30, 50),
+                                 -(10.0 ** rng.uniform(-2, 0, 3000)), [math.nan, math.inf, -math.inf]])
+    else:
+        values = rng.lognormal(0.0, 3.0, 20000) * rng.choice([-1.0, 1.0], 20000)
+    row = _histogram(values, dtype=torch.float64)
+    magnitude = np.abs(values[np.isfinite(values)])
+    layout = BinLayout()
+    assert (row["abs_min"], row["abs_max"]) == (magnitude.min(), magnitude.max())
+    quantiles = [row[f"abs_p{q * 100:g}"] for q in (0.5, 0.9, 0.99, 0.999)]
+    assert magnitude.min() <= quantiles[0] <= quantiles[1] <= quantiles[2] <= quantiles[3] <= magnitude.max()
+    edges = layout.edges()
+    for q, estimate in zip((0.5, 0.9, 0.99, 0.999), quantiles):
+        exact = np.quantile(magnitude, q, method="lower")  # an element of the data: the value of rank floor(q(n-1))
+        if exact == 0:
+            assert estimate == 0
+            continue
+        i = _bin_of(exact, layout)
+        assert edges[i] * (1 - 1e-12) <= estimate <= edges[i + 1] * (1 + 1e-12), (q, exact, estimate)
+
+
+@pytest.mark.parametrize("values, low, high", [
+    ([math.nan, math.inf, 3.0, 5.0], 3.0, 5.0),          # finite values all positive, a NaN / Inf beside them
+    ([math.nan, -math.inf, -3.0, -5.0], -5.0, -3.0),
+    ([math.inf, 0.0, 2.0], 0.0, 2.0),
+    ([-math.inf, -0.0, -2.0], -2.0, 0.0),
+])
+def test_signed_extrema_ignore_nan_and_inf_whatever_the_signs(values, low, high):
+    row = _histogram(values)
+    assert (row["min"], row["max"]) == (low, high)
+
+
+def test_extrema_and_moments_span_chunks_of_a_large_update():
+    rng = np.random.default_rng(12)
+    values = rng.uniform(1.0, 2.0, 300_000)
+    values[5] = math.nan  # in the first chunk only; the others hold positive values only
+    row = _histogram(values, dtype=torch.float64)
+    finite = values[np.isfinite(values)]
+    assert (row["min"], row["max"]) == (finite.min(), finite.max())
+    assert row["sum"] == pytest.approx(finite.sum(), rel=1e-12)
+
+
+def test_one_update_of_several_tensors_equals_one_update_each():
+    rng = np.random.default_rng(13)
+    tensors = [torch.from_numpy(rng.standard_normal(n)).float() * 10.0 ** k for n, k in ((1000, -3), (70000, 2), (5, 0))]
+    together, apart = LogHistogram(), LogHistogram()
+    together.update(*tensors)
+    for t in tensors:
+        apart.update(t)
+    a, b = together.to_dict(), apart.to_dict()
+    assert a.pop("sum") == pytest.approx(b.pop("sum"))
+    for key in ("mean", "rms"):
+        assert a.pop(key) == pytest.approx(b.pop(key))
+    assert a == b

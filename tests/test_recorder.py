@@ -210,3 +210,24 @@ def test_host_read_detector_catches_item_and_boolean_masks():
         x[x > 0].sum()
     assert "aten::_local_scalar_dense" in detector.seen
     assert "aten::index" in detector.seen
+
+
+def test_pooled_parameter_gradients_come_once_per_backward_and_skip_unused_parameters():
+    torch.manual_seed(1)
+    net = _inplace_net()
+    unused = nn.Linear(3, 3)  # a head this loss never reaches: no gradient, nothing recorded for it
+    model = nn.ModuleDict({"net": net, "unused": unused})
+    recorder = Recorder(every=2)
+    recorder.attach_network(model)
+    grads = []
+    for _ in range(3):  # steps 0 and 2 are recorded, step 1 is not
+        net.zero_grad(set_to_none=True)
+        net(torch.randn(2, 1, 8, 8)).square().mean().backward()
+        if recorder.recording:
+            grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).double())
+        recorder.step()
+    pooled = _rows(recorder)[("network.parameters", "grad")]
+    every = torch.cat(grads)
+    assert pooled["count"] == every.numel() == 2 * sum(p.numel() for p in net.parameters())
+    assert (pooled["min"], pooled["max"]) == (every.min().item(), every.max().item())
+    assert pooled["sum"] == pytest.approx(every.sum().item(), rel=1e-9)

@@ -2,8 +2,9 @@
 
 Why: a NaN hunt needs the shape of a distribution over many steps (how many pixels sit near zero, how close
 values come to the fp16 range) without the host sync per step that makes Cockpit or TensorBoard histograms
-expensive. ``LogHistogram.update`` uses only fixed-shape device ops (no ``.item()``, no boolean indexing,
-no ``bincount``, whose CUDA kernel reads the maximum back), so it can run every step; ``packed()`` gives
+expensive. ``LogHistogram.update`` reads each value's bits in a few integer ops and counts them with one bincount
+(a ``scatter_add_`` into a fixed-size buffer: torch.bincount on CUDA reads its maximum back), with no ``.item()``
+and no boolean indexing, so it can run every step; ``packed()`` gives
 the whole state as one float64 vector for a single transfer, ``summarize`` turns that host copy into a row.
 
 Counts are exact: NaN, +Inf, -Inf, exact zeros, negatives, fp32 subnormals, and what a cast to fp16 / bf16
@@ -14,6 +15,8 @@ the moments. (fp64 input is counted by its exact rounding; torch casts fp64 to b
 """
 from __future__ import annotations
 
+import decimal
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -52,6 +55,7 @@ _MAGNITUDE_PROBES = (
 # Raw device counts, in buffer order: element count, the direct checks, then the probes.
 _RAW_COUNTS = ("count", "nan", "posinf", "infinite", "zero", "negative") + tuple(p[0] for p in _MAGNITUDE_PROBES)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
+_EXTREMA = 3  # min, -max, min |x|: the last entries of packed(), merged by minimum
 
 
 def _named_counts(raw: dict[str, int]) -> dict[str, int]:
@@ -91,188 +95,126 @@ class BinLayout:
         return self.bins_per_decade * (self.log10_max - self.log10_min)
 
     def edges(self) -> np.ndarray:
-        """The n_bins + 1 bin edges of |x|."""
-        return 10.0 ** (self.log10_min + np.arange(self.n_bins + 1) / self.bins_per_decade)
+        """The n_bins + 1 bin edges of |x|: bin k holds edges[k] <= |x| < edges[k + 1] (the ends open)."""
+        return _values(_edge_bits(self))
 
 
-# ------------------------------------------------------------------ the lookup tables behind update()
-# Every count update() keeps is a function of where x sits among a few hundred cut points: the bin edges
-# (found by bisection against the log10 formula below, so values on an edge land where that formula puts them),
-# the IEEE rounding boundaries of _MAGNITUDE_PROBES, the thresholds, zero, inf and NaN. update() finds each
-# element's segment between consecutive cuts with fixed-shape integer ops on the fp64 bit pattern (exact for
-# fp32, whose values fp64 holds exactly): the top bits (sign, exponent, 7 mantissa bits) pick a cell of a
-# table, and a cell holds at most one cut per table ("level"), so one subtraction and one shift finish the job:
-# segment = (|bits| - G[cell]) >> 45, G = cut - (first segment + 1) * 2^45. A second level takes the cuts that
-# share a cell with another (a threshold next to a bin edge). The per-segment counts then fold into the count
-# buffer through a fixed index map (_Tables.src/dst).
-_CELL_SHIFT = 45                      # fp64: 1 sign + 11 exponent + 7 mantissa bits above it
-_CELL_MASK = (1 << 19) - 1            # sign and magnitude cell of (bits >> 45)
+# ------------------------------------------------------------------ from a value's bits to its counts
+# Every count update() keeps is a step function of |x| on each sign: a bin, a rounding boundary of
+# _MAGNITUDE_PROBES, a threshold, zero, inf, NaN. The magnitudes where one of them steps ("cuts", kept as fp64 bit
+# patterns, whose order is the order of the magnitudes) split each sign into segments, and a value's segment says
+# every count it adds one to. update() reads each value as fp64 (exact for fp16, bf16 and fp32) and finds its
+# segment with integer ops on the bits: the top 19 (sign, exponent, 7 mantissa bits) name a cell, and the segment is
+# the cell's first segment plus the number of cuts inside the cell at or below the value. A cell spans 1/128 of a
+# binade and a bin 1/4 of a decade, so a cell holds at most one cut with the default layout and thresholds; that
+# one costs no comparison: with offset[cell] = cut - (first + 1) 2^45, (|bits| - offset[cell]) >> 45 is first + 1
+# from the cut on and first below it (|bits| - cut lies within +-2^45); a cell without a cut has offset =
+# cell start - first 2^45. Further cuts in a cell (a threshold next to a bin edge) are counted by comparison.
+# Then one bincount of the segments, folded into the counts through a fixed map (_Segments.source -> target).
+_CELL_SHIFT = 45
+_CELL_MASK = (1 << 19) - 1
 _MAGNITUDE = (1 << 63) - 1
 _INF_BITS = 0x7FF0000000000000
-_CHUNK = 1 << 17                      # elements per pass on the CPU: the scratch buffers stay in cache
-_CHUNK_DEVICE = 1 << 22
+_NAN_END = _MAGNITUDE              # the largest magnitude pattern (a NaN)
+_CHUNK = 1 << 16                   # elements per pass on the CPU: the scratch buffers stay in cache
+_CHUNK_DEVICE = 1 << 22            # elsewhere few large passes (each op is a kernel launch)
 
 
-def _fp64_bits(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(values, dtype=np.float64).view(np.int64)
+def _fp64_bits(value: float) -> int:
+    return int(np.array(value, dtype=np.float64).view(np.int64))
 
 
-def _bin_of(values: np.ndarray, layout: BinLayout, dtype: torch.dtype) -> np.ndarray:
-    """The bin update() assigns, by the formula of log10 |x| in ``dtype`` (zero and NaN in the first bin,
-    infinities in the last), evaluated with torch's vectorised CPU kernels (padded to whole vectors)."""
-    n = len(values)
-    padded = np.ones(-(-max(n, 1) // 256) * 256, dtype=np.float64)
-    padded[:n] = np.abs(values)
-    x = torch.from_numpy(padded).to(dtype)
-    index = x.log10_().sub_(layout.log10_min).mul_(layout.bins_per_decade).nan_to_num_(nan=0.0).floor_()
-    return index.clamp_(0, layout.n_bins - 1).to(torch.int64).numpy()[:n]
+def _values(magnitude_bits: np.ndarray) -> np.ndarray:
+    return np.asarray(magnitude_bits, dtype=np.int64).view(np.float64)
 
 
-def _bin_edges_bits(layout: BinLayout, dtype: torch.dtype) -> np.ndarray:
-    """Per bin k >= 1, the bits of the smallest |x| (representable in ``dtype``) that _bin_of puts in bin >= k."""
-    np_type, int_type = (np.float32, np.int32) if dtype == torch.float32 else (np.float64, np.int64)
-    inf = np.array(np.inf, dtype=np_type).view(int_type).astype(np.int64)
-    k = np.arange(1, layout.n_bins, dtype=np.int64)
-    lo, hi = np.zeros_like(k), np.full_like(k, inf)  # bin(lo) < k <= bin(hi)
-    while np.any(hi - lo > 1):
-        mid = lo + (hi - lo) // 2
-        above = _bin_of(mid.astype(int_type).view(np_type).astype(np.float64), layout, dtype) >= k
-        lo, hi = np.where(above, lo, mid), np.where(above, mid, hi)
-    return hi  # in dtype's own bit pattern
+@functools.lru_cache(maxsize=None)
+def _edge_bits(layout: BinLayout) -> np.ndarray:
+    """The fp64 bits of the bin edges 10^(log10_min + k / bins_per_decade), k = 0 .. n_bins, each rounded to the
+    nearest fp64 (decimal arithmetic at 40 digits), as ``10.0 ** e`` would be if it were correctly rounded: a
+    threshold written as 1e-7 then falls on the same cut as the bin edge at 10^-7."""
+    context = decimal.Context(prec=40)
+    exponents = (decimal.Decimal(layout.log10_min * layout.bins_per_decade + k) / layout.bins_per_decade
+                 for k in range(layout.n_bins + 1))
+    return np.array([_fp64_bits(float(context.power(10, e))) for e in exponents], dtype=np.int64)
+
+
+def _targets(values: np.ndarray, layout: BinLayout, thresholds: tuple) -> list[tuple[int, ...]]:
+    """Per value, the positions of LogHistogram._counts it adds one to: the definition update() must match."""
+    mag = np.abs(values)
+    nan = np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        flags = [nan, values == np.inf, mag == np.inf, mag == 0, values < 0]
+        ops = {torch.le: np.less_equal, torch.lt: np.less, torch.ge: np.greater_equal}
+        flags += [ops[compare](mag, bound) for _, compare, bound in _MAGNITUDE_PROBES]
+        bucket = np.sum([values >= t for t in thresholds], axis=0, dtype=np.int64) + nan * len(thresholds)
+    bins = np.where(nan, 0, np.searchsorted(_values(_edge_bits(layout)[1:-1]), mag, side="right"))
+    n_raw = len(_RAW_COUNTS)
+    columns = [np.zeros(len(values), dtype=np.int64)]  # "count": every element
+    columns += [np.where(f, i + 1, -1) for i, f in enumerate(flags)]
+    columns.append(n_raw + bins)
+    if thresholds:
+        columns.append(n_raw + layout.n_bins + bucket)
+    return [tuple(int(c) for c in row if c >= 0) for row in np.stack(columns, axis=1)]
 
 
 @dataclass
-class _Tables:
-    """The cut tables of one (layout, thresholds, dtype) on one device; see the comment above."""
-    offsets: list            # per level, a (2^19,) int64 G table
-    strides: list            # per level, its multiplier in the combined segment index
-    size: int                # number of combined indices
-    src: torch.Tensor        # combined index ...
-    dst: torch.Tensor        # ... added into this position of LogHistogram._counts
+class _Segments:
+    """The lookup of one (layout, thresholds) on one device; see the comment above."""
+    offset: torch.Tensor       # per cell, see the comment above
+    below_cut: list            # per further cut inside a cell, per cell: the pattern just below it
+    count: int                 # number of segments, both signs
+    source: torch.Tensor       # segment ...
+    target: torch.Tensor       # ... adds its count into this position of LogHistogram._counts
 
 
-_TABLES: dict = {}
+_SEGMENTS: dict = {}
 
 
-def _signature(values: np.ndarray, sign: np.ndarray, layout: BinLayout, thresholds: tuple, bounds: tuple,
-               dtype: torch.dtype) -> np.ndarray:
-    """Per value (given as magnitude and sign), the positions of LogHistogram._counts it adds one to."""
-    x = np.where(sign, -values, values)
-    mag = np.abs(x)
-    with np.errstate(invalid="ignore"):
-        flags = [x != x, x == np.inf, mag == np.inf, mag == 0, x < 0]
-        ops = {torch.le: np.less_equal, torch.lt: np.less, torch.ge: np.greater_equal}
-        flags += [ops[compare](mag, bound) for _, compare, bound in _MAGNITUDE_PROBES]
-        below = [x < b for b in bounds]
-    n_raw = len(_RAW_COUNTS)
-    columns = [np.zeros(len(x), dtype=np.int64)]  # "count": every element
-    columns += [np.where(f, i + 1, -1) for i, f in enumerate(flags)]
-    columns.append(n_raw + _bin_of(x, layout, dtype))
-    if thresholds:
-        columns.append(n_raw + layout.n_bins + (len(bounds) - np.sum(below, axis=0)))
-    return np.stack(columns, axis=1)
-
-
-def _tables(layout: BinLayout, thresholds: tuple, bounds: tuple, dtype: torch.dtype,
-            device: torch.device) -> _Tables:
-    key = (layout, thresholds, dtype, device)
-    tables = _TABLES.get(key)
-    if tables is not None:
-        return tables
-    np_type, int_type = (np.float32, np.int32) if dtype == torch.float32 else (np.float64, np.int64)
-
-    def as_fp64_bits(own_bits) -> np.ndarray:  # a dtype bit pattern (magnitude) -> the fp64 bits of its value
-        return _fp64_bits(np.asarray(own_bits, dtype=np.int64).astype(int_type).view(np_type).astype(np.float64))
-
-    # Candidate cuts (fp64 magnitude bits where a count may change), per sign; kept where one really does.
-    edges = as_fp64_bits(_bin_edges_bits(layout, dtype))
-    specials = [1, _INF_BITS, _INF_BITS + 1]  # nonzero, inf, NaN (fp32 NaN converts to some fp64 NaN)
-    for _, compare, bound in _MAGNITUDE_PROBES:
-        bits = int(_fp64_bits(np.array([bound]))[0])
-        specials.append(bits + 1 if compare is torch.le else bits)
-    cuts_by_sign = []
-    for sign in (0, 1):
-        candidates = [int(c) for c in edges] + specials
-        for b in bounds:  # x < b: b > 0 cuts the positive side at b, b <= 0 the negative side just above |b|
-            if (b > 0) == (sign == 0) and not math.isnan(b):
-                bits = int(_fp64_bits(np.array([abs(b)]))[0])
-                candidates.append(bits if sign == 0 else bits + 1)
-        candidates = np.unique(np.array([c for c in candidates if 0 < c <= _INF_BITS + 1], dtype=np.int64))
-        # The value at and just below each cut, both representable in dtype.
-        at = _represent(candidates, np_type)
-        before = _represent(candidates - 1, np_type, down=True)
-        signs = np.full(len(candidates), sign, dtype=bool)
-        changes = np.any(_signature(at, signs, layout, thresholds, bounds, dtype)
-                         != _signature(before, signs, layout, thresholds, bounds, dtype), axis=1)
-        cuts_by_sign.append(candidates[changes])
-
-    # Levels: the k-th cut of a cell goes to table k.
-    n_levels = 1
-    level_cuts = []  # [sign][level] -> sorted cuts
-    for cuts in cuts_by_sign:
-        cells = cuts >> _CELL_SHIFT
-        rank = np.zeros(len(cuts), dtype=np.int64)
-        for i in range(1, len(cuts)):
-            rank[i] = rank[i - 1] + 1 if cells[i] == cells[i - 1] else 0
-        n_levels = max(n_levels, int(rank.max(initial=0)) + 1)
-        level_cuts.append([cuts[rank == level] for level in range(int(rank.max(initial=0)) + 1)])
-    cell_start = np.arange(1 << 18, dtype=np.int64) << _CELL_SHIFT
-    offsets, strides, stride = [], [], 1
-    for level in range(n_levels):
-        table = np.zeros(1 << 19, dtype=np.int64)
-        first = 0
-        for sign in (0, 1):
-            cuts = level_cuts[sign][level] if level < len(level_cuts[sign]) else np.zeros(0, dtype=np.int64)
-            # segment of the cell's start, and the cut inside the cell (if any)
-            segment = first + np.searchsorted(cuts, cell_start, side="right")
-            inside = np.full(1 << 18, -1, dtype=np.int64)
-            inside[cuts >> _CELL_SHIFT] = cuts
-            has_cut = (inside > cell_start)
-            g = np.where(has_cut, inside - ((segment + 1) << _CELL_SHIFT), cell_start - (segment << _CELL_SHIFT))
-            table[sign << 18:(sign + 1) << 18] = g
-            first += len(cuts) + 1 if level == 0 else 0
-        n_ids = first if level == 0 else max(len(level_cuts[s][level]) if level < len(level_cuts[s]) else 0
-                                              for s in (0, 1)) + 1
-        offsets.append(table)
-        strides.append(stride)
-        stride *= n_ids
-
-    # Fold map: each segment's combined index, checked to be unambiguous.
-    src, dst, seen = [], [], {}
-    for sign in (0, 1):
-        starts = np.concatenate([[0], cuts_by_sign[sign]])
-        combined = np.zeros(len(starts), dtype=np.int64)
-        cell = (starts >> _CELL_SHIFT) + (sign << 18)
-        for table, s in zip(offsets, strides):
-            combined += ((starts - table[cell]) >> _CELL_SHIFT) * s
-        signature = _signature(_represent(starts, np_type), np.full(len(starts), sign, dtype=bool), layout,
-                               thresholds, bounds, dtype)
-        for c, row in zip(combined.tolist(), signature):
-            row = tuple(int(r) for r in row if r >= 0)
-            if seen.setdefault(c, row) != row:
-                raise AssertionError("LogHistogram: two segments share one index")
-    for c, row in seen.items():
-        src += [c] * len(row)
-        dst += list(row)
-    assert 0 <= min(seen) and max(seen) < stride
-    tables = _Tables(offsets=[torch.from_numpy(t).to(device) for t in offsets], strides=strides, size=stride,
-                     src=torch.tensor(src, dtype=torch.int64).to(device),
-                     dst=torch.tensor(dst, dtype=torch.int64).to(device))
-    _TABLES[key] = tables
-    return tables
-
-
-def _represent(fp64_bits: np.ndarray, np_type, down: bool = False) -> np.ndarray:
-    """The dtype value at fp64 magnitude bits (rounded up, or down), as float64."""
-    values = np.asarray(fp64_bits, dtype=np.int64).view(np.float64)
-    if np_type is np.float64:
-        return values.copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        rounded = values.astype(np.float32)
-        off = rounded.astype(np.float64) < values if not down else rounded.astype(np.float64) > values
-        target = np.float32(-np.inf) if down else np.float32(np.inf)
-        rounded = np.where(off, np.nextafter(rounded, target), rounded)
-    return rounded.astype(np.float64)
+def _segments(layout: BinLayout, thresholds: tuple, device: torch.device) -> _Segments:
+    """Build (once per layout, thresholds and device) the cuts, the cell tables and the fold map."""
+    key = (layout, thresholds, device)
+    if key in _SEGMENTS:
+        return _SEGMENTS[key]
+    candidates = [int(b) for b in _edge_bits(layout)[1:-1]] + [1, _INF_BITS, _INF_BITS + 1]
+    candidates += [_fp64_bits(bound) + (compare is torch.le) for _, compare, bound in _MAGNITUDE_PROBES]
+    half = 1 << 18  # cells per sign
+    cell_start = (np.arange(2 * half, dtype=np.int64) % half) << _CELL_SHIFT
+    first = np.zeros(2 * half, dtype=np.int64)
+    inside: dict[int, list[int]] = {}
+    source, target, offset = [], [], 0
+    for sign in (0, 1):  # x < t: for t > 0 the positive side steps at t, for t <= 0 the negative one just above |t|
+        side = candidates + [_fp64_bits(abs(t)) + sign for t in thresholds if (t > 0) == (sign == 0)]
+        side = np.unique([c for c in side if 0 < c <= _NAN_END])
+        low = np.concatenate([[0], side])  # each candidate segment's lowest and highest pattern
+        high = np.concatenate([side - 1, [_NAN_END]])
+        at_low, at_high = (_targets(-_values(ends) if sign else _values(ends), layout, thresholds)
+                           for ends in (low, high))
+        # each count is monotone in |x| on a sign: equal at both ends means constant in between
+        assert at_low == at_high, "LogHistogram: a count steps between two cuts"
+        keep = [0] + [i for i in range(1, len(low)) if at_low[i] != at_low[i - 1]]
+        cuts = low[keep[1:]]
+        for segment, i in enumerate(keep):
+            source += [offset + segment] * len(at_low[i])
+            target += list(at_low[i])
+        cells = slice(sign * half, (sign + 1) * half)
+        first[cells] = offset + np.searchsorted(cuts, cell_start[cells], side="right")
+        for cut in cuts:
+            cell = int(cut >> _CELL_SHIFT) + sign * half
+            if cut > cell_start[cell]:
+                inside.setdefault(cell, []).append(int(cut))
+        offset += len(cuts) + 1
+    offsets = cell_start - (first << _CELL_SHIFT)
+    below_cut = np.full((max(map(len, inside.values()), default=1) - 1, 2 * half), _NAN_END, dtype=np.int64)
+    for cell, (cut, *further) in inside.items():
+        offsets[cell] = cut - ((first[cell] + 1) << _CELL_SHIFT)
+        below_cut[:len(further), cell] = np.array(further, dtype=np.int64) - 1
+    segments = _Segments(offset=torch.from_numpy(offsets).to(device),
+                         below_cut=[torch.from_numpy(level).to(device) for level in below_cut], count=offset,
+                         source=torch.tensor(source, dtype=torch.int64, device=device),
+                         target=torch.tensor(target, dtype=torch.int64, device=device))
+    _SEGMENTS[key] = segments
+    return segments
 
 
 class LogHistogram:
@@ -298,72 +240,53 @@ class LogHistogram:
         self._bins = self._counts[n_raw:n_raw + layout.n_bins]
         self._buckets = self._counts[n_raw + layout.n_bins:]
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
-        self._extrema = torch.full((2,), math.inf, dtype=torch.float64, device=self.device)  # min, -max
-        self._bounds_fp32: Optional[tuple[float, ...]] = None
+        # min, -max, min |x| of the finite values: merged by minimum
+        self._extrema = torch.full((_EXTREMA,), math.inf, dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------------ accumulate (no host sync)
     @torch.no_grad()
-    def update(self, tensor: torch.Tensor) -> None:
-        """Add every element of ``tensor`` (any shape, any float dtype, on this histogram's device)."""
-        if tensor.numel() == 0:
+    def update(self, *tensors: torch.Tensor) -> None:
+        """Add every element of each tensor (any shape, any float dtype, on this histogram's device) to this one
+        histogram: several tensors (e.g. every parameter's gradient) in one call pay the fixed costs once."""
+        flat = [t.detach().reshape(-1) for t in tensors if t.numel()]
+        if not flat:
             return
-        x = tensor.detach().reshape(-1)
-        if x.dtype != torch.float64:
-            x = x.float()  # fp16 / bf16 / integers: fp32 holds them exactly
-        tables = _tables(self.layout, self.thresholds, self._threshold_bounds(x.dtype), x.dtype, self.device)
-        n, device = x.numel(), x.device
-        # On the CPU, passes over cache-sized pieces (fresh full-size temporaries cost more in page faults than
-        # the arithmetic); elsewhere few large ones (each op is a kernel launch).
-        chunk = min(n, _CHUNK if device.type == "cpu" else _CHUNK_DEVICE)
-        wide = torch.empty(chunk, dtype=torch.float64, device=device)
-        cell, magnitude, index = (torch.empty(chunk, dtype=torch.int64, device=device) for _ in range(3))
-        part = torch.empty(chunk, dtype=torch.int64, device=device) if len(tables.offsets) > 1 else None
-        narrow = torch.empty((2, chunk), dtype=x.dtype, device=device)
-        segments = torch.zeros(tables.size, dtype=torch.int64, device=device)
-        ones = torch.ones((), dtype=torch.int64, device=device).expand(chunk)
-        partial = []
-        for start in range(0, n, chunk):
-            piece = x[start:start + chunk]
-            m = piece.numel()
-            value = wide[:m]
-            value.copy_(piece)  # exact: every fp32 value is an fp64 value
-            bits = value.view(torch.int64)
-            key = torch.bitwise_right_shift(bits, _CELL_SHIFT, out=cell[:m]).bitwise_and_(_CELL_MASK)
-            above = torch.bitwise_and(bits, _MAGNITUDE, out=magnitude[:m])
-            segment = index[:m]
-            for level, (table, stride) in enumerate(zip(tables.offsets, tables.strides)):
-                out = segment if level == 0 else part[:m]
-                torch.index_select(table, 0, key, out=out)
-                torch.sub(above, out, out=out).bitwise_right_shift_(_CELL_SHIFT)
-                if level:
-                    segment.add_(out, alpha=stride)
-            segments.index_add_(0, segment, ones[:m])
-            # Finite values only in the moments and extrema: +-inf and NaN become 0, then +inf / -inf.
-            value.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            partial += [value.sum(), torch.dot(value, value)]
-            scratch = narrow[:, :m]
-            torch.nan_to_num(piece, nan=math.inf, posinf=math.inf, neginf=math.inf, out=scratch[0])
-            torch.nan_to_num(piece, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=scratch[1]).neg_()
-            partial.append(scratch.amin(dim=1).to(torch.float64))
-        self._counts.index_add_(0, tables.dst, segments.index_select(0, tables.src))
-        if len(partial) == 3:
-            self._moments += torch.stack(partial[:2])
-            torch.minimum(self._extrema, partial[2], out=self._extrema)
-        else:
-            self._moments += torch.stack([torch.stack(partial[0::3]).sum(), torch.stack(partial[1::3]).sum()])
-            torch.minimum(self._extrema, torch.stack(partial[2::3]).amin(dim=0), out=self._extrema)
+        chunk = min(max(x.numel() for x in flat), _CHUNK if self.device.type == "cpu" else _CHUNK_DEVICE)
+        lookup = _segments(self.layout, self.thresholds, self.device)
+        counts = torch.zeros(lookup.count, dtype=torch.int64, device=self.device)
+        wide = torch.empty(chunk, dtype=torch.float64, device=self.device)
+        cell, magnitude, segment, scratch = (torch.empty(chunk, dtype=torch.int64, device=self.device)
+                                             for _ in range(4))
+        above = torch.empty(chunk, dtype=torch.int64, device=self.device)
+        ones = torch.ones((), dtype=torch.int64, device=self.device).expand(chunk)
+        partials = []  # per piece: sum, sum of squares, min, -max, min |x|
+        for x in flat:
+            for start in range(0, x.numel(), chunk):
+                piece = x[start:start + chunk]
+                m = piece.numel()
+                value = wide[:m].copy_(piece)  # exact: fp64 holds every fp16, bf16 and fp32 value
+                bits = value.view(torch.int64)
+                key = torch.bitwise_right_shift(bits, _CELL_SHIFT, out=cell[:m]).bitwise_and_(_CELL_MASK)
+                mag = torch.bitwise_and(bits, _MAGNITUDE, out=magnitude[:m])
+                found = torch.index_select(lookup.offset, 0, key, out=segment[:m])
+                torch.sub(mag, found, out=found).bitwise_right_shift_(_CELL_SHIFT)
+                for below in lookup.below_cut:
+                    found.add_(torch.gt(mag, torch.index_select(below, 0, key, out=scratch[:m]), out=above[:m]))
+                counts.scatter_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
+                partials.append(self._statistics(value, mag))
+        self._counts.index_add_(0, lookup.target, counts.index_select(0, lookup.source))
+        totals = torch.stack([torch.stack(p) for p in partials])
+        self._moments += totals[:, :2].sum(dim=0)
+        torch.minimum(self._extrema, totals[:, 2:].amin(dim=0), out=self._extrema)
 
-    def _threshold_bounds(self, dtype: torch.dtype) -> tuple[float, ...]:
-        """Per threshold t, the bound b in ``dtype`` with x < t exactly when x < b (t rounded up to ``dtype``)."""
-        if dtype == torch.float64 or not self.thresholds:
-            return self.thresholds
-        bounds = self._bounds_fp32
-        if bounds is None:
-            rounded = np.array(self.thresholds, dtype=np.float32)
-            rounded = np.where(rounded.astype(np.float64) < self.thresholds, np.nextafter(rounded, np.float32(np.inf)),
-                               rounded)
-            bounds = self._bounds_fp32 = tuple(float(b) for b in rounded)
-        return bounds
+    @staticmethod
+    def _statistics(value: torch.Tensor, mag: torch.Tensor) -> list[torch.Tensor]:
+        """Sum, sum of squares, min, -max and min |x| of ``value`` (fp64, overwritten) with its non-finite entries
+        read as 0, ``mag`` its magnitude bits (NaN and Inf have the largest: they win the minimum only when alone).
+        A min or max of 0 that a NaN or Inf made is told apart in ``summarize`` (``_extremum``)."""
+        smallest = mag.min().clamp_max_(_INF_BITS).view(torch.float64)
+        value.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return [value.sum(), torch.dot(value, value), value.amin(), -value.amax(), smallest]
 
     def merge(self, other: "LogHistogram") -> "LogHistogram":
         """Add ``other``'s counts into this one (same layout and thresholds); returns self."""
@@ -393,10 +316,18 @@ class LogHistogram:
 
     @property
     def packed_size(self) -> int:
-        return self._counts.numel() + 4
+        return self._counts.numel() + 2 + _EXTREMA
+
+    @staticmethod
+    def merge_packed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Host copies of two ``packed()`` states merged: counts and moments add, the extrema take the minimum."""
+        merged = a + b
+        merged[-_EXTREMA:] = np.minimum(a[-_EXTREMA:], b[-_EXTREMA:])
+        return merged
 
     def summarize(self, packed: np.ndarray) -> dict:
-        """A flat row from a host copy of ``packed()``: counts, fractions, extrema, mean, quantiles of |x|."""
+        """A flat row from a host copy of ``packed()``: counts, fractions, signed extrema (min, max), extrema and
+        quantiles of |x| (abs_min, abs_p50, ..., abs_max), mean, rms; all over the finite values."""
         n_raw, n_bins = len(_RAW_COUNTS), self.layout.n_bins
         raw = dict(zip(_RAW_COUNTS, (int(v) for v in packed[:n_raw])))
         special = _named_counts(raw)
@@ -404,42 +335,52 @@ class LogHistogram:
         bins[0] -= raw["zero"] + raw["nan"]
         bins[-1] -= raw["infinite"]
         buckets = packed[n_raw + n_bins:self._counts.numel()]
-        total_sum, total_sq, low, neg_high = packed[self._counts.numel():]
+        total_sum, total_sq, low, neg_high, abs_min = (float(v) for v in packed[self._counts.numel():])
         count = special["count"]
         finite = count - special["nan"] - special["posinf"] - special["neginf"]
         row: dict = dict(special)
         row["finite"] = finite
         row["nonfinite_fraction"] = (count - finite) / count if count else math.nan
         row["zero_fraction"] = special["zero"] / count if count else math.nan
-        row["min"] = float(low) if finite else math.nan
-        row["max"] = float(-neg_high) if finite else math.nan
+        row["min"] = self._extremum(low, special["zero"], abs_min) if finite else math.nan
+        row["max"] = -self._extremum(neg_high, special["zero"], abs_min) if finite else math.nan
         row["mean"] = float(total_sum / finite) if finite else math.nan
         row["rms"] = math.sqrt(float(total_sq) / finite) if finite else math.nan
         row["sum"] = float(total_sum)
-        abs_max = max(abs(row["min"]), abs(row["max"])) if finite else math.nan
+        row["abs_min"] = abs_min if finite else math.nan
+        row["abs_max"] = max(abs(row["min"]), abs(row["max"])) if finite else math.nan
         for q in QUANTILES:
-            row[f"abs_p{q * 100:g}"] = self._quantile(bins, special["zero"], q, abs_max)
+            row[f"abs_p{q * 100:g}"] = self._quantile(bins, special["zero"], q, abs_min, row["abs_max"])
         below = np.cumsum(buckets)[:len(self.thresholds)]
         for t, n in zip(self.thresholds, below):
             row[f"below_{t:g}"] = float(n / count) if count else math.nan
         row["bin_counts"] = [int(v) for v in bins]
         return row
 
-    def _quantile(self, bins: np.ndarray, zeros: int, q: float, abs_max: float) -> float:
-        """Quantile q of |x| over finite values, interpolated log-linearly inside its bin."""
-        total = zeros + bins.sum()
+    @staticmethod
+    def _extremum(low: float, zeros: int, abs_min: float) -> float:
+        """The finite minimum (or, negated, maximum) from the device's, where NaN and Inf counted as 0: a 0 there
+        means no finite value lies below 0, so the minimum is 0 if a finite 0 was seen, else the smallest |x|."""
+        return low if low != 0 or zeros else abs_min
+
+    def _quantile(self, bins: np.ndarray, zeros: int, q: float, abs_min: float, abs_max: float) -> float:
+        """Quantile q of |x| over the finite values: the value of rank floor(q (n - 1)) (numpy's "lower" method),
+        found in its bin and placed log-linearly inside it by its rank there, between the bin's edges narrowed to
+        the smallest and the largest |x| (so it never leaves [abs_min, abs_max] or the bin)."""
+        total = int(zeros + bins.sum())
         if total == 0:
             return math.nan
-        rank = q * total
-        if rank <= zeros:
+        rank = math.floor(q * (total - 1))  # 0-based
+        if rank < zeros:
             return 0.0
         cumulative = zeros + np.cumsum(bins)
-        i = int(np.searchsorted(cumulative, rank))
+        i = int(np.searchsorted(cumulative, rank, side="right"))  # first bin holding more than `rank` values
         before = cumulative[i] - bins[i]
-        fraction = (rank - before) / bins[i]
-        lo = 10.0 ** (self.layout.log10_min + i / self.layout.bins_per_decade)
-        value = lo * 10.0 ** (fraction / self.layout.bins_per_decade)
-        return float(min(value, abs_max))
+        fraction = (rank - before + 0.5) / bins[i]
+        edges = self.layout.log10_min + np.array([i, i + 1]) / self.layout.bins_per_decade
+        lo = max(math.log10(abs_min), edges[0]) if abs_min > 0 else edges[0]
+        hi = max(min(math.log10(abs_max), edges[1]), lo)
+        return float(10.0 ** (lo + fraction * (hi - lo)))
 
     def to_dict(self) -> dict:
         """``summarize`` of this histogram alone (one device-to-host transfer)."""

@@ -12,7 +12,8 @@ the fraction below each eps of ``eps_grid``; the zero-gradient fraction there is
 
 Gradients are recorded as they arrive: under a GradScaler they are scaled by the current scale, which is
 what decides fp16 overflow. Network gradients use per-parameter tensor hooks and conv outputs use forward
-hooks plus tensor hooks (``register_full_backward_hook`` breaks on nnU-Net's in-place LeakyReLU).
+hooks plus tensor hooks (``register_full_backward_hook`` breaks on nnU-Net's in-place LeakyReLU); pooled parameter
+gradients come through one multi-grad hook, so they are histogrammed in one update per step.
 """
 from __future__ import annotations
 
@@ -106,10 +107,13 @@ class Recorder:
         """Record parameter gradients (one pooled histogram, or one per parameter) and optionally the value
         and gradient of every convolution's output."""
         handles = []
-        for param_name, param in net.named_parameters():
-            if param.requires_grad:
-                name = f"{prefix}.{param_name}" if per_parameter else f"{prefix}.parameters"
-                handles.append(param.register_hook(partial(self._on_grad, name)))
+        named = [(param_name, param) for param_name, param in net.named_parameters() if param.requires_grad]
+        if per_parameter:
+            handles += [param.register_hook(partial(self._on_grad, f"{prefix}.{param_name}"))
+                        for param_name, param in named]
+        elif named:  # one call with every gradient once backward has them all: one histogram update, not one each
+            handles.append(torch.autograd.graph.register_multi_grad_hook(
+                [param for _, param in named], partial(self._on_grads, f"{prefix}.parameters"), mode="all"))
         if conv_outputs:
             for module_name, module in net.named_modules():
                 if isinstance(module, nn.modules.conv._ConvNd):
@@ -139,6 +143,12 @@ class Recorder:
     def _on_grad(self, name: str, grad: torch.Tensor) -> None:
         if self.recording and self.wants(name):
             self._histogram(name, "grad", grad).update(grad)
+
+    def _on_grads(self, name: str, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        if self.recording and self.wants(name):
+            present = [g for g in grads if g is not None]
+            if present:
+                self._histogram(name, "grad", present[0]).update(*present)
 
     def _on_module_output(self, name: str, module: nn.Module, inputs, output) -> None:
         if isinstance(output, torch.Tensor):

@@ -139,14 +139,15 @@ class TrainingStateRecorder:
 
     @staticmethod
     def _nonfinite_flags(tensors: Sequence[Optional[torch.Tensor]], device: torch.device) -> torch.Tensor:
-        """1.0 per tensor holding a NaN or Inf (max-abs norm: no overflow of a finite tensor), 0.0 if absent."""
-        present = [t for t in tensors if t is not None]
-        if not present:
-            return torch.zeros(len(tensors), dtype=torch.float64, device=device)
-        norms = iter(torch._foreach_norm([t.detach() for t in present], math.inf))
-        zero = torch.zeros((), device=device)
-        stacked = torch.stack([next(norms).to(device, torch.float32) if t is not None else zero for t in tensors])
-        return (~torch.isfinite(stacked)).to(torch.float64)
+        """1.0 per tensor holding a NaN or Inf, 0.0 if absent or empty: its min or max is then non-finite (NaN
+        propagates through both; exact, no overflow). One aminmax per tensor: ``_foreach_norm(inf)`` does the same in
+        one call but, measured on the CPU, over ten times slower."""
+        finite = torch.zeros((), dtype=torch.float64, device=device)
+        extrema = [torch.stack(torch.aminmax(t.detach())).to(device, torch.float64)
+                   if t is not None and t.numel() else finite.expand(2) for t in tensors]
+        if not extrema:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return (~torch.isfinite(torch.stack(extrema)).all(dim=1)).to(torch.float64)
 
     def clear(self) -> None:
         """Drop the recorded rows (e.g. after writing an epoch); the last scale is kept to detect the next skip."""

@@ -130,9 +130,12 @@ class TrainingMonitor:
         if not path.exists():
             writer.writerow(header)
         for values, state in zip(losses, state_rows):
+            # weights and momentum are checked on recorded steps only: blank (not 0) where they were not
+            checked = state["parameters_checked"]
             writer.writerow([epoch, state["step"], *values, state["grad_norm"], state["skipped"], state["scale"],
-                             state["inv_scale_finite"], len(state["nonfinite_weights"]),
-                             len(state["nonfinite_momentum"]), next(iter(state["nonfinite_weights"]), "")])
+                             state["inv_scale_finite"], len(state["nonfinite_weights"]) if checked else "",
+                             len(state["nonfinite_momentum"]) if checked else "",
+                             next(iter(state["nonfinite_weights"]), "")])
         previous = path.read_text() if path.exists() else ""
         tables.write_text(path, previous + buffer.getvalue())
 
@@ -155,8 +158,9 @@ class TrainingMonitor:
 class nnUNetTrainerGeometricMonitored(nnUNetTrainerGeometric):
     """nnUNetTrainerGeometric plus a TrainingMonitor writing into ``<fold>/geodiag_monitor/``.
 
-    Settings (class attributes): ``monitor_every`` (histograms every N-th iteration; per-iteration losses
-    and state always; default 16, its cost measured by ``geodiag bench``), ``monitor_per_parameter`` (one gradient histogram per parameter instead of one pooled),
+    Settings (class attributes): ``monitor_every`` (histograms and the weight / momentum check every N-th
+    iteration, per-iteration losses and state always; default 16: what each costs is in the README's table from
+    ``geodiag bench``), ``monitor_per_parameter`` (one gradient histogram per parameter instead of one pooled),
     ``monitor_conv_outputs`` (also every convolution's output and its gradient).
     """
 

@@ -209,13 +209,6 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: Geomet
     return packed, result
 
 
-def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Packed LogHistogram states: counts and moments add; the last two entries (min, -max) take the minimum."""
-    merged = a + b
-    merged[-2:] = np.minimum(a[-2:], b[-2:])
-    return merged
-
-
 def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """tensors.csv, histograms.csv and eps_fractions.csv from merged packed histograms."""
     layout, grid = BinLayout(), decade_grid()
@@ -377,7 +370,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                 tables.write_json(json_path, result)
             with np.load(npz_path) as saved:
                 for key in saved.files:
-                    merged[key] = _merge(merged[key], saved[key]) if key in merged else saved[key]
+                    merged[key] = LogHistogram.merge_packed(merged[key], saved[key]) if key in merged else saved[key]
             results.append(json.loads(json_path.read_text()))
         packed_by_precision[precision] = merged
     tensors, histograms, eps_fractions = _summaries(packed_by_precision)
