@@ -27,6 +27,10 @@ from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
 Log = Callable[[str], None]
 
+# The seed's loss and trainer as a user would have them (never imported here: nnU-Net finds the trainer through
+# nnUNet_extTrainer pointing at its folder, the analyses read the loss through --loss FILE:NAME).
+SEED_REPLICA = Path(__file__).parent / "seed_replica" / "nnUNetTrainerSeedReplica.py"
+
 
 @dataclass(frozen=True)
 class RunSpec:
