@@ -30,7 +30,19 @@ HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_ab
 # threshold, s in the seed's units (raw Sobel, zero padding).
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
 # DIR/switch_on_s.csv: per run, case, units ("seed" or "normalised") and threshold, the share of pixels below it.
-SWITCH_ON_S_COLUMNS = ("run", "dataset", "epoch", "case", "units", "eps", "fraction_below", "pixels")
+SWITCH_ON_S_COLUMNS = ("run", "dataset", "checkpoint", "case", "units", "eps", "fraction_below", "pixels")
+# DIR/runs.csv: per run and epoch, nnU-Net's log and what geodiag watch recorded per step (term values are the
+# unweighted values the trainer's train_step returned, epoch means; grad_norm_max is clip_grad_norm_'s return).
+RUN_COLUMNS = ("run", "dataset", "trainer", "code", "warmup", "epoch", "geometric_active", "train_loss", "val_loss",
+               "pseudo_dice", "watched_steps", "grad_norm_max", "nonfinite_steps", "skipped_steps", "train_dc_ce",
+               "train_geometric", "train_compactness", "train_aspect", "train_boundary")
+# DIR/term_gradients.csv: per run's switch-on checkpoint, training batch and term (dice_ce or a geometric term,
+# weighted as trained): its value, max |d/dlogit| at full resolution, its network gradient norm, its share of the
+# step's gradient g (<g_term, g> / |g|^2, summing to 1 over terms) and |g_term| / |g|, |g| itself (what
+# clip_grad_norm_ would see before clipping), and non-finite gradient counts.
+TERM_GRADIENT_COLUMNS = ("run", "dataset", "checkpoint", "batch", "term", "value", "max_abs_grad_logits",
+                         "grad_norm_network", "share_of_step", "norm_ratio", "step_grad_norm",
+                         "nonfinite_grad_logits", "nonfinite_grad_network")
 # The seed's s over geodiag's normalised s, inside the image (2D): the raw Sobel kernel's gain 8, squared.
 SEED_UNITS_FACTOR = 64.0
 SWEEP_UNITS = (f"The sweep's eps act on geodiag's normalised s, 1/{SEED_UNITS_FACTOR:g} of the seed's: its clamp 1e-2 "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from geodiag.diagnostics.study.study import SEED_REPLICA
+from geodiag.diagnostics.study.replica import FILE as SEED_REPLICA
 
 SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 LAPLACIAN = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])

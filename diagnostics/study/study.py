@@ -1,12 +1,15 @@
-"""A study: synthetic datasets, nnU-Net runs with the geometric term switching on, then analysis, sweep and report.
+"""A study: synthetic datasets, nnU-Net runs with a geometric term switching on, then measurements and a report.
 
-The demo (one dataset, one run) and the reference report (datasets 501 and 502 under the seed's V2.3, V2.4 and the
-production settings) are two configurations of the same steps. Every step reuses what an earlier run left in the
-study folder, so an interrupted study continues where it stopped.
+The demo and the reference report are two configurations of the same steps. Runs go through nnU-Net's own
+``nnUNetv2_train`` entry point, in process and under ``geodiag watch`` when this geodiag has it, with the trainer
+nnU-Net resolves: geodiag's, or a user's found through ``nnUNet_extTrainer`` (the seed replica). The study imposes
+only its schedule on the instance nnU-Net builds (epochs, iterations, warm-up, a checkpoint per epoch, no final
+validation). Every step reuses what an earlier run left in the study folder, so an interrupted study continues.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import sys
@@ -16,25 +19,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
+import torch
 
 from geodiag.reports import tables
 
 from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
-from ..nnunet.environment import NnunetDirs, nnunet_env
+from ..nnunet.environment import EXT_TRAINER_VAR, NnunetDirs, ext_trainer_value, nnunet_env
 from ..instruments.errors import GeodiagError
 from ..progress import counter
 from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
+from .replica import UserCode
 
 Log = Callable[[str], None]
-
-# The seed's loss and trainer as a user would have them (never imported here: nnU-Net finds the trainer through
-# nnUNet_extTrainer pointing at its folder, the analyses read the loss through --loss FILE:NAME).
-SEED_REPLICA = Path(__file__).parent / "seed_replica" / "nnUNetTrainerSeedReplica.py"
+WATCH_FOLDER = "geodiag_watch"
+FIRST_NONFINITE = "first_nonfinite.json"
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a geodiag trainer class on a dataset, with its schedule."""
+    """One training run: a trainer on a dataset with its schedule; ``user`` when the trainer is a user's code."""
 
     dataset_id: int
     trainer: str
@@ -42,10 +45,12 @@ class RunSpec:
     iterations: int
     warmup: int
     val_iterations: int = 2
+    user: Optional[UserCode] = None
 
     @property
     def name(self) -> str:
-        return f"{self.dataset_id}-{self.trainer.replace('nnUNetTrainerGeometric', '') or 'Production'}"
+        short = self.trainer.replace("nnUNetTrainerGeometric", "").replace("nnUNetTrainerSeed", "")
+        return f"{self.dataset_id}-{short or 'Production'}"
 
 
 @dataclass
@@ -57,11 +62,12 @@ class Study:
     runs: tuple[RunSpec, ...]
     num_images: int
     image_size: int
-    sweep_epochs: tuple[int, ...] = (-1, 0, 1)  # relative to the switch-on epoch
-    # (run name, loss overrides such as {"stabilizer": "additive", "eps": 0.0}): switch-on checkpoints always analysed
-    analyse: tuple[tuple[str, dict], ...] = ()
+    sweep_epochs: tuple[int, ...] = (0,)  # relative to the switch-on epoch
+    sweep_eps: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
     cases: int = 8
+    term_batches: int = 4
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
+    watch_every: int = 16
     seed: int = 0
     device: str = "cpu"
     log: Log = print
@@ -84,10 +90,13 @@ class Step:
 
 @contextlib.contextmanager
 def _nnunet_environment(study: Study):
-    """What ``nnunet_env`` gives nnU-Net's tools, with the study's folders, for in-process training (nnU-Net reads
-    its variables lazily); torch.compile stays off so hooks see every op. os.environ is restored afterwards."""
+    """What ``nnunet_env`` gives nnU-Net's tools, with the study's folders and every user trainer folder of its
+    runs, for in-process training (nnU-Net reads its variables lazily); torch.compile stays off so hooks see every
+    op. os.environ is restored afterwards."""
     saved = dict(os.environ)
+    user_folders = [str(run.user.folder) for run in study.runs if run.user is not None]
     os.environ.update(nnunet_env(study.dirs, nnUNet_compile="f"))
+    os.environ[EXT_TRAINER_VAR] = ext_trainer_value(os.pathsep.join(dict.fromkeys(user_folders)))
     try:
         yield
     finally:
@@ -119,83 +128,160 @@ def plan(study: Study) -> None:
         plan_and_preprocess(dataset_id, study.dirs)
 
 
+def _finished(folder: Path) -> bool:
+    """A run is done when nnU-Net wrote its final checkpoint or watch stopped it at a non-finite step."""
+    return (folder / "checkpoint_final.pth").is_file() or (folder / WATCH_FOLDER / FIRST_NONFINITE).is_file()
+
+
+def _watch():
+    """geodiag's watch module, or None in a geodiag without ``geodiag watch`` (runs are then plain nnU-Net)."""
+    try:
+        from ..nnunet import watch
+    except ImportError:
+        return None
+    return watch
+
+
+@contextlib.contextmanager
+def _schedule(run: RunSpec, advance: Callable[[], None]):
+    """The study's schedule on the trainer nnU-Net's entry point builds (any trainer class): epochs, iterations,
+    the warm-up, a checkpoint after every epoch, no final validation (the study reads checkpoints)."""
+    import nnunetv2.run.run_training as entry
+
+    build = entry.get_trainer_from_args
+
+    def scheduled(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.num_epochs = run.epochs
+        trainer.num_iterations_per_epoch = run.iterations
+        trainer.num_val_iterations_per_epoch = run.val_iterations
+        trainer.warmup_epochs = run.warmup
+        trainer.save_every_epoch = True
+        end_epoch = trainer.on_epoch_end
+
+        def on_epoch_end() -> None:
+            end_epoch()
+            advance()
+
+        trainer.on_epoch_end = on_epoch_end
+        trainer.perform_actual_validation = lambda *a, **k: trainer.print_to_log_file("final validation skipped")
+        return trainer
+
+    entry.get_trainer_from_args = scheduled
+    try:
+        yield
+    finally:
+        entry.get_trainer_from_args = build
+
+
 def train(study: Study) -> None:
-    """Each run through nnU-Net's own trainer loop, in process, its console output in the fold's train.log."""
-    import torch
+    """Each run as ``[geodiag watch --] nnUNetv2_train DATASET 2d_tiny 0 -tr TRAINER``, in process; nnU-Net's
+    console output goes to the fold's train.log, the progress to the console."""
+    import nnunetv2.run.run_training as entry
 
-    from geodiag.losses import nnunet_trainer
-
+    watch = _watch()
     for run in study.runs:
         folder = study.fold_folder(run)
-        if (folder / "checkpoint_final.pth").is_file():
+        if _finished(folder):
             study.log(f"  {run.name}: reusing {folder}")
             continue
-        trainer_class = getattr(nnunet_trainer, run.trainer, None)
-        if trainer_class is None:
-            raise GeodiagError(f"unknown geodiag trainer {run.trainer!r}")
-        name = dataset_spec(run.dataset_id).folder_name
-        plans = tables.read_json(study.dirs.preprocessed / name / f"{PLANS_NAME}.json")
-        plans["continue_training"] = False
-        dataset_json = tables.read_json(study.dirs.preprocessed / name / "dataset.json")
-        start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
-        console = sys.stdout  # nnU-Net's own prints go to train.log, the progress to the console
+        args = [str(run.dataset_id), TINY_CONFIGURATION, "0", "-tr", run.trainer, "-device", study.device]
+        console = sys.stdout
+        start = time.perf_counter()
+        threads = torch.get_num_threads()
 
         def to_console(message: str) -> None:
             with contextlib.redirect_stdout(console):
                 study.log(message)
 
         with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
-                counter(run.epochs, f"  {run.name}", "epoch", to_console) as advance:
-            trainer = trainer_class(plans, TINY_CONFIGURATION, 0, dataset_json, torch.device(study.device))
-            trainer.num_epochs = run.epochs
-            trainer.num_iterations_per_epoch = run.iterations
-            trainer.num_val_iterations_per_epoch = run.val_iterations
-            trainer.warmup_epochs = run.warmup
-            trainer.save_every_epoch = True
-            end_epoch = trainer.on_epoch_end
+                counter(run.epochs, f"  {run.name}", "epoch", to_console) as advance, _schedule(run, advance):
+            if watch is not None:
+                result = watch.run_watched(args, watch.WatchOptions(every=study.watch_every), progress=print)
+                stopped = result.stopped
+            else:
+                argv, sys.argv = sys.argv, ["nnUNetv2_train", *args]
+                try:
+                    entry.run_training_entry()
+                finally:
+                    sys.argv = argv
+                stopped = None
+        torch.set_num_threads(threads)  # nnU-Net's entry point sets it for -device cpu
+        how = "under geodiag watch" if watch is not None else "plain nnU-Net (this geodiag has no watch)"
+        study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations {how}, geometric term from "
+                  f"epoch {run.warmup}, in {time.perf_counter() - start:.0f} s"
+                  + (f"; STOPPED: {stopped}" if stopped else ""))
 
-            def on_epoch_end() -> None:
-                end_epoch()
-                advance()
 
-            trainer.on_epoch_end = on_epoch_end
-            trainer.run_training()
-        study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations, geometric term from epoch "
-                  f"{run.warmup}, in {time.perf_counter() - start:.0f} s")
+def _last_checkpoint(folder: Path) -> Path:
+    final = folder / "checkpoint_final.pth"
+    if final.is_file():
+        return final
+    epochs = sorted(folder.glob("checkpoint_epoch_*.pth"))
+    if not epochs:
+        raise GeodiagError(f"{folder} holds no checkpoint")
+    return epochs[-1]
+
+
+def watch_rows(folder: Path) -> pd.DataFrame:
+    """Every training step geodiag watch recorded in the run (empty without watch)."""
+    files = sorted(glob.glob(str(folder / WATCH_FOLDER / "iterations_epoch_*.csv")))
+    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else pd.DataFrame()
+
+
+def _step_column(steps: pd.DataFrame, *names: str) -> Optional[pd.Series]:
+    """The first of ``names`` that the trainer's train_step returned (geodiag's and the replica's differ)."""
+    return next((steps[name] for name in names if name in steps), None)
 
 
 def summarize(study: Study) -> None:
-    """runs.csv: per run and epoch, what nnU-Net logged (Dice+CE, each geometric term, skips, gradient norm)."""
+    """runs.csv: per run and epoch, nnU-Net's log (train and validation loss, pseudo Dice) and what watch recorded
+    per step (largest gradient norm before clipping, non-finite and skipped steps, the term values train_step
+    returned)."""
+    from geodiag.reports.study_report import RUN_COLUMNS
+
     from ..nnunet.checkpoint import load_checkpoint
 
     rows = []
     for run in study.runs:
-        checkpoint = load_checkpoint(study.fold_folder(run) / "checkpoint_final.pth")
-        logging = checkpoint.data["logging"]
-        settings = tables.read_json(study.fold_folder(run) / "geometric_settings.json") \
-            if (study.fold_folder(run) / "geometric_settings.json").exists() else {}
+        folder = study.fold_folder(run)
+        logging = load_checkpoint(_last_checkpoint(folder)).data["logging"]
+        steps = watch_rows(folder)
         for epoch in range(len(logging["train_losses"])):
-            def value(key: str) -> float:
+            def logged(key: str) -> float:
                 series = logging.get(key, [])
                 return float(series[epoch]) if epoch < len(series) else math.nan
 
-            rows.append({
-                "run": run.name, "dataset": run.dataset_id, "trainer": run.trainer,
-                "preset": settings.get("geometric_preset"), "stabilizer": settings.get("stabilizer"),
-                "eps": settings.get("eps"), "warmup": run.warmup, "epoch": epoch,
-                "geometric_active": bool(logging["geometric_active"][epoch]), "train_loss": value("train_losses"),
-                "train_dc_ce": value("train_dc_ce"), "train_geometric": value("train_geometric"),
-                "train_compactness": value("train_compactness"), "train_aspect": value("train_aspect"),
-                "val_loss": value("val_losses"), "pseudo_dice": value("mean_fg_dice"),
-                "skipped_steps": value("skipped_steps"), "grad_norm_max": value("grad_norm_max")})
-    frame = pd.DataFrame(rows, columns=tables.RUN_COLUMNS)
+            row = {"run": run.name, "dataset": run.dataset_id, "trainer": run.trainer,
+                   "code": "user (--loss)" if run.user else "geodiag", "warmup": run.warmup, "epoch": epoch,
+                   "geometric_active": epoch >= run.warmup, "train_loss": logged("train_losses"),
+                   "val_loss": logged("val_losses"), "pseudo_dice": logged("mean_fg_dice"),
+                   "watched_steps": 0}
+            mine = steps[steps["epoch"] == epoch] if len(steps) else steps
+            if not len(mine):  # no watch: what geodiag's own trainer logs per epoch, NaN for others
+                row.update({key: logged(key) for key in ("grad_norm_max", "skipped_steps", "train_dc_ce",
+                                                         "train_geometric", "train_compactness", "train_aspect")})
+            else:
+                loss = mine["loss"].astype(float)
+                row.update(watched_steps=len(mine), grad_norm_max=mine["grad_norm"].astype(float).max(),
+                           nonfinite_steps=int((~loss.map(math.isfinite)).sum()),
+                           skipped_steps=int(mine["skipped"].sum()))
+                for column, names in (("train_dc_ce", ("dc_ce", "train_dc_ce")),
+                                      ("train_geometric", ("geometric", "train_geometric")),
+                                      ("train_compactness", ("compactness", "train_compactness")),
+                                      ("train_aspect", ("aspect", "train_aspect")),
+                                      ("train_boundary", ("boundary", "train_boundary"))):
+                    values = _step_column(mine, *names)
+                    row[column] = values.astype(float).mean() if values is not None else math.nan
+            rows.append(row)
+    frame = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
     tables.write_table(frame, study.out / "runs.csv")
-    last = frame.groupby("run").tail(1)
-    for row in last.itertuples():
-        bad = frame[(frame.run == row.run) & frame.train_loss.map(lambda v: not math.isfinite(v))]
-        study.log(f"  {row.run}: final train loss {row.train_loss:.4g}, pseudo Dice {row.pseudo_dice:.3f}, "
-                  f"non-finite epochs {len(bad)}, skipped steps {int(frame[frame.run == row.run].skipped_steps.sum())}")
+    for name, runs in frame.groupby("run", sort=False):
+        last = runs.iloc[-1]
+        study.log(f"  {name}: {len(runs)} epochs, final train loss {last.train_loss:.4g}, pseudo Dice "
+                  f"{last.pseudo_dice:.3f}, non-finite steps {int(runs.nonfinite_steps.fillna(0).sum())}, "
+                  f"largest gradient norm before clipping {runs.grad_norm_max.max():.4g}")
     study.products["runs"] = frame
 
 
@@ -203,11 +289,18 @@ def _checkpoint(study: Study, run: RunSpec, epoch: int) -> Path:
     return study.fold_folder(run) / f"checkpoint_epoch_{epoch:04d}.pth"
 
 
+def switch_on_checkpoint(study: Study, run: RunSpec) -> Path:
+    """The state after the first epoch trained with the geometric term; for a run watch stopped before that
+    epoch ended, the last good state it saved before the first non-finite step."""
+    path = _checkpoint(study, run, run.warmup)
+    stopped = study.fold_folder(run) / WATCH_FOLDER / "last_good.pth"
+    return path if path.is_file() or not stopped.is_file() else stopped
+
+
 def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict]:
     """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
     (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
     geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
-    import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from geodiag.losses import GeometricLoss
@@ -247,40 +340,63 @@ def small_s(study: Study) -> None:
 
     rows = []
     for run in study.runs:
+        path = switch_on_checkpoint(study, run)
         with _nnunet_environment(study):
-            shares = small_s_shares(_checkpoint(study, run, run.warmup), study.cases, study.device)
-        rows += [{"run": run.name, "dataset": run.dataset_id, "epoch": run.warmup, **row} for row in shares]
+            shares = small_s_shares(path, study.cases, study.device)
+        rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in shares]
         seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
         means = seed.groupby("eps")["fraction_below"].mean()
-        study.log(f"  {run.name} epoch {run.warmup}: " + ", ".join(
+        study.log(f"  {run.name} {path.name}: " + ", ".join(
             f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items()) + " (mean over cases, seed's units)")
     tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
 
 
+def term_gradients(study: Study) -> None:
+    """term_gradients.csv: at each run's switch-on checkpoint, on training batches, what Dice+CE and each geometric
+    term send to the logits and to the network, and their shares of the step's gradient."""
+    from geodiag.reports.study_report import TERM_GRADIENT_COLUMNS
+
+    from . import term_gradients as measured
+
+    rows = []
+    for run in study.runs:
+        path = switch_on_checkpoint(study, run)
+        with _nnunet_environment(study):
+            if run.user is not None:
+                terms = measured.user_loss_terms(run.user.loss, dict(run.user.term_weights), run.user.samples)
+            else:
+                terms = measured.geometric_loss_terms(
+                    tables.read_json(study.fold_folder(run) / "geometric_settings.json"))
+            found = measured.measure(path, terms, study.term_batches, study.device, study.seed)
+        rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in found]
+        frame = pd.DataFrame(found)
+        shares = frame.groupby("term", sort=False)["share_of_step"].median()
+        study.log(f"  {run.name} {path.name}: median share of the step's gradient " + ", ".join(
+            f"{term} {share:.3g}" for term, share in shares.items()))
+    tables.write_table(pd.DataFrame(rows, columns=TERM_GRADIENT_COLUMNS), study.out / "term_gradients.csv")
+
+
 def analyze(study: Study) -> None:
-    """The switch-on checkpoint of the chosen runs, and the first bad epoch of any run that went non-finite."""
+    """Each run's switch-on checkpoint: a user's loss through its SPEC (its sites table), geodiag's as recorded."""
+    import inspect
+
     from geodiag.reports import analysis_report
 
     from ..tools.analyze import analyze_checkpoint
 
-    runs = study.products.get("runs")
-    targets = []
-    for run in study.runs:
-        frame = runs[runs.run == run.name] if runs is not None else pd.DataFrame()
-        bad = frame[frame.train_loss.map(lambda v: not math.isfinite(v)) | (frame.skipped_steps > 0)]
-        if len(bad):
-            targets.append((run, int(bad.epoch.iloc[0]), {}, "first epoch with a non-finite loss or a skipped step"))
-        targets += [(run, run.warmup, overrides, "switch-on epoch")
-                    for name, overrides in study.analyse if name == run.name]
+    takes_spec = "loss_spec" in inspect.signature(analyze_checkpoint).parameters
     summaries = {}
-    for run, epoch, overrides, why in targets:
-        suffix = "".join(f"-{value:g}" if isinstance(value, float) else f"-{value}" for value in overrides.values())
-        out = study.out / "analysis" / f"{run.name}-epoch{epoch}{suffix}"
-        study.log(f"  {run.name} epoch {epoch} ({why}{', loss ' + str(overrides) if overrides else ''})")
+    for run in study.runs:
+        path = switch_on_checkpoint(study, run)
+        out = study.out / "analysis" / run.name
+        if run.user is not None and not takes_spec:
+            study.log(f"  {run.name}: skipped (this geodiag's analyze-checkpoint has no --loss)")
+            continue
+        study.log(f"  {run.name} {path.name}" + (f" --loss {run.user.loss}" if run.user else ""))
         with _nnunet_environment(study):
-            summary = analyze_checkpoint(str(_checkpoint(study, run, epoch)), out, max_cases=study.cases,
-                                         precisions=study.precisions, device=study.device,
-                                         resume=(out / "cases").is_dir(), **overrides)
+            summary = analyze_checkpoint(str(path), out, max_cases=study.cases, precisions=study.precisions,
+                                         device=study.device, resume=(out / "cases").is_dir(),
+                                         **({"loss_spec": run.user.loss} if run.user else {}))
         analysis_report.render(out)
         study.log(f"    verdict {summary['verdict']}: {summary['verdict_reason']}")
         summaries[out.name] = summary
@@ -288,20 +404,26 @@ def analyze(study: Study) -> None:
 
 
 def sweep(study: Study) -> None:
-    """Every (stabiliser, eps) on the checkpoints around each run's switch-on."""
+    """geodiag's loss at every clamp eps on the checkpoints around its runs' switch-on (sweep/)."""
     from geodiag.reports import sweep_report
 
-    from ..tools.sweep import run_sweep
+    from ..tools.sweep import parse_settings, run_sweep
 
     specs = []
     for run in study.runs:
+        if run.user is not None:
+            continue
         for offset in study.sweep_epochs:
             epoch = run.warmup + offset
-            if 0 <= epoch < run.epochs:
+            if 0 <= epoch < run.epochs and _checkpoint(study, run, epoch).is_file():
                 specs.append(f"{run.name}-e{epoch}={_checkpoint(study, run, epoch)}")
+    if not specs:
+        study.log("  no geodiag run to sweep")
+        return
     out = study.out / "sweep"
     with _nnunet_environment(study):
-        frame, timing = run_sweep(specs, out, cases=None, precisions=study.precisions, device=study.device,
+        frame, timing = run_sweep(specs, out, cases=None, settings=parse_settings(("clamp",), study.sweep_eps),
+                                  precisions=study.precisions, device=study.device,
                                   resume=(out / "cases").is_dir(), max_cases=study.cases,
                                   progress=lambda message: study.log("  " + message))
     sweep_report.render(out)
@@ -309,7 +431,8 @@ def sweep(study: Study) -> None:
 
 
 STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train), Step("summarize", summarize),
-         Step("small-s", small_s), Step("analyze", analyze), Step("sweep", sweep))
+         Step("small-s", small_s), Step("term-gradients", term_gradients), Step("analyze", analyze),
+         Step("sweep", sweep))
 
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:
