@@ -235,18 +235,42 @@ def _step_column(steps: pd.DataFrame, *names: str) -> Optional[pd.Series]:
     return next((steps[name] for name in names if name in steps), None)
 
 
+def _describe(study: Study, run: RunSpec, checkpoint) -> dict:
+    """What study.json says about a run: its code, loss, schedule and the batch nnU-Net trained it on."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration)
+    folder = study.fold_folder(run)
+    settings = folder / "geometric_settings.json"
+    described = {"run": run.name, "dataset": run.dataset_id, "trainer": run.trainer, "epochs": run.epochs,
+                 "iterations": run.iterations, "warmup": run.warmup, "patch_size": list(configuration.patch_size),
+                 "batch_size": int(configuration.batch_size), "watched": bool(watch_rows(folder).size)}
+    if run.user is not None:
+        from .replica import sqrt_clamp_sites
+
+        described.update(code="user", loss=run.user.loss, samples=run.user.samples,
+                         sqrt_clamp_sites=sqrt_clamp_sites() if run.user.sites else {})
+    else:
+        described.update(code="geodiag", loss=tables.read_json(settings) if settings.is_file() else None)
+    first = folder / WATCH_FOLDER / FIRST_NONFINITE
+    described["first_nonfinite"] = tables.read_json(first) if first.is_file() else None
+    return described
+
+
 def summarize(study: Study) -> None:
     """runs.csv: per run and epoch, nnU-Net's log (train and validation loss, pseudo Dice) and what watch recorded
     per step (largest gradient norm before clipping, non-finite and skipped steps, the term values train_step
-    returned)."""
+    returned); study.json: the study's settings and each run's description (with watch's first_nonfinite.json)."""
     from geodiag.reports.study_report import RUN_COLUMNS
 
     from ..nnunet.checkpoint import load_checkpoint
 
-    rows = []
+    rows, described = [], []
     for run in study.runs:
         folder = study.fold_folder(run)
-        logging = load_checkpoint(_last_checkpoint(folder)).data["logging"]
+        checkpoint = load_checkpoint(_last_checkpoint(folder))
+        logging = checkpoint.data["logging"]
+        described.append(_describe(study, run, checkpoint))
         steps = watch_rows(folder)
         for epoch in range(len(logging["train_losses"])):
             def logged(key: str) -> float:
@@ -277,6 +301,10 @@ def summarize(study: Study) -> None:
             rows.append(row)
     frame = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
     tables.write_table(frame, study.out / "runs.csv")
+    tables.write_json(study.out / "study.json", {
+        "images": study.num_images, "image_size": study.image_size, "datasets": list(study.datasets),
+        "cases": study.cases, "term_batches": study.term_batches, "precisions": list(study.precisions),
+        "sweep_eps": list(study.sweep_eps), "device": study.device, "runs": described})
     for name, runs in frame.groupby("run", sort=False):
         last = runs.iloc[-1]
         study.log(f"  {name}: {len(runs)} epochs, final train loss {last.train_loss:.4g}, pseudo Dice "
@@ -335,19 +363,21 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
 
 
 def small_s(study: Study) -> None:
-    """switch_on_s.csv: the shares of small s at each run's switch-on checkpoint, in the seed's units and ours."""
+    """switch_on_s.csv: the shares of small s at each run's first (epoch 0) and switch-on checkpoints, in the
+    seed's units and ours."""
     from geodiag.reports.study_report import SWITCH_ON_S_COLUMNS
 
     rows = []
     for run in study.runs:
-        path = switch_on_checkpoint(study, run)
-        with _nnunet_environment(study):
-            shares = small_s_shares(path, study.cases, study.device)
-        rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in shares]
-        seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
-        means = seed.groupby("eps")["fraction_below"].mean()
-        study.log(f"  {run.name} {path.name}: " + ", ".join(
-            f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items()) + " (mean over cases, seed's units)")
+        for path in dict.fromkeys((_checkpoint(study, run, 0), switch_on_checkpoint(study, run))):
+            with _nnunet_environment(study):
+                shares = small_s_shares(path, study.cases, study.device)
+            rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in shares]
+            seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
+            means = seed.groupby("eps")["fraction_below"].mean()
+            study.log(f"  {run.name} {path.name}: " + ", ".join(
+                f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items())
+                + " (mean over cases, seed's units)")
     tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
 
 
@@ -361,7 +391,8 @@ def term_gradients(study: Study) -> None:
     rows = []
     for run in study.runs:
         path = switch_on_checkpoint(study, run)
-        with _nnunet_environment(study):
+        with _nnunet_environment(study), open(study.out / "term_gradients.log", "a") as log, \
+                contextlib.redirect_stdout(log):  # nnU-Net's trainer prints its banner and split
             if run.user is not None:
                 terms = measured.user_loss_terms(run.user.loss, dict(run.user.term_weights), run.user.samples)
             else:
