@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from geodiag.reports import analysis_report, study_report, sweep_report
+from geodiag.reports import analysis_report, sweep_report
 from geodiag.reports.html import markdown_to_html
 from geodiag.reports.screenshot import BROWSERS, ScreenshotError, find_browser, screenshot
 from geodiag.reports.tables import (ReportInputError, parquet_available, read_table, write_json, write_table)
@@ -244,41 +244,3 @@ def test_screenshot_of_a_report_is_a_png(sweep_dir, tmp_path):
     out = screenshot(sweep_dir / "report.html", tmp_path / "shot.png")
     with Image.open(out) as image:
         assert image.size == (1280, 2000)
-
-
-def study_inputs(directory: Path) -> dict:
-    """A one-dataset study (no dataset comparison) whose fp16 rows of clamp 1e-2 are worse than its fp32 rows;
-    returns the sweep summary the study report reads."""
-    runs = pd.DataFrame([dict(run="502-V23", dataset=502, trainer="nnUNetTrainerGeometric", preset="v2.3",
-                              stabilizer="clamp", eps=1e-4, warmup=5, epoch=e, geometric_active=e >= 5,
-                              train_loss=1.0 / (e + 1), train_dc_ce=0.5, train_geometric=0.1, train_compactness=0.1,
-                              train_aspect=0.0, val_loss=0.5, pseudo_dice=0.9, skipped_steps=0, grad_norm_max=1.0)
-                         for e in (4, 5, 6)])
-    runs.to_csv(directory / "runs.csv", index=False)
-    pd.DataFrame([dict(run="502-V23", dataset=502, epoch=5, case="c0", units=units, eps=eps, fraction_below=0.2,
-                       pixels=4096) for units in ("seed", "normalised") for eps in (1e-4, 1e-2)]
-                 ).to_csv(directory / "switch_on_s.csv", index=False)
-    sweep = sweep_table(datasets=(502,), precisions=("fp32", "fp16"))
-    sweep["checkpoint"] = "502-V23-e" + sweep["epoch"].astype(str)
-    fp16_clamp = (sweep["precision"] == "fp16") & (sweep["stabilizer"] == "clamp") & (sweep["eps"] == 1e-2)
-    sweep.loc[fp16_clamp, "grad_max"] = 0.05
-    sweep.loc[fp16_clamp, "bias_compactness"] = 1.0
-    (directory / "sweep").mkdir()
-    sweep.to_csv(directory / "sweep" / "sweep.csv", index=False)
-    sweep_report.render(directory / "sweep")
-    return json.loads((directory / "sweep" / "summary.json").read_text())
-
-
-def test_study_verdict_quotes_the_row_of_the_table_under_it_and_sections_are_numbered_as_rendered(tmp_path):
-    summary = study_inputs(tmp_path)
-    markdown = study_report.render(tmp_path, "study").markdown.read_text()
-    numbered = re.findall(r"^## (\d+)\. ", markdown, flags=re.M)
-    assert numbered == [str(n) for n in range(1, len(numbered) + 1)] and len(numbered) == 3  # no dataset comparison
-    verdict = summary["verdict_clamp_1e-2"]
-    clamp = verdict["clamp_1e-2"]
-    # pooled over both precisions: median |bias C| of 0.9 (fp32) and 1.0 (fp16) rows, max grad_max the fp16 0.05
-    assert clamp["median_abs_bias_compactness"] == pytest.approx(0.95) and clamp["max_grad_max"] == 0.05
-    assert verdict["sentence"] in markdown
-    bias_section = markdown.split("What does clamp 1e-2 (normalised s) cost in bias?")[1]
-    [row] = [line for line in bias_section.splitlines() if line.startswith("| clamp 1e-2 |")]
-    assert "| 95% |" in row and "| 0.05 |" in row

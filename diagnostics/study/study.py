@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import math
 import os
 import sys
@@ -64,6 +65,7 @@ class Study:
     image_size: int
     sweep_epochs: tuple[int, ...] = (0,)  # relative to the switch-on epoch
     sweep_eps: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+    batch_size: Optional[int] = None  # the tiny configuration's batch; None: what nnU-Net planned
     cases: int = 8
     term_batches: int = 4
     precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -121,11 +123,17 @@ def plan(study: Study) -> None:
         name = dataset_spec(dataset_id).folder_name
         plans_file = study.dirs.preprocessed / name / f"{PLANS_NAME}.json"
         raw_json = study.dirs.raw / name / "dataset.json"
-        if plans_file.is_file() and plans_file.stat().st_mtime >= raw_json.stat().st_mtime:
-            study.log(f"  reusing {plans_file}")
-            continue
-        study.log(f"  nnUNetv2_plan_and_preprocess -d {dataset_id} (about 20 s), then configuration {TINY_CONFIGURATION}")
-        plan_and_preprocess(dataset_id, study.dirs)
+        if not (plans_file.is_file() and plans_file.stat().st_mtime >= raw_json.stat().st_mtime):
+            study.log(f"  nnUNetv2_plan_and_preprocess -d {dataset_id} (about 20 s), then configuration "
+                      f"{TINY_CONFIGURATION}")
+            plan_and_preprocess(dataset_id, study.dirs)
+        plans = tables.read_json(plans_file)
+        tiny = plans["configurations"][TINY_CONFIGURATION]
+        if study.batch_size is not None and tiny.get("batch_size") != study.batch_size:
+            tiny["batch_size"] = study.batch_size  # the seed trained with batch 8
+            plans_file.write_text(json.dumps(plans, indent=4) + "\n")
+        study.log(f"  {plans_file}: {TINY_CONFIGURATION}, batch size "
+                  f"{tiny.get('batch_size') or plans['configurations']['2d']['batch_size']}")
 
 
 def _finished(folder: Path) -> bool:

@@ -1,0 +1,123 @@
+"""The study report answers the seed-design questions from its own tables: every number it states is recomputed
+here from the tables written for it (medians, maxima, shares), and its words follow the printed thresholds."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from geodiag.reports import study_report
+
+REPLICA = "/somewhere/nnUNetTrainerSeedReplica.py"
+
+
+def _run(name, dataset, trainer, code, first=None, loss=None, sites=None):
+    return {"run": name, "dataset": dataset, "trainer": trainer, "code": code, "epochs": 3, "iterations": 4,
+            "warmup": 1, "patch_size": [64, 64], "batch_size": 8, "watched": True, "samples": 4,
+            "loss": loss, "sqrt_clamp_sites": sites or {}, "first_nonfinite": first}
+
+
+def write_study(directory: Path, first_nonfinite: dict | None = None) -> dict:
+    """Two replica runs (V2.3 on 501 and 502) and a production run on 502; the 502 replica's compactness share is
+    tiny, its boundary share 0.3; the production compactness dominates; 502's replica sits in the seed's regime."""
+    sites = {"compactness": "nnUNetTrainerSeedReplica.py:48", "aspect": "nnUNetTrainerSeedReplica.py:67"}
+    runs = [_run("501-ReplicaV23", 501, "nnUNetTrainerSeedReplicaV23", "user", loss=f"{REPLICA}:loss_v23",
+                 sites=sites),
+            _run("502-ReplicaV23", 502, "nnUNetTrainerSeedReplicaV23", "user", first=first_nonfinite,
+                 loss=f"{REPLICA}:loss_v23", sites=sites),
+            _run("502-Production", 502, "nnUNetTrainerGeometric", "geodiag",
+                 loss={"geometric_preset": "production", "stabilizer": "shifted", "eps": 1e-10})]
+    (directory / "study.json").write_text(json.dumps({
+        "images": 8, "image_size": 64, "datasets": [501, 502], "cases": 2, "term_batches": 2,
+        "precisions": ["fp32", "fp16"], "sweep_eps": [1e-4, 1e-2], "device": "cpu", "runs": runs}))
+    rows = []
+    for run in runs:
+        for epoch in range(3):
+            rows.append({"run": run["run"], "dataset": run["dataset"], "trainer": run["trainer"], "code": run["code"],
+                         "warmup": 1, "epoch": epoch, "geometric_active": epoch >= 1, "train_loss": 1.0 - 0.1 * epoch,
+                         "val_loss": 0.9, "pseudo_dice": 0.5, "watched_steps": 4,
+                         "grad_norm_max": {"501-ReplicaV23": 3.0, "502-ReplicaV23": 5.0}.get(run["run"], 20.0)
+                         + epoch, "nonfinite_steps": 0, "skipped_steps": 0, "train_dc_ce": 0.5, "train_geometric": 0.1,
+                         "train_compactness": 0.99, "train_aspect": 0.01, "train_boundary": 0.02})
+    pd.DataFrame(rows).to_csv(directory / "runs.csv", index=False)
+    shares = {("501-ReplicaV23", "checkpoint_epoch_0001.pth"): (0.0005, 0.05),
+              ("502-ReplicaV23", "checkpoint_epoch_0001.pth"): (0.002, 0.25),
+              ("502-Production", "checkpoint_epoch_0001.pth"): (0.01, 0.6)}
+    small = [{"run": run, "dataset": int(run[:3]), "checkpoint": checkpoint, "case": f"c{i}", "units": "seed",
+              "eps": eps, "fraction_below": value * (1 + 0.1 * i), "pixels": 4096}
+             for (run, checkpoint), values in shares.items() for i in range(3) for eps, value in zip((1e-4, 1e-2), values)]
+    pd.DataFrame(small).to_csv(directory / "switch_on_s.csv", index=False)
+    terms = {"501-ReplicaV23": {"dice_ce": 0.7, "compactness": 0.2, "aspect": 0.0, "boundary": 0.1},
+             "502-ReplicaV23": {"dice_ce": 0.7, "compactness": 0.0004, "aspect": -0.0006, "boundary": 0.3},
+             "502-Production": {"dice_ce": 0.1, "compactness": 0.9, "aspect": 0.0}}
+    grads = []
+    for run, by_term in terms.items():
+        for batch in range(2):
+            for term, share in by_term.items():
+                grads.append({"run": run, "dataset": int(run[:3]), "checkpoint": "checkpoint_epoch_0001.pth",
+                              "batch": batch, "term": term, "value": 0.1, "max_abs_grad_logits": 1e-4 * (batch + 1),
+                              "grad_norm_network": 0.5 + batch, "share_of_step": share * (1 + 0.2 * batch),
+                              "norm_ratio": abs(share), "step_grad_norm": 2.0, "nonfinite_grad_logits": 0,
+                              "nonfinite_grad_network": 0})
+    pd.DataFrame(grads).to_csv(directory / "term_gradients.csv", index=False)
+    for run, at_bound in (("501-ReplicaV23", 0.001), ("502-ReplicaV23", 0.02)):
+        folder = directory / "analysis" / run
+        folder.mkdir(parents=True)
+        site_rows = [{"precision": precision, "pass": "patches", "site": f"{REPLICA}:{line}", "op": "clamp",
+                      "calls": 2, "nonfinite_forward": 0, "nonfinite_backward": 0, "masked_calls": 0,
+                      "at_bound_fraction": at_bound if precision == "fp32" else 0.5, "max_abs_grad": 1.0}
+                     for precision in ("fp32", "fp16") for line in (48, 67)]
+        (folder / "summary.json").write_text(json.dumps({"verdict": "healthy", "verdict_reason": "finite",
+                                                         "sites": site_rows, "masked_nonfinite": []}))
+    return {"runs": runs}
+
+
+def _section(markdown: str, title: str) -> str:
+    return markdown.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_answers_are_computed_from_the_tables(tmp_path):
+    write_study(tmp_path)
+    markdown = study_report.render(tmp_path, "study").markdown.read_text()
+    answers = _section(markdown, "## Answers")
+    # Q1: no non-finite value; the largest |dL/dlogit| of the replica's terms (batch 1: 2e-4) and its largest
+    # gradient norm before clipping (502's epoch 2: 5 + 2)
+    assert "No: the seed's design produced no non-finite value in 24 watched training steps" in answers
+    assert "at most 0.0002 to a logit" in answers and "peaked at 7." in answers
+    # Q2: medians over the two batches: 0.0004 * 1.1 = 0.00044 inert; 0.3 * 1.1 = 0.33 contributes
+    assert "502-ReplicaV23: compactness inert (0.00044), aspect inert (-0.00066), boundary contributes (0.33)" in answers
+    assert "502-Production: compactness dominant (0.99)" in answers
+    # Q3: medians over three cases (x1.1): 0.25 * 1.1 = 27.5% below 1e-2, within a factor of 2 of the seed's
+    assert "checkpoint_epoch_0001.pth: 0.22% below 1e-4, 27.5% below 1e-2 (the seed's regime)" in answers
+    assert "5.5% below 1e-2 (5.15x below the seed's)" in answers
+    # Q5: the at-bound share of the sqrt clamps (fp32 rows only) and the compactness share differ by >= 1.5x
+    datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
+    assert "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
+    assert "compactness share (median) (501: 0.22, 502: 0.00044)" in datasets
+    assert "dice_ce share" not in datasets.split("\n- ")[-1]  # equal on both datasets: not called different
+    numbered = re.findall(r"^## (\d+)\. ", markdown, flags=re.M)
+    assert numbered == [str(n) for n in range(1, len(numbered) + 1)] and len(numbered) == 6
+
+
+def test_a_first_nonfinite_step_is_named_with_its_line_phase_and_replay(tmp_path):
+    write_study(tmp_path, first_nonfinite={
+        "iteration": 9, "epoch": 1, "phase": "backward", "op": "sqrt", "site": "nnUNetTrainerSeedReplica.py:48",
+        "dtype": "float32", "replay": {"classification": "maths", "reaches_parameter_gradients": True}})
+    markdown = study_report.render(tmp_path, "study").markdown.read_text()
+    [answer] = [line for line in _section(markdown, "## Answers").splitlines() if line.startswith("1. ")]
+    assert answer.startswith("1. Yes: 502-ReplicaV23 at iteration 9 (backward sqrt at nnUNetTrainerSeedReplica.py:48, "
+                             "float32, maths, reaches the weights' gradients: True)")
+
+
+def test_shares_section_words_follow_the_printed_thresholds():
+    frame = pd.DataFrame([{"run": "r", "dataset": 1, "checkpoint": "c", "batch": 0, "term": term, "value": 1.0,
+                           "max_abs_grad_logits": 1.0, "grad_norm_network": 1.0, "share_of_step": share,
+                           "norm_ratio": 1.0, "step_grad_norm": 1.0, "nonfinite_grad_logits": 0,
+                           "nonfinite_grad_network": 0}
+                          for term, share in (("a", study_report.INERT_SHARE * 0.99),
+                                              ("b", study_report.INERT_SHARE),
+                                              ("c", study_report.DOMINANT_SHARE * 1.01))])
+    _, answer = study_report.shares_section(frame, pd.DataFrame())
+    assert "a inert" in answer and "b contributes" in answer and "c dominant" in answer
