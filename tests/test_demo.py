@@ -1,33 +1,40 @@
-"""The demo pipeline end to end at a small size: data, nnU-Net training, analysis, sweep and the study report."""
+"""The demo end to end at a small size: the seed replica (a user's trainer found through nnUNet_extTrainer, its
+loss read through --loss) beside geodiag's production trainer, measured at the switch-on, analysed, swept, one
+report that answers from its own tables."""
 import json
 import math
-
-import pandas as pd
 
 from geodiag.diagnostics.study.demo import run_demo
 from geodiag.reports import tables
 
 
-def test_demo_writes_a_report_that_answers_from_its_own_tables(tmp_path):
+def test_demo_puts_the_replica_beside_production_and_answers_from_its_tables(tmp_path):
     log = []
     report = run_demo(tmp_path, num_images=8, image_size=64, log=log.append)
     text = report.read_text()
     html = report.with_suffix(".html").read_text()
-    assert "Verdict on clamp 1e-2 (normalised s)" in text and "data:image/png;base64," in html
+    assert "## Answers" in text and "data:image/png;base64," in html
     runs = tables.read_table(tmp_path / "runs.csv")
-    assert runs.geometric_active.tolist() == [False, False, True, True, True, True]
-    assert runs[runs.geometric_active].train_geometric.map(math.isfinite).all()
-    assert runs[~runs.geometric_active].train_geometric.isna().all()
-    sweep = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
-    assert set(sweep.epoch) == {1, 2, 3} and set(sweep.precision) == {"fp32", "bf16", "fp16"}
-    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    verdict = summary["verdict_clamp_1e-2"]
-    assert verdict["sentence"] in text
-    assert json.loads((tmp_path / "analysis" / "502-Quick-epoch2" / "summary.json").read_text())["verdict"]
-    # what the report says about pixels below the seed's 1e-2 is the median of the study's seed-units shares
-    small_s = tables.read_table(tmp_path / "switch_on_s.csv")
-    seed_units = small_s[(small_s.units == "seed") & (small_s.eps == 1e-2) & (small_s.epoch == 2)]
-    assert len(seed_units) == 4 and f"{100 * seed_units.fraction_below.median():.3g}% below 0.01" in text
+    assert set(runs.run) == {"502-ReplicaV23", "502-Production"}
+    assert set(runs.code) == {"user (--loss)", "geodiag"}
+    for _, frame in runs.groupby("run"):
+        assert frame.geometric_active.tolist() == [False, False, True]
+        assert frame.train_loss.map(math.isfinite).all()
+    study = json.loads((tmp_path / "study.json").read_text())
+    replica = next(run for run in study["runs"] if run["code"] == "user")
+    assert replica["loss"].endswith("nnUNetTrainerSeedReplica.py:loss_v23")
+    assert set(replica["sqrt_clamp_sites"]) == {"compactness", "aspect"}
+    # every term of each loss measured on the switch-on batches, shares of the step summing to 1
+    gradients = tables.read_table(tmp_path / "term_gradients.csv")
+    terms = gradients.groupby("run")["term"].agg(set).to_dict()
+    assert terms == {"502-ReplicaV23": {"dice_ce", "compactness", "aspect", "boundary"},
+                     "502-Production": {"dice_ce", "compactness", "aspect"}}
+    sums = gradients.groupby(["run", "batch"])["share_of_step"].sum()
+    assert (abs(sums - 1) < 1e-6).all()
+    # the report's answer on each term's role is the median share of the table
+    median = gradients[(gradients.run == "502-ReplicaV23") & (gradients.term == "boundary")].share_of_step.median()
+    assert f"boundary {'inert' if abs(median) < 0.01 else 'dominant' if median > 0.5 else 'contributes'} " \
+           f"({tables.format_number(median)})" in text
     # a second run reuses everything it can
     log.clear()
     run_demo(tmp_path, num_images=8, image_size=64, log=log.append)
