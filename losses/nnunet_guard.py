@@ -25,6 +25,7 @@ This module imports torch, numpy and nnU-Net only: ``geodiag.losses`` never impo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -86,10 +87,9 @@ class StepGuard:
         self.skipped_steps = 0
         self.iteration = 0
         self.last_good_checkpoint: Optional[str] = None
-        self.listeners: list = []  # objects with after_step(guard, batch, result); called after each step
-        self.original_train_step: Callable = trainer.train_step
+        self.listeners: list = []  # objects with before_step(guard, batch) and after_step(guard, batch, result)
         self.record: Optional[StepRecord] = None
-        self.neutralise_all = False  # replays: every optimizer step becomes a no-op
+        self.neutralise_all = False  # inside replaying(): every optimizer step becomes a no-op
         self._in_step = False
         self._loss: Optional[torch.Tensor] = None
         self._norm: Optional[torch.Tensor] = None
@@ -98,6 +98,12 @@ class StepGuard:
         self._hooked_optimizer = None
         self._hook = None
         self._restore: list[tuple[object, str, object]] = []
+        self._originals: dict[str, Callable] = {}
+
+    @property
+    def original_train_step(self) -> Callable[[dict], dict]:
+        """The trainer's own train_step (its class's, bound), without the guard around it."""
+        return self._originals["train_step"]
 
     # ------------------------------------------------------------------ installation
     @classmethod
@@ -112,17 +118,18 @@ class StepGuard:
             return guard
         guard = cls(trainer, **options)
         setattr(trainer, GUARD_ATTRIBUTE, guard)
-        for name in ("train_step", "on_train_start", "on_epoch_end", "save_checkpoint"):
-            guard._patch(trainer, name, getattr(guard, f"_wrapped_{name}"), keep=True)
+        guard._originals = {name: guard.patch(trainer, name, getattr(guard, f"_wrapped_{name}"))
+                            for name in ("train_step", "on_train_start", "on_epoch_end", "save_checkpoint")}
         if guard.capture:
             guard._install_capture()
         return guard
 
-    def _patch(self, owner, name: str, replacement, keep: bool = False) -> None:
-        if keep:
-            setattr(self, f"_original_{name}", getattr(owner, name))
+    def patch(self, owner, name: str, replacement):
+        """Replace ``owner.name`` until ``unwrap``; returns what it replaced (to call from the replacement)."""
+        replaced = getattr(owner, name)
         self._restore.append((owner, name, owner.__dict__.get(name, _MISSING)))
         setattr(owner, name, replacement)
+        return replaced
 
     def _install_capture(self) -> None:
         """For the duration of the run: the loss from ``Tensor.backward`` and the norm from ``clip_grad_norm_``."""
@@ -143,8 +150,8 @@ class StepGuard:
                 guard._norm = norm
             return norm
 
-        self._patch(torch.Tensor, "backward", capturing_backward)
-        self._patch(torch.nn.utils, "clip_grad_norm_", capturing_clip)
+        self.patch(torch.Tensor, "backward", capturing_backward)
+        self.patch(torch.nn.utils, "clip_grad_norm_", capturing_clip)
 
     def unwrap(self) -> None:
         """Put back everything ``wrap`` replaced (instance methods, torch functions) and drop the hook."""
@@ -176,6 +183,19 @@ class StepGuard:
         self._read_now(pre_step=False)
         return self.record.extra
 
+    @contextlib.contextmanager
+    def replaying(self):
+        """Inside: a fresh step record, every optimizer step a no-op (gradients dropped), nothing counted; the
+        live step's record is restored afterwards. For re-running a step's ``train_step`` code."""
+        saved = (self.record, self._read, self._loss, self._norm, self._extra)
+        self._begin_step()
+        self.neutralise_all = True
+        try:
+            yield
+        finally:
+            self.neutralise_all = self._in_step = False
+            self.record, self._read, self._loss, self._norm, self._extra = saved
+
     def _begin_step(self) -> None:
         optimizer = getattr(self.trainer, "optimizer", None)
         if optimizer is not None and optimizer is not self._hooked_optimizer:
@@ -191,8 +211,10 @@ class StepGuard:
 
     def _wrapped_train_step(self, batch: dict) -> dict:
         self._begin_step()
+        for listener in self.listeners:
+            listener.before_step(self, batch)
         try:
-            result = self._original_train_step(batch)
+            result = self._originals["train_step"](batch)
         finally:
             self._in_step = False
         self._read_now(pre_step=False)
@@ -251,13 +273,14 @@ class StepGuard:
                        scaler_skipped=not pre_step and scale is not None and not record.optimizer_stepped)
 
     def _classify(self, record: StepRecord, loss_known: bool, norm_known: bool, scaler_skipped: bool) -> None:
-        if loss_known and not math.isfinite(record.loss):
+        """What made the step bad. A step the GradScaler skipped is counted but is no event: skipping overflowing
+        steps is its job; only when its scale collapses is the run in trouble."""
+        if scaler_skipped:  # GradScaler.step found inf and did not call optimizer.step
+            record.skipped = True
+        elif loss_known and not math.isfinite(record.loss):
             record.event = "loss"
         elif norm_known and not math.isfinite(record.grad_norm):
             record.event = "gradient"
-        if scaler_skipped:  # GradScaler.step found inf and did not call optimizer.step
-            record.skipped = True
-            record.event = record.event or "gradient"
         if not math.isnan(record.scale) and grad_scale_collapsed(record.scale, self.scale_floor):
             record.event = "scale"
         elif record.nonfinite_weights:
@@ -279,15 +302,15 @@ class StepGuard:
 
     # ------------------------------------------------------------------ rot stop around nnU-Net's hooks
     def _wrapped_on_train_start(self) -> None:
-        self._original_on_train_start()
+        self._originals["on_train_start"]()
         self.check_state("at the start of training (a resumed checkpoint's state)")
 
     def _wrapped_on_epoch_end(self) -> None:
         self.check_state(f"after epoch {self.trainer.current_epoch}")  # before nnU-Net saves latest/best
-        self._original_on_epoch_end()
+        self._originals["on_epoch_end"]()
 
     def _wrapped_save_checkpoint(self, filename: str) -> None:
-        self._original_save_checkpoint(filename)
+        self._originals["save_checkpoint"](filename)
         if self.trainer.local_rank == 0 and not self.trainer.disable_checkpointing:
             self.last_good_checkpoint = filename
 
