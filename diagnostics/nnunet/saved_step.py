@@ -104,6 +104,7 @@ def build_trainer(step: SavedStep, device: torch.device):
                             dataset_json=checkpoint.dataset_json, device=device)
     trainer.log_file = str(step.folder / "replay_log.txt")
     trainer.initialize()
+    trainer.current_epoch = int(step.meta["epoch"])  # what train_step may depend on (a warm-up switch)
     trainer.network.load_state_dict(checkpoint.data["network_weights"])
     trainer.optimizer.load_state_dict(checkpoint.data["optimizer_state"])
     if step.scaler_state is not None:

@@ -85,9 +85,11 @@ def _run(trainer, train_step, batch: dict, setting: Setting, rng_state, scaler_s
     loss_module = getattr(trainer, "geometric_loss", None)
     loss_module = loss_module if isinstance(loss_module, GeometricLoss) else None
     cast = {key: _cast(value, setting.dtype) for key, value in batch.items()}
-    saved = trainer.network, trainer.grad_scaler
+    saved = trainer.network, trainer.optimizer, trainer.grad_scaler
     trainer.network = replica
-    trainer.grad_scaler = _scaler(trainer, scaler_state) if setting.scaler else None
+    # An optimizer over the replica, for GradScaler.unscale_/step to see its gradients; its steps are no-ops.
+    trainer.optimizer = torch.optim.SGD(replica.parameters(), lr=0.0)
+    trainer.grad_scaler = _scaler(saved[2], trainer.device, scaler_state) if setting.scaler else None
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), _autocast_disabled(not setting.autocast), \
@@ -98,7 +100,7 @@ def _run(trainer, train_step, batch: dict, setting: Setting, rng_state, scaler_s
                 result = train_step(cast)
             report = provenance.report()
     finally:
-        trainer.network, trainer.grad_scaler = saved
+        trainer.network, trainer.optimizer, trainer.grad_scaler = saved
         for handle in handles:
             handle.remove()
     bad = [name for name, flag in gradient_flags.items() if not bool(flag)]
@@ -135,10 +137,11 @@ def _cast(value, dtype: torch.dtype):
     return value
 
 
-def _scaler(trainer, state: Optional[dict]):
+def _scaler(live, device: torch.device, state: Optional[dict]):
+    """A GradScaler in the step's pre-step state (else a copy of the live one): the replay must not move its scale."""
     if state is None:
-        return copy.deepcopy(trainer.grad_scaler)
-    scaler = torch.amp.GradScaler(trainer.device.type)
+        return copy.deepcopy(live)
+    scaler = torch.amp.GradScaler(device.type)
     scaler.load_state_dict(state)
     return scaler
 

@@ -19,9 +19,9 @@ class nnUNetTrainerInfConv(nnUNetTrainer):
 
     def _inject_inf(self, module, inputs, output):
         if module.training and self.current_epoch >= 1:
-            output = output.clone()
-            output[:, 0, 0, 0] = float("inf")
-            return output
+            corner = torch.zeros_like(output, dtype=torch.bool)
+            corner[:, 0, 0, 0] = True
+            return output.masked_fill(corner, float("inf"))
         return None
 
     def perform_actual_validation(self, save_probabilities=False):
