@@ -153,19 +153,28 @@ class StepGuard:
         self.patch(torch.Tensor, "backward", capturing_backward)
         self.patch(torch.nn.utils, "clip_grad_norm_", capturing_clip)
 
-    def unwrap(self) -> None:
-        """Put back everything ``wrap`` replaced (instance methods, torch functions) and drop the hook."""
-        for owner, name, original in reversed(self._restore):
+    def unwrap(self, keep: int = 0) -> None:
+        """Put back what was replaced after the first ``keep`` replacements; with ``keep=0`` everything ``wrap``
+        replaced (instance methods, torch functions), and the optimizer hook and the trainer's guard go too."""
+        while len(self._restore) > keep:
+            owner, name, original = self._restore.pop()
             if original is _MISSING:
                 delattr(owner, name)
             else:
                 setattr(owner, name, original)
-        self._restore.clear()
+        self.capture = any(name == "backward" for _, name, _ in self._restore)
+        if keep:
+            return
         if self._hook is not None:
             self._hook.remove()
             self._hook = self._hooked_optimizer = None
         if getattr(self.trainer, GUARD_ATTRIBUTE, None) is self:
             delattr(self.trainer, GUARD_ATTRIBUTE)
+
+    @property
+    def replacements(self) -> int:
+        """How many replacements are in place (for ``unwrap(keep=...)``)."""
+        return len(self._restore)
 
     # ------------------------------------------------------------------ per step
     def observe(self, loss: Optional[torch.Tensor] = None, grad_norm: Optional[torch.Tensor] = None,

@@ -178,3 +178,38 @@ def test_watch_rejects_a_command_that_is_not_nnunet_training(tmp_path):
     proc = _geodiag(["watch", "--", "python", "train.py"], dict(os.environ))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "expected the training command after --" in proc.stderr
+
+
+def test_watch_records_geodiags_own_trainer_with_its_taps_and_terms(tiny_dataset_502, ext_folder, tmp_path):
+    """nnUNetTrainerGeometricQuick brings its own guard: watch reuses it, records its loss taps every 2 iterations
+    and the per-term values its train_step returns; a clean run exits 0 with nothing skipped."""
+    from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometricQuick as quick
+
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerGeometricQuick", "--every", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (folder / "first_nonfinite.json").exists()
+    rows = _rows(folder)
+    assert [int(r["iteration"]) for r in rows] == list(range(6 * 4))  # the quick trainer: 6 epochs of 4
+    assert all(r["skipped"] == "0" for r in rows)
+    active = [r for r in rows if int(r["epoch"]) >= quick.warmup_epochs]
+    for row in active:  # the trainer's own decomposition, as its train_step returned it
+        terms = float(row["train_compactness"]) + float(row["train_aspect"])
+        assert float(row["loss"]) == pytest.approx(float(row["train_dc_ce"]) + terms, rel=1e-5)
+    assert [r["state_checked"] for r in rows[:4]] == ["1", "0", "1", "0"]
+    histograms = json.loads((folder / f"histograms_epoch_{quick.warmup_epochs:04d}.json").read_text())
+    table = {(r["name"], r["kind"]): r for r in histograms["rows"]}
+    pixels = 2 * 64 * 64
+    assert table[("compactness.sqrt_input", "value")]["count"] == 2 * pixels  # 2 of the epoch's 4 iterations
+    assert table[("logits", "value")]["count"] == 2 * 2 * pixels
+
+
+def test_watch_refuses_tensorboard_without_the_package(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    proc = _geodiag(["watch", "--tensorboard", str(tmp_path / "tb"), "--", "nnUNetv2_train", "502", "2d", "0"],
+                    dict(os.environ))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--tensorboard needs the tensorboard package" in proc.stderr and not (tmp_path / "tb").exists()

@@ -28,8 +28,6 @@ def run(args: argparse.Namespace) -> int:
     if not train or os.path.basename(train[0]) != "nnUNetv2_train":
         raise GeodiagError("expected the training command after --, e.g. geodiag watch -- nnUNetv2_train 1 2d 0 "
                            "-tr MyTrainer")
-    if args.every < 1:
-        raise GeodiagError("--every must be at least 1")
     options = WatchOptions(every=args.every, on_nonfinite=args.on_nonfinite, tensorboard=args.tensorboard)
     watch = run_watched(train[1:], options, progress=lambda message: print(message, flush=True))
     skipped = watch.guard.skipped_steps if watch.guard is not None else 0

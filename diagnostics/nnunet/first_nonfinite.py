@@ -21,7 +21,8 @@ def build(record, *, epoch: int, cases: list[str], replay: Optional[dict], actio
           last_good: Path, scale_floor: float) -> dict:
     """The first_nonfinite.json document for a guard ``StepRecord`` and its replay (None when none could run)."""
     first = next((run for run in (replay or {}).get("runs", []) if run["nonfinite"]), None) or {}
-    phase = EVENT_PHASES.get(record.event) or first.get("phase") or ("forward" if record.event == "loss" else "backward")
+    fallback = "forward" if record.event == "loss" else "backward"  # replay flagged no op: the guard's own reading
+    phase = EVENT_PHASES.get(record.event) or first.get("phase") or fallback
     return {
         "iteration": record.iteration, "epoch": epoch, "cases": cases,
         "trigger": record.event, "phase": phase,
@@ -55,7 +56,8 @@ def markdown(document: dict) -> str:
              f"norm {document['seen_live']['grad_norm']}, GradScaler scale {document['seen_live']['scale']})",
              f"- Phase: **{document['phase']}**; op: **{document['op'] or 'not named'}**"
              + (f" ({document['aten_op']} in {document['node']})" if document["node"] else ""),
-             f"- Site: `{document['site'] or 'unknown'}`" + (f" — `{document['source']}`" if document["source"] else ""),
+             f"- Site: `{document['site'] or 'unknown'}`"
+             + (f" — `{document['source']}`" if document["source"] else ""),
              f"- Module: {document['module'] or '—'}; dtype: {document['dtype'] or '—'}",
              f"- Cases in the batch: {', '.join(document['cases']) or '—'}", ""]
     if document["inputs"]:

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from geodiag.losses import GeometricLoss
-from geodiag.losses.nnunet_guard import StepGuard, TrainingStateCorrupted
+from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
 from geodiag.reports import tables
 
 from ..errors import GeodiagError
@@ -72,10 +72,13 @@ class Watch:
         self._handles: list = []
         self._replaying = False
         self._originals: dict = {}
+        self._keep_replacements = 0
         self._epoch_start = 0
         self._writer = _tensorboard_writer(options.tensorboard)
 
     def attach(self) -> "Watch":
+        existing = getattr(self.trainer, GUARD_ATTRIBUTE, None)  # geodiag's trainers bring their own guard
+        self._keep_replacements = existing.replacements if isinstance(existing, StepGuard) else 0
         self.guard = StepGuard.wrap(self.trainer, capture=True, check_state_every=self.options.every)
         self.guard.listeners.append(self)
         self._originals = {name: self.guard.patch(self.trainer, name, getattr(self, f"_{name}"))
@@ -87,13 +90,19 @@ class Watch:
             handle.remove()
         self.recorder.detach()
         if self.guard is not None:
-            self.guard.unwrap()
+            self.guard.listeners.remove(self)
+            self.guard.unwrap(keep=self._keep_replacements)
         if self._writer is not None:
             self._writer.close()
 
     # ------------------------------------------------------------------ nnU-Net's hooks
     def _on_train_start(self) -> None:
         self._originals["on_train_start"]()
+        self.start()
+
+    def start(self) -> None:
+        """Start recording into ``<output_folder>/geodiag_watch`` (nnU-Net's on_train_start calls it; the trainer
+        must be initialised: network and optimizer built)."""
         trainer = self.trainer
         self.folder = Path(trainer.output_folder) / WATCH_FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -126,11 +135,13 @@ class Watch:
     def after_step(self, guard: StepGuard, batch: dict, result) -> None:
         record = guard.record
         row = {"epoch": self.trainer.current_epoch, "iteration": record.iteration,
-               "loss": _scalar(result.get("loss")) if isinstance(result, dict) else math.nan,
+               "loss": _scalar(result.get("loss")) if isinstance(result, dict) else None,
                "grad_norm": record.grad_norm, "skipped": int(record.skipped), "event": record.event or "",
                "scale": record.scale, "state_checked": int(record.state_checked),
                "nonfinite_weight_tensors": record.nonfinite_weights if record.state_checked else "",
                "nonfinite_momentum_tensors": record.nonfinite_momentum if record.state_checked else ""}
+        if row["loss"] is None:  # a train_step that returns no loss: the root of its backward (scaled under a scaler)
+            row["loss"] = record.loss
         if isinstance(result, dict):
             row.update({key: _scalar(value) for key, value in result.items()
                         if key not in row and _scalar(value) is not None})
@@ -236,14 +247,26 @@ def _scalar(value) -> Optional[float]:
         return None
 
 
-def _tensorboard_writer(folder: Optional[str]):
-    if folder is None:
-        return None
+def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise GeodiagError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-    return SummaryWriter(folder)
+    return SummaryWriter
+
+
+def _tensorboard_writer(folder: Optional[str]):
+    return None if folder is None else _summary_writer_class()(folder)
+
+
+def check_options(options: WatchOptions) -> None:
+    """Refuse bad options before nnU-Net starts (a one-line GeodiagError)."""
+    if options.every < 1:
+        raise GeodiagError("--every must be at least 1")
+    if options.on_nonfinite not in ON_NONFINITE:
+        raise GeodiagError(f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}")
+    if options.tensorboard is not None:
+        _summary_writer_class()
 
 
 def run_watched(train_args: list[str], options: WatchOptions, progress: Callable[[str], None] = print) -> Watch:
@@ -251,6 +274,7 @@ def run_watched(train_args: list[str], options: WatchOptions, progress: Callable
     (``stopped`` holds the stop message when the guard stopped training)."""
     import nnunetv2.run.run_training as entry
 
+    check_options(options)
     if any(arg == "-num_gpus" for arg in train_args):
         index = train_args.index("-num_gpus")
         if index + 1 < len(train_args) and train_args[index + 1] not in ("1",):
