@@ -213,3 +213,19 @@ def test_watch_refuses_tensorboard_without_the_package(tmp_path):
                     dict(os.environ))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--tensorboard needs the tensorboard package" in proc.stderr and not (tmp_path / "tb").exists()
+
+
+def test_watch_works_with_a_compiled_network_and_replays_it_uncompiled(tiny_dataset_502, ext_folder, tmp_path):
+    """torch.compile (Inductor on the CPU) on the network: the always-on statistics, the hooks of the histograms and
+    the replay (on the uncompiled module) still find the sqrt line."""
+    user_file = ext_folder / SHAPE_PRIOR_FILE
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerMyShapePriorCompiled", "--every", "1")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((folder / "first_nonfinite.json").read_text())
+    assert (report["iteration"], report["phase"], report["op"]) == (3, "backward", "sqrt")
+    assert report["site"] == f"{SHAPE_PRIOR_FILE}:{_line_of(user_file, 'torch.sqrt(gx ** 2 + gy ** 2)')}"
+    assert report["replay"]["classification"] == "maths"
+    histograms = json.loads((folder / "histograms_epoch_0000.json").read_text())
+    logits = {r["kind"]: r["count"] for r in histograms["rows"] if r["name"] == "logits"}
+    assert logits == {"value": 3 * 2 * 2 * 64 * 64, "grad": 3 * 2 * 2 * 64 * 64}  # every step of epoch 0
+    _assert_finite_nnunet_checkpoint(folder / "last_good.pth", tiny_dataset_502)

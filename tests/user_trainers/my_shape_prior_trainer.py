@@ -60,3 +60,11 @@ class nnUNetTrainerMyShapePrior(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities=False):
         print("skipping the final validation while I debug the prior")
+
+
+class nnUNetTrainerMyShapePriorCompiled(nnUNetTrainerMyShapePrior):
+    """The same, with the network compiled (nnU-Net compiles only on CUDA; this compiles on the CPU too)."""
+
+    def initialize(self):
+        super().initialize()
+        self.network = torch.compile(self.network)
