@@ -174,10 +174,14 @@ def test_doctor_resolves_a_researchers_trainer_and_says_watch_wraps_it(ext_folde
     assert "no trainer named" not in proc.stdout
 
 
-def test_watch_rejects_a_command_that_is_not_nnunet_training(tmp_path):
-    proc = _geodiag(["watch", "--", "python", "train.py"], dict(os.environ))
+@pytest.mark.parametrize("command,message", [
+    (["python", "train.py"], "expected the training command after --"),
+    (["nnUNetv2_train", "502", "-tr", "X"], "nnUNetv2_train needs DATASET CONFIGURATION FOLD first"),
+], ids=["not-nnunet", "no-fold"])
+def test_watch_rejects_a_command_that_is_not_nnunet_training(command, message):
+    proc = _geodiag(["watch", "--", *command], dict(os.environ))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "expected the training command after --" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr
 
 
 def test_watch_records_geodiags_own_trainer_with_its_taps_and_terms(tiny_dataset_502, ext_folder, tmp_path):

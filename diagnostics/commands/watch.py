@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     if not train or os.path.basename(train[0]) != "nnUNetv2_train":
         raise GeodiagError("expected the training command after --, e.g. geodiag watch -- nnUNetv2_train 1 2d 0 "
                            "-tr MyTrainer")
+    if len(train) < 4 or any(arg.startswith("-") for arg in train[1:4]):
+        raise GeodiagError("nnUNetv2_train needs DATASET CONFIGURATION FOLD first, e.g. nnUNetv2_train 1 2d 0 -tr "
+                           "MyTrainer")
     options = WatchOptions(every=args.every, on_nonfinite=args.on_nonfinite, tensorboard=args.tensorboard)
     watch = run_watched(train[1:], options, progress=lambda message: print(message, flush=True))
     skipped = watch.guard.skipped_steps if watch.guard is not None else 0
