@@ -26,7 +26,7 @@ from geodiag.diagnostics.training_state import checkpoint_health
 
 USER_TRAINERS = Path(__file__).parent / "user_trainers"
 SHAPE_PRIOR_FILE = "my_shape_prior_trainer.py"
-STOCK_FILE = "stock_with_inf_conv.py"
+STOCK_FILE = "stock_trainer_faults.py"
 
 
 def _line_of(path: Path, text: str) -> int:
@@ -164,6 +164,17 @@ def test_watch_stops_on_a_collapsing_grad_scaler_before_nan_weights(tiny_dataset
     saved = _assert_finite_nnunet_checkpoint(folder / "last_good.pth", tiny_dataset_502)
     assert saved["grad_scaler_state"]["scale"] == 1.0  # the scaler before the collapsing step
     assert "GradScaler scale 0.5 is below the floor 1" in proc.stdout
+
+
+def test_watch_stops_on_a_nan_weight_without_saving_it_as_good(tiny_dataset_502, ext_folder, tmp_path):
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerNanWeight", "--every", "1")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((folder / "first_nonfinite.json").read_text())
+    assert (report["iteration"], report["phase"], report["trigger"]) == (2, "optimizer", "weights")
+    assert report["seen_live"]["nonfinite_weight_tensors"] == 1 and report["replay"] is None
+    assert not (folder / "last_good.pth").exists() and not (folder / "step_2" / "state.pth").exists()
+    assert report["last_good"] == str(folder.parent / "checkpoint_best.pth")  # nnU-Net's save after epoch 0
+    _assert_finite_nnunet_checkpoint(folder.parent / "checkpoint_best.pth", tiny_dataset_502)
 
 
 def test_doctor_resolves_a_researchers_trainer_and_says_watch_wraps_it(ext_folder, tmp_path):

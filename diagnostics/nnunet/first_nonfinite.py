@@ -18,7 +18,7 @@ EVENT_PHASES = {"scale": "scaler", "weights": "optimizer", "momentum": "optimize
 
 
 def build(record, *, epoch: int, cases: list[str], replay: Optional[dict], action: str, step_folder: Path,
-          last_good: Path, scale_floor: float) -> dict:
+          last_good: Optional[str], scale_floor: float) -> dict:
     """The first_nonfinite.json document for a guard ``StepRecord`` and its replay (None when none could run)."""
     first = next((run for run in (replay or {}).get("runs", []) if run["nonfinite"]), None) or {}
     fallback = "forward" if record.event == "loss" else "backward"  # replay flagged no op: the guard's own reading
@@ -34,7 +34,7 @@ def build(record, *, epoch: int, cases: list[str], replay: Optional[dict], actio
                       "nonfinite_weight_tensors": record.nonfinite_weights,
                       "nonfinite_momentum_tensors": record.nonfinite_momentum},
         "replay": replay,
-        "action": action, "step_folder": str(step_folder), "last_good": str(last_good),
+        "action": action, "step_folder": str(step_folder), "last_good": last_good,
     }
 
 
@@ -69,15 +69,19 @@ def markdown(document: dict) -> str:
     replay = document["replay"]
     if replay is None:
         lines += ["Not replayed: the state itself was non-finite before the step (nothing to localise in it).", ""]
+    elif not replay["runs"]:
+        lines += [f"## Replay: **{replay['classification']}**", "", replay["explanation"], ""]
     else:
         lines += [f"## Replay: **{replay['classification']}**", "", replay["explanation"], "",
                   "Non-finite values " + ("reach" if replay["reaches_parameter_gradients"] else "do not reach")
                   + " the parameters' gradients.", "",
                   "| run | loss | non-finite | phase | op | site | parameter gradients non-finite |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['setting']} | {r['loss']:.6g} | {r['nonfinite']} | {r['phase'] or '—'} | {r['op'] or '—'} | "
-                  f"{r['site'] or '—'} | {r['nonfinite_parameter_gradients']} |" for r in replay["runs"]]
+        lines += [f"| {r['setting']} | {r['loss']:.6g} | {r['nonfinite']} | {r['phase'] or '—'} | "
+                  f"{r['op'] or '—'} | {r['site'] or '—'} | {r['nonfinite_parameter_gradients']} |"
+                  for r in replay["runs"]]
         lines.append("")
     lines += [f"Action: {document['action']}. Saved step: `{document['step_folder']}` (replay it with "
-              f"`geodiag replay {document['step_folder']}`); last good state: `{document['last_good']}`.", ""]
+              f"`geodiag replay {document['step_folder']}`); last good state: "
+              f"`{document['last_good'] or 'none written'}`.", ""]
     return "\n".join(lines)

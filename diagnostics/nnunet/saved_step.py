@@ -47,22 +47,29 @@ def scaler_state_dict(scaler, scale: torch.Tensor, growth_tracker: torch.Tensor)
 
 
 def save_step(trainer, folder: Path, batch: dict, rng_state: torch.Tensor, scaler_state: Optional[dict],
-              meta: dict) -> Path:
-    """Write ``folder``/{batch.pt, state.pth, meta.json}; the trainer's weights and optimizer must be pre-step."""
+              meta: dict, with_state: bool = True) -> None:
+    """Write ``folder``/{batch.pt, state.pth, meta.json}; the trainer's weights and optimizer must be pre-step.
+    ``with_state=False`` writes no state.pth (a state that is not good must never look like one)."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = [str(k) for k in batch.get("keys", [])]
     torch.save({"data": batch["data"], "target": batch["target"], "keys": keys, "rng_state": rng_state,
                 "scaler_state": scaler_state}, folder / BATCH_FILE)
-    live_scaler = trainer.grad_scaler
-    if scaler_state is not None:  # save_checkpoint writes trainer.grad_scaler: give it the pre-step one
+    if with_state:
+        _save_state(trainer, folder / STATE_FILE, scaler_state)
+    tables.write_json(folder / META_FILE, {**meta, "cases": keys, "trainer_name": type(trainer).__name__})
+
+
+def _save_state(trainer, path: Path, scaler_state: Optional[dict]) -> None:
+    """nnU-Net's own save_checkpoint, with the pre-step GradScaler, also under --disable_checkpointing."""
+    live_scaler, disabled = trainer.grad_scaler, trainer.disable_checkpointing
+    if scaler_state is not None:
         trainer.grad_scaler = torch.amp.GradScaler(trainer.device.type)
         trainer.grad_scaler.load_state_dict(scaler_state)
+    trainer.disable_checkpointing = False
     try:
-        trainer.save_checkpoint(str(folder / STATE_FILE))
+        trainer.save_checkpoint(str(path))
     finally:
-        trainer.grad_scaler = live_scaler
-    tables.write_json(folder / META_FILE, {**meta, "cases": keys, "trainer_name": type(trainer).__name__})
-    return folder / STATE_FILE
+        trainer.grad_scaler, trainer.disable_checkpointing = live_scaler, disabled
 
 
 def copy_state(step_folder: Path, destination: Path) -> None:

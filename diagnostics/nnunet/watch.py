@@ -161,34 +161,47 @@ class Watch:
             self.flush()
 
     def _explain(self, guard: StepGuard, batch: dict) -> None:
-        """Save the step and the last good state, replay the step, write first_nonfinite.json/.md."""
+        """Save the step and the last good state, replay the step, write first_nonfinite.json/.md.
+
+        Non-finite weights or momentum: the state is not good and there is nothing to replay; the batch alone is
+        saved and the last good checkpoint stays the last one nnU-Net wrote."""
         record, trainer = guard.record, self.trainer
         scaler_state = saved_step.scaler_state_dict(trainer.grad_scaler, self._pre_step["scale"],
                                                     self._pre_step["growth"]) \
             if self._pre_step.get("scale") is not None else None
         step_folder = self.folder / f"step_{record.iteration}"
         meta = {"iteration": record.iteration, "epoch": trainer.current_epoch, "event": record.event}
-        saved_step.save_step(trainer, step_folder, batch, self._pre_step["rng"], scaler_state, meta)
-        saved_step.copy_state(step_folder, self.folder / LAST_GOOD)
-        guard.last_good_checkpoint = str(self.folder / LAST_GOOD)
+        state_is_good = record.event not in ("weights", "momentum")
+        saved_step.save_step(trainer, step_folder, batch, self._pre_step["rng"], scaler_state, meta,
+                             with_state=state_is_good)
         replay = None
-        if record.event not in ("weights", "momentum"):
-            self.progress(f"geodiag watch: replaying iteration {record.iteration} under provenance")
-            self._replaying = True
-            try:
-                replay = replay_train_step(trainer, guard.original_train_step, batch,
-                                           rng_state=self._pre_step["rng"], scaler_state=scaler_state)
-            finally:
-                self._replaying = False
+        if state_is_good:
+            saved_step.copy_state(step_folder, self.folder / LAST_GOOD)
+            guard.last_good_checkpoint = str(self.folder / LAST_GOOD)
+            replay = self._replay(guard, batch, scaler_state)
         action = "skipped and continued" if (self.options.on_nonfinite == "skip" and record.event
                                              in ("loss", "gradient")) else "stopped"
         self.first = first_nonfinite.build(
             record, epoch=trainer.current_epoch, cases=[str(k) for k in batch.get("keys", [])], replay=replay,
-            action=action, step_folder=step_folder, last_good=self.folder / LAST_GOOD, scale_floor=guard.scale_floor)
+            action=action, step_folder=step_folder, last_good=guard.last_good_checkpoint,
+            scale_floor=guard.scale_floor)
         path = first_nonfinite.write(self.folder, self.first)
         where = f"{self.first['phase']} {self.first['op'] or ''} at {self.first['site'] or 'unknown site'}"
         self.progress(f"geodiag watch: first non-finite step {record.iteration}: {where}; "
                       f"{replay['classification'] if replay else 'not replayed'}; {path}")
+
+    def _replay(self, guard: StepGuard, batch: dict, scaler_state: Optional[dict]) -> dict:
+        """The replay of the step; a replay that fails is reported as such, it never ends the run."""
+        self.progress(f"geodiag watch: replaying iteration {guard.record.iteration} under provenance")
+        self._replaying = True
+        try:
+            return replay_train_step(self.trainer, guard.original_train_step, batch,
+                                     rng_state=self._pre_step["rng"], scaler_state=scaler_state)
+        except Exception as exc:  # noqa: BLE001 - the user's train_step may fail in ways we cannot foresee
+            return {"classification": "replay-failed", "explanation": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    "reaches_parameter_gradients": None, "runs": []}
+        finally:
+            self._replaying = False
 
     # ------------------------------------------------------------------ files
     def flush(self) -> None:

@@ -1,5 +1,6 @@
-"""Stock nnUNetTrainer (its own train_step) with a forward hook writing +Inf into one convolution's output from
-epoch 1 on: the fault geodiag watch must locate. Used by tests/test_watch.py through nnUNet_extTrainer."""
+"""Stock nnUNetTrainers (nnU-Net's own train_step) with an injected fault from epoch 1 on, which geodiag watch must
+locate: +Inf written into one convolution's output, a collapsing CPU GradScaler, a NaN written into a weight.
+Used by tests/test_watch.py through nnUNet_extTrainer."""
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -44,6 +45,25 @@ class nnUNetTrainerScalerCollapse(nnUNetTrainer):
         dice_ce = self.loss
         self.loss = lambda output, target: dice_ce(output, target) * (
             torch.tensor(float("nan")) if self.current_epoch >= 1 else 1.0)
+
+    def perform_actual_validation(self, save_probabilities=False):
+        pass
+
+
+class nnUNetTrainerNanWeight(nnUNetTrainer):
+    """A NaN written into the first weight at the start of epoch 1 (as a bad resume or a buggy callback would)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.current_epoch == 1:
+            with torch.no_grad():
+                next(self.network.parameters()).view(-1)[0] = float("nan")
 
     def perform_actual_validation(self, save_probabilities=False):
         pass
