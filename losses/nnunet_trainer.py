@@ -8,7 +8,6 @@ trainer from its base ``__init__`` signature; variants are tiny subclasses, like
 from __future__ import annotations
 
 import json
-import math
 from os.path import join
 from typing import List, Optional
 
@@ -22,26 +21,10 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from .geometric_loss import GeometricLoss
+from .nnunet_guard import StepGuard, TrainingStateCorrupted, grad_scale_collapsed  # noqa: F401 - re-exported
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
 CLIP_NORM = 12.0
-
-
-class TrainingStateCorrupted(RuntimeError):
-    """Training was stopped because its state can no longer give a good model (collapsed GradScaler, non-finite
-    weights or momentum). nnU-Net's run_training does not catch it, so ``nnUNetv2_train`` exits with it."""
-
-
-def grad_scale_collapsed(scale: float, floor: float) -> bool:
-    """Whether a GradScaler scale is below ``floor`` or so small that 1/scale overflows in fp32.
-
-    GradScaler unscales with an fp32 reciprocal: below about 2.9e-39 it is inf, and the next finite step is
-    unscaled to NaN (0 * inf for zero entries). Below 1 the scale already shrinks gradients instead of protecting
-    them from fp16 underflow, and it regrows only after 2000 clean steps per doubling.
-    """
-    with np.errstate(over="ignore", divide="ignore"):
-        inverse = np.reciprocal(np.float32(scale))
-    return not (scale >= floor and np.isfinite(inverse))
 
 
 class GeometricProgressLogger(LocalLogger):
@@ -93,15 +76,16 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
     ``compactness_weight``, ``aspect_weight``, ``geometric_reference`` ("target" or "prior"), ``warmup_epochs``
     (epochs 0 .. warmup_epochs-1 are plain Dice+CE), ``save_every_epoch``.
 
-    Guard: a step whose loss or gradient norm (clip_grad_norm_'s return, after GradScaler.unscale_) is not
-    finite gets no optimizer step; its gradients are zeroed, the GradScaler is still updated (so it halves its
-    scale on CUDA), and it is counted in ``self.skipped_steps``. Without it, nnU-Net's CPU path writes NaN into
-    every weight and the SGD momentum. The one host sync per step is the one nnU-Net already makes for its loss:
-    all per-step values are stacked and moved together, and the skip decision reads that copy.
+    Guard (``geodiag.losses.nnunet_guard.StepGuard``, the same wrapper ``geodiag watch`` puts on any trainer): a
+    step whose loss or gradient norm (clip_grad_norm_'s return, after GradScaler.unscale_) is not finite gets no
+    optimizer step (its gradients are dropped), the GradScaler is still updated (so it halves its scale on CUDA),
+    and it is counted in ``self.skipped_steps``. Without it, nnU-Net's CPU path writes NaN into every weight and
+    the SGD momentum. The one host sync per step is the guard's, before the optimizer step: all per-step values
+    are stacked and read together, and the skip decision and the logged values come from that copy.
 
-    Rot stop: a GradScaler whose scale (read from the guard's per-step sync) is below ``grad_scale_floor`` or whose
-    inverse is inf in fp32, and NaN/Inf in any weight or SGD momentum buffer (one device-side scan and one sync
-    at the start of training and at each epoch end, before nnU-Net saves), stop training with
+    Rot stop (the guard's): a GradScaler whose scale is below ``grad_scale_floor`` or whose inverse is inf in fp32
+    (read with the step's values), and NaN/Inf in any weight or SGD momentum buffer (one device-side scan and one
+    sync at the start of training and at each epoch end, before nnU-Net saves), stop training with
     ``TrainingStateCorrupted``: the message goes to the log and names the last good checkpoint; no checkpoint
     (latest, best, final, per-epoch) is written from the poisoned state.
 
@@ -149,14 +133,23 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         self._step_terms: dict[str, torch.Tensor] = {}
         self._term_tap = self.geometric_loss.register_tap(
             self._record_term, names=[f"{term}.term" for term in self.geometric_weights])
-        self.skipped_steps = 0
         self._term_keys = tuple(f"train_{term}" for term in self.geometric_weights)
         self._epoch_keys = ("train_dc_ce", "train_geometric") + self._term_keys + ("grad_norm_max",)
         local = GeometricProgressLogger(self.logger.local_logger, self._term_keys)
         for key in self._epoch_keys + ("geometric_active", "skipped_steps"):
             local.my_fantastic_logging[key] = []
         self.logger.local_logger = local
-        self.last_good_checkpoint: Optional[str] = None
+        self.step_guard = StepGuard.wrap(self, scale_floor=self.grad_scale_floor)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the guard skipped so far."""
+        return self.step_guard.skipped_steps
+
+    @property
+    def last_good_checkpoint(self) -> Optional[str]:
+        """The last checkpoint written from a good state (None before the first)."""
+        return self.step_guard.last_good_checkpoint
 
     # ------------------------------------------------------------------ settings
     @property
@@ -184,7 +177,6 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         self.print_to_log_file("geodiag geometric settings:", settings)
         with open(join(self.output_folder, "geometric_settings.json"), "w") as handle:
             json.dump(settings, handle, indent=2)
-        self._stop_if_state_is_not_finite("at the start of training (a resumed checkpoint's state)")
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -226,32 +218,20 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         per_step = [total, dc_ce, grad_norm]
         if geometric is not None:
             per_step += [geometric] + [terms[term] for term in self.geometric_weights]
-        logged = len(per_step)
+        self.step_guard.observe(loss=total, grad_norm=grad_norm, extra=per_step)
         if self.grad_scaler is not None:
-            per_step.append(self.grad_scaler._scale.reshape(()))  # the device tensor: get_scale() would sync
-        # The one host sync of the step (nnU-Net's own .cpu() of the loss): every logged value at once.
-        values = torch.stack([v.detach().float() for v in per_step]).cpu().numpy()
-        if self.grad_scaler is not None and grad_scale_collapsed(float(values[-1]), self.grad_scale_floor):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._stop(f"GradScaler scale {float(values[-1]):.3g} is below the floor {self.grad_scale_floor:g} or "
-                       "its inverse is inf in fp32 (too many skipped steps: once 1/scale is inf, the next finite "
-                       "step is unscaled to NaN)")
-        skipped = not (np.isfinite(values[0]) and np.isfinite(values[2]))
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-        elif self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.step(self.optimizer)  # the guard's pre-hook drops the gradients of a bad step
+            self.grad_scaler.update()
         else:
             self.optimizer.step()
-        if self.grad_scaler is not None:
-            self.grad_scaler.update()
+        values = np.asarray(self.step_guard.host_values())
+        skipped = self.step_guard.record.skipped
 
         self.on_train_step_end({"loss": total.detach(), "dc_ce": dc_ce.detach(), "geometric": terms,
                                 "grad_norm": grad_norm, "skipped": skipped, "grad_scaler": self.grad_scaler,
                                 "output": full_output.detach(), "target": full_target})
         inactive = np.full(1 + len(self.geometric_weights), np.nan)
-        geometric_values = values[3:logged] if geometric is not None else inactive
+        geometric_values = values[3:] if geometric is not None else inactive
         return {"loss": values[0], "train_dc_ce": values[1], "grad_norm": values[2],
                 "train_geometric": geometric_values[0], "skipped": float(skipped),
                 **{f"train_{term}": geometric_values[1 + i] for i, term in enumerate(self.geometric_weights)}}
@@ -291,7 +271,6 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
         self.print_to_log_file(f"train Dice+CE {last['train_dc_ce']:.4f}, geometric {geometric}, "
                                f"skipped steps {last['skipped_steps']}")
         finished = self.current_epoch
-        self._stop_if_state_is_not_finite(f"after epoch {finished}")  # before nnU-Net saves latest/best
         super().on_epoch_end()
         if self.save_every_epoch:
             # super() incremented current_epoch; save_checkpoint stores current_epoch + 1, so step back as
@@ -300,33 +279,6 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
             self.save_checkpoint(join(self.output_folder, f"checkpoint_epoch_{finished:04d}.pth"))
             self.current_epoch = finished + 1
 
-    # ------------------------------------------------------------------ rot stop
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            self.last_good_checkpoint = filename
-
-    def _stop(self, reason: str) -> None:
-        """Log why training stops and raise; nothing is saved after this."""
-        last = self.last_good_checkpoint or "none (no checkpoint was written before)"
-        message = (f"geodiag stopped training in epoch {self.current_epoch}: {reason}. No checkpoint was written "
-                   f"from this state; the last good one is {last}")
-        self.print_to_log_file(message)
-        raise TrainingStateCorrupted(message)
-
-    def _stop_if_state_is_not_finite(self, when: str) -> None:
-        """One device-side max-abs scan of every weight and momentum buffer and one sync; names them only if bad."""
-        named = [(f"weight {name}", p) for name, p in self.network.named_parameters()]
-        named += [(f"momentum {name}", self.optimizer.state[p]["momentum_buffer"])
-                  for name, p in self.network.named_parameters()
-                  if self.optimizer.state.get(p, {}).get("momentum_buffer") is not None]
-        tensors = [t.detach() for _, t in named]
-        peaks = torch.stack([n.float() for n in torch._foreach_norm(tensors, math.inf)])
-        finite = torch.isfinite(peaks)
-        if bool(finite.all()):
-            return
-        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
-        self._stop(f"non-finite values {when} in {len(bad)} tensors (first: {', '.join(bad[:3])})")
 
 
 class nnUNetTrainerGeometricQuick(nnUNetTrainerGeometric):

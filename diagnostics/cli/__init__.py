@@ -23,6 +23,8 @@ COMMANDS = {
     "bench": "bench",
     "demo": "demo",
     "reference-report": "reference_report",
+    "watch": "watch",
+    "replay": "replay",
 }
 
 

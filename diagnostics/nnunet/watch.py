@@ -1,0 +1,319 @@
+"""``geodiag watch``: run ``nnUNetv2_train`` in process with any trainer nnU-Net resolves, guarded and recorded, and
+make its first non-finite step explain itself.
+
+Why at run time on the instance: the researcher's trainer (found through ``nnUNet_extTrainer``, a ``train_step``
+override) must run unchanged. ``run_watched`` patches ``nnunetv2.run.run_training.get_trainer_from_args`` for the
+duration of the run, so nnU-Net's own entry point parses the arguments, resolves and builds the trainer, and
+``Watch`` is attached to the instance it returns: the ``StepGuard`` (with ``capture``: the loss from
+``Tensor.backward``, the norm from ``clip_grad_norm_``), plus recording.
+
+Always on, per step: loss (the value ``train_step`` returns), the other scalars it returns (per-term values where
+the trainer exposes them), gradient norm, GradScaler scale, skip; read by the guard's one host read. Every
+``every`` steps: weight and momentum finiteness (in the same read), and the histograms of the network's output,
+its parameter gradients and the GeometricLoss taps (when the trainer has a ``geometric_loss``), recorded by
+``Recorder`` as ``TrainingMonitor`` records them. Written into ``<fold>/geodiag_watch/`` at each epoch end:
+``iterations_epoch_XXXX.csv`` and ``histograms_epoch_XXXX.json`` (the rows of a stopped epoch are written too).
+
+On the first bad step (see ``StepGuard``): the step's batch and pre-step state go to ``step_<iteration>/`` and
+``last_good.pth``; after ``train_step`` has returned, the step is replayed (``step_replay``) and
+``first_nonfinite.json``/``.md`` are written; then training stops (``TrainingStateCorrupted``) or, with
+``on_nonfinite="skip"``, the step stays skipped and training goes on.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from geodiag.losses import GeometricLoss
+from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
+from geodiag.reports import tables
+
+from ..instruments.errors import GeodiagError
+from ..instruments.recorder import Recorder
+from . import first_nonfinite, saved_step
+from .step_replay import replay_train_step
+
+WATCH_FOLDER = "geodiag_watch"
+LAST_GOOD = "last_good.pth"
+LOGITS = "logits"
+ON_NONFINITE = ("stop", "skip")
+ROW_FIELDS = ("epoch", "iteration", "loss", "grad_norm", "skipped", "event", "scale", "state_checked",
+              "nonfinite_weight_tensors", "nonfinite_momentum_tensors")
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    every: int = 16
+    on_nonfinite: str = "stop"
+    tensorboard: Optional[str] = None
+
+
+class Watch:
+    """Attached to one trainer instance by ``attach``; a listener of its StepGuard."""
+
+    def __init__(self, trainer, options: WatchOptions, progress: Callable[[str], None] = print) -> None:
+        self.trainer = trainer
+        self.options = options
+        self.progress = progress
+        self.recorder = Recorder(every=options.every)
+        self.guard: Optional[StepGuard] = None
+        self.folder: Optional[Path] = None
+        self.first: Optional[dict] = None  # first_nonfinite.json's document, once written
+        self.rows: list[dict] = []
+        self.stopped: Optional[str] = None  # the stop message, when training was stopped
+        self._pre_step: dict = {}
+        self._handles: list = []
+        self._replaying = False
+        self._originals: dict = {}
+        self._keep_replacements = 0
+        self._epoch_start = 0
+        self._writer = _tensorboard_writer(options.tensorboard)
+
+    def attach(self) -> "Watch":
+        existing = getattr(self.trainer, GUARD_ATTRIBUTE, None)  # geodiag's trainers bring their own guard
+        self._keep_replacements = existing.replacements if isinstance(existing, StepGuard) else 0
+        self.guard = StepGuard.wrap(self.trainer, capture=True, check_state_every=self.options.every)
+        self.guard.listeners.append(self)
+        self._originals = {name: self.guard.patch(self.trainer, name, getattr(self, f"_{name}"))
+                           for name in ("on_train_start", "on_train_epoch_end")}
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.recorder.detach()
+        if self.guard is not None:
+            self.guard.listeners.remove(self)
+            self.guard.unwrap(keep=self._keep_replacements)
+        if self._writer is not None:
+            self._writer.close()
+
+    # ------------------------------------------------------------------ nnU-Net's hooks
+    def _on_train_start(self) -> None:
+        self._originals["on_train_start"]()
+        self.start()
+
+    def start(self) -> None:
+        """Start recording into ``<output_folder>/geodiag_watch`` (nnU-Net's on_train_start calls it; the trainer
+        must be initialised: network and optimizer built)."""
+        trainer = self.trainer
+        self.folder = Path(trainer.output_folder) / WATCH_FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.guard.iteration = trainer.current_epoch * trainer.num_iterations_per_epoch
+        self._epoch_start = self.guard.iteration
+        loss = getattr(trainer, "geometric_loss", None)
+        if isinstance(loss, GeometricLoss):
+            self.recorder.attach_loss(loss)
+        self.recorder.attach_network(trainer.network)
+        self._handles.append(trainer.network.register_forward_hook(self._on_network_output))
+        self.progress(f"geodiag watch: {type(trainer).__name__}, histograms every {self.options.every} iterations, "
+                      f"non-finite steps: {self.options.on_nonfinite}; writing {self.folder}")
+
+    def _on_network_output(self, module, inputs, output) -> None:
+        if module.training and not self._replaying:  # a replay's forward is not a training step
+            self.recorder.attach_tensor(LOGITS, output[0] if isinstance(output, (list, tuple)) else output)
+
+    def _on_train_epoch_end(self, outputs) -> None:
+        self._originals["on_train_epoch_end"](outputs)
+        self.flush()
+
+    # ------------------------------------------------------------------ per step (StepGuard listener)
+    def before_step(self, guard: StepGuard, batch: dict) -> None:
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        enabled = scaler is not None and scaler.is_enabled() and getattr(scaler, "_scale", None) is not None
+        self._pre_step = {"rng": torch.get_rng_state(),
+                          "scale": scaler._scale.clone() if enabled else None,
+                          "growth": scaler._growth_tracker.clone() if enabled else None}
+
+    def after_step(self, guard: StepGuard, batch: dict, result) -> None:
+        record = guard.record
+        row = {"epoch": self.trainer.current_epoch, "iteration": record.iteration,
+               "loss": _scalar(result.get("loss")) if isinstance(result, dict) else None,
+               "grad_norm": record.grad_norm, "skipped": int(record.skipped), "event": record.event or "",
+               "scale": record.scale, "state_checked": int(record.state_checked),
+               "nonfinite_weight_tensors": record.nonfinite_weights if record.state_checked else "",
+               "nonfinite_momentum_tensors": record.nonfinite_momentum if record.state_checked else ""}
+        if row["loss"] is None:  # a train_step that returns no loss: the root of its backward (scaled under a scaler)
+            row["loss"] = record.loss
+        if isinstance(result, dict):
+            row.update({key: _scalar(value) for key, value in result.items()
+                        if key not in row and _scalar(value) is not None})
+        self.rows.append(row)
+        self._to_tensorboard(row)
+        self.recorder.step()
+        if record.iteration % self.options.every == 0 or record.event:
+            self.progress(f"geodiag watch: epoch {row['epoch']} iteration {row['iteration']} loss {row['loss']:.4g} "
+                          f"grad norm {row['grad_norm']:.4g} skipped {guard.skipped_steps}"
+                          + (f" NON-FINITE {record.event}" if record.event else ""))
+        if record.event and self.first is None:
+            self._explain(guard, batch)
+        if record.event in ("loss", "gradient") and self.options.on_nonfinite == "stop":
+            self.flush()
+            guard.stop(f"{guard.describe_event()}; see {self.folder / first_nonfinite.JSON_FILE}")
+        if record.event in ("scale", "weights", "momentum"):
+            self.flush()
+
+    def _explain(self, guard: StepGuard, batch: dict) -> None:
+        """Save the step and the last good state, replay the step, write first_nonfinite.json/.md.
+
+        Non-finite weights or momentum: the state is not good and there is nothing to replay; the batch alone is
+        saved and the last good checkpoint stays the last one nnU-Net wrote."""
+        record, trainer = guard.record, self.trainer
+        scaler_state = saved_step.scaler_state_dict(trainer.grad_scaler, self._pre_step["scale"],
+                                                    self._pre_step["growth"]) \
+            if self._pre_step.get("scale") is not None else None
+        step_folder = self.folder / f"step_{record.iteration}"
+        meta = {"iteration": record.iteration, "epoch": trainer.current_epoch, "event": record.event}
+        state_is_good = record.event not in ("weights", "momentum")
+        saved_step.save_step(trainer, step_folder, batch, self._pre_step["rng"], scaler_state, meta,
+                             with_state=state_is_good)
+        replay = None
+        if state_is_good:
+            saved_step.copy_state(step_folder, self.folder / LAST_GOOD)
+            guard.last_good_checkpoint = str(self.folder / LAST_GOOD)
+            replay = self._replay(guard, batch, scaler_state)
+        action = "skipped and continued" if (self.options.on_nonfinite == "skip" and record.event
+                                             in ("loss", "gradient")) else "stopped"
+        self.first = first_nonfinite.build(
+            record, epoch=trainer.current_epoch, cases=[str(k) for k in batch.get("keys", [])], replay=replay,
+            action=action, step_folder=step_folder, last_good=guard.last_good_checkpoint,
+            scale_floor=guard.scale_floor)
+        path = first_nonfinite.write(self.folder, self.first)
+        where = f"{self.first['phase']} {self.first['op'] or ''} at {self.first['site'] or 'unknown site'}"
+        self.progress(f"geodiag watch: first non-finite step {record.iteration}: {where}; "
+                      f"{replay['classification'] if replay else 'not replayed'}; {path}")
+
+    def _replay(self, guard: StepGuard, batch: dict, scaler_state: Optional[dict]) -> dict:
+        """The replay of the step; a replay that fails is reported as such, it never ends the run."""
+        self.progress(f"geodiag watch: replaying iteration {guard.record.iteration} under provenance")
+        self._replaying = True
+        try:
+            return replay_train_step(self.trainer, guard.original_train_step, batch,
+                                     rng_state=self._pre_step["rng"], scaler_state=scaler_state)
+        except Exception as exc:  # noqa: BLE001 - the user's train_step may fail in ways we cannot foresee
+            return {"classification": "replay-failed", "explanation": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    "reaches_parameter_gradients": None, "runs": []}
+        finally:
+            self._replaying = False
+
+    # ------------------------------------------------------------------ files
+    def flush(self) -> None:
+        """Write this epoch's rows and histograms (also for an epoch cut short by a stop), then start anew."""
+        if self.folder is None or self.trainer.local_rank != 0:
+            return
+        epoch = self.trainer.current_epoch
+        if self.rows:
+            columns = list(ROW_FIELDS) + sorted({key for row in self.rows for key in row} - set(ROW_FIELDS))
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            tables.write_text(self.folder / f"iterations_epoch_{epoch:04d}.csv", buffer.getvalue())
+        rows = self.recorder.snapshot()
+        layout = self.recorder.layout
+        tables.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", {
+            "epoch": epoch, "iterations": [self._epoch_start, self.guard.iteration],
+            "recorded_every": self.recorder.every,
+            "layout": {"bins_per_decade": layout.bins_per_decade, "log10_min": layout.log10_min,
+                       "log10_max": layout.log10_max},
+            "eps_grid": list(self.recorder.eps_grid), "rows": rows})
+        self._histograms_to_tensorboard(rows, self.guard.iteration)
+        self.rows = []
+        self.recorder.reset()
+        self._epoch_start = self.guard.iteration
+
+    def _to_tensorboard(self, row: dict) -> None:
+        if self._writer is None:
+            return
+        for key in ("loss", "grad_norm", "scale", "skipped"):
+            value = row[key]
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                self._writer.add_scalar(f"watch/{key}", value, row["iteration"])
+
+    def _histograms_to_tensorboard(self, rows: list[dict], step: int) -> None:
+        """Geodiag's own |x| bins as TensorBoard histograms (no recomputation from values)."""
+        if self._writer is None:
+            return
+        edges = self.recorder.layout.edges()
+        for row in rows:
+            counts = row["bin_counts"]
+            if not sum(counts):
+                continue
+            self._writer.add_histogram_raw(
+                f"{row['name']}/{row['kind']} |x|", min=float(edges[0]), max=float(edges[-1]), num=int(sum(counts)),
+                sum=float(row["sum"]), sum_squares=float(row["rms"]) ** 2 * row["finite"],
+                bucket_limits=[float(e) for e in edges[1:len(counts) + 1]], bucket_counts=counts, global_step=step)
+
+
+def _scalar(value) -> Optional[float]:
+    """A returned value as a float when it is one number (numpy scalar, 0-d array, float), else None."""
+    try:
+        return float(value) if getattr(value, "size", 1) == 1 and not isinstance(value, (str, bytes)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise GeodiagError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(folder: Optional[str]):
+    return None if folder is None else _summary_writer_class()(folder)
+
+
+def check_options(options: WatchOptions) -> None:
+    """Refuse bad options before nnU-Net starts (a one-line GeodiagError)."""
+    if options.every < 1:
+        raise GeodiagError("--every must be at least 1")
+    if options.on_nonfinite not in ON_NONFINITE:
+        raise GeodiagError(f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}")
+    if options.tensorboard is not None:
+        _summary_writer_class()
+
+
+def run_watched(train_args: list[str], options: WatchOptions, progress: Callable[[str], None] = print) -> Watch:
+    """Run nnU-Net's ``nnUNetv2_train`` entry point with ``train_args``, watching the trainer it builds; the Watch
+    (``stopped`` holds the stop message when the guard stopped training)."""
+    import nnunetv2.run.run_training as entry
+
+    check_options(options)
+    if any(arg == "-num_gpus" for arg in train_args):
+        index = train_args.index("-num_gpus")
+        if index + 1 < len(train_args) and train_args[index + 1] not in ("1",):
+            raise GeodiagError("geodiag watch runs one process: -num_gpus > 1 (DDP) is not supported")
+    get_trainer = entry.get_trainer_from_args
+    watches: list[Watch] = []
+
+    def watched_trainer(*args, **kwargs):
+        trainer = get_trainer(*args, **kwargs)
+        watches.append(Watch(trainer, options, progress).attach())
+        return trainer
+
+    argv = sys.argv
+    entry.get_trainer_from_args = watched_trainer
+    sys.argv = ["nnUNetv2_train", *train_args]
+    try:
+        entry.run_training_entry()
+    except TrainingStateCorrupted as stop:
+        if not watches:
+            raise
+        watches[0].stopped = str(stop)
+    finally:
+        entry.get_trainer_from_args = get_trainer
+        sys.argv = argv
+        for watch in watches:
+            watch.detach()
+    if not watches:
+        raise GeodiagError("nnU-Net built no trainer (was this a validation-only run?)")
+    return watches[0]

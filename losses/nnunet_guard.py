@@ -1,0 +1,383 @@
+"""One guard for any nnU-Net trainer instance: skip a non-finite step, stop when the training state rots.
+
+Why a wrapper and not a base class: the researcher's own trainer (a ``train_step`` override found through
+``nnUNet_extTrainer``) must get the same protection as geodiag's trainers without being edited. ``StepGuard.wrap``
+replaces, on one trainer *instance*, ``train_step``, ``on_train_start``, ``on_epoch_end`` and ``save_checkpoint``
+with thin wrappers around the class's own methods, and registers an optimizer step pre-hook.
+
+Per step the guard needs the loss and the gradient norm. A trainer that knows them hands them over with
+``observe`` (geodiag's trainers do); with ``capture=True`` (``geodiag watch``) the guard takes them itself for the
+duration of the run: ``torch.Tensor.backward`` records its root (the loss, scaled under a GradScaler) and
+``torch.nn.utils.clip_grad_norm_`` the norm it returns. Without a clip call the pre-hook computes the norm.
+
+The skip: the pre-hook stacks the step's numbers and reads them in one transfer (the only host read the guard
+adds); when the loss or the gradient norm is not finite it sets every ``p.grad`` to None, which makes SGD (and
+every torch optimizer) leave that parameter and its momentum untouched for the step. A GradScaler that found inf
+skips ``optimizer.step`` itself; the guard then reads the numbers after ``train_step`` returns, and the scaler's
+``update`` has halved the scale.
+
+The stops (``TrainingStateCorrupted``, logged, naming the last good checkpoint; nothing is saved after it): a
+GradScaler scale below ``scale_floor`` or whose fp32 inverse is inf (checked on every read), and NaN/Inf in any
+weight or momentum buffer (checked at the start of training, at each epoch end before nnU-Net saves, and in the
+pre-hook every ``check_state_every`` steps when set).
+
+This module imports torch, numpy and nnU-Net only: ``geodiag.losses`` never imports ``geodiag.diagnostics``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+GUARD_ATTRIBUTE = "step_guard"
+_MISSING = object()  # "the owner had no attribute of its own": unwrap deletes instead of restoring
+
+
+class TrainingStateCorrupted(RuntimeError):
+    """Training was stopped because its state can no longer give a good model (collapsed GradScaler, non-finite
+    values it must not go on with). nnU-Net's run_training does not catch it, so ``nnUNetv2_train`` exits with it."""
+
+
+def grad_scale_collapsed(scale: float, floor: float) -> bool:
+    """Whether a GradScaler scale is below ``floor`` or so small that 1/scale overflows in fp32.
+
+    GradScaler unscales with an fp32 reciprocal: below about 2.9e-39 it is inf, and the next finite step is
+    unscaled to NaN. Below 1 the scale already shrinks gradients instead of protecting them from fp16 underflow,
+    and it regrows only after 2000 clean steps per doubling.
+    """
+    with np.errstate(over="ignore", divide="ignore"):
+        inverse = np.reciprocal(np.float32(scale))
+    return not (scale >= floor and np.isfinite(inverse))
+
+
+@dataclass
+class StepRecord:
+    """What the guard knows about one guarded step, on the host after its read.
+
+    ``event``: None, or what made the step bad: "loss", "gradient" (a non-finite loss or gradient norm),
+    "scale" (a collapsed GradScaler), "weights" or "momentum" (non-finite state found by the pre-hook scan).
+    """
+
+    iteration: int
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    scale: float = math.nan
+    skipped: bool = False
+    optimizer_stepped: bool = False
+    state_checked: bool = False
+    nonfinite_weights: int = 0
+    nonfinite_momentum: int = 0
+    event: Optional[str] = None
+    extra: list = field(default_factory=list)
+
+
+class StepGuard:
+    """The guard of one trainer instance (see the module docstring). Use ``StepGuard.wrap(trainer)``."""
+
+    def __init__(self, trainer, *, scale_floor: float = 1.0, capture: bool = False,
+                 check_state_every: int = 0) -> None:
+        self.trainer = trainer
+        self.scale_floor = scale_floor
+        self.capture = capture
+        self.check_state_every = check_state_every
+        self.skipped_steps = 0
+        self.iteration = 0
+        self.last_good_checkpoint: Optional[str] = None
+        self.listeners: list = []  # objects with before_step(guard, batch) and after_step(guard, batch, result)
+        self.record: Optional[StepRecord] = None
+        self.neutralise_all = False  # inside replaying(): every optimizer step becomes a no-op
+        self._in_step = False
+        self._loss: Optional[torch.Tensor] = None
+        self._norm: Optional[torch.Tensor] = None
+        self._extra: Sequence[torch.Tensor] = ()
+        self._read = False
+        self._hooked_optimizer = None
+        self._hook = None
+        self._restore: list[tuple[object, str, object]] = []
+        self._originals: dict[str, Callable] = {}
+
+    @property
+    def original_train_step(self) -> Callable[[dict], dict]:
+        """The trainer's own train_step (its class's, bound), without the guard around it."""
+        return self._originals["train_step"]
+
+    # ------------------------------------------------------------------ installation
+    @classmethod
+    def wrap(cls, trainer, **options) -> "StepGuard":
+        """The trainer's guard, created and installed on the instance if it has none."""
+        guard = getattr(trainer, GUARD_ATTRIBUTE, None)
+        if isinstance(guard, cls):
+            if options.get("capture"):
+                guard._install_capture()
+            if options.get("check_state_every"):
+                guard.check_state_every = options["check_state_every"]
+            return guard
+        guard = cls(trainer, **options)
+        setattr(trainer, GUARD_ATTRIBUTE, guard)
+        guard._originals = {name: guard.patch(trainer, name, getattr(guard, f"_wrapped_{name}"))
+                            for name in ("train_step", "on_train_start", "on_epoch_end", "save_checkpoint")}
+        if guard.capture:
+            guard._install_capture()
+        return guard
+
+    def patch(self, owner, name: str, replacement):
+        """Replace ``owner.name`` until ``unwrap``; returns what it replaced (to call from the replacement)."""
+        replaced = getattr(owner, name)
+        self._restore.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, replacement)
+        return replaced
+
+    def _install_capture(self) -> None:
+        """For the duration of the run: the loss from ``Tensor.backward`` and the norm from ``clip_grad_norm_``."""
+        if self.capture and any(name == "backward" for _, name, _ in self._restore):
+            return
+        self.capture = True
+        backward, clip = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
+        guard = self
+
+        def capturing_backward(tensor, *args, **kwargs):
+            if guard._in_step and tensor.numel() == 1:
+                guard._loss = tensor.detach()
+            return backward(tensor, *args, **kwargs)
+
+        def capturing_clip(*args, **kwargs):
+            norm = clip(*args, **kwargs)
+            if guard._in_step:
+                guard._norm = norm
+            return norm
+
+        self.patch(torch.Tensor, "backward", capturing_backward)
+        self.patch(torch.nn.utils, "clip_grad_norm_", capturing_clip)
+
+    def unwrap(self, keep: int = 0) -> None:
+        """Put back what was replaced after the first ``keep`` replacements; with ``keep=0`` everything ``wrap``
+        replaced (instance methods, torch functions), and the optimizer hook and the trainer's guard go too."""
+        while len(self._restore) > keep:
+            owner, name, original = self._restore.pop()
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        self.capture = any(name == "backward" for _, name, _ in self._restore)
+        if keep:
+            return
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = self._hooked_optimizer = None
+        if getattr(self.trainer, GUARD_ATTRIBUTE, None) is self:
+            delattr(self.trainer, GUARD_ATTRIBUTE)
+
+    @property
+    def replacements(self) -> int:
+        """How many replacements are in place (for ``unwrap(keep=...)``)."""
+        return len(self._restore)
+
+    # ------------------------------------------------------------------ per step
+    def observe(self, loss: Optional[torch.Tensor] = None, grad_norm: Optional[torch.Tensor] = None,
+                extra: Sequence[torch.Tensor] = ()) -> None:
+        """Hand over this step's loss and gradient norm (device tensors), and scalars to read in the same
+        transfer (``host_values()`` returns them)."""
+        if loss is not None:
+            self._loss = loss.detach()
+        if grad_norm is not None:
+            self._norm = grad_norm
+        self._extra = tuple(extra)
+
+    def host_values(self) -> list[float]:
+        """The ``extra`` values of ``observe``, read now if the pre-hook has not read them yet."""
+        self._read_now(pre_step=False)
+        return self.record.extra
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Inside: a fresh step record, every optimizer step a no-op (gradients dropped), nothing counted; the
+        live step's record is restored afterwards. For re-running a step's ``train_step`` code."""
+        saved = (self.record, self._read, self._loss, self._norm, self._extra)
+        self._begin_step()
+        self.neutralise_all = True
+        try:
+            yield
+        finally:
+            self.neutralise_all = self._in_step = False
+            self.record, self._read, self._loss, self._norm, self._extra = saved
+
+    def _begin_step(self) -> None:
+        optimizer = getattr(self.trainer, "optimizer", None)
+        if optimizer is not None and optimizer is not self._hooked_optimizer:
+            if self._hook is not None:
+                self._hook.remove()
+            self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+            self._hooked_optimizer = optimizer
+        self._loss = self._norm = None
+        self._extra = ()
+        self._read = False
+        self.record = StepRecord(self.iteration)
+        self._in_step = True
+
+    def _wrapped_train_step(self, batch: dict) -> dict:
+        self._begin_step()
+        for listener in self.listeners:
+            listener.before_step(self, batch)
+        try:
+            result = self._originals["train_step"](batch)
+        finally:
+            self._in_step = False
+        self._read_now(pre_step=False)
+        if self.record.skipped:
+            self.skipped_steps += 1
+        for listener in self.listeners:
+            listener.after_step(self, batch, result)
+        self.iteration += 1
+        if self.record.event in ("scale", "weights", "momentum"):
+            self.stop(self.describe_event())
+        return result
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.neutralise_all:
+            self._drop_gradients(optimizer)
+            return
+        if not self._in_step:
+            return
+        self.record.optimizer_stepped = True
+        self._read_now(pre_step=True)
+        if self.record.event is not None:
+            self.record.skipped = True
+            self._drop_gradients(optimizer)
+
+    @staticmethod
+    def _drop_gradients(optimizer) -> None:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = None
+
+    def _read_now(self, pre_step: bool) -> None:
+        """The guard's one host read of the step: loss, norm, scale, optional state scan and ``extra``."""
+        if self._read or self.record is None:
+            return
+        self._read = True
+        record, trainer = self.record, self.trainer
+        device = _device_of(trainer)
+        nan = torch.full((), math.nan, device=device)
+        norm = self._norm
+        if norm is None and pre_step:
+            norm = _gradient_norm(self._hooked_optimizer)
+        scaler = getattr(trainer, "grad_scaler", None)
+        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        check_state = pre_step and self.check_state_every and self.iteration % self.check_state_every == 0
+        values = [self._loss if self._loss is not None else nan, norm if norm is not None else nan,
+                  scale.reshape(()) if scale is not None else nan, *self._extra]
+        if check_state:
+            values += list(_state_flags(trainer.network, self._hooked_optimizer, device))
+        host = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in values]).cpu().tolist()
+        record.loss, record.grad_norm, record.scale = host[:3]
+        record.extra = host[3:3 + len(self._extra)]
+        if check_state:
+            record.state_checked = True
+            record.nonfinite_weights, record.nonfinite_momentum = (int(v) for v in host[-2:])
+        self._classify(record, loss_known=self._loss is not None, norm_known=norm is not None,
+                       scaler_skipped=not pre_step and scale is not None and not record.optimizer_stepped)
+
+    def _classify(self, record: StepRecord, loss_known: bool, norm_known: bool, scaler_skipped: bool) -> None:
+        """What made the step bad. A step the GradScaler skipped is counted but is no event: skipping overflowing
+        steps is its job; only when its scale collapses is the run in trouble."""
+        if scaler_skipped:  # GradScaler.step found inf and did not call optimizer.step
+            record.skipped = True
+        elif loss_known and not math.isfinite(record.loss):
+            record.event = "loss"
+        elif norm_known and not math.isfinite(record.grad_norm):
+            record.event = "gradient"
+        if not math.isnan(record.scale) and grad_scale_collapsed(record.scale, self.scale_floor):
+            record.event = "scale"
+        elif record.nonfinite_weights:
+            record.event = "weights"
+        elif record.nonfinite_momentum:
+            record.event = "momentum"
+
+    def describe_event(self) -> str:
+        record = self.record
+        if record.event == "scale":
+            return (f"GradScaler scale {record.scale:.3g} is below the floor {self.scale_floor:g} or its inverse is "
+                    "inf in fp32 (too many skipped steps: once 1/scale is inf, the next finite step is unscaled "
+                    "to NaN)")
+        if record.event in ("weights", "momentum"):
+            count = record.nonfinite_weights if record.event == "weights" else record.nonfinite_momentum
+            return f"non-finite values in {count} {record.event} tensors before step {record.iteration}"
+        return (f"non-finite {record.event} in step {record.iteration} (loss {record.loss:.6g}, gradient norm "
+                f"{record.grad_norm:.6g})")
+
+    # ------------------------------------------------------------------ rot stop around nnU-Net's hooks
+    def _wrapped_on_train_start(self) -> None:
+        self._originals["on_train_start"]()
+        self.check_state("at the start of training (a resumed checkpoint's state)")
+
+    def _wrapped_on_epoch_end(self) -> None:
+        self.check_state(f"after epoch {self.trainer.current_epoch}")  # before nnU-Net saves latest/best
+        self._originals["on_epoch_end"]()
+
+    def _wrapped_save_checkpoint(self, filename: str) -> None:
+        self._originals["save_checkpoint"](filename)
+        if self.trainer.local_rank == 0 and not self.trainer.disable_checkpointing:
+            self.last_good_checkpoint = filename
+
+    def stop(self, reason: str) -> None:
+        """Log why training stops and raise; nothing is saved after this."""
+        trainer = self.trainer
+        last = self.last_good_checkpoint or "none (no checkpoint was written before)"
+        message = (f"geodiag stopped training in epoch {trainer.current_epoch}: {reason}. No checkpoint was written "
+                   f"from this state; the last good one is {last}")
+        trainer.print_to_log_file(message)
+        raise TrainingStateCorrupted(message)
+
+    def check_state(self, when: str) -> None:
+        """One device-side max-abs scan of every weight and momentum buffer and one read; names them only if bad."""
+        named = nonfinite_state(self.trainer.network, self.trainer.optimizer)
+        if named:
+            self.stop(f"non-finite values {when} in {len(named)} tensors (first: {', '.join(named[:3])})")
+
+
+
+def _device_of(trainer) -> torch.device:
+    network = getattr(trainer, "network", None)
+    parameter = next(network.parameters(), None) if network is not None else None
+    return parameter.device if parameter is not None else torch.device(getattr(trainer, "device", "cpu"))
+
+
+def _gradient_norm(optimizer) -> Optional[torch.Tensor]:
+    """The 2-norm over every gradient of the optimizer's parameters (as clip_grad_norm_ computes it)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None] \
+        if optimizer is not None else []
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]), 2.0)
+
+
+def _momentum_buffers(network, optimizer) -> list[tuple[str, torch.Tensor]]:
+    return [(name, optimizer.state[p]["momentum_buffer"]) for name, p in network.named_parameters()
+            if optimizer is not None and optimizer.state.get(p, {}).get("momentum_buffer") is not None]
+
+
+def _state_flags(network, optimizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device counts of weight and momentum tensors holding NaN/Inf (max-abs norms: no overflow of finite ones)."""
+    def count(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), device=device)
+        peaks = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in tensors], math.inf)])
+        return (~torch.isfinite(peaks)).sum().float()
+
+    return (count([p for p in network.parameters()]),
+            count([buffer for _, buffer in _momentum_buffers(network, optimizer)]))
+
+
+def nonfinite_state(network, optimizer) -> list[str]:
+    """Names ("weight NAME", "momentum NAME") of the weight and momentum tensors holding NaN/Inf: one read."""
+    named = [(f"weight {name}", p) for name, p in network.named_parameters()]
+    named += [(f"momentum {name}", buffer) for name, buffer in _momentum_buffers(network, optimizer)]
+    peaks = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for _, t in named], math.inf)])
+    finite = torch.isfinite(peaks)
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
