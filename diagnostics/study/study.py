@@ -141,15 +141,6 @@ def _finished(folder: Path) -> bool:
     return (folder / "checkpoint_final.pth").is_file() or (folder / WATCH_FOLDER / FIRST_NONFINITE).is_file()
 
 
-def _watch():
-    """geodiag's watch module, or None in a geodiag without ``geodiag watch`` (runs are then plain nnU-Net)."""
-    try:
-        from ..nnunet import watch
-    except ImportError:
-        return None
-    return watch
-
-
 @contextlib.contextmanager
 def _schedule(run: RunSpec, advance: Callable[[], None]):
     """The study's schedule on the trainer nnU-Net's entry point builds (any trainer class): epochs, iterations,
@@ -183,11 +174,10 @@ def _schedule(run: RunSpec, advance: Callable[[], None]):
 
 
 def train(study: Study) -> None:
-    """Each run as ``[geodiag watch --] nnUNetv2_train DATASET 2d_tiny 0 -tr TRAINER``, in process; nnU-Net's
-    console output goes to the fold's train.log, the progress to the console."""
-    import nnunetv2.run.run_training as entry
+    """Each run as ``geodiag watch -- nnUNetv2_train DATASET 2d_tiny 0 -tr TRAINER -device DEVICE``, in process;
+    nnU-Net's and watch's console output goes to the fold's train.log, the progress to the console."""
+    from ..nnunet.watch import WatchOptions, run_watched
 
-    watch = _watch()
     for run in study.runs:
         folder = study.fold_folder(run)
         if _finished(folder):
@@ -205,21 +195,11 @@ def train(study: Study) -> None:
 
         with _nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
                 counter(run.epochs, f"  {run.name}", "epoch", to_console) as advance, _schedule(run, advance):
-            if watch is not None:
-                result = watch.run_watched(args, watch.WatchOptions(every=study.watch_every), progress=print)
-                stopped = result.stopped
-            else:
-                argv, sys.argv = sys.argv, ["nnUNetv2_train", *args]
-                try:
-                    entry.run_training_entry()
-                finally:
-                    sys.argv = argv
-                stopped = None
+            watch = run_watched(args, WatchOptions(every=study.watch_every), progress=print)
         torch.set_num_threads(threads)  # nnU-Net's entry point sets it for -device cpu
-        how = "under geodiag watch" if watch is not None else "plain nnU-Net (this geodiag has no watch)"
-        study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations {how}, geometric term from "
-                  f"epoch {run.warmup}, in {time.perf_counter() - start:.0f} s"
-                  + (f"; STOPPED: {stopped}" if stopped else ""))
+        study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations under geodiag watch, geometric "
+                  f"term from epoch {run.warmup}, in {time.perf_counter() - start:.0f} s"
+                  + (f"; STOPPED: {watch.stopped}" if watch.stopped else ""))
 
 
 def _last_checkpoint(folder: Path) -> Path:
@@ -291,10 +271,7 @@ def summarize(study: Study) -> None:
                    "val_loss": logged("val_losses"), "pseudo_dice": logged("mean_fg_dice"),
                    "watched_steps": 0}
             mine = steps[steps["epoch"] == epoch] if len(steps) else steps
-            if not len(mine):  # no watch: what geodiag's own trainer logs per epoch, NaN for others
-                row.update({key: logged(key) for key in ("grad_norm_max", "skipped_steps", "train_dc_ce",
-                                                         "train_geometric", "train_compactness", "train_aspect")})
-            else:
+            if len(mine):
                 loss = mine["loss"].astype(float)
                 row.update(watched_steps=len(mine), grad_norm_max=mine["grad_norm"].astype(float).max(),
                            nonfinite_steps=int((~loss.map(math.isfinite)).sum()),
