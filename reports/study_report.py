@@ -48,8 +48,11 @@ RUN_COLUMNS = ("run", "dataset", "trainer", "code", "warmup", "epoch", "geometri
 TERM_GRADIENT_COLUMNS = ("run", "dataset", "checkpoint", "batch", "term", "value", "max_abs_grad_logits",
                          "grad_norm_network", "share_of_step", "norm_ratio", "step_grad_norm",
                          "nonfinite_grad_logits", "nonfinite_grad_network")
-# DIR/replica_sweep/sweep.csv: the replica's sqrt clamps replaced at their lines (clamp-sweep --loss --site).
-REPLICA_SWEEP_COLUMNS = ("checkpoint", "case", "precision", "eps", "loss", "bias")
+# DIR/replica_sweep/site_sweep.csv: the replica's sqrt clamps replaced at their lines (clamp-sweep --loss --site):
+# per checkpoint, case, precision and eps, the loss, its bias against fp64 at the smallest eps, max |dL/dlogit|,
+# the clamps' mean at-bound share and non-finite counts.
+REPLICA_SWEEP_COLUMNS = ("checkpoint", "dataset", "case", "precision", "eps", "loss", "bias_loss", "grad_max",
+                         "frac_below_eps", "nonfinite_loss", "nonfinite_grad", "masked_nonfinite")
 # The seed's s over geodiag's normalised s, inside the image (2D): the raw Sobel kernel's gain 8, squared.
 SEED_UNITS_FACTOR = 64.0
 # A term is "inert" when the median of its share of the step's gradient is below this, "dominant" above DOMINANT.
@@ -278,22 +281,34 @@ def seed_statistics_section(small_s: pd.DataFrame, study: dict) -> tuple[Section
                    numbered=True), answer + "."
 
 
-def replica_sweep_section(replica_sweep: Optional[pd.DataFrame], sweep_summary: dict,
+def replica_sweep_section(replica_sweep: Optional[pd.DataFrame], replica_summary: dict, sweep_summary: dict,
                           headline: Optional[pd.DataFrame]) -> tuple[Section, str]:
     """Q4: is 1e-2 justified for the seed's design: bias and gradient at each clamp, replica and production."""
     parts, answer = [], "The replica's clamps were not swept."
     if replica_sweep is not None and len(replica_sweep):
-        fp32 = replica_sweep[replica_sweep["precision"] == "fp32"]
-        table = fp32.groupby(["checkpoint", "eps"]).agg(
-            cases=("case", "nunique"), median_abs_bias=("bias", lambda b: b.abs().median()),
-            **{c: (c, "max") for c in replica_sweep.columns if c.startswith("max_") or c.startswith("grad")},
-        ).reset_index()
-        parts.append("The replica's two sqrt clamps replaced at their lines by each eps (the same file, no edit), "
-                     "against the replica in fp64 at the smallest eps; fp32, medians and maxima over cases:\n\n"
-                     + markdown_table(table))
-        at = {eps: table[np.isclose(table["eps"], eps)]["median_abs_bias"].median() for eps in (1e-4, 1e-2)}
-        answer = (f"For the seed's design, clamp 1e-2 biases the loss by a median {_percent(at[1e-2])} against "
-                  f"{_percent(at[1e-4])} at 1e-4 (fp32, switch-on checkpoints).")
+        table = replica_sweep.groupby(["eps", "precision"], sort=True).agg(
+            evaluations=("case", "count"), median_abs_loss_bias=("bias_loss", lambda b: b.abs().median()),
+            max_abs_loss_bias=("bias_loss", lambda b: b.abs().max()), max_grad_logits=("grad_max", "max"),
+            at_bound_median=("frac_below_eps", "median"), nonfinite=("nonfinite_grad", "sum"),
+            masked=("masked_nonfinite", "sum")).reset_index()
+        parts.append("The replica's two sqrt clamps replaced at their lines by each eps (`clamp-sweep --loss "
+                     "--site`, the file untouched), on every user run's switch-on checkpoint, whole images; bias of "
+                     "the loss against the replica in fp64 at the smallest eps; `max_grad_logits`: largest "
+                     "|dL/dlogit|; `at_bound_median`: share of the clamps' elements held at the bound (zero "
+                     "gradient).\n\n" + markdown_table(table))
+        fp32 = table[table["precision"] == "fp32"].set_index("eps")
+        rows = {eps: fp32.loc[fp32.index[np.isclose(fp32.index, eps)]].iloc[0] for eps in (1e-4, 1e-2)
+                if np.isclose(fp32.index, eps).any()}
+        if len(rows) == 2:
+            low, high = rows[1e-4], rows[1e-2]
+            answer = (f"For the seed's design (fp32): clamp 1e-2 biases the loss by a median "
+                      f"{_percent(high['median_abs_loss_bias'])} (1e-4: {_percent(low['median_abs_loss_bias'])}), "
+                      f"holds {_percent(high['at_bound_median'])} of the clamps' elements at the bound "
+                      f"(1e-4: {_percent(low['at_bound_median'])}) and sends at most "
+                      f"{_number(high['max_grad_logits'])} to a logit (1e-4: {_number(low['max_grad_logits'])}).")
+        verdict = (replica_summary.get("verdict_clamp_1e-2") or {}).get("sentence")
+        if verdict:
+            answer += " " + verdict
     if headline is not None and len(headline):
         rows = []
         for stabilizer, eps in (SEED_V23, SEED_V24):
@@ -309,10 +324,9 @@ def replica_sweep_section(replica_sweep: Optional[pd.DataFrame], sweep_summary: 
                          "pixels with zero gradient (median)": _percent(row["median_frac_zero_grad"])})
         verdict = (sweep_summary.get("verdict_clamp_1e-2") or {}).get("sentence", "")
         parts.append("geodiag's production loss for contrast (its sweep over clamp eps on normalised s, 1/"
-                     f"{SEED_UNITS_FACTOR:g} of the seed's: the seed's 1e-4 / 1e-2 correspond to "
-                     f"{1e-4 / SEED_UNITS_FACTOR:.2g} / {1e-2 / SEED_UNITS_FACTOR:.2g} there):\n\n"
+                     f"{SEED_UNITS_FACTOR:g} of the seed's s):\n\n"
                      + (markdown_table(pd.DataFrame(rows)) if rows else "neither setting swept") + "\n\n" + verdict)
-    body = "\n\n".join([answer] + parts) if parts else answer
+    body = "\n\n".join([answer] + parts)
     return Section("Is clamp 1e-2 justified for the seed's design?", body, numbered=True), answer
 
 
@@ -425,13 +439,15 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     sweep = read_optional_table(directory / "sweep" / "sweep.csv", SWEEP_COLUMNS)
     sweep_summary = read_json(directory / "sweep" / "summary.json") if sweep is not None else {}
     headline = read_optional_table(directory / "sweep" / "headline.csv", HEADLINE_COLUMNS)
-    replica_sweep = read_optional_table(directory / "replica_sweep" / "sweep.csv", REPLICA_SWEEP_COLUMNS)
+    replica_sweep = read_optional_table(directory / "replica_sweep" / "site_sweep.csv", REPLICA_SWEEP_COLUMNS)
+    replica_summary = read_json(directory / "replica_sweep" / "summary.json") if replica_sweep is not None else {}
     sites = _user_sites(analyses, study)
     clamps = _sqrt_clamp_rows(sites, study)
 
     curves = figures.training_curves(runs, directory / "figures" / "training.png")
     answered = [nonfinite_section(study, runs, gradients, sites), shares_section(gradients, clamps),
-                seed_statistics_section(small_s, study), replica_sweep_section(replica_sweep, sweep_summary, headline)]
+                seed_statistics_section(small_s, study),
+                replica_sweep_section(replica_sweep, replica_summary, sweep_summary, headline)]
     compared = datasets_section(study, runs, small_s, gradients, clamps)
     if compared is not None:
         answered.append(compared)
@@ -444,6 +460,8 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     links = [f"- analysis of {name}: `analysis/{name}/report.md`" for name in analyses]
     if sweep is not None:
         links.append("- geodiag's clamp sweep: `sweep/report.md`")
+    if replica_sweep is not None:
+        links.append("- the replica's clamps swept at their lines: `replica_sweep/report.md`")
     sections = [Section("Answers", summary), setup] + [section for section, _ in answered]
     sections.append(Section("Details", "\n".join(links) or "No analysis or sweep was run."))
     data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "term_gradients.csv", "study.json")]

@@ -446,9 +446,30 @@ def sweep(study: Study) -> None:
     study.log(f"  {len(frame)} rows; network forward {timing.forward_s:.1f} s of {timing.total_s:.1f} s")
 
 
+def replica_sweep(study: Study) -> None:
+    """The user runs' own sqrt clamps replaced at their lines by each eps (``clamp-sweep --loss SPEC --site
+    FILE:LINE,FILE:LINE --eps …``) on their switch-on checkpoints (replica_sweep/): one loss serves every version,
+    since the swept value replaces the only setting the versions differ in."""
+    from geodiag.reports import site_sweep_report
+
+    from ..tools.site_sweep import run_site_sweep
+
+    users = [run for run in study.runs if run.user is not None]
+    if not users:
+        return
+    specs = [f"{run.name}-e{run.warmup}={switch_on_checkpoint(study, run)}" for run in users]
+    out = study.out / "replica_sweep"
+    with _nnunet_environment(study):
+        frame = run_site_sweep(specs, out, users[0].user.loss, list(users[0].user.sites), study.sweep_eps,
+                               precisions=study.precisions, device=study.device, resume=(out / "cases").is_dir(),
+                               max_cases=study.cases, progress=lambda message: study.log("  " + message))
+    site_sweep_report.render(out)
+    study.log(f"  {len(frame)} rows at {', '.join(users[0].user.sites)}")
+
+
 STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train), Step("summarize", summarize),
          Step("small-s", small_s), Step("term-gradients", term_gradients), Step("analyze", analyze),
-         Step("sweep", sweep))
+         Step("sweep", sweep), Step("replica-sweep", replica_sweep))
 
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:
