@@ -1,11 +1,12 @@
-"""`geodiag demo`: the main job on an embedded default — data, training, analysis, clamp sweep, report."""
+"""`geodiag demo`: the reference study in miniature — the seed replica beside production, under watch, one report."""
 from __future__ import annotations
 
 import argparse
 import os
 
-HELP = ("make dataset 502, train nnUNetTrainerGeometricQuick (geometric term on after warm-up), analyse the switch-on "
-        "checkpoint, sweep stabilisers and eps, write a report; a few minutes on a CPU")
+HELP = ("make dataset 502, train the seed replica (a user's trainer, V2.3) and geodiag's production trainer under "
+        "geodiag watch (geometric term on after a warm-up), measure, analyse and sweep their switch-on checkpoints, "
+        "write a report")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-HELP = "regenerate the reference report on datasets 501/502 under V2.3, V2.4 and production (CPU, about 15 min)"
+HELP = ("regenerate the reference report: the seed replica (V2.3, V2.4) and production on datasets 501/502 under "
+        "geodiag watch (the README gives its measured time)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
