@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from . import figures
+from . import figures, sites_report
 from .html import Figure, RenderedReport, Section, write_report
 from .tables import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS, ReportInputError,
                      format_eps, format_number, markdown_table, read_json, read_optional_table, read_table)
@@ -228,6 +228,9 @@ def render(directory: str | Path) -> RenderedReport:
     terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
     sections = [_verdict_section(summary), _checkpoint_section(summary), _state_section(summary),
                 _closest_section(summary), _gradient_section(summary, terms)]
+    site_histograms = read_optional_table(directory / sites_report.HISTOGRAMS_FILE,
+                                          sites_report.SITE_HISTOGRAM_COLUMNS)
+    sections += sites_report.sections(directory, summary, site_histograms)
     sections += _tensor_sections(directory, tensors, histograms)
     eps_section = _eps_section(directory, fractions)
     if eps_section is not None:
