@@ -394,7 +394,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         "loss": loss_info,
         "sites": sites,
         "masked_nonfinite": masked,
-        "settings": {**{k: own_loss.run_settings(loss).get(k) for k in ("stabilizer", "eps", "aspect_formula")},
+        "settings": {**{k: own_loss.run_settings(loss).get(k) for k in ("stabilizer", "eps", "aspect_formula", "sobel")},
                      "precisions": list(precisions), "device": str(dev),
                      "patches_per_case": patches, "patch_size": patch_size, "augment": augment},
         "inputs": {
