@@ -33,7 +33,7 @@ class EpsUnits:
     """What the swept eps act on, and whether clamp 1e-4 / 1e-2 there are the seed's V2.3 / V2.4."""
 
     description: str
-    seed_units: bool
+    seed_units: Optional[bool]  # None: the loss's own units, which only its author can map to the seed's
 
     def name(self, setting: tuple[str, float]) -> str:
         """A setting's label, saying whether it is the seed's own clamp."""
@@ -41,6 +41,8 @@ class EpsUnits:
         seed = {SEED_V23: "V2.3", SEED_V24: "V2.4"}.get(setting)
         if seed is None:
             return label
+        if self.seed_units is None:
+            return f"{label} (in the loss's own units; the seed's {seed} if the loss computes what the seed's did)"
         if self.seed_units:
             return f"{label} (the seed's {seed})"
         return (f"{label} on normalised s (not the seed's {seed}, whose clamp is "
