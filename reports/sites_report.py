@@ -81,17 +81,18 @@ def _slug(text: str) -> str:
 
 @figures.figure_writer
 def site_histogram(bins: pd.DataFrame, site: str, op: str, bounds: list) -> MplFigure:
-    """One panel per (precision, pass): |input| of the site on log10 bin edges, count on a log axis; dashed:
-    each positive numeric bound of the clamp."""
-    panels = list(dict.fromkeys(zip(bins["precision"], bins["pass"])))
-    figure = MplFigure(figsize=(5.0 * len(panels), 3.4))
+    """One panel per precision (rows) and pass (columns): |input| of the site on log10 bin edges, count on a log
+    axis; dashed: each positive numeric bound of the clamp."""
+    precisions, passes = list(dict.fromkeys(bins["precision"])), list(dict.fromkeys(bins["pass"]))
+    panels = [(precision, pass_name) for precision in precisions for pass_name in passes]
+    figure = MplFigure(figsize=(4.6 * len(passes), 2.9 * len(precisions) + 0.4))
     drawn = bins[bins["count"] > 0]
     low, high = figures.log10_edges(drawn) if len(drawn) else (np.zeros(0), np.zeros(0))
     lines = sorted({v for pair in bounds for v in pair if v is not None and v > 0})
     ends = np.concatenate([low, high, np.log10(lines)]) if len(low) or lines else np.array([0.0])
     xlim = (float(ends.min()) - 0.5, float(ends.max()) + 0.5)
     for index, (precision, pass_name) in enumerate(panels, start=1):
-        ax = figure.add_subplot(1, len(panels), index)
+        ax = figure.add_subplot(len(precisions), len(passes), index)
         panel = drawn[(drawn["precision"] == precision) & (drawn["pass"] == pass_name)]
         if panel.empty:
             ax.text(0.5, 0.5, "no finite non-zero input", ha="center", va="center", transform=ax.transAxes)

@@ -91,3 +91,28 @@ def test_loss_without_site_is_a_one_line_error(geometric_run, tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--site" in err
+
+
+ONE_ARGUMENT_LOSS = '''import torch
+
+
+def edge_length(pred):
+    p = pred[:, 1]
+    dx = p[:, :, 1:] - p[:, :, :-1]
+    edge = torch.sqrt(torch.clamp(dx ** 2, min=1e-6))
+    return edge.mean()
+'''
+
+
+def test_a_one_argument_loss_is_swept_at_its_clamp(geometric_run, tmp_path):
+    (tmp_path / "edge_loss.py").write_text(ONE_ARGUMENT_LOSS)
+    line = ONE_ARGUMENT_LOSS.splitlines().index("    edge = torch.sqrt(torch.clamp(dx ** 2, min=1e-6))") + 1
+    checkpoint = load_checkpoint(geometric_run.final_checkpoint)
+    code = main(["clamp-sweep", str(geometric_run.final_checkpoint), "--loss", f"{tmp_path / 'edge_loss.py'}:edge_length",
+                 "--site", f"edge_loss.py:{line}", "--eps", "1e-6,1e-2", "--precision", "fp32",
+                 "--cases", find_cases(checkpoint)[0].name, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0
+    rows = pd.read_csv(tmp_path / "out" / "site_sweep.csv").sort_values("eps")
+    fraction = rows[f"at_bound_fraction[edge_loss.py:{line}]"]
+    assert fraction.iloc[0] < fraction.iloc[1] <= 1 and (rows.nonfinite_grad == 0).all()
+    assert rows["loss"].iloc[1] > rows["loss"].iloc[0]  # a higher floor under every |dx| raises their mean
