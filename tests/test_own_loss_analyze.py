@@ -157,3 +157,26 @@ def test_bad_loss_spec_is_a_one_line_error(geometric_run, tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no_such" in err
+
+
+NAN_LOSS = '''import torch
+
+
+def confidence(pred, target):
+    margin = torch.sqrt(pred[:, 1] - 0.5)   # NaN wherever the foreground is below one half
+    return margin.mean()
+'''
+
+
+def test_a_loss_going_nan_gets_its_verdict_provenance_and_site(geometric_run, tmp_path):
+    (tmp_path / "nan_loss.py").write_text(NAN_LOSS)
+    summary = analyze_checkpoint(str(geometric_run.final_checkpoint), tmp_path / "out", max_cases=1,
+                                 loss_spec=f"{tmp_path / 'nan_loss.py'}:confidence")
+    assert summary["verdict"] == "non_finite_loss"
+    line = NAN_LOSS.splitlines().index("    margin = torch.sqrt(pred[:, 1] - 0.5)   # NaN wherever the foreground "
+                                       "is below one half") + 1
+    row = next(r for r in summary["sites"] if r["site"] == f"{tmp_path / 'nan_loss.py'}:{line}" and r["op"] == "sqrt"
+               and r["pass"] == "whole_image")
+    assert row["nonfinite_forward"] > 0 and row["masked_calls"] == 0
+    assert summary["provenance"] and summary["provenance"][0]["phase"] == "forward"
+    assert "Sites (automatic taps)" in analysis_report.render(tmp_path / "out").markdown.read_text()
