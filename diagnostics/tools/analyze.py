@@ -7,9 +7,10 @@ predicted as nnU-Net predicts it (no gradient into the network, which a sliding 
 the patch cannot give), yields the per-image loss terms. The provenance mode replays a pass that went non-finite
 and names the first op that produced NaN/Inf. The checkpoint's own state (weights, momentum, GradScaler scale) is
 checked too. The loss is the user's ``--loss`` or the one the run folder records (``own_loss.choose_loss``); on
-both inputs it runs under automatic taps, whose sites (risky ops by source line) each case stores. Each case's results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz +
-.json, atomically), so ``resume`` continues an interrupted run and the merged tables are the same as an
-uninterrupted run's; DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
+both inputs it runs under automatic taps, whose sites (risky ops by source line) each case stores. Each case's
+results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so
+``resume`` continues an interrupted run and the merged tables are the same as an uninterrupted run's;
+DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
 """
 from __future__ import annotations
 
