@@ -57,6 +57,9 @@ def sites_section(summary: dict) -> Optional[Section]:
             "the clamp's elements moved to a bound, which pass zero gradient; `max_abs_grad`: largest |gradient| "
             "arriving at the op's output; `host_syncs`: calls that read a device value back (a stall each on a "
             "GPU).\n\n" + markdown_table(frame))
+    if str((summary.get("loss") or {}).get("spec", "")).startswith("GeometricLoss("):
+        body += ("\n\ngeodiag's own loss also names its intermediates: its taps (compactness.grad_mag_squared, "
+                 "compactness.sqrt_input, aspect.discriminant, ...) are in the Tensors sections, by name.")
     bad = any((r.get("nonfinite_forward") or 0) + (r.get("nonfinite_backward") or 0) for r in rows)
     return Section("Sites (automatic taps)", body, tone="bad" if bad else "")
 

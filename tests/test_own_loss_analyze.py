@@ -136,8 +136,10 @@ def test_without_loss_the_recorded_loss_is_analysed_and_said_why(geometric_run, 
     shutil.copy(geometric_run.final_checkpoint, alone)
     summary = analyze_checkpoint(str(alone), tmp_path / "b", max_cases=1)
     assert "no geometric_settings.json" in summary["loss"]["why"]
-    # a sites table for the built-in loss too, its lines in geodiag's loss code
-    assert any(r["op"] == "sqrt" for r in summary["sites"])
+    # a sites table for the built-in loss too, its lines in geodiag's loss code, beside its named taps
+    assert any(r["op"] == "sqrt" and "losses" in r["site"] for r in summary["sites"])
+    markdown = analysis_report.render(tmp_path / "b").markdown.read_text()
+    assert "Sites (automatic taps)" in markdown and "compactness.grad_mag_squared" in markdown
 
 
 def test_a_settings_file_naming_a_class_is_never_imported(geometric_run, tmp_path):
