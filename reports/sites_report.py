@@ -32,7 +32,7 @@ def loss_section(summary: dict) -> Optional[Section]:
     loss = summary.get("loss")
     if not isinstance(loss, dict):
         return None
-    body = (f"`{loss.get('spec')}`, fed {loss.get('input')}: {loss.get('why')}.\n\nIt was evaluated on every "
+    body = (f"`{loss.get('spec')}`, fed {loss.get('input')}; chosen by: {loss.get('why')}.\n\nIt was evaluated on every "
             "case's training patches (gradients through the network) and on its whole image, under automatic "
             "taps: every sqrt, pow, div, log, exp, clamp, ... call it made is a site named by its source line.")
     return Section("Loss analysed", body)
