@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from . import figures
+from . import figures, sites_report
 from .html import Figure, RenderedReport, Section, write_report
 from .tables import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS, ReportInputError,
                      format_eps, format_number, markdown_table, read_json, read_optional_table, read_table)
@@ -20,7 +20,8 @@ from .tables import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, T
 TITLE = "geodiag checkpoint analysis"
 # Below this many decades between a measured magnitude and its dtype's limit, the report flags the tensor.
 HEADROOM_WARN_DECADES = 1.0
-# eps values named in the eps-fraction sentences: the seed's V2.3 and V2.4 clamps.
+# eps values named in the eps-fraction sentences: the values of the seed's V2.3 and V2.4 clamps; its clamps
+# themselves only when the loss analysed computes s as the seed does (sobel "seed"; see _eps_units).
 SEED_EPS = (1e-4, 1e-2)
 
 # verdict -> (tone, what it means, what to do next)
@@ -188,7 +189,17 @@ def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optiona
     return sections
 
 
-def _eps_section(directory: Path, fractions: Optional[pd.DataFrame]) -> Optional[Section]:
+def _eps_units(summary: dict) -> str:
+    sobel = _field(summary, "settings").get("sobel")
+    if sobel == "seed":
+        return "s in the seed's units (raw Sobel, zero padding): eps 1e-4 and 1e-2 are the seed's V2.3 and V2.4 clamps"
+    if sobel == "normalised":
+        return ("s in geodiag's normalised units (Sobel divided by 8), 1/64 of the seed's: eps 1e-4 and 1e-2 here "
+                "are not the seed's clamps, which sit at 1.6e-6 and 1.6e-4 in these units")
+    return "units of s not recorded"
+
+
+def _eps_section(directory: Path, fractions: Optional[pd.DataFrame], summary: dict) -> Optional[Section]:
     if fractions is None or fractions.empty:
         return None
     lines = []
@@ -201,7 +212,7 @@ def _eps_section(directory: Path, fractions: Optional[pd.DataFrame]) -> Optional
                      f"zero gradient arriving at it: {100 * zero:.3g}% of its elements")
     path = figures.eps_fractions(fractions, directory / "figures" / "eps_fractions.png")
     body = ("Fraction of the elements of each clamped tensor below each eps: a clamp at that eps passes them zero "
-            "gradient.\n\n" + "\n".join(lines) + "\n\n"
+            f"gradient; {_eps_units(summary)}.\n\n" + "\n".join(lines) + "\n\n"
             + markdown_table(fractions[list(EPS_FRACTION_COLUMNS)].assign(eps=fractions["eps"].map(format_eps))))
     return Section("Clamped tensors below eps", body, figures=[Figure(
         path, "One panel per clamped tensor: share of its elements below eps per precision (solid); dotted: share "
@@ -228,8 +239,11 @@ def render(directory: str | Path) -> RenderedReport:
     terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
     sections = [_verdict_section(summary), _checkpoint_section(summary), _state_section(summary),
                 _closest_section(summary), _gradient_section(summary, terms)]
+    site_histograms = read_optional_table(directory / sites_report.HISTOGRAMS_FILE,
+                                          sites_report.SITE_HISTOGRAM_COLUMNS)
+    sections += sites_report.sections(directory, summary, site_histograms)
     sections += _tensor_sections(directory, tensors, histograms)
-    eps_section = _eps_section(directory, fractions)
+    eps_section = _eps_section(directory, fractions, summary)
     if eps_section is not None:
         sections.append(eps_section)
     sections.append(_provenance_section(summary))

@@ -276,8 +276,9 @@ def test_invalid_precision_for_an_analysis(capsys, tmp_path, checkpoint):
 
 
 # ---------------------------------------------------------------------- check-bounds: 1 is a regression, never a crash
-def test_a_loss_that_crashes_in_check_bounds_exits_2_not_1(capsys, tmp_path, monkeypatch):
-    """A researcher's loss with a shape bug: check-bounds must not report the crash as a gradient regression."""
+def test_a_loss_that_crashes_in_check_bounds_is_a_failing_row_naming_its_line(capsys, tmp_path, monkeypatch):
+    """A researcher's loss with a shape bug: the case fails with the exception and the user's line, exit 1
+    (a finding about the loss), never a traceback."""
     (tmp_path / "crashing_user_loss.py").write_text(
         "import torch\n\n"
         "def dice_with_shape_bug(probs, target):\n"
@@ -287,6 +288,8 @@ def test_a_loss_that_crashes_in_check_bounds_exits_2_not_1(capsys, tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     code = main(["check-bounds", "--loss", "crashing_user_loss:dice_with_shape_bug", "--cases", "tiny_disk",
                  "--precisions", "fp32"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("geodiag check-bounds: error: ") and "Traceback" not in err[0]
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    raised = [line for line in captured.out.splitlines() if line.startswith("RAISED")]
+    assert len(raised) == 1 and "IndexError" in raised[0] and "crashing_user_loss.py:5" in raised[0]
+    assert "Traceback" not in captured.out + captured.err

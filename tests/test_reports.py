@@ -152,7 +152,8 @@ def test_markdown_subset_becomes_escaped_html_with_tables_and_lists():
 
 def test_sweep_report_writes_markdown_self_contained_html_and_png_figures(sweep_dir):
     markdown = (sweep_dir / "report.md").read_text()
-    assert "clamp 1e-2 is not justified" in markdown and "Recommended: shifted 1e-6" in markdown
+    assert "clamp 1e-2 on normalised s (not the seed's V2.4" in markdown and "is not justified" in markdown
+    assert "Recommended: shifted 1e-6" in markdown
     assert_self_contained((sweep_dir / "report.html").read_text())
     names = sorted(p.name for p in (sweep_dir / "figures").iterdir())
     assert names == ["bias_vs_gradient.png", "datasets.png", "epochs.png", "grad_mag_squared.png"]

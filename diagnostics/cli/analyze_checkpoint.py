@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .loss_options import add_loss_options
+
 HELP = "analyse an nnU-Net checkpoint: why (or whether) its geometric loss goes non-finite"
 
 
@@ -24,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "the network with gradients (default 2: one random, one on foreground)")
     parser.add_argument("--augment", action="store_true",
                         help="pass the training patches through nnUNetTrainer's training augmentation (default: off)")
+    add_loss_options(parser, "the geometric loss recorded in the run folder, else the production preset")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         stabilizer=args.stabilizer, eps=args.eps, precisions=[p.strip() for p in args.precision.split(",")],
         max_cases=args.max_cases, trust=args.trust_checkpoint, resume=args.resume,
         patches=DEFAULT_PATCHES if args.patches is None else args.patches, augment=args.augment,
-        progress=for_stream(sys.stderr))
+        progress=for_stream(sys.stderr), loss_spec=args.loss, loss_input=args.loss_input)
     report = analysis_report.render(args.out)
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
     print(report.markdown)

@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="small sizes and few repeats: checks that everything runs, figures are not meaningful")
     parser.add_argument("--only", type=_names, metavar="NAMES",
                         help="comma-separated benchmarks: monitor, provenance, loss-share, vectorisation, sweep, "
-                             "histogram, host-syncs, memory (default: all)")
+                             "histogram, host-syncs, memory, autotaps (default: all)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (one line each on stderr), e.g. to gate CI on it")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .loss_options import add_loss_options
+
 
 HELP = "sweep sqrt stabilisers and eps on real predictions of nnU-Net checkpoints; write tables and a report"
 
@@ -34,6 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated network precisions: fp32, fp16, bf16 (autocast)")
     parser.add_argument("--aspect-formula", choices=("seed", "anisotropy"), default="seed",
                         help="aspect term whose bias is measured (seed: sqrt of tr^2-4det, where eps also acts)")
+    add_loss_options(parser, "geodiag's GeometricLoss under every --stabilizers x --eps")
+    parser.add_argument("--site", type=_names, metavar="FILE:LINE[,FILE:LINE]",
+                        help="with --loss: the clamp (its min) or sqrt(x + c) (its c) whose bound each --eps replaces, "
+                             "FILE as analyze-checkpoint's sites table names it or just the file name")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
@@ -49,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import for_stream
     from ..tools.sweep import parse_settings, run_sweep
 
+    if args.loss or args.site:
+        return _run_site_sweep(args)
     settings = parse_settings(args.stabilizers, args.eps)
     precisions = parse_precisions(args.precision)
     device = resolve_device(args.device)
@@ -59,6 +67,29 @@ def run(args: argparse.Namespace) -> int:
     report = sweep_report.render(args.out)
     print(f"{len(frame)} rows; network forward {timing.forward_s:.1f} s of {timing.total_s:.1f} s "
           f"(sweep / plain inference = {timing.ratio:.2f}x)")
+    print(report.markdown)
+    print(report.html)
+    return 0
+
+
+def _run_site_sweep(args: argparse.Namespace) -> int:
+    """The counterfactual sweep of the user's own bound at --site."""
+    from geodiag.reports import site_sweep_report
+
+    from ..instruments.devices import parse_precisions, resolve_device
+    from ..instruments.errors import GeodiagError
+    from ..progress import for_stream
+    from ..tools.site_sweep import run_site_sweep
+
+    if not (args.loss and args.site):
+        raise GeodiagError("--loss and --site go together: --site FILE:LINE names the bound of your --loss to sweep "
+                           "(analyze-checkpoint --loss lists the sites)")
+    frame = run_site_sweep(args.checkpoints, args.out, args.loss, args.site, args.eps, loss_input=args.loss_input,
+                           cases=args.cases, precisions=parse_precisions(args.precision),
+                           device=resolve_device(args.device), trust=args.trust_checkpoint, resume=args.resume,
+                           fold=args.fold, progress=for_stream(sys.stderr))
+    report = site_sweep_report.render(args.out)
+    print(f"{len(frame)} rows")
     print(report.markdown)
     print(report.html)
     return 0

@@ -65,6 +65,12 @@ def load_loss(spec: str, input_kind: str = "probabilities") -> UserLoss:
     return UserLoss(spec=spec, fn=fn, takes_target=_takes_target(fn), input_kind=input_kind)
 
 
+def as_user_loss(candidate: object, label: str = "loss", input_kind: str = "probabilities") -> UserLoss:
+    """A UserLoss from an object already in hand (a loss callable, module, class or factory), as SPEC's NAME."""
+    fn = _as_loss(label, candidate)
+    return UserLoss(spec=label, fn=fn, takes_target=_takes_target(fn), input_kind=input_kind)
+
+
 def _import_file(spec: str, path: str):
     if not os.path.isfile(path):
         raise GeodiagError(f"--loss {spec!r}: no such file {path}")

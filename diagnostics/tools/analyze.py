@@ -6,9 +6,11 @@ network, and a Recorder histograms every tap of the loss, the logits and the par
 predicted as nnU-Net predicts it (no gradient into the network, which a sliding window over a case larger than
 the patch cannot give), yields the per-image loss terms. The provenance mode replays a pass that went non-finite
 and names the first op that produced NaN/Inf. The checkpoint's own state (weights, momentum, GradScaler scale) is
-checked too. Each case's results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz +
-.json, atomically), so ``resume`` continues an interrupted run and the merged tables are the same as an
-uninterrupted run's; DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
+checked too. The loss is the user's ``--loss`` or the one the run folder records (``own_loss.choose_loss``); on
+both inputs it runs under automatic taps, whose sites (risky ops by source line) each case stores. Each case's
+results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so
+``resume`` continues an interrupted run and the merged tables are the same as an uninterrupted run's;
+DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geodiag.losses import GeometricLoss
 from geodiag.reports import tables
 
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
@@ -32,38 +33,18 @@ from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
 from ..nnunet.patches import PatchBatch, training_patches
 from ..progress import Progress, progress_over
 from . import run_record
+from ..nonfinite.autotaps import AutoTaps
 from ..nonfinite.provenance import NonFiniteProvenance
 from ..instruments.recorder import THRESHOLDED, Recorder
 from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
 from .sweep import foreground_classes, geometric_active
 from ..instruments.training_state import checkpoint_health
+from . import own_loss
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
 # The two inputs each case is evaluated on (keys of a case result).
 PASSES = ("patches", "whole_image")
 DEFAULT_PATCHES = 2
-
-
-def loss_for(checkpoint: Checkpoint, stabilizer: Optional[str], eps: Optional[float]) -> GeometricLoss:
-    """The geometric loss the checkpoint was trained with (geodiag trainers), else the production preset;
-    ``stabilizer``/``eps`` override."""
-    from geodiag.losses import nnunet_trainer
-
-    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
-    kwargs = dict(classes=foreground_classes(checkpoint), softmax=True)
-    preset = "production"
-    if trainer is not None and hasattr(trainer, "geometric_preset"):
-        preset = trainer.geometric_preset
-        kwargs.update(compactness_weight=trainer.compactness_weight, aspect_weight=trainer.aspect_weight,
-                      reference=trainer.geometric_reference)
-    if stabilizer is not None:
-        kwargs["stabilizer"] = stabilizer
-    if eps is not None:
-        kwargs["eps"] = eps
-    try:
-        return GeometricLoss.from_preset(preset, **kwargs)
-    except ValueError as exc:
-        raise GeodiagError(str(exc)) from None
 
 
 def dice_ce_for(checkpoint: Checkpoint):
@@ -80,16 +61,20 @@ def dice_ce_for(checkpoint: Checkpoint):
                           dice_class=MemoryEfficientSoftDiceLoss)
 
 
-def _term_values(loss: GeometricLoss, logits: torch.Tensor, label: torch.Tensor, dice_ce) -> list[dict]:
+def _term_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch.Tensor, dice_ce) -> list[dict]:
     """Each term's value and its share of the gradient at the logits, on a detached copy (so the recorder's
-    hooks see only the real backward)."""
+    hooks see only the real backward). A user's loss has no named terms: its total only."""
     leaf = logits.detach().float().requires_grad_(True)
     seen: dict[str, torch.Tensor] = {}
-    handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t), names=[f"{t}.term" for t in GEOMETRIC_TERMS])
-    with handle:
+    if not own_loss.tappable(loss):
         geometric_total = loss(leaf, label)
+    else:
+        handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t),
+                                   names=[f"{t}.term" for t in GEOMETRIC_TERMS])
+        with handle:
+            geometric_total = loss(leaf, label)
     terms = {"dc_ce": dice_ce(leaf, label)}
-    weights = {"compactness": loss.compactness_weight, "aspect": loss.aspect_weight}
+    weights = {"compactness": getattr(loss, "compactness_weight", 0.0), "aspect": getattr(loss, "aspect_weight", 0.0)}
     for term in GEOMETRIC_TERMS:
         if f"{term}.term" in seen:
             terms[term] = weights[term] * seen[f"{term}.term"].mean()
@@ -112,16 +97,17 @@ def _case_paths(out: Path, precision: str, case: str) -> tuple[Path, Path]:
     return folder / f"{case}.npz", folder / f"{case}.json"
 
 
-def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce):
-    """Dice+CE + geometric loss on ``logits`` and its backward; returns (geometric, total)."""
-    geometric = loss(logits, label)
+def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss, dice_ce, taps: Optional[AutoTaps] = None):
+    """Dice+CE + geometric loss on ``logits`` and its backward (the loss under ``taps`` when given);
+    returns (geometric, total)."""
+    geometric = taps.run(loss, logits, label) if taps is not None else loss(logits, label)
     total = dice_ce(logits.float(), label) + geometric
     total.backward()
     return geometric, total
 
 
-def _patch_pass(network, batch: PatchBatch, loss: GeometricLoss, dice_ce, dtype: Optional[torch.dtype],
-                device: torch.device, recorder: Optional[Recorder]):
+def _patch_pass(network, batch: PatchBatch, loss, dice_ce, dtype: Optional[torch.dtype],
+                device: torch.device, recorder: Optional[Recorder], taps: Optional[AutoTaps] = None):
     """Training's step on the patches without the optimizer: forward (autocast in ``dtype``), loss, backward
     through the network; returns (logits, geometric, total)."""
     network.zero_grad(set_to_none=True)
@@ -130,18 +116,18 @@ def _patch_pass(network, batch: PatchBatch, loss: GeometricLoss, dice_ce, dtype:
     logits.retain_grad()
     if recorder is not None:
         recorder.attach_tensor("logits", logits)
-    geometric, total = _loss_backward(logits, batch.label.to(device), loss, dice_ce)
+    geometric, total = _loss_backward(logits, batch.label.to(device), loss, dice_ce, taps)
     return logits, geometric, total
 
 
-def _image_pass(network, image: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce,
-                dtype: Optional[torch.dtype], patch_size, device: torch.device):
+def _image_pass(network, image: torch.Tensor, label: torch.Tensor, loss, dice_ce,
+                dtype: Optional[torch.dtype], patch_size, device: torch.device, taps: Optional[AutoTaps] = None):
     """The whole image predicted without gradients into the network, the loss back-propagated to its logits;
     returns (logits leaf, geometric, total)."""
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = predict_logits(network, image, patch_size)
     leaf = logits.detach().requires_grad_(True)
-    geometric, total = _loss_backward(leaf, label, loss, dice_ce)
+    geometric, total = _loss_backward(leaf, label, loss, dice_ce, taps)
     return leaf, geometric, total
 
 
@@ -163,7 +149,7 @@ def _failed(result: dict) -> bool:
                 or result.get("network_gradients", {}).get("nonfinite"))
 
 
-def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
+def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_loss.AnalysedLoss, dice_ce, precision: str,
                  patch_size, device: torch.device, patches: int,
                  augment: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """One case in one precision: packed histograms by 'name|kind' (training patches), and the case's results.
@@ -180,26 +166,30 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: Geomet
     label = case.label[None].to(device)
     dtype = PRECISIONS[precision]
     recorder = Recorder(eps_grid=decade_grid())
-    with recorder.attach_loss(loss), recorder.attach_network(network):
-        logits, geometric, total = _patch_pass(network, batch, loss, dice_ce, dtype, device, recorder)
+    call = own_loss.trainer_call(loss, dtype, device)
+    taps = {name: AutoTaps() for name in PASSES}
+    with own_loss.attach_named(recorder, loss), recorder.attach_network(network):
+        logits, geometric, total = _patch_pass(network, batch, call, dice_ce, dtype, device, recorder,
+                                               taps["patches"])
     packed = {f"{name}|{kind}": h.packed().cpu().numpy() for (name, kind), h in recorder.histograms().items()}
     patch_result = {"count": patches, "patch_size": [int(p) for p in patch_size], "bboxes": batch.bboxes,
                     "forced_foreground": batch.forced_foreground,
                     "foreground_oversampling": batch.foreground_oversampling, "augmented": batch.augmented,
                     **_pass_result(logits, geometric, total), "network_gradients": _network_gradients(network)}
     network.zero_grad(set_to_none=True)
-    image_logits, image_geometric, image_total = _image_pass(network, case.image, label, loss, dice_ce, dtype,
-                                                             patch_size, device)
+    image_logits, image_geometric, image_total = _image_pass(network, case.image, label, call, dice_ce, dtype,
+                                                             patch_size, device, taps["whole_image"])
     image_result = {"shape": list(case.image.shape[1:]),
                     **_pass_result(image_logits, image_geometric, image_total)}
     result = {"case": files.name, "precision": precision, "patches": patch_result, "whole_image": image_result,
-              "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None}
+              "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None,
+              "sites": {name: own_loss.case_sites(t.result()) for name, t in taps.items()}}
     if _failed(patch_result) or _failed(image_result):
-        with NonFiniteProvenance(network, loss, sync="op") as provenance:
+        with NonFiniteProvenance(network, own_loss.loss_module(loss), sync="op") as provenance:
             if _failed(patch_result):
-                _patch_pass(network, batch, loss, dice_ce, dtype, device, None)
+                _patch_pass(network, batch, call, dice_ce, dtype, device, None)
             else:
-                _image_pass(network, case.image, label, loss, dice_ce, dtype, patch_size, device)
+                _image_pass(network, case.image, label, call, dice_ce, dtype, patch_size, device)
         report = provenance.report()
         if report is not None:
             result["provenance"] = {"pass": "patches" if _failed(patch_result) else "whole_image",
@@ -321,7 +311,8 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                        device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
                        precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
                        resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
-                       progress: Optional[Progress] = None) -> dict:
+                       progress: Optional[Progress] = None, loss_spec: Optional[str] = None,
+                       loss_input: str = "probabilities") -> dict:
     """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -342,13 +333,13 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         raise GeodiagError(f"{out} already holds an analysis; pass --resume to continue it or use a new --out")
     state = _state(checkpoint)
     case_files = find_cases(checkpoint, cases)[: max_cases or None]
-    loss = loss_for(checkpoint, stabilizer, eps)
+    loss, loss_info = own_loss.choose_loss(checkpoint, foreground_classes(checkpoint), loss_spec, loss_input,
+                                           stabilizer, eps)
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     patch_size = [int(p) for p in PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size]
-    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
-                                      "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                                      "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},
+    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()), **own_loss.run_settings(loss),
+                                      "patches": patches, "augment": augment},
                                 resume, has_results)
     dev = torch.device(device)
     network = None
@@ -374,6 +365,11 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
             results.append(json.loads(json_path.read_text()))
         packed_by_precision[precision] = merged
     tensors, histograms, eps_fractions = _summaries(packed_by_precision)
+    sites, masked, site_histograms = own_loss.merge_sites([(r["precision"], name, r["sites"][name])
+                                                           for r in results for name in PASSES if "sites" in r])
+    from geodiag.reports import sites_report
+
+    tables.write_table(own_loss.histogram_frame(site_histograms), out / sites_report.HISTOGRAMS_FILE)
     terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
     for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
                         (terms[list(tables.TERM_COLUMNS)], "terms")):
@@ -390,8 +386,11 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         "checkpoint": {"path": str(checkpoint.path), "trainer_name": checkpoint.trainer_name,
                        "configuration": checkpoint.configuration, "fold": checkpoint.fold, "epoch": checkpoint.epoch,
                        "geometric_active": geometric_active(checkpoint)},
-        "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                     "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev),
+        "loss": loss_info,
+        "sites": sites,
+        "masked_nonfinite": masked,
+        "settings": {**{k: own_loss.run_settings(loss).get(k) for k in ("stabilizer", "eps", "aspect_formula", "sobel")},
+                     "precisions": list(precisions), "device": str(dev),
                      "patches_per_case": patches, "patch_size": patch_size, "augment": augment},
         "inputs": {
             "patches": (f"{patches} training patch(es) of {'x'.join(map(str, patch_size))} per case, placed by "
@@ -405,7 +404,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         "statistics_from": {"tensors.csv": "patches", "histograms.csv": "patches", "eps_fractions.csv": "patches",
                             "network_gradients": "patches", "closest_to_trouble": "patches",
                             "terms.csv": "whole_image", "dominant_gradient": "whole_image",
-                            "verdict": "patches and whole_image", "provenance": "the failing pass (see each entry)"},
+                            "verdict": "patches and whole_image", "sites": "each row's pass", "provenance": "the failing pass (see each entry)"},
         "network_gradients": {key: sum(r["patches"]["network_gradients"][key] for r in results)
                               for key in ("tensors", "values", "nonfinite")},
         "state": state,

@@ -12,16 +12,15 @@ Each case x setting x precision runs one forward and backward pass from logits a
 The loss signature checked here is ``loss(probabilities, target) -> scalar tensor``: ``probabilities`` is the
 softmax of a 2-channel [B, 2, *S] prediction (channel 1 the foreground, fp32 as CUDA autocast makes it),
 ``target`` the [B, 1, *S] int64 label map, nnU-Net's format. Gradients are taken with respect to the logits.
+A user's loss (``nonfinite.loss_spec.UserLoss``) may take the logits instead, or the prediction only. A case on
+which it raises is a failing row naming the exception and the user's line; a case of a dimensionality not
+selected (``dims``), or that a built-in setting is not defined in, is a skipped row with its reason.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import math
-import os
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -30,13 +29,14 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 from xml.etree import ElementTree
 
 import torch
-from torch import nn
 
 from geodiag.losses import GeometricLoss, preset_kwargs
 from geodiag.losses.geometry import sobel_gain
 
 from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS
 from ..instruments.errors import GeodiagError
+from ..nonfinite.loss_spec import UserLoss
+from ..nonfinite.sites import exception_site
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -258,54 +258,6 @@ def _validated(names: Optional[Iterable[str]], known: Mapping, what: str) -> lis
     return names
 
 
-# ---------------------------------------------------------------------------------------------- user losses
-def load_loss(spec: str) -> LossFn:
-    """Resolve ``MODULE:CALLABLE`` (the current directory is importable, as with ``python -m``) to a loss."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise GeodiagError(f"--loss must be MODULE:CALLABLE (e.g. mypackage.losses:make_loss), got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is a problem with the user's spec
-        raise GeodiagError(f"cannot import {module_name!r} for --loss: {type(exc).__name__}: {exc}") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise GeodiagError(f"{module_name!r} has no attribute {attribute!r} (from --loss {spec!r})")
-        target = getattr(target, part)
-    return as_loss(target, spec)
-
-
-def as_loss(candidate: object, label: str = "loss") -> LossFn:
-    """A loss from a loss callable, an nn.Module instance, or a zero-argument factory (or class) returning one.
-
-    A callable that can be called with no arguments is taken as a factory; anything else as the loss itself.
-    """
-    if isinstance(candidate, nn.Module):
-        return candidate
-    if not callable(candidate):
-        raise GeodiagError(f"{label} is a {type(candidate).__name__}, not a callable loss or factory")
-    if _callable_without_arguments(candidate):
-        try:
-            built = candidate()
-        except Exception as exc:  # noqa: BLE001 - the user's factory failing is their input's problem
-            raise GeodiagError(f"{label}() raised {type(exc).__name__}: {exc}") from None
-        if not callable(built):
-            raise GeodiagError(f"{label}() returned a {type(built).__name__}, not a callable loss")
-        return built
-    return candidate
-
-
-def _callable_without_arguments(candidate: Callable) -> bool:
-    try:
-        signature = inspect.signature(candidate)
-    except (TypeError, ValueError):
-        return False
-    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in signature.parameters.values())
-
-
 # ---------------------------------------------------------------------------------------------- measurement
 @dataclass(frozen=True)
 class Measurement:
@@ -370,10 +322,14 @@ def measure(loss: LossFn, logits: torch.Tensor, target: torch.Tensor, precision:
     start = time.perf_counter()
     dtype = PRECISIONS[precision]
     leaf = logits.detach().clone().requires_grad_(True)
-    probe, tap = _PerimeterProbe.attach(loss)
+    probe, tap = _PerimeterProbe.attach(loss.fn if isinstance(loss, UserLoss) else loss)
     with tap, _autocast(leaf.device, dtype):
-        probabilities = torch.softmax(leaf if dtype is None else leaf.to(dtype), dim=1, dtype=torch.float32)
-        value = loss(probabilities, target)
+        network_output = leaf if dtype is None else leaf.to(dtype)
+        if isinstance(loss, UserLoss) and loss.input_kind == "logits":
+            value = loss.call(network_output, target)
+        else:
+            probabilities = torch.softmax(network_output, dim=1, dtype=torch.float32)
+            value = loss.call(probabilities, target) if isinstance(loss, UserLoss) else loss(probabilities, target)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise GeodiagError(f"the loss returned {shape}; check-bounds needs a scalar tensor (use reduction='mean')")
@@ -539,39 +495,73 @@ def check_baseline(m: Measurement, baseline: Baseline) -> list[Regression]:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A measurement with the regressions found in it."""
+    """A measurement with the regressions found in it; or the exception the loss raised (``error``), or why the
+    run was not made (``skipped``), with a measurement of NaNs keyed like the others."""
 
     measurement: Measurement
     regressions: tuple[Regression, ...]
     baselined: bool
+    error: Optional[str] = None
+    skipped: Optional[str] = None
 
     @property
     def passed(self) -> bool:
-        return not self.regressions
+        return not self.regressions and self.error is None
+
+    @property
+    def measured(self) -> bool:
+        return self.error is None and self.skipped is None
 
 
 def run_checks(losses: Mapping[str, LossFn], cases: Sequence[Case], precisions: Sequence[str] = tuple(PRECISIONS),
-               device: torch.device = torch.device("cpu"), baseline: Optional[Baseline] = None) -> list[Outcome]:
-    """Measure every case x setting x precision and check it against the analytic bounds and the baseline."""
+               device: torch.device = torch.device("cpu"), baseline: Optional[Baseline] = None,
+               dims: Optional[Sequence[int]] = None) -> list[Outcome]:
+    """Measure every case x setting x precision and check it against the analytic bounds and the baseline; a
+    loss raising on one case fails that row and the others still run."""
     _validated(precisions, PRECISIONS, "precision")
     outcomes = []
     for case in cases:
         logits, target = case.inputs(device)
+        ndim = logits.dim() - 2
         for setting, loss in losses.items():
-            if not _defined_in(loss, logits.dim() - 2):
-                continue
+            skipped = _skip_reason(loss, ndim, dims)
             for precision in precisions:
-                m = measure(loss, logits, target, precision, case=case.name, setting=setting)
+                if skipped is not None:
+                    outcomes.append(Outcome(_unmeasured(case.name, setting, precision), (), False, skipped=skipped))
+                    continue
+                try:
+                    m = measure(loss, logits, target, precision, case=case.name, setting=setting)
+                except GeodiagError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the user's loss failing on a case is that case's finding
+                    error = f"{_one_line(exc)} (at {exception_site(exc)})"
+                    outcomes.append(Outcome(_unmeasured(case.name, setting, precision), (), False, error=error))
+                    continue
                 found = check_analytic(m) + (check_baseline(m, baseline) if baseline is not None else [])
                 baselined = baseline is not None and m.key in baseline.entries
                 outcomes.append(Outcome(m, tuple(found), baselined))
     return outcomes
 
 
-def _defined_in(loss: LossFn, ndim: int) -> bool:
-    """False only for a GeometricLoss replaying the seed's aspect formula, which is 2D only, on a 3D case."""
-    return not (isinstance(loss, GeometricLoss) and loss.aspect_formula == "seed" and loss.aspect_weight > 0
-                and ndim != 2)
+def _skip_reason(loss: LossFn, ndim: int, dims: Optional[Sequence[int]]) -> Optional[str]:
+    """Why a case of ``ndim`` is not run: not among ``dims``, or a GeometricLoss replaying the seed's 2D-only
+    aspect formula on a 3D case."""
+    if dims is not None and ndim not in dims:
+        return f"{ndim}D case; --dims {','.join(map(str, dims))} selects the others"
+    if isinstance(loss, GeometricLoss) and loss.aspect_formula == "seed" and loss.aspect_weight > 0 and ndim != 2:
+        return "the seed's aspect formula is 2D only"
+    return None
+
+
+def _unmeasured(case: str, setting: str, precision: str) -> Measurement:
+    return Measurement(case=case, setting=setting, precision=precision, loss=math.nan, loss_nonfinite=0,
+                       grad_max=math.nan, grad_l2=math.nan, grad_nonfinite=0, headroom_log2=math.nan,
+                       perimeter_grad_max=None, perimeter_bound=None, seconds=0.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -584,7 +574,7 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
     for o in outcomes:
         m = o.measurement
         perimeter = "-" if m.perimeter_grad_max is None else f"{m.perimeter_grad_max:.4f}/{m.perimeter_bound:.4f}"
-        status = "FAIL" if o.regressions else ("ok" if o.baselined else "ok*")
+        status = ("skipped" if o.skipped else "FAIL" if not o.passed else "ok" if o.baselined else "ok*")
         rows.append((m.case, m.setting, m.precision, f"{m.loss:.4g}", f"{m.grad_max:.3e}", f"{m.grad_l2:.3e}",
                      f"{m.loss_nonfinite}/{m.grad_nonfinite}", f"{m.headroom_log2:+.1f}", perimeter, status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
@@ -596,16 +586,21 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
 def write_junit(outcomes: Sequence[Outcome], path: str | Path, suite: str = "geodiag.check-bounds") -> None:
     """JUnit XML: one testcase per case x setting x precision, a failure element per failing one."""
     failures = sum(not o.passed for o in outcomes)
+    skipped = sum(o.skipped is not None for o in outcomes)
     seconds = sum(o.measurement.seconds for o in outcomes)
     root = ElementTree.Element("testsuites", tests=str(len(outcomes)), failures=str(failures), errors="0",
                                time=f"{seconds:.3f}")
     node = ElementTree.SubElement(root, "testsuite", name=suite, tests=str(len(outcomes)),
-                                  failures=str(failures), errors="0", skipped="0", time=f"{seconds:.3f}")
+                                  failures=str(failures), errors="0", skipped=str(skipped), time=f"{seconds:.3f}")
     for o in outcomes:
         m = o.measurement
         case = ElementTree.SubElement(node, "testcase", classname=f"{suite}.{m.case}",
                                       name=f"{m.setting}/{m.precision}", time=f"{m.seconds:.3f}")
-        if o.regressions:
+        if o.skipped:
+            ElementTree.SubElement(case, "skipped", message=o.skipped)
+        elif o.error:
+            ElementTree.SubElement(case, "failure", message=o.error, type="LossRaised").text = o.error
+        elif o.regressions:
             failure = ElementTree.SubElement(case, "failure", message=str(o.regressions[0]), type="GradientBound")
             failure.text = "\n".join(map(str, o.regressions))
     ElementTree.indent(root)
