@@ -18,7 +18,6 @@ from .tables import setting_label
 SETTING_KEYS = ("stabilizer", "eps")
 SEED_V24 = ("clamp", 1e-2)  # the seed's "fix"
 SEED_V23 = ("clamp", 1e-4)  # the setting the seed blamed
-DESCRIPTORS = ("perimeter", "compactness", "aspect")
 
 
 def _nonfinite_rows(sweep: pd.DataFrame) -> pd.Series:

@@ -8,6 +8,10 @@ module and follows any attribute, so plans from an untrusted file could name any
 (``os.system``, or ``dynamic_network_architectures.architectures.unet.torch.hub.load`` behind an innocent prefix).
 Here each name is resolved without leaving an allowlisted package and must denote an nn.Module subclass defined in
 it; the classes nnU-Net looks up by bare name (reader, preprocessor, label manager, resampling) are type-checked.
+
+A ``Checkpoint`` is built once per file and answers everything read from it: nnU-Net's plans manager, configuration
+and label manager (each made once), the patch size, the foreground classes, the geodiag trainer class it names (its
+recorded settings), and the network on demand.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import types
 import warnings
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -79,6 +84,50 @@ class Checkpoint:
         """The last finished epoch (nnU-Net stores current_epoch + 1)."""
         value = self.data.get("current_epoch")
         return None if value is None else int(value) - 1
+
+    @cached_property
+    def plans_manager(self):
+        """nnU-Net's PlansManager of the checkpoint's plans."""
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        return PlansManager(self.plans)
+
+    @cached_property
+    def configuration_manager(self):
+        """nnU-Net's ConfigurationManager of the configuration the checkpoint was trained in."""
+        return self.plans_manager.get_configuration(self.configuration)
+
+    @cached_property
+    def label_manager(self):
+        return self.plans_manager.get_label_manager(self.dataset_json)
+
+    @property
+    def patch_size(self) -> list[int]:
+        return [int(p) for p in self.configuration_manager.patch_size]
+
+    @cached_property
+    def foreground_classes(self) -> tuple[int, ...]:
+        """The label values the geometric loss measures; region-based checkpoints have none it can use."""
+        if self.label_manager.has_regions:
+            raise GeodiagError("region-based checkpoints (nnU-Net 'regions') are not supported by the geometric loss")
+        return tuple(int(c) for c in self.label_manager.foreground_labels)
+
+    @property
+    def trainer_class(self) -> Optional[type]:
+        """The geodiag trainer class the checkpoint names (its class attributes are the recorded settings:
+        preset, weights, warm-up, oversampling); None for a trainer geodiag does not define."""
+        return geodiag_trainer(self.trainer_name)
+
+    def network(self, trust: bool = False, inplace_nonlin: bool = False) -> nn.Module:
+        """The checkpoint's network with its weights (see ``build_network``); built anew on each call."""
+        return build_network(self, trust=trust, inplace_nonlin=inplace_nonlin)
+
+
+def geodiag_trainer(name: str) -> Optional[type]:
+    """geodiag's nnU-Net trainer class of that name, or None."""
+    from geodiag.losses import nnunet_trainer
+
+    return getattr(nnunet_trainer, name, None)
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
@@ -248,15 +297,14 @@ def check_plans_lookups(checkpoint: Checkpoint) -> None:
     from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     def refuse(role: str, value: object) -> GeodiagError:
         return GeodiagError(f"refusing checkpoint {checkpoint.path}: its plans name {value!r} as the {role}, "
                             "which is not one nnU-Net provides (use --trust-checkpoint to override)")
 
     try:
-        plans = PlansManager(checkpoint.plans)
-        config = plans.get_configuration(checkpoint.configuration)
+        plans = checkpoint.plans_manager
+        config = checkpoint.configuration_manager
         roles = [("image reader/writer", checkpoint.plans.get("image_reader_writer"),
                   lambda: plans.image_reader_writer_class, BaseReaderWriter),
                  ("label manager", checkpoint.plans.get("label_manager"), lambda: plans.label_manager_class,
@@ -285,11 +333,10 @@ def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: b
     """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     try:
-        plans_manager = PlansManager(checkpoint.plans)
-        config = plans_manager.get_configuration(checkpoint.configuration)
+        plans_manager = checkpoint.plans_manager
+        config = checkpoint.configuration_manager
         arch_class_name = config.network_arch_class_name
         arch_kwargs = dict(config.network_arch_init_kwargs)
         req_import = list(config.network_arch_init_kwargs_req_import)
@@ -304,7 +351,7 @@ def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: b
         req_import = []  # resolved here; nnU-Net's pydoc.locate sees only the network class name checked above
     if not inplace_nonlin and isinstance(arch_kwargs.get("nonlin_kwargs"), dict):
         arch_kwargs["nonlin_kwargs"] = {**arch_kwargs["nonlin_kwargs"], "inplace": False}
-    label_manager = plans_manager.get_label_manager(checkpoint.dataset_json)
+    label_manager = checkpoint.label_manager
     network = get_network_from_plans(
         arch_class_name, arch_kwargs, req_import,
         determine_num_input_channels(plans_manager, config, checkpoint.dataset_json),

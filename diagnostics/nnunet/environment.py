@@ -22,7 +22,6 @@ from ..instruments.errors import GeodiagError
 
 EXT_TRAINER_VAR = "nnUNet_extTrainer"
 DEFAULT_TRAINER = "nnUNetTrainerGeometric"
-TRAINER_MODULE = "geodiag.losses.nnunet_trainer"
 # The settings a resolved trainer class is compared on.
 COMPARED_SETTINGS = ("warmup_epochs", "geometric_preset", "stabilizer", "eps", "compactness_weight",
                      "aspect_weight", "geometric_reference")

@@ -119,14 +119,14 @@ def train(study: Study) -> None:
     """Each run through nnU-Net's own trainer loop, in process, its console output in the fold's train.log."""
     import torch
 
-    from geodiag.losses import nnunet_trainer
+    from ..nnunet.checkpoint import geodiag_trainer
 
     for run in study.runs:
         folder = study.fold_folder(run)
         if (folder / "checkpoint_final.pth").is_file():
             study.log(f"  {run.name}: reusing {folder}")
             continue
-        trainer_class = getattr(nnunet_trainer, run.trainer, None)
+        trainer_class = geodiag_trainer(run.trainer)
         if trainer_class is None:
             raise GeodiagError(f"unknown geodiag trainer {run.trainer!r}")
         name = dataset_spec(run.dataset_id).folder_name
@@ -204,19 +204,17 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
     (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
     geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
     import torch
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from geodiag.losses import GeometricLoss
     from geodiag.reports.study_report import SEED_BELOW
 
     from ..nnunet.cases import find_cases, predict_logits, preprocess
-    from ..nnunet.checkpoint import build_network, load_checkpoint
-    from ..tools.sweep import foreground_classes
+    from ..nnunet.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
-    classes = foreground_classes(checkpoint)
-    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
-    network = build_network(checkpoint).to(device)
+    classes = checkpoint.foreground_classes
+    patch_size = checkpoint.patch_size
+    network = checkpoint.network().to(device)
     losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
                                                aspect_weight=0)
               for units, preset in (("seed", "v2.3"), ("normalised", "production"))}

@@ -35,7 +35,7 @@ from . import run_record
 from ..nonfinite.provenance import NonFiniteProvenance
 from ..instruments.recorder import THRESHOLDED, Recorder
 from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
-from .sweep import foreground_classes, geometric_active
+from .sweep import geometric_active
 from ..instruments.training_state import checkpoint_health
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
@@ -47,10 +47,8 @@ DEFAULT_PATCHES = 2
 def loss_for(checkpoint: Checkpoint, stabilizer: Optional[str], eps: Optional[float]) -> GeometricLoss:
     """The geometric loss the checkpoint was trained with (geodiag trainers), else the production preset;
     ``stabilizer``/``eps`` override."""
-    from geodiag.losses import nnunet_trainer
-
-    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
-    kwargs = dict(classes=foreground_classes(checkpoint), softmax=True)
+    trainer = checkpoint.trainer_class
+    kwargs = dict(classes=checkpoint.foreground_classes, softmax=True)
     preset = "production"
     if trainer is not None and hasattr(trainer, "geometric_preset"):
         preset = trainer.geometric_preset
@@ -70,11 +68,9 @@ def dice_ce_for(checkpoint: Checkpoint):
     """nnU-Net's own Dice+CE as its trainer builds it (without deep supervision)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = PlansManager(checkpoint.plans)
-    config = plans.get_configuration(checkpoint.configuration)
-    labels = plans.get_label_manager(checkpoint.dataset_json)
+    config = checkpoint.configuration_manager
+    labels = checkpoint.label_manager
     return DC_and_CE_loss({"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                           weight_ce=1, weight_dice=1, ignore_label=labels.ignore_label,
                           dice_class=MemoryEfficientSoftDiceLoss)
@@ -350,9 +346,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     state = _state(checkpoint)
     case_files = find_cases(checkpoint, cases)[: max_cases or None]
     loss = loss_for(checkpoint, stabilizer, eps)
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    patch_size = [int(p) for p in PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size]
+    patch_size = checkpoint.patch_size
     run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
                                       "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
                                       "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},

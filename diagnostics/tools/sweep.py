@@ -76,23 +76,13 @@ def geometric_active(checkpoint: Checkpoint) -> Optional[bool]:
     if logged and checkpoint.epoch is not None and checkpoint.epoch < len(logged):
         return bool(logged[checkpoint.epoch])
     try:
-        from geodiag.losses import nnunet_trainer
+        trainer = checkpoint.trainer_class
     except ImportError:
         return None
-    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
     warmup = getattr(trainer, "warmup_epochs", None)
     if warmup is None or checkpoint.epoch is None:
         return None
     return checkpoint.epoch >= warmup
-
-
-def foreground_classes(checkpoint: Checkpoint) -> tuple[int, ...]:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    labels = PlansManager(checkpoint.plans).get_label_manager(checkpoint.dataset_json)
-    if labels.has_regions:
-        raise GeodiagError("region-based checkpoints (nnU-Net 'regions') are not supported by the geometric loss")
-    return tuple(int(c) for c in labels.foreground_labels)
 
 
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -243,7 +233,7 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[s
             name = label or f"{ck.plans.get('dataset_name', '?')}/{ck.trainer_name}/{file.stem}"
             meta = {"checkpoint": name, "dataset": dataset_id(ck), "epoch": ck.epoch,
                     "geometric_active": geometric_active(ck)}
-            items.append(CheckpointSweep(name, ck, foreground_classes(ck), meta))
+            items.append(CheckpointSweep(name, ck, ck.foreground_classes, meta))
     labels = [i.label for i in items]
     if len(set(labels)) != len(labels):
         raise GeodiagError("two checkpoints share a label; name them LABEL=PATH, or pick one fold with --fold")
@@ -287,9 +277,7 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
         todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
         if not todo:
             continue
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        patch_size = PlansManager(item.checkpoint.plans).get_configuration(item.checkpoint.configuration).patch_size
+        patch_size = item.checkpoint.patch_size
         if aspect_formula == "seed" and len(patch_size) != 2:
             raise GeodiagError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
                                "only: pass --aspect-formula anisotropy")
