@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from .tables import ReportInputError, format_eps, setting_label, write_bytes
+from .schema import ReportInputError, write_bytes
+from .tables import format_eps, setting_label
 
 DPI = 90
 FP16_MAX = 65504.0

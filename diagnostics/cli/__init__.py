@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from geodiag.reports.schema import ReportInputError
+
 from ..instruments.errors import GeodiagError
 
 COMMANDS = {
@@ -50,11 +52,9 @@ def _parser(selected: str | None) -> argparse.ArgumentParser:
 
 
 def _is_bad_input(exc: Exception) -> bool:
-    """A GeodiagError, or the reports' ReportInputError. The latter is looked up only when geodiag.reports.tables
-    was imported: importing it loads pandas, which ``geodiag env`` (run on every shell start) must not pay for,
-    and a command that never imported it cannot have raised it."""
-    tables = sys.modules.get("geodiag.reports.tables")
-    return isinstance(exc, GeodiagError) or (tables is not None and isinstance(exc, tables.ReportInputError))
+    """A GeodiagError, or the reports' ReportInputError (from the stdlib-only schema module, so ``geodiag env``,
+    run on every shell start, does not load pandas to know it)."""
+    return isinstance(exc, (GeodiagError, ReportInputError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geodiag.reports import analysis_report
+    from geodiag.reports import analysis_report, schema
 
     from ..tools.analyze import DEFAULT_PATCHES, analyze_checkpoint
     from ..progress import for_stream
@@ -50,4 +50,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
     print(report.markdown)
     print(report.html)
-    return 0 if summary["verdict"] == "healthy" else 3
+    return 0 if summary["verdict"] == schema.HEALTHY else 3

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
 from ..nnunet.environment import NnunetDirs, nnunet_env
@@ -130,9 +130,9 @@ def train(study: Study) -> None:
         if trainer_class is None:
             raise GeodiagError(f"unknown geodiag trainer {run.trainer!r}")
         name = dataset_spec(run.dataset_id).folder_name
-        plans = tables.read_json(study.dirs.preprocessed / name / f"{PLANS_NAME}.json")
+        plans = schema.read_json(study.dirs.preprocessed / name / f"{PLANS_NAME}.json")
         plans["continue_training"] = False
-        dataset_json = tables.read_json(study.dirs.preprocessed / name / "dataset.json")
+        dataset_json = schema.read_json(study.dirs.preprocessed / name / "dataset.json")
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         console = sys.stdout  # nnU-Net's own prints go to train.log, the progress to the console
@@ -169,7 +169,7 @@ def summarize(study: Study) -> None:
     for run in study.runs:
         checkpoint = load_checkpoint(study.fold_folder(run) / "checkpoint_final.pth")
         logging = checkpoint.data["logging"]
-        settings = tables.read_json(study.fold_folder(run) / "geometric_settings.json") \
+        settings = schema.read_json(study.fold_folder(run) / "geometric_settings.json") \
             if (study.fold_folder(run) / "geometric_settings.json").exists() else {}
         for epoch in range(len(logging["train_losses"])):
             def value(key: str) -> float:
@@ -185,7 +185,7 @@ def summarize(study: Study) -> None:
                 "train_compactness": value("train_compactness"), "train_aspect": value("train_aspect"),
                 "val_loss": value("val_losses"), "pseudo_dice": value("mean_fg_dice"),
                 "skipped_steps": value("skipped_steps"), "grad_norm_max": value("grad_norm_max")})
-    frame = pd.DataFrame(rows, columns=tables.RUN_COLUMNS)
+    frame = pd.DataFrame(rows, columns=schema.RUN_COLUMNS)
     tables.write_table(frame, study.out / "runs.csv")
     last = frame.groupby("run").tail(1)
     for row in last.itertuples():
@@ -237,18 +237,16 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
 
 def small_s(study: Study) -> None:
     """switch_on_s.csv: the shares of small s at each run's switch-on checkpoint, in the seed's units and ours."""
-    from geodiag.reports.study_report import SWITCH_ON_S_COLUMNS
-
     rows = []
     for run in study.runs:
         with _nnunet_environment(study):
             shares = small_s_shares(_checkpoint(study, run, run.warmup), study.cases, study.device)
         rows += [{"run": run.name, "dataset": run.dataset_id, "epoch": run.warmup, **row} for row in shares]
-        seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
+        seed = pd.DataFrame(shares, columns=schema.SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
         means = seed.groupby("eps")["fraction_below"].mean()
         study.log(f"  {run.name} epoch {run.warmup}: " + ", ".join(
             f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items()) + " (mean over cases, seed's units)")
-    tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
+    tables.write_table(pd.DataFrame(rows, columns=schema.SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
 
 
 def analyze(study: Study) -> None:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from geodiag.losses import GeometricLoss
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
@@ -241,9 +241,9 @@ def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[p
             zero_grad = grad["zero"] / grad["count"] if grad and grad["count"] else math.nan
             eps_rows += [{"precision": precision, "tensor": name, "eps": t, "fraction_below": value[f"below_{t:g}"],
                           "zero_grad_fraction": zero_grad} for t in grid]
-    return (pd.DataFrame(tensor_rows, columns=tables.TENSORS_COLUMNS),
-            pd.DataFrame(hist_rows, columns=tables.HISTOGRAM_COLUMNS),
-            pd.DataFrame(eps_rows, columns=tables.EPS_FRACTION_COLUMNS))
+    return (pd.DataFrame(tensor_rows, columns=schema.TENSORS_COLUMNS),
+            pd.DataFrame(hist_rows, columns=schema.HISTOGRAM_COLUMNS),
+            pd.DataFrame(eps_rows, columns=schema.EPS_FRACTION_COLUMNS))
 
 
 def _headroom(tensors: pd.DataFrame) -> dict:
@@ -278,25 +278,25 @@ def _headroom(tensors: pd.DataFrame) -> dict:
 def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
     """The first failure mechanism that the evidence shows, in the order in which one causes the next."""
     if health["non_finite_weights"]:
-        return "non_finite_weights", (f"{health['non_finite_weights']} non-finite weight values in "
+        return schema.NON_FINITE_WEIGHTS, (f"{health['non_finite_weights']} non-finite weight values in "
                                       f"{len(health['non_finite_weight_tensors'])} tensors: training already wrote "
                                       "NaN/Inf into the network; every later step is lost")
     if health["non_finite_optimizer"]:
-        return "non_finite_optimizer_state", (f"{health['non_finite_optimizer']} non-finite values in the optimizer's "
+        return schema.NON_FINITE_OPTIMIZER_STATE, (f"{health['non_finite_optimizer']} non-finite values in the optimizer's "
                                               "momentum: the next SGD step will write them into the weights")
     if health["grad_scaler_collapsed"]:
-        return "grad_scaler_collapsed", (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
+        return schema.GRAD_SCALER_COLLAPSED, (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
                                          "steps; once 1/scale is inf, a finite step unscales to NaN")
     passes = [(r, name) for r in results for name in PASSES]
     bad_loss = [(r, name) for r, name in passes if r[name]["nonfinite_loss"]]
     if bad_loss:
-        return "non_finite_loss", (f"the loss is non-finite on {len(bad_loss)} of {len(passes)} evaluations "
+        return schema.NON_FINITE_LOSS, (f"the loss is non-finite on {len(bad_loss)} of {len(passes)} evaluations "
                                    f"(first: {_evaluation(*bad_loss[0])})")
     bad_grad = [(r, name) for r, name in passes if _failed(r[name])]
     if bad_grad:
-        return "non_finite_gradient", (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
+        return schema.NON_FINITE_GRADIENT, (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
                                        f"{len(passes)} evaluations (first: {_evaluation(*bad_grad[0])})")
-    return "healthy", (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
+    return schema.HEALTHY, (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
                        f"{len(passes)} evaluations (each of {len(results)} case-precision pairs on its training "
                        "patches and on its whole image)")
 
@@ -367,8 +367,8 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                                               patches, augment)
                 buffer = io.BytesIO()
                 np.savez(buffer, **packed)
-                tables.write_bytes(npz_path, buffer.getvalue())
-                tables.write_json(json_path, result)
+                schema.write_bytes(npz_path, buffer.getvalue())
+                schema.write_json(json_path, result)
             with np.load(npz_path) as saved:
                 for key in saved.files:
                     merged[key] = _merge(merged[key], saved[key]) if key in merged else saved[key]
@@ -377,7 +377,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     tensors, histograms, eps_fractions = _summaries(packed_by_precision)
     terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
     for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
-                        (terms[list(tables.TERM_COLUMNS)], "terms")):
+                        (terms[list(schema.TERM_COLUMNS)], "terms")):
         tables.write_table(frame, out / f"{name}.csv")
     verdict, reason = _verdict(state, results)
     geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
@@ -418,5 +418,5 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                        for r in results if r["provenance"]],
         "cases": len(case_files),
     }
-    tables.write_json(out / "summary.json", summary)
+    schema.write_json(out / "summary.json", summary)
     return summary

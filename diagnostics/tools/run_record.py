@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from geodiag.reports import tables
+from geodiag.reports import schema
 
 from ..instruments.errors import GeodiagError
 
@@ -33,4 +33,4 @@ def check_and_record(out: Path, settings: dict, resume: bool, has_results: bool)
         if changed:
             raise GeodiagError(f"--resume: {out} was computed with other settings ({'; '.join(changed)}); "
                                "use a new --out or the same settings")
-    tables.write_json(path, wanted)
+    schema.write_json(path, wanted)

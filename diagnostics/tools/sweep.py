@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from geodiag.losses import GeometricLoss, SqrtStabilizer
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 from ..nnunet.cases import Case, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
@@ -287,8 +287,8 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
             rows, hist_rows = sweep_case(item, network, case, patch_size, settings, precisions, aspect_formula,
                                          dev, timing)
             stem = folder / _slug(files_of_case.name)
-            tables.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
-            tables.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
+            schema.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
+            schema.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
     timing.total_s = device_clock(dev) - start
     frame = collect(out)
     return frame, timing
@@ -298,13 +298,13 @@ def collect(out: Path) -> pd.DataFrame:
     """Concatenate the per-case files into DIR/sweep.csv and DIR/sweep_hist.csv (same result after a resume)."""
     row_files = sorted(p for p in (out / "cases").glob("*/*.csv") if not p.name.endswith(".hist.csv"))
     frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
-    frame = frame[list(tables.SWEEP_COLUMNS)].sort_values(
+    frame = frame[list(schema.SWEEP_COLUMNS)].sort_values(
         ["checkpoint", "case", "precision", "stabilizer", "eps"], kind="stable").reset_index(drop=True)
     tables.write_table(frame, out / "sweep.csv")
     hist_files = sorted((out / "cases").glob("*/*.hist.csv"))
     hists = [pd.read_csv(p) for p in hist_files if p.stat().st_size > 1]
-    hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=tables.SWEEP_HIST_COLUMNS)
+    hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=schema.SWEEP_HIST_COLUMNS)
     keys = ["checkpoint", "dataset", "epoch", "bin_low", "bin_high"]
-    hist = hist.groupby(keys, dropna=False, as_index=False)["count"].sum()[list(tables.SWEEP_HIST_COLUMNS)]
+    hist = hist.groupby(keys, dropna=False, as_index=False)["count"].sum()[list(schema.SWEEP_HIST_COLUMNS)]
     tables.write_table(hist, out / "sweep_hist.csv")
     return frame
