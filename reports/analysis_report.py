@@ -124,7 +124,7 @@ def _state_section(summary: dict) -> Section:
     text = _key_value_table(pairs)
     if scale is not None and scale > 0:
         text += (f"\n\nThe scale is {scale:.3g}, {math.log2(scale):.1f} halvings from 1 "
-                 f"(the initial scale 65536 is 2^16); 1/scale = {1 / scale:.3g}.")
+                 f"(the initial scale {GRAD_SCALER_INITIAL_SCALE:g} is 2^16); 1/scale = {1 / scale:.3g}.")
     return Section("Training state", text)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from .schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 from .tables import setting_label
 
 SETTING_KEYS = ("stabilizer", "eps")
@@ -64,7 +65,7 @@ def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFram
 
 
 # fp16's largest finite value over GradScaler's initial scale.
-FP16_GRAD_BOUND = 65504.0 / 65536.0
+FP16_GRAD_BOUND = FP16_MAX / GRAD_SCALER_INITIAL_SCALE
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class RecommendationRule:
     def bound_text(self) -> str:
         if self.grad_bound is not None:
             if self.grad_bound == FP16_GRAD_BOUND:
-                return (f"B = {self.grad_bound:.4g} = 65504 / 65536 (a larger gradient overflows fp16 once "
+                return (f"B = {self.grad_bound:.4g} = {FP16_MAX:g} / {GRAD_SCALER_INITIAL_SCALE:g} (a larger gradient overflows fp16 once "
                         "GradScaler multiplies it by its initial scale)")
             return f"B = {self.grad_bound:.3g} (absolute bound)"
         return f"B = {self.grad_factor:g} × the smallest max |dL/dlogit| among finite settings"

@@ -42,6 +42,13 @@ RUN_COLUMNS = (
 # DIR/switch_on_s.csv: per run, case, units ("seed" or "normalised") and threshold, the share of pixels below it.
 SWITCH_ON_S_COLUMNS = ("run", "dataset", "epoch", "case", "units", "eps", "fraction_below", "pixels")
 
+# fp16's largest finite value and smallest subnormal, and GradScaler's initial scale: the headroom of the first
+# scaled backward pass of nnU-Net's CUDA training. Quoted by the producer's checks and by the reports' figures and
+# rule; tests check them against torch.finfo and torch.amp.GradScaler.
+FP16_MAX = 65504.0
+FP16_SMALLEST_SUBNORMAL = 2.0 ** -24
+GRAD_SCALER_INITIAL_SCALE = 65536.0
+
 # An analysed checkpoint's verdict (summary.json's "verdict"): the first failure mechanism the evidence shows, in
 # the order in which one causes the next; HEALTHY when none does.
 HEALTHY = "healthy"

@@ -6,13 +6,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE  # noqa: F401 - the one place, re-exported
+
 from .errors import GeodiagError
 
-# Autocast dtype per precision name; fp32 runs without autocast.
+# The precision vocabulary: autocast dtype per precision name; fp32 runs without autocast.
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# fp16's largest finite value and GradScaler's initial scale: the headroom of the first scaled backward pass.
-FP16_MAX = float(torch.finfo(torch.float16).max)
-GRAD_SCALER_INITIAL_SCALE = 65536.0
 
 
 def resolve_device(name: str) -> str:

@@ -263,9 +263,10 @@ def _headroom(tensors: pd.DataFrame) -> dict:
             continue
         in_network = row.tensor == "logits" or row.tensor.startswith("network")
         if in_network and row.kind == "grad":
-            limit, quantity = FP16_MAX / GRAD_SCALER_INITIAL_SCALE, "max |grad| x 65536 (GradScaler) vs fp16 max 65504"
+            limit, quantity = FP16_MAX / GRAD_SCALER_INITIAL_SCALE, (f"max |grad| x {GRAD_SCALER_INITIAL_SCALE:g} (GradScaler) "
+                                                                     f"vs fp16 max {FP16_MAX:g}")
         elif in_network:
-            limit, quantity = FP16_MAX, "max |x| vs fp16 max 65504 (autocast)"
+            limit, quantity = FP16_MAX, f"max |x| vs fp16 max {FP16_MAX:g} (autocast)"
         else:
             limit, quantity = fp32_max, "max |x| vs fp32 max (the loss runs in fp32)"
         decades = math.log10(limit / peak)
