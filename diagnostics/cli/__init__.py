@@ -13,7 +13,8 @@ import sys
 
 from geodiag.reports.schema import ReportInputError
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
+from .options import flag
 
 COMMANDS = {
     "env": "env",
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - a user never gets a traceback unless asked for one
         if _is_bad_input(exc):
-            print(f"geodiag {selected}: error: {exc}", file=sys.stderr)
+            message = exc.spelled(flag) if isinstance(exc, ArgumentError) else exc
+            print(f"geodiag {selected}: error: {message}", file=sys.stderr)
             return 2
         if os.environ.get("GEODIAG_DEBUG"):
             raise

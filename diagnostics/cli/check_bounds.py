@@ -5,15 +5,13 @@ import argparse
 import time
 from pathlib import Path
 
+from . import options
+
 HELP = "check a loss's gradients against analytic bounds and a committed baseline (exit 1 naming each regression)"
 
 _LOSS_HELP = ("check your own loss: a callable (probabilities [B, 2, ...], target label map [B, 1, ...]) -> scalar, "
               "an nn.Module instance, or a zero-argument factory or class returning one; default: the built-in "
               "GeometricLoss under every --settings entry")
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--update-baseline", action="store_true",
                         help="write the measurements into the baseline (merging with its other entries)")
     parser.add_argument("--junit", metavar="FILE", type=Path, help="also write JUnit XML, one testcase per run")
-    parser.add_argument("--cases", metavar="NAMES", type=_names, help="comma-separated case names (default: all)")
-    parser.add_argument("--settings", metavar="NAMES", type=_names,
+    parser.add_argument("--cases", metavar="NAMES", type=options.names, help="comma-separated case names (default: all)")
+    parser.add_argument("--settings", metavar="NAMES", type=options.names,
                         help="comma-separated built-in loss settings (default: all)")
-    parser.add_argument("--precisions", metavar="NAMES", type=_names,
-                        help="comma-separated from fp32, bf16, fp16 (autocast; default: all)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+    options.add_precision(parser, None, "precisions", old_spelling=True)
+    options.add_device(parser)
     parser.add_argument("--list", action="store_true", help="list the cases and settings, then exit")
 
 
@@ -60,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         losses = bounds.builtin_losses(args.settings)
         baseline_path = args.baseline or bounds.BASELINE_PATH
     cases = bounds.select_cases(args.cases)
-    precisions = args.precisions or list(PRECISIONS)
+    precisions = args.precision or list(PRECISIONS)
 
     baseline = None
     if baseline_path is not None and not (args.update_baseline and not baseline_path.exists()):

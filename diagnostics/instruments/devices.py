@@ -8,7 +8,7 @@ import torch
 
 from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE  # noqa: F401 - the one place, re-exported
 
-from .errors import GeodiagError
+from .errors import ArgumentError, GeodiagError
 
 # The precision vocabulary: autocast dtype per precision name; fp32 runs without autocast.
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -18,7 +18,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise GeodiagError("--device cuda asked for, but torch sees no CUDA device")
+        raise ArgumentError("{device} cuda asked for, but torch sees no CUDA device", "device")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise GeodiagError(f"unknown device {name!r}; use auto, cpu or cuda")
     return name

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 
 @dataclass
@@ -76,16 +76,17 @@ def find_cases(checkpoint: Checkpoint, cases: Optional[str] = None, raw_root: Op
     if cases and Path(cases).is_dir():
         folder = Path(cases)
     elif cases and Path(cases).exists():
-        raise GeodiagError(f"--cases {cases} is a file; give a folder or comma-separated case names")
+        raise ArgumentError(f"{{cases}} {cases} is a file; give a folder or comma-separated case names", "cases")
     else:
         wanted = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
         root = raw_root or os.environ.get("nnUNet_raw")
         dataset = checkpoint.plans.get("dataset_name")
         if not root or not dataset:
-            raise GeodiagError("cannot find the dataset's images: set nnUNet_raw or pass --cases FOLDER")
+            raise ArgumentError("cannot find the dataset's images: set nnUNet_raw or pass {cases} FOLDER", "cases")
         folder = Path(root) / dataset
         if not folder.is_dir():
-            raise GeodiagError(f"dataset folder not found: {folder} (set nnUNet_raw or pass --cases FOLDER)")
+            raise ArgumentError(f"dataset folder not found: {folder} (set nnUNet_raw or pass {{cases}} FOLDER)",
+                                "cases")
     found: list[CaseFiles] = []
     for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
         if (folder / images).is_dir():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -156,9 +156,9 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path, exc)
         if unsafe:
-            raise GeodiagError(f"refusing to load {path}: its pickle calls globals outside geodiag's allowlist "
-                               f"({', '.join(unsafe)}); pass --trust-checkpoint only if you trust its source "
-                               "(full pickle runs them)") from None
+            raise ArgumentError(f"refusing to load {path}: its pickle calls globals outside geodiag's allowlist "
+                               f"({', '.join(unsafe)}); pass {{trust}} only if you trust its source "
+                               "(full pickle runs them)", "trust") from None
         raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({_pickle_problem(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated or another "
@@ -261,8 +261,8 @@ def resolve_plans_class(name: object, packages: tuple[str, ...], what: str) -> t
     following anything outside ``packages``: only modules inside them are imported, every attribute on the way must
     be such a module, no name part may be private, and the result must be an nn.Module subclass defined there."""
     def refuse(why: str) -> GeodiagError:
-        return GeodiagError(f"refusing to build {what} {name!r} named in the checkpoint's plans: {why} "
-                            "(use --trust-checkpoint to override)")
+        return ArgumentError(f"refusing to build {what} {name!r} named in the checkpoint's plans: {why} "
+                            "(use {trust} to override)", "trust")
 
     if not isinstance(name, str) or not _within(name, packages):
         raise refuse(f"only classes from {', '.join(p + '.*' for p in packages)} are allowed")
@@ -299,8 +299,8 @@ def check_plans_lookups(checkpoint: Checkpoint) -> None:
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     def refuse(role: str, value: object) -> GeodiagError:
-        return GeodiagError(f"refusing checkpoint {checkpoint.path}: its plans name {value!r} as the {role}, "
-                            "which is not one nnU-Net provides (use --trust-checkpoint to override)")
+        return ArgumentError(f"refusing checkpoint {checkpoint.path}: its plans name {value!r} as the {role}, "
+                            "which is not one nnU-Net provides (use {trust} to override)", "trust")
 
     try:
         plans = checkpoint.plans_manager

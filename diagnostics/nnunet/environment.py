@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 EXT_TRAINER_VAR = "nnUNet_extTrainer"
 DEFAULT_TRAINER = "nnUNetTrainerGeometric"
@@ -106,7 +106,7 @@ def export_lines(root: Optional[str | Path] = None) -> list[str]:
     if root is not None:
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise GeodiagError(f"--root {root} exists and is not a folder")
+            raise ArgumentError(f"{{root}} {root} exists and is not a folder", "root")
         values.update(NnunetDirs.under(root).create().as_env())
     return [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
 

@@ -16,7 +16,7 @@ import torch
 
 from .cases import Case
 from .checkpoint import Checkpoint
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 # nnUNetTrainer.oversample_foreground_percent, used when the checkpoint's trainer class is not importable.
 DEFAULT_FOREGROUND_OVERSAMPLING = 0.33
@@ -81,7 +81,7 @@ def training_patches(checkpoint: Checkpoint, case: Case, count: int, seed: int =
     """
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     if count < 1:
-        raise GeodiagError(f"--patches must be at least 1, got {count}")
+        raise ArgumentError(f"{{count}} must be at least 1, got {count}", "count")
     if case.data is None or case.seg is None or "class_locations" not in case.properties:
         raise GeodiagError(f"case {case.name} has no preprocessed label to place training patches by")
     configuration = checkpoint.configuration_manager

@@ -23,6 +23,7 @@ from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
 from ..nnunet.environment import NnunetDirs, nnunet_env
 from ..instruments.errors import GeodiagError
 from ..progress import counter
+from ..tools.run_record import check_out
 from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
 Log = Callable[[str], None]
@@ -306,9 +307,7 @@ STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train),
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:
     """Run the steps in order with progress lines; then the study's report. Returns the report's path."""
-    if study.out.exists() and not study.out.is_dir():
-        raise GeodiagError(f"--out {study.out} exists and is not a folder")
-    study.out.mkdir(parents=True, exist_ok=True)
+    check_out(study.out).mkdir(parents=True, exist_ok=True)
     total = len(steps) + (report is not None)
     for index, step in enumerate(steps, start=1):
         study.log(f"[{index}/{total}] {step.name}")

@@ -27,7 +27,7 @@ from geodiag.reports import schema, tables
 
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
 from ..nnunet.patches import PatchBatch, training_patches
 from ..progress import Progress, progress_over
@@ -263,8 +263,8 @@ def _headroom(tensors: pd.DataFrame) -> dict:
             continue
         in_network = row.tensor == "logits" or row.tensor.startswith("network")
         if in_network and row.kind == "grad":
-            limit, quantity = FP16_MAX / GRAD_SCALER_INITIAL_SCALE, (f"max |grad| x {GRAD_SCALER_INITIAL_SCALE:g} (GradScaler) "
-                                                                     f"vs fp16 max {FP16_MAX:g}")
+            limit = FP16_MAX / GRAD_SCALER_INITIAL_SCALE
+            quantity = f"max |grad| x {GRAD_SCALER_INITIAL_SCALE:g} (GradScaler) vs fp16 max {FP16_MAX:g}"
         elif in_network:
             limit, quantity = FP16_MAX, f"max |x| vs fp16 max {FP16_MAX:g} (autocast)"
         else:
@@ -283,8 +283,9 @@ def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
                                       f"{len(health['non_finite_weight_tensors'])} tensors: training already wrote "
                                       "NaN/Inf into the network; every later step is lost")
     if health["non_finite_optimizer"]:
-        return schema.NON_FINITE_OPTIMIZER_STATE, (f"{health['non_finite_optimizer']} non-finite values in the optimizer's "
-                                              "momentum: the next SGD step will write them into the weights")
+        return schema.NON_FINITE_OPTIMIZER_STATE, (f"{health['non_finite_optimizer']} non-finite values in the "
+                                                   "optimizer's momentum: the next SGD step will write them into "
+                                                   "the weights")
     if health["grad_scaler_collapsed"]:
         return schema.GRAD_SCALER_COLLAPSED, (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
                                          "steps; once 1/scale is inf, a finite step unscales to NaN")
@@ -327,23 +328,15 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                        resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
                        progress: Optional[Progress] = None) -> dict:
     """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GeodiagError(f"--out {out} exists and is not a folder")
+    out = run_record.check_out(out)
     if patches < 1:
-        raise GeodiagError(f"--patches must be at least 1, got {patches}")
+        raise ArgumentError(f"{{patches}} must be at least 1, got {patches}", "patches")
     precisions = parse_precisions(precisions)
     found = find_checkpoints(path, fold)
     if len(found) > 1:
-        raise GeodiagError(f"{path} holds {len(found)} folds; choose one with --fold")
+        raise ArgumentError(f"{path} holds {len(found)} folds; choose one with {{fold}}", "fold")
     checkpoint = load_checkpoint(found[0], trust=trust)
-    try:
-        (out / "cases").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    has_results = any((out / "cases").glob("*/*.json"))
-    if not resume and has_results:
-        raise GeodiagError(f"{out} already holds an analysis; pass --resume to continue it or use a new --out")
+    _, has_results = run_record.open_cases(out, "*/*.json", "an analysis", resume)
     state = _state(checkpoint)
     case_files = find_cases(checkpoint, cases)[: max_cases or None]
     loss = loss_for(checkpoint, stabilizer, eps)

@@ -36,7 +36,7 @@ from geodiag.losses import GeometricLoss, preset_kwargs
 from geodiag.losses.geometry import sobel_gain
 
 from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -263,16 +263,17 @@ def load_loss(spec: str) -> LossFn:
     """Resolve ``MODULE:CALLABLE`` (the current directory is importable, as with ``python -m``) to a loss."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise GeodiagError(f"--loss must be MODULE:CALLABLE (e.g. mypackage.losses:make_loss), got {spec!r}")
+        raise ArgumentError(f"{{loss}} must be MODULE:CALLABLE (e.g. mypackage.losses:make_loss), got {spec!r}", "loss")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         target = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a problem with the user's spec
-        raise GeodiagError(f"cannot import {module_name!r} for --loss: {type(exc).__name__}: {exc}") from None
+        raise ArgumentError(f"cannot import {module_name!r} for {{loss}}: {type(exc).__name__}: {exc}",
+                            "loss") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise GeodiagError(f"{module_name!r} has no attribute {attribute!r} (from --loss {spec!r})")
+            raise ArgumentError(f"{module_name!r} has no attribute {attribute!r} (from {{loss}} {spec!r})", "loss")
         target = getattr(target, part)
     return as_loss(target, spec)
 
@@ -448,7 +449,8 @@ class Baseline:
             entries = {(e["case"], e["setting"], e["precision"]): {q: e.get(q) for q in BASELINE_QUANTITIES}
                        for e in data["entries"]}
         except FileNotFoundError:
-            raise GeodiagError(f"baseline {path} does not exist (create it with --update-baseline)") from None
+            raise ArgumentError(f"baseline {path} does not exist (create it with {{update_baseline}})",
+                                "update_baseline") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise GeodiagError(f"baseline {path} is not a check-bounds baseline: {exc}") from None
         unknown = set(tolerances) - set(DEFAULT_TOLERANCES)

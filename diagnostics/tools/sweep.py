@@ -17,19 +17,18 @@ from typing import Optional, Sequence
 import pandas as pd
 import torch
 
-from geodiag.losses import GeometricLoss, SqrtStabilizer
+from geodiag.losses import STABILIZERS, GeometricLoss, SqrtStabilizer
 from geodiag.reports import schema, tables
 
 from ..nnunet.cases import Case, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
 from ..instruments.devices import PRECISIONS
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histograms import LogHistogram
 from ..progress import Progress, progress_over
 from . import run_record
 
 DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_STABILIZERS = ("clamp", "additive", "shifted")
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[s
             items.append(CheckpointSweep(name, ck, ck.foreground_classes, meta))
     labels = [i.label for i in items]
     if len(set(labels)) != len(labels):
-        raise GeodiagError("two checkpoints share a label; name them LABEL=PATH, or pick one fold with --fold")
+        raise ArgumentError("two checkpoints share a label; name them LABEL=PATH, or pick one fold with {fold}", "fold")
     return items
 
 
@@ -250,18 +249,9 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
     Each case is predicted whole (nnU-Net's sliding window, no gradients into the network); every gradient the
     sweep reports is the loss's gradient at those logits.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GeodiagError(f"--out {out} exists and is not a folder")
-    case_dir = out / "cases"
-    try:
-        case_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    has_results = any(case_dir.glob("*/*.csv"))
-    if not resume and has_results:
-        raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
-    settings = list(settings) or parse_settings(DEFAULT_STABILIZERS, DEFAULT_EPS)
+    out = run_record.check_out(out)
+    case_dir, has_results = run_record.open_cases(out, "*/*.csv", "sweep results", resume)
+    settings = list(settings) or parse_settings(STABILIZERS, DEFAULT_EPS)
     dev = torch.device(device)
     timing = SweepTiming()
     start = device_clock(dev)
@@ -279,8 +269,8 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
             continue
         patch_size = item.checkpoint.patch_size
         if aspect_formula == "seed" and len(patch_size) != 2:
-            raise GeodiagError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
-                               "only: pass --aspect-formula anisotropy")
+            raise ArgumentError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
+                               "only: pass {aspect_formula} anisotropy", "aspect_formula")
         network = build_network(item.checkpoint, trust=trust).to(dev)
         for files_of_case in progress_over(todo, item.label, progress):
             case = preprocess(item.checkpoint, files_of_case)
