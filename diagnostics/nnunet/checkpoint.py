@@ -10,8 +10,8 @@ Here each name is resolved without leaving an allowlisted package and must denot
 it; the classes nnU-Net looks up by bare name (reader, preprocessor, label manager, resampling) are type-checked.
 
 A ``Checkpoint`` is built once per file and answers everything read from it: nnU-Net's plans manager, configuration
-and label manager (each made once), the patch size, the foreground classes, the geodiag trainer class it names (its
-recorded settings), and the network on demand.
+and label manager (each made once), the patch size, the foreground classes, the dataset id, the geodiag trainer class
+it names (its recorded settings) and whether its geometric term was on, and the network on demand.
 """
 from __future__ import annotations
 
@@ -117,6 +117,28 @@ class Checkpoint:
         """The geodiag trainer class the checkpoint names (its class attributes are the recorded settings:
         preset, weights, warm-up, oversampling); None for a trainer geodiag does not define."""
         return geodiag_trainer(self.trainer_name)
+
+    @property
+    def dataset_id(self) -> Optional[int]:
+        """The numeric id in the plans' dataset name (DatasetXXX_Name); None without one."""
+        match = re.match(r"Dataset(\d+)", str(self.plans.get("dataset_name", "")))
+        return int(match.group(1)) if match else None
+
+    @property
+    def geometric_active(self) -> Optional[bool]:
+        """Whether the geometric term was on in the last epoch: what geodiag's trainers logged, else their class's
+        warm-up; None for other trainers."""
+        logged = self.data.get("logging", {}).get("geometric_active")
+        if logged and self.epoch is not None and self.epoch < len(logged):
+            return bool(logged[self.epoch])
+        try:
+            trainer = self.trainer_class
+        except ImportError:
+            return None
+        warmup = getattr(trainer, "warmup_epochs", None)
+        if warmup is None or self.epoch is None:
+            return None
+        return self.epoch >= warmup
 
     def network(self, trust: bool = False, inplace_nonlin: bool = False) -> nn.Module:
         """The checkpoint's network with its weights (see ``build_network``); built anew on each call."""

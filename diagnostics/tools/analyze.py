@@ -26,7 +26,7 @@ from geodiag.losses import GeometricLoss
 from geodiag.reports import schema, tables
 
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
-from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
+from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
 from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
 from ..nnunet.patches import PatchBatch, training_patches
@@ -35,7 +35,6 @@ from . import run_record
 from ..nonfinite.provenance import NonFiniteProvenance
 from ..instruments.recorder import THRESHOLDED, Recorder
 from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
-from .sweep import geometric_active
 from ..instruments.training_state import checkpoint_health
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
@@ -322,30 +321,11 @@ def _state(checkpoint: Checkpoint) -> dict:
     }
 
 
-def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
-                       device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
-                       precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
-                       resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
-                       progress: Optional[Progress] = None) -> dict:
-    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
-    out = run_record.check_out(out)
-    if patches < 1:
-        raise ArgumentError(f"{{patches}} must be at least 1, got {patches}", "patches")
-    precisions = parse_precisions(precisions)
-    found = find_checkpoints(path, fold)
-    if len(found) > 1:
-        raise ArgumentError(f"{path} holds {len(found)} folds; choose one with {{fold}}", "fold")
-    checkpoint = load_checkpoint(found[0], trust=trust)
-    _, has_results = run_record.open_cases(out, "*/*.json", "an analysis", resume)
-    state = _state(checkpoint)
-    case_files = find_cases(checkpoint, cases)[: max_cases or None]
-    loss = loss_for(checkpoint, stabilizer, eps)
-    patch_size = checkpoint.patch_size
-    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
-                                      "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                                      "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},
-                                resume, has_results)
-    dev = torch.device(device)
+def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: GeometricLoss, precisions: Sequence[str],
+               out: Path, dev: torch.device, trust: bool, resume: bool, patches: int, augment: bool,
+               progress: Optional[Progress]) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
+    """Each case under each precision, written to OUT/cases/ as it finishes (a resumed run reads finished ones
+    back); returns the merged packed statistics per precision and every case's result."""
     network = None
     packed_by_precision: dict[str, dict[str, np.ndarray]] = {}
     results = []
@@ -355,10 +335,10 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
             npz_path, json_path = _case_paths(out, precision, files.name)
             if not (resume and npz_path.exists() and json_path.exists()):
                 if network is None:
-                    network = build_network(checkpoint, trust=trust).to(dev)
+                    network = checkpoint.network(trust=trust).to(dev)
                     dice_ce = dice_ce_for(checkpoint)
-                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision, patch_size, dev,
-                                              patches, augment)
+                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision,
+                                              checkpoint.patch_size, dev, patches, augment)
                 buffer = io.BytesIO()
                 np.savez(buffer, **packed)
                 schema.write_bytes(npz_path, buffer.getvalue())
@@ -368,11 +348,13 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                     merged[key] = _merge(merged[key], saved[key]) if key in merged else saved[key]
             results.append(json.loads(json_path.read_text()))
         packed_by_precision[precision] = merged
-    tensors, histograms, eps_fractions = _summaries(packed_by_precision)
-    terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
-    for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
-                        (terms[list(schema.TERM_COLUMNS)], "terms")):
-        tables.write_table(frame, out / f"{name}.csv")
+    return packed_by_precision, results
+
+
+def _summary(checkpoint: Checkpoint, loss: GeometricLoss, state: dict, results: list[dict], tensors: pd.DataFrame,
+             terms: pd.DataFrame, precisions: list[str], dev: torch.device, patches: int, augment: bool,
+             n_cases: int) -> dict:
+    """summary.json: the verdict first, then what was measured on which inputs, and the figures behind it."""
     verdict, reason = _verdict(state, results)
     geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
     shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
@@ -384,12 +366,13 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         "verdict_reason": reason,
         "checkpoint": {"path": str(checkpoint.path), "trainer_name": checkpoint.trainer_name,
                        "configuration": checkpoint.configuration, "fold": checkpoint.fold, "epoch": checkpoint.epoch,
-                       "geometric_active": geometric_active(checkpoint)},
+                       "geometric_active": checkpoint.geometric_active},
         "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                     "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev),
-                     "patches_per_case": patches, "patch_size": patch_size, "augment": augment},
+                     "aspect_formula": loss.aspect_formula, "precisions": precisions, "device": str(dev),
+                     "patches_per_case": patches, "patch_size": checkpoint.patch_size, "augment": augment},
         "inputs": {
-            "patches": (f"{patches} training patch(es) of {'x'.join(map(str, patch_size))} per case, placed by "
+            "patches": (f"{patches} training patch(es) of {'x'.join(map(str, checkpoint.patch_size))} per case, "
+                        "placed by "
                         f"nnU-Net's data loader (foreground oversampling {oversampling:g}, "
                         f"{'nnUNetTrainer augmentation' if augment else 'no augmentation'}); "
                         "forward and backward through the network as in a training step"),
@@ -410,7 +393,42 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                               if len(shares) and shares.notna().any() else {}),
         "provenance": [dict(r["provenance"], case=r["case"], precision=r["precision"])
                        for r in results if r["provenance"]],
-        "cases": len(case_files),
+        "cases": n_cases,
     }
+    return summary
+
+
+def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
+                       device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
+                       precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
+                       resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
+                       progress: Optional[Progress] = None) -> dict:
+    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
+    out = run_record.check_out(out)
+    if patches < 1:
+        raise ArgumentError(f"{{patches}} must be at least 1, got {patches}", "patches")
+    precisions = parse_precisions(precisions)
+    found = find_checkpoints(path, fold)
+    if len(found) > 1:
+        raise ArgumentError(f"{path} holds {len(found)} folds; choose one with {{fold}}", "fold")
+    checkpoint = load_checkpoint(found[0], trust=trust)
+    _, has_results = run_record.open_cases(out, "*/*.json", "an analysis", resume)
+    state = _state(checkpoint)
+    case_files = find_cases(checkpoint, cases)[: max_cases or None]
+    loss = loss_for(checkpoint, stabilizer, eps)
+    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
+                                      "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
+                                      "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},
+                                resume, has_results)
+    dev = torch.device(device)
+    packed_by_precision, results = _run_cases(checkpoint, case_files, loss, precisions, out, dev, trust, resume,
+                                               patches, augment, progress)
+    tensors, histograms, eps_fractions = _summaries(packed_by_precision)
+    terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
+    for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
+                        (terms[list(schema.TERM_COLUMNS)], "terms")):
+        tables.write_table(frame, out / f"{name}.csv")
+    summary = _summary(checkpoint, loss, state, results, tensors, terms, list(precisions), dev, patches, augment,
+                       len(case_files))
     schema.write_json(out / "summary.json", summary)
     return summary

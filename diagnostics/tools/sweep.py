@@ -63,27 +63,6 @@ def parse_settings(stabilizers: Sequence[str], eps: Sequence[float]) -> list[Set
     return settings
 
 
-def dataset_id(checkpoint: Checkpoint) -> Optional[int]:
-    match = re.match(r"Dataset(\d+)", str(checkpoint.plans.get("dataset_name", "")))
-    return int(match.group(1)) if match else None
-
-
-def geometric_active(checkpoint: Checkpoint) -> Optional[bool]:
-    """Whether the geometric term was on in the checkpoint's last epoch: what geodiag's trainers logged, else
-    their class's warm-up; None for other trainers."""
-    logged = checkpoint.data.get("logging", {}).get("geometric_active")
-    if logged and checkpoint.epoch is not None and checkpoint.epoch < len(logged):
-        return bool(logged[checkpoint.epoch])
-    try:
-        trainer = checkpoint.trainer_class
-    except ImportError:
-        return None
-    warmup = getattr(trainer, "warmup_epochs", None)
-    if warmup is None or checkpoint.epoch is None:
-        return None
-    return checkpoint.epoch >= warmup
-
-
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
     """The q-quantile (nearest rank) of a tensor's elements, as a 0-d tensor (no host read)."""
     flat = x.flatten()
@@ -230,8 +209,8 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[s
         for file in find_checkpoints(path, fold):
             ck = load_checkpoint(file, trust=trust)
             name = label or f"{ck.plans.get('dataset_name', '?')}/{ck.trainer_name}/{file.stem}"
-            meta = {"checkpoint": name, "dataset": dataset_id(ck), "epoch": ck.epoch,
-                    "geometric_active": geometric_active(ck)}
+            meta = {"checkpoint": name, "dataset": ck.dataset_id, "epoch": ck.epoch,
+                    "geometric_active": ck.geometric_active}
             items.append(CheckpointSweep(name, ck, ck.foreground_classes, meta))
     labels = [i.label for i in items]
     if len(set(labels)) != len(labels):
