@@ -25,21 +25,18 @@ import torch
 from geodiag.losses import GeometricLoss
 from geodiag.reports import schema, tables
 
-from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
-from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
+from ..instruments.devices import PRECISIONS, parse_precisions
 from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
+from ..instruments.recorder import THRESHOLDED, Recorder
+from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
+from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
 from ..nnunet.patches import PatchBatch, training_patches
+from ..nonfinite.provenance import NonFiniteProvenance
 from ..progress import Progress, progress_over
 from . import run_record
-from ..nonfinite.provenance import NonFiniteProvenance
-from ..instruments.recorder import THRESHOLDED, Recorder
-from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
-from ..instruments.training_state import checkpoint_health
+from .verdict import GEOMETRIC_TERMS, checkpoint_state, failed, summarize
 
-GEOMETRIC_TERMS = ("compactness", "aspect")
-# The two inputs each case is evaluated on (keys of a case result).
-PASSES = ("patches", "whole_image")
 DEFAULT_PATCHES = 2
 
 
@@ -153,11 +150,6 @@ def _network_gradients(network) -> dict:
             "nonfinite": int(sum(int((~torch.isfinite(g)).sum()) for g in grads))}
 
 
-def _failed(result: dict) -> bool:
-    return bool(result["nonfinite_loss"] or result["nonfinite_logit_grad"]
-                or result.get("network_gradients", {}).get("nonfinite"))
-
-
 def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
                  patch_size, device: torch.device, patches: int,
                  augment: bool = False) -> tuple[dict[str, np.ndarray], dict]:
@@ -189,15 +181,15 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: Geomet
                     **_pass_result(image_logits, image_geometric, image_total)}
     result = {"case": files.name, "precision": precision, "patches": patch_result, "whole_image": image_result,
               "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None}
-    if _failed(patch_result) or _failed(image_result):
+    if failed(patch_result) or failed(image_result):
         with NonFiniteProvenance(network, loss, sync="op") as provenance:
-            if _failed(patch_result):
+            if failed(patch_result):
                 _patch_pass(network, batch, loss, dice_ce, dtype, device, None)
             else:
                 _image_pass(network, case.image, label, loss, dice_ce, dtype, patch_size, device)
         report = provenance.report()
         if report is not None:
-            result["provenance"] = {"pass": "patches" if _failed(patch_result) else "whole_image",
+            result["provenance"] = {"pass": "patches" if failed(patch_result) else "whole_image",
                                     "phase": report.phase, "op": report.op, "node": report.node,
                                     "module": report.module, "tap": report.tap, "message": report.message}
     network.zero_grad(set_to_none=True)
@@ -245,82 +237,6 @@ def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[p
             pd.DataFrame(eps_rows, columns=schema.EPS_FRACTION_COLUMNS))
 
 
-def _headroom(tensors: pd.DataFrame) -> dict:
-    """The recorded tensor whose largest magnitude is closest to the limit of the dtype it lives in.
-
-    Under nnU-Net's CUDA training the network output and the gradients flowing back into the network are fp16,
-    the gradients multiplied by GradScaler's scale (65536 at first); the loss's own intermediates are fp32 by
-    construction. Each tensor is held against that limit, whatever precision it was measured in.
-    """
-    fp32_max = float(torch.finfo(torch.float32).max)
-    best = None
-    for row in tensors.itertuples(index=False):
-        if math.isnan(row.min) or math.isnan(row.max):
-            continue
-        peak = max(abs(row.min), abs(row.max))
-        if peak == 0:
-            continue
-        in_network = row.tensor == "logits" or row.tensor.startswith("network")
-        if in_network and row.kind == "grad":
-            limit = FP16_MAX / GRAD_SCALER_INITIAL_SCALE
-            quantity = f"max |grad| x {GRAD_SCALER_INITIAL_SCALE:g} (GradScaler) vs fp16 max {FP16_MAX:g}"
-        elif in_network:
-            limit, quantity = FP16_MAX, f"max |x| vs fp16 max {FP16_MAX:g} (autocast)"
-        else:
-            limit, quantity = fp32_max, "max |x| vs fp32 max (the loss runs in fp32)"
-        decades = math.log10(limit / peak)
-        if best is None or decades < best["headroom_decades"]:
-            best = {"tensor": row.tensor, "kind": row.kind, "precision": row.precision, "quantity": quantity,
-                    "value": peak, "limit": limit, "headroom_decades": decades}
-    return best or {}
-
-
-def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
-    """The first failure mechanism that the evidence shows, in the order in which one causes the next."""
-    if health["non_finite_weights"]:
-        return schema.NON_FINITE_WEIGHTS, (f"{health['non_finite_weights']} non-finite weight values in "
-                                      f"{len(health['non_finite_weight_tensors'])} tensors: training already wrote "
-                                      "NaN/Inf into the network; every later step is lost")
-    if health["non_finite_optimizer"]:
-        return schema.NON_FINITE_OPTIMIZER_STATE, (f"{health['non_finite_optimizer']} non-finite values in the "
-                                                   "optimizer's momentum: the next SGD step will write them into "
-                                                   "the weights")
-    if health["grad_scaler_collapsed"]:
-        return schema.GRAD_SCALER_COLLAPSED, (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
-                                         "steps; once 1/scale is inf, a finite step unscales to NaN")
-    passes = [(r, name) for r in results for name in PASSES]
-    bad_loss = [(r, name) for r, name in passes if r[name]["nonfinite_loss"]]
-    if bad_loss:
-        return schema.NON_FINITE_LOSS, (f"the loss is non-finite on {len(bad_loss)} of {len(passes)} evaluations "
-                                   f"(first: {_evaluation(*bad_loss[0])})")
-    bad_grad = [(r, name) for r, name in passes if _failed(r[name])]
-    if bad_grad:
-        return schema.NON_FINITE_GRADIENT, (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
-                                       f"{len(passes)} evaluations (first: {_evaluation(*bad_grad[0])})")
-    return schema.HEALTHY, (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
-                       f"{len(passes)} evaluations (each of {len(results)} case-precision pairs on its training "
-                       "patches and on its whole image)")
-
-
-def _evaluation(result: dict, name: str) -> str:
-    where = "training patches" if name == "patches" else "whole image"
-    return f"{result['case']} in {result['precision']}, {where}"
-
-
-def _state(checkpoint: Checkpoint) -> dict:
-    """checkpoint_health in the summary's vocabulary."""
-    health = checkpoint_health(checkpoint.data)
-    scaler = health["grad_scaler"] or {}
-    return {
-        "non_finite_weights": health["weights"]["nonfinite_elements"],
-        "non_finite_weight_tensors": sorted(health["weights"]["nonfinite"]),
-        "non_finite_optimizer": health["optimizer"]["nonfinite_elements"],
-        "grad_scaler_scale": scaler.get("scale"),
-        "inverse_scale_finite": scaler.get("inv_scale_finite"),
-        "grad_scaler_collapsed": bool(scaler.get("collapsed", False) or scaler.get("inv_scale_finite") is False),
-    }
-
-
 def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: GeometricLoss, precisions: Sequence[str],
                out: Path, dev: torch.device, trust: bool, resume: bool, patches: int, augment: bool,
                progress: Optional[Progress]) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
@@ -351,53 +267,6 @@ def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: Geomet
     return packed_by_precision, results
 
 
-def _summary(checkpoint: Checkpoint, loss: GeometricLoss, state: dict, results: list[dict], tensors: pd.DataFrame,
-             terms: pd.DataFrame, precisions: list[str], dev: torch.device, patches: int, augment: bool,
-             n_cases: int) -> dict:
-    """summary.json: the verdict first, then what was measured on which inputs, and the figures behind it."""
-    verdict, reason = _verdict(state, results)
-    geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
-    shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
-    dc_ce_norm = terms.loc[terms.term == "dc_ce", "grad_norm"].mean() if len(terms) else math.nan
-    geo_norm = terms.loc[terms.term == "geometric_total", "grad_norm"].mean() if len(terms) else math.nan
-    oversampling = results[0]["patches"]["foreground_oversampling"] if results else math.nan
-    summary = {
-        "verdict": verdict,
-        "verdict_reason": reason,
-        "checkpoint": {"path": str(checkpoint.path), "trainer_name": checkpoint.trainer_name,
-                       "configuration": checkpoint.configuration, "fold": checkpoint.fold, "epoch": checkpoint.epoch,
-                       "geometric_active": checkpoint.geometric_active},
-        "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                     "aspect_formula": loss.aspect_formula, "precisions": precisions, "device": str(dev),
-                     "patches_per_case": patches, "patch_size": checkpoint.patch_size, "augment": augment},
-        "inputs": {
-            "patches": (f"{patches} training patch(es) of {'x'.join(map(str, checkpoint.patch_size))} per case, "
-                        "placed by "
-                        f"nnU-Net's data loader (foreground oversampling {oversampling:g}, "
-                        f"{'nnUNetTrainer augmentation' if augment else 'no augmentation'}); "
-                        "forward and backward through the network as in a training step"),
-            "whole_image": ("each whole preprocessed case, predicted as nnU-Net predicts it (short axes padded to "
-                            "the patch, sliding window with half-patch overlap and Gaussian blending) without "
-                            "gradients into the network; the loss is back-propagated to its logits only"),
-        },
-        "statistics_from": {"tensors.csv": "patches", "histograms.csv": "patches", "eps_fractions.csv": "patches",
-                            "network_gradients": "patches", "closest_to_trouble": "patches",
-                            "terms.csv": "whole_image", "dominant_gradient": "whole_image",
-                            "verdict": "patches and whole_image", "provenance": "the failing pass (see each entry)"},
-        "network_gradients": {key: sum(r["patches"]["network_gradients"][key] for r in results)
-                              for key in ("tensors", "values", "nonfinite")},
-        "state": state,
-        "closest_to_trouble": _headroom(tensors),
-        "dominant_gradient": ({"term": str(shares.idxmax()), "share": float(shares.max()),
-                               "geometric_vs_dice_ce_grad_norm": geo_norm / dc_ce_norm if dc_ce_norm else math.nan}
-                              if len(shares) and shares.notna().any() else {}),
-        "provenance": [dict(r["provenance"], case=r["case"], precision=r["precision"])
-                       for r in results if r["provenance"]],
-        "cases": n_cases,
-    }
-    return summary
-
-
 def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
                        device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
                        precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
@@ -413,7 +282,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
         raise ArgumentError(f"{path} holds {len(found)} folds; choose one with {{fold}}", "fold")
     checkpoint = load_checkpoint(found[0], trust=trust)
     _, has_results = run_record.open_cases(out, "*/*.json", "an analysis", resume)
-    state = _state(checkpoint)
+    state = checkpoint_state(checkpoint)
     case_files = find_cases(checkpoint, cases)[: max_cases or None]
     loss = loss_for(checkpoint, stabilizer, eps)
     run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
@@ -428,7 +297,7 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
                         (terms[list(schema.TERM_COLUMNS)], "terms")):
         tables.write_table(frame, out / f"{name}.csv")
-    summary = _summary(checkpoint, loss, state, results, tensors, terms, list(precisions), dev, patches, augment,
-                       len(case_files))
+    summary = summarize(checkpoint, loss, state, results, tensors, terms, list(precisions), dev, patches, augment,
+                        len(case_files))
     schema.write_json(out / "summary.json", summary)
     return summary
