@@ -15,8 +15,8 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from . import schema
-from .schema import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS, ReportInputError,
-                     read_json)
+from .schema import (EPS_FRACTION_COLUMNS, GRAD_SCALER_INITIAL_SCALE, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS,
+                     ReportInputError, read_json)
 from .tables import format_eps, format_number, markdown_table, read_optional_table, read_table
 
 TITLE = "geodiag checkpoint analysis"
