@@ -208,6 +208,17 @@ def test_analysis_report_of_a_healthy_checkpoint_without_optional_tables(tmp_pat
     assert report.figures == []
 
 
+def test_analysis_report_states_a_collapsing_grad_scaler_in_halvings_from_one(tmp_path):
+    analysis_inputs(tmp_path, verdict="grad_scaler_collapsed", provenance=[])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary["state"].update(grad_scaler_scale=2.0 ** -20, inverse_scale_finite=True)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    markdown = analysis_report.render(tmp_path).markdown.read_text()
+    # 2^-20 is -20 halvings from 1; GradScaler starts at 2^16 = 65536; 1/2^-20 = 1048576.
+    assert "The scale is 9.54e-07, -20.0 halvings from 1 (the initial scale 65536 is 2^16); 1/scale = 1.05e+06." \
+        in markdown
+
+
 def test_analysis_report_rejects_an_unknown_verdict(tmp_path):
     analysis_inputs(tmp_path, verdict="probably_fine")
     with pytest.raises(ReportInputError, match="unknown verdict 'probably_fine'"):
