@@ -14,8 +14,10 @@ import pandas as pd
 
 from . import figures, sites_report
 from .html import Figure, RenderedReport, Section, write_report
-from .tables import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS, ReportInputError,
-                     format_eps, format_number, markdown_table, read_json, read_optional_table, read_table)
+from . import schema
+from .schema import (EPS_FRACTION_COLUMNS, GRAD_SCALER_INITIAL_SCALE, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS,
+                     ReportInputError, read_json)
+from .tables import format_eps, format_number, markdown_table, read_optional_table, read_table
 
 TITLE = "geodiag checkpoint analysis"
 # Below this many decades between a measured magnitude and its dtype's limit, the report flags the tensor.
@@ -24,43 +26,43 @@ HEADROOM_WARN_DECADES = 1.0
 # themselves only when the loss analysed computes s as the seed does (sobel "seed"; see _eps_units).
 SEED_EPS = (1e-4, 1e-2)
 
-# verdict -> (tone, what it means, what to do next)
-VERDICTS: dict[str, tuple[str, str, str]] = {
-    "healthy": (
+# verdict (one of schema.VERDICTS) -> (tone, what it means, what to do next)
+VERDICT_TEXT: dict[str, tuple[str, str, str]] = {
+    schema.HEALTHY: (
         "ok",
         "No NaN or Inf was found in the weights, the optimizer state, the loss or its gradient on the replayed "
         "cases, in any measured precision.",
         "Nothing in this checkpoint needs fixing. If training diverged later, analyse a later checkpoint; the "
         "headroom below says how far the largest values are from their dtype's limit.",
     ),
-    "non_finite_weights": (
+    schema.NON_FINITE_WEIGHTS: (
         "bad",
         "The stored network weights already contain NaN or Inf. Every forward pass from this checkpoint is "
         "non-finite: this is the end state of a divergence, not its cause.",
         "Do not resume from it. Analyse an earlier checkpoint (or run geodiag clamp-sweep over several epochs) "
         "to find the first step whose loss or gradient became non-finite.",
     ),
-    "non_finite_optimizer_state": (
+    schema.NON_FINITE_OPTIMIZER_STATE: (
         "bad",
         "The weights are finite but the optimizer state (e.g. SGD momentum) holds NaN or Inf; the next optimizer "
         "step writes it into the weights.",
         "Do not resume with this optimizer state: resume from an earlier checkpoint, and find which gradient "
         "first became non-finite (provenance below, or an earlier checkpoint's analysis).",
     ),
-    "grad_scaler_collapsed": (
+    schema.GRAD_SCALER_COLLAPSED: (
         "bad",
         "The fp16 GradScaler's scale has collapsed: many consecutive steps were skipped as non-finite, and once "
         "1/scale is no longer finite in fp32 the next finite step is unscaled to NaN.",
         "The scaler only hides the cause: find the op that made the scaled gradients non-finite (provenance "
         "below) and replay the batch in fp32 to tell a formula problem from fp16 range.",
     ),
-    "non_finite_loss": (
+    schema.NON_FINITE_LOSS: (
         "bad",
         "The loss itself is NaN or Inf on the replayed cases: the forward pass produced a non-finite value.",
         "Read the provenance below for the first op that produced it; if it is non-finite in fp32 and fp64 too, "
         "the formula is at fault, not the precision.",
     ),
-    "non_finite_gradient": (
+    schema.NON_FINITE_GRADIENT: (
         "bad",
         "The loss is finite but its gradient is not: a backward op produced NaN or Inf.",
         "Read the provenance below for the backward op that produced it (its producer, not a downstream op), "
@@ -83,9 +85,10 @@ def _field(summary: dict, key: str) -> dict:
 
 def _verdict_section(summary: dict) -> Section:
     verdict = summary.get("verdict")
-    if verdict not in VERDICTS:
-        raise ReportInputError(f"summary.json: unknown verdict {verdict!r}; expected one of {', '.join(VERDICTS)}")
-    tone, meaning, next_step = VERDICTS[verdict]
+    if verdict not in schema.VERDICTS:
+        raise ReportInputError(f"summary.json: unknown verdict {verdict!r}; expected one of "
+                               f"{', '.join(schema.VERDICTS)}")
+    tone, meaning, next_step = VERDICT_TEXT[verdict]
     reason = summary.get("verdict_reason") or "no reason recorded"
     body = f"**{verdict.replace('_', ' ')}**: {reason}\n\n{meaning}\n\n**Next:** {next_step}"
     return Section("Verdict", body, tone=tone)
@@ -122,7 +125,7 @@ def _state_section(summary: dict) -> Section:
     text = _key_value_table(pairs)
     if scale is not None and scale > 0:
         text += (f"\n\nThe scale is {scale:.3g}, {math.log2(scale):.1f} halvings from 1 "
-                 f"(the initial scale 65536 is 2^16); 1/scale = {1 / scale:.3g}.")
+                 f"(the initial scale {GRAD_SCALER_INITIAL_SCALE:g} is 2^16); 1/scale = {1 / scale:.3g}.")
     return Section("Training state", text)
 
 

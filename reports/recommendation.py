@@ -18,12 +18,12 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from .schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 from .tables import format_eps, setting_label
 
 SETTING_KEYS = ("stabilizer", "eps")
 SEED_V24 = ("clamp", 1e-2)  # the seed's "fix", in the seed's units
 SEED_V23 = ("clamp", 1e-4)  # the setting the seed blamed, in the seed's units
-DESCRIPTORS = ("perimeter", "compactness", "aspect")
 # The seed's s (raw Sobel, gain 8 per axis) over geodiag's normalised s, inside the image (2D).
 SEED_OVER_NORMALISED_S = 64.0
 
@@ -99,7 +99,7 @@ def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFram
 
 
 # fp16's largest finite value over GradScaler's initial scale.
-FP16_GRAD_BOUND = 65504.0 / 65536.0
+FP16_GRAD_BOUND = FP16_MAX / GRAD_SCALER_INITIAL_SCALE
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class RecommendationRule:
     def bound_text(self) -> str:
         if self.grad_bound is not None:
             if self.grad_bound == FP16_GRAD_BOUND:
-                return (f"B = {self.grad_bound:.4g} = 65504 / 65536 (a larger gradient overflows fp16 once "
+                return (f"B = {self.grad_bound:.4g} = {FP16_MAX:g} / {GRAD_SCALER_INITIAL_SCALE:g} (a larger gradient overflows fp16 once "
                         "GradScaler multiplies it by its initial scale)")
             return f"B = {self.grad_bound:.3g} (absolute bound)"
         return f"B = {self.grad_factor:g} × the smallest max |dL/dlogit| among finite settings"

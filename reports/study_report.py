@@ -20,8 +20,8 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import SEED_V23, SEED_V24
-from .tables import (RUN_COLUMNS, SWEEP_COLUMNS, format_number, markdown_table, read_json, read_table,
-                     setting_label)
+from .schema import RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, read_json
+from .tables import format_number, markdown_table, read_table, setting_label
 
 # The columns of the sweep's headline table (sweep/headline.csv) that the bias section reads.
 HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_abs_bias_compactness", "max_grad_max",
@@ -29,8 +29,6 @@ HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_ab
 # What the seed reports at its switch-on (8 images of 512^2, epoch 5): shares of pixels with s below each
 # threshold, s in the seed's units (raw Sobel, zero padding).
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
-# DIR/switch_on_s.csv: per run, case, units ("seed" or "normalised") and threshold, the share of pixels below it.
-SWITCH_ON_S_COLUMNS = ("run", "dataset", "epoch", "case", "units", "eps", "fraction_below", "pixels")
 # The seed's s over geodiag's normalised s, inside the image (2D): the raw Sobel kernel's gain 8, squared.
 SEED_UNITS_FACTOR = 64.0
 SWEEP_UNITS = (f"The sweep's eps act on geodiag's normalised s, 1/{SEED_UNITS_FACTOR:g} of the seed's: its clamp 1e-2 "

@@ -14,8 +14,8 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import Recommendation, RecommendationRule, headline_table, recommend
-from .tables import (SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, markdown_table, read_optional_table,
-                     format_eps, read_table, setting_label, write_json, write_table)
+from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, write_json
+from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
 TITLE = "geodiag clamp sweep"
 # Precisions nnU-Net trains in under CUDA autocast; a sweep without them says nothing about fp16/bf16 overflow.

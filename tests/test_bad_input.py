@@ -13,6 +13,9 @@ from PIL import Image
 from checkpoint_faults import write_modified
 from geodiag.diagnostics.nnunet.checkpoint import find_checkpoints, load_checkpoint
 from geodiag.diagnostics.cli import main
+from geodiag.diagnostics.cli.options import flag
+from geodiag.diagnostics.instruments.errors import ArgumentError
+from geodiag.diagnostics.tools.analyze import analyze_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +222,18 @@ def test_max_cases_zero(capsys, tmp_path, checkpoint):
 # ---------------------------------------------------------------------- output folders
 def test_analysis_output_folder_that_is_a_file(capsys, tmp_path, checkpoint):
     (tmp_path / "file").touch()
-    _one_line_error(capsys, _analyze(checkpoint, tmp_path / "file"), "exists and is not a folder")
+    _one_line_error(capsys, _analyze(checkpoint, tmp_path / "file"), "--out", "exists and is not a folder")
+
+
+def test_a_library_error_names_the_argument_and_the_cli_its_flag(tmp_path):
+    """A notebook calling analyze_checkpoint(out=...) is told about ``out``, not about a flag it never typed."""
+    (tmp_path / "file").touch()
+    with pytest.raises(ArgumentError) as error:
+        analyze_checkpoint("unused.pth", tmp_path / "file")
+    assert str(error.value) == f"out {tmp_path / 'file'} exists and is not a folder"
+    assert error.value.spelled(flag) == f"--out {tmp_path / 'file'} exists and is not a folder"
+    assert [flag(a) for a in ("trust", "precisions", "count", "num_test")] == \
+        ["--trust-checkpoint", "--precision", "--patches", "--num-test"]
 
 
 def test_analysis_output_folder_under_a_file(capsys, tmp_path, checkpoint):

@@ -114,7 +114,7 @@ def test_a_single_foreground_pixel_attains_the_perimeter_grad_bound(ndim):
     margin = torch.full((1,) + (12,) * ndim, -10.0)
     margin[(0,) + (6,) * ndim] = 10.0
     for stabilizer in ("shifted", "clamp"):
-        m = bounds.measure(GeometricLoss(stabilizer=stabilizer, eps=1e-6), bounds._logits(margin),
+        m = bounds.measure(GeometricLoss(stabilizer=stabilizer, eps=1e-6), bounds.cases._logits(margin),
                            (margin > 0).long().unsqueeze(1), "fp32")
         assert m.perimeter_grad_max == pytest.approx(bounds.perimeter_grad_bound(ndim), rel=1e-3)
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from geodiag.reports.recommendation import EpsUnits, RecommendationRule, headline_table, recommend
-from geodiag.reports.tables import SWEEP_COLUMNS
+from geodiag.reports.schema import SWEEP_COLUMNS
 
 
 def sweep_rows(settings: dict, precisions=("fp32", "fp16"), cases=("a", "b", "c"), dataset=502, epoch=5) -> pd.DataFrame:

@@ -5,39 +5,26 @@ import argparse
 import time
 from pathlib import Path
 
-from .loss_options import add_loss_options
+from . import options
 
 HELP = "check a loss's gradients against analytic bounds and a committed baseline (exit 1 naming each regression)"
 
 
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _dims(text: str) -> list[int]:
-    dims = _names(text)
-    if not dims or any(d not in ("2", "3") for d in dims):
-        raise argparse.ArgumentTypeError(f"--dims takes 2, 3 or 2,3, got {text!r}")
-    return [int(d) for d in dims]
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_loss_options(parser, "the built-in GeometricLoss under every --settings entry (the loss gets probabilities "
+    options.add_loss(parser, "the built-in GeometricLoss under every --settings entry (the loss gets probabilities "
                              "[B, 2, ...] and the label map [B, 1, ...])")
-    parser.add_argument("--dims", metavar="N[,N]", type=_dims,
+    parser.add_argument("--dims", metavar="N[,N]", type=options.dims,
                         help="run only the cases of these dimensionalities (2, 3); the others are listed as skipped")
     parser.add_argument("--baseline", metavar="FILE", type=Path,
                         help="baseline JSON (default: the packaged one for the built-in loss, none for --loss)")
     parser.add_argument("--update-baseline", action="store_true",
                         help="write the measurements into the baseline (merging with its other entries)")
     parser.add_argument("--junit", metavar="FILE", type=Path, help="also write JUnit XML, one testcase per run")
-    parser.add_argument("--cases", metavar="NAMES", type=_names, help="comma-separated case names (default: all)")
-    parser.add_argument("--settings", metavar="NAMES", type=_names,
+    parser.add_argument("--cases", metavar="NAMES", type=options.names, help="comma-separated case names (default: all)")
+    parser.add_argument("--settings", metavar="NAMES", type=options.names,
                         help="comma-separated built-in loss settings (default: all)")
-    parser.add_argument("--precisions", metavar="NAMES", type=_names,
-                        help="comma-separated from fp32, bf16, fp16 (autocast; default: all)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+    options.add_precision(parser, None, "precisions", old_spelling=True)
+    options.add_device(parser)
     parser.add_argument("--list", action="store_true", help="list the cases and settings, then exit")
 
 
@@ -70,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         losses = bounds.builtin_losses(args.settings)
         baseline_path = args.baseline or bounds.BASELINE_PATH
     cases = bounds.select_cases(args.cases)
-    precisions = args.precisions or list(PRECISIONS)
+    precisions = args.precision or list(PRECISIONS)
 
     baseline = None
     if baseline_path is not None and not (args.update_baseline and not baseline_path.exists()):

@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import options
+
 HELP = "regenerate the reference report on datasets 501/502 under V2.3, V2.4 and production (CPU, about 15 min)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default="reference_work", help="working folder: data, checkpoints (not committed)")
     parser.add_argument("--report-dir", default="reports/reference", help="where the report is published")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    options.add_device(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,12 +17,13 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
 from ..nnunet.environment import NnunetDirs, nnunet_env
 from ..instruments.errors import GeodiagError
 from ..progress import counter
+from ..tools.run_record import check_out
 from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 
 Log = Callable[[str], None]
@@ -119,20 +120,20 @@ def train(study: Study) -> None:
     """Each run through nnU-Net's own trainer loop, in process, its console output in the fold's train.log."""
     import torch
 
-    from geodiag.losses import nnunet_trainer
+    from ..nnunet.checkpoint import geodiag_trainer
 
     for run in study.runs:
         folder = study.fold_folder(run)
         if (folder / "checkpoint_final.pth").is_file():
             study.log(f"  {run.name}: reusing {folder}")
             continue
-        trainer_class = getattr(nnunet_trainer, run.trainer, None)
+        trainer_class = geodiag_trainer(run.trainer)
         if trainer_class is None:
             raise GeodiagError(f"unknown geodiag trainer {run.trainer!r}")
         name = dataset_spec(run.dataset_id).folder_name
-        plans = tables.read_json(study.dirs.preprocessed / name / f"{PLANS_NAME}.json")
+        plans = schema.read_json(study.dirs.preprocessed / name / f"{PLANS_NAME}.json")
         plans["continue_training"] = False
-        dataset_json = tables.read_json(study.dirs.preprocessed / name / "dataset.json")
+        dataset_json = schema.read_json(study.dirs.preprocessed / name / "dataset.json")
         start = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
         console = sys.stdout  # nnU-Net's own prints go to train.log, the progress to the console
@@ -169,7 +170,7 @@ def summarize(study: Study) -> None:
     for run in study.runs:
         checkpoint = load_checkpoint(study.fold_folder(run) / "checkpoint_final.pth")
         logging = checkpoint.data["logging"]
-        settings = tables.read_json(study.fold_folder(run) / "geometric_settings.json") \
+        settings = schema.read_json(study.fold_folder(run) / "geometric_settings.json") \
             if (study.fold_folder(run) / "geometric_settings.json").exists() else {}
         for epoch in range(len(logging["train_losses"])):
             def value(key: str) -> float:
@@ -185,7 +186,7 @@ def summarize(study: Study) -> None:
                 "train_compactness": value("train_compactness"), "train_aspect": value("train_aspect"),
                 "val_loss": value("val_losses"), "pseudo_dice": value("mean_fg_dice"),
                 "skipped_steps": value("skipped_steps"), "grad_norm_max": value("grad_norm_max")})
-    frame = pd.DataFrame(rows, columns=tables.RUN_COLUMNS)
+    frame = pd.DataFrame(rows, columns=schema.RUN_COLUMNS)
     tables.write_table(frame, study.out / "runs.csv")
     last = frame.groupby("run").tail(1)
     for row in last.itertuples():
@@ -204,19 +205,17 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
     (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
     geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
     import torch
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from geodiag.losses import GeometricLoss
     from geodiag.reports.study_report import SEED_BELOW
 
     from ..nnunet.cases import find_cases, predict_logits, preprocess
-    from ..nnunet.checkpoint import build_network, load_checkpoint
-    from ..tools.sweep import foreground_classes
+    from ..nnunet.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
-    classes = foreground_classes(checkpoint)
-    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
-    network = build_network(checkpoint).to(device)
+    classes = checkpoint.foreground_classes
+    patch_size = checkpoint.patch_size
+    network = checkpoint.network().to(device)
     losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
                                                aspect_weight=0)
               for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
@@ -239,18 +238,16 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
 
 def small_s(study: Study) -> None:
     """switch_on_s.csv: the shares of small s at each run's switch-on checkpoint, in the seed's units and ours."""
-    from geodiag.reports.study_report import SWITCH_ON_S_COLUMNS
-
     rows = []
     for run in study.runs:
         with _nnunet_environment(study):
             shares = small_s_shares(_checkpoint(study, run, run.warmup), study.cases, study.device)
         rows += [{"run": run.name, "dataset": run.dataset_id, "epoch": run.warmup, **row} for row in shares]
-        seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
+        seed = pd.DataFrame(shares, columns=schema.SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
         means = seed.groupby("eps")["fraction_below"].mean()
         study.log(f"  {run.name} epoch {run.warmup}: " + ", ".join(
             f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items()) + " (mean over cases, seed's units)")
-    tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
+    tables.write_table(pd.DataFrame(rows, columns=schema.SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
 
 
 def analyze(study: Study) -> None:
@@ -310,9 +307,7 @@ STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train),
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:
     """Run the steps in order with progress lines; then the study's report. Returns the report's path."""
-    if study.out.exists() and not study.out.is_dir():
-        raise GeodiagError(f"--out {study.out} exists and is not a folder")
-    study.out.mkdir(parents=True, exist_ok=True)
+    check_out(study.out).mkdir(parents=True, exist_ok=True)
     total = len(steps) + (report is not None)
     for index, step in enumerate(steps, start=1):
         study.log(f"[{index}/{total}] {step.name}")
