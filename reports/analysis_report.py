@@ -70,7 +70,8 @@ VERDICT_TEXT: dict[str, tuple[str, str, str]] = {
     ),
 }
 STATE_TENSOR_COLUMNS = ("tensor", "kind", "count", "nan", "posinf", "neginf", "zero", "subnormal", "fp16_overflow",
-                        "fp16_underflow", "bf16_overflow", "bf16_underflow", "min", "p50", "p99", "max")
+                        "fp16_underflow", "bf16_overflow", "bf16_underflow", "min", "max", "abs_min", "abs_p50",
+                        "abs_p99", "abs_max")
 
 
 def _field(summary: dict, key: str) -> dict:
@@ -187,7 +188,9 @@ def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optiona
                                             f"count on a log axis) of every recorded tensor in {precision} (values "
                                             "left, gradients right); beside each: exact counts of 0, NaN, +Inf, "
                                             "−Inf, which are not in the bins. Dashed: fp16's range."))
-        sections.append(Section(f"Tensors in {precision}", "Magnitudes are of |x| over finite values.\n\n" + table,
+        sections.append(Section(f"Tensors in {precision}", "Over finite values: `min` and `max` are signed; the `abs_` "
+                                "columns are magnitudes |x|, their quantiles read from the exact histogram (each "
+                                "within its bin and between `abs_min` and `abs_max`).\n\n" + table,
                                 figures=figure_list))
     return sections
 

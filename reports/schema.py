@@ -22,7 +22,7 @@ from typing import Any
 TENSORS_COLUMNS = (
     "precision", "tensor", "kind", "count", "nan", "posinf", "neginf", "zero", "subnormal", "negative",
     "fp16_overflow", "fp16_underflow", "bf16_overflow", "bf16_underflow",
-    "min", "max", "mean", "p50", "p90", "p99", "p999",
+    "min", "max", "mean", "abs_min", "abs_p50", "abs_p90", "abs_p99", "abs_p999", "abs_max",
 )
 HISTOGRAM_COLUMNS = ("precision", "tensor", "kind", "bin_low", "bin_high", "count")
 EPS_FRACTION_COLUMNS = ("precision", "tensor", "eps", "fraction_below", "zero_grad_fraction")

@@ -206,8 +206,9 @@ def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[p
                 "subnormal": row["fp32_subnormal"], "negative": row["negative"],
                 "fp16_overflow": row["fp16_overflow"], "fp16_underflow": row["fp16_underflow"],
                 "bf16_overflow": row["bf16_overflow"], "bf16_underflow": row["bf16_underflow"],
-                "min": row["min"], "max": row["max"], "mean": row["mean"], "p50": row["abs_p50"],
-                "p90": row["abs_p90"], "p99": row["abs_p99"], "p999": row["abs_p99.9"]})
+                "min": row["min"], "max": row["max"], "mean": row["mean"], "abs_min": row["abs_min"],
+                "abs_p50": row["abs_p50"], "abs_p90": row["abs_p90"], "abs_p99": row["abs_p99"],
+                "abs_p999": row["abs_p99.9"], "abs_max": row["abs_max"]})
             hist_rows += [{"precision": precision, "tensor": name, "kind": kind, "bin_low": edges[i],
                            "bin_high": edges[i + 1], "count": int(c)} for i, c in enumerate(row["bin_counts"]) if c]
         for name in THRESHOLDED:
