@@ -6,7 +6,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .tools.bounds import Baseline, Outcome, as_loss, run_checks, select_cases
+from .nonfinite.loss_spec import as_user_loss
+from .tools.bounds import Baseline, Outcome, run_checks, select_cases
 from .instruments.devices import PRECISIONS, resolve_device
 
 
@@ -25,11 +26,13 @@ def assert_gradient_bounds(
     factory (or class) returning one. ``baseline`` (a path or a loaded Baseline) is looked up under the name
     ``setting``; without one only the analytic bounds are checked. Returns the outcomes when all pass.
     """
-    checked = as_loss(loss, setting)
+    checked = as_user_loss(loss, setting)
     if isinstance(baseline, (str, Path)):
         baseline = Baseline.load(baseline)
     outcomes = run_checks({setting: checked}, select_cases(cases), precisions, torch.device(resolve_device(device)), baseline)
     regressions = [str(r) for outcome in outcomes for r in outcome.regressions]
+    regressions += [f"{o.measurement.case} / {setting} / {o.measurement.precision}: {o.error}" for o in outcomes
+                    if o.error]
     if regressions:
         raise AssertionError(f"{len(regressions)} gradient-bound regression(s):\n" + "\n".join(regressions))
     return outcomes

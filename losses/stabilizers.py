@@ -42,15 +42,5 @@ class SqrtStabilizer:
             return root - math.sqrt(self.eps)
         return root
 
-    @property
-    def flat_pixel_bias(self) -> float:
-        """What one pixel with s = 0 adds to a perimeter sum."""
-        return 0.0 if self.name == "shifted" else math.sqrt(self.eps)
-
-    @property
-    def max_local_derivative(self) -> float:
-        """Upper bound of d sqrt(x)/dx over the sqrt's input range (inf for eps = 0)."""
-        return math.inf if self.eps == 0 else 0.5 / math.sqrt(self.eps)
-
     def __str__(self) -> str:
         return f"{self.name}(eps={self.eps:g})"

@@ -12,54 +12,57 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from . import figures
+from . import figures, sites_report
 from .html import Figure, RenderedReport, Section, write_report
-from .tables import (EPS_FRACTION_COLUMNS, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS, ReportInputError,
-                     format_eps, format_number, markdown_table, read_json, read_optional_table, read_table)
+from . import schema
+from .schema import (EPS_FRACTION_COLUMNS, GRAD_SCALER_INITIAL_SCALE, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS,
+                     ReportInputError, read_json)
+from .tables import format_eps, format_number, markdown_table, read_optional_table, read_table
 
 TITLE = "geodiag checkpoint analysis"
 # Below this many decades between a measured magnitude and its dtype's limit, the report flags the tensor.
 HEADROOM_WARN_DECADES = 1.0
-# eps values named in the eps-fraction sentences: the seed's V2.3 and V2.4 clamps.
+# eps values named in the eps-fraction sentences: the values of the seed's V2.3 and V2.4 clamps; its clamps
+# themselves only when the loss analysed computes s as the seed does (sobel "seed"; see _eps_units).
 SEED_EPS = (1e-4, 1e-2)
 
-# verdict -> (tone, what it means, what to do next)
-VERDICTS: dict[str, tuple[str, str, str]] = {
-    "healthy": (
+# verdict (one of schema.VERDICTS) -> (tone, what it means, what to do next)
+VERDICT_TEXT: dict[str, tuple[str, str, str]] = {
+    schema.HEALTHY: (
         "ok",
         "No NaN or Inf was found in the weights, the optimizer state, the loss or its gradient on the replayed "
         "cases, in any measured precision.",
         "Nothing in this checkpoint needs fixing. If training diverged later, analyse a later checkpoint; the "
         "headroom below says how far the largest values are from their dtype's limit.",
     ),
-    "non_finite_weights": (
+    schema.NON_FINITE_WEIGHTS: (
         "bad",
         "The stored network weights already contain NaN or Inf. Every forward pass from this checkpoint is "
         "non-finite: this is the end state of a divergence, not its cause.",
         "Do not resume from it. Analyse an earlier checkpoint (or run geodiag clamp-sweep over several epochs) "
         "to find the first step whose loss or gradient became non-finite.",
     ),
-    "non_finite_optimizer_state": (
+    schema.NON_FINITE_OPTIMIZER_STATE: (
         "bad",
         "The weights are finite but the optimizer state (e.g. SGD momentum) holds NaN or Inf; the next optimizer "
         "step writes it into the weights.",
         "Do not resume with this optimizer state: resume from an earlier checkpoint, and find which gradient "
         "first became non-finite (provenance below, or an earlier checkpoint's analysis).",
     ),
-    "grad_scaler_collapsed": (
+    schema.GRAD_SCALER_COLLAPSED: (
         "bad",
         "The fp16 GradScaler's scale has collapsed: many consecutive steps were skipped as non-finite, and once "
         "1/scale is no longer finite in fp32 the next finite step is unscaled to NaN.",
         "The scaler only hides the cause: find the op that made the scaled gradients non-finite (provenance "
         "below) and replay the batch in fp32 to tell a formula problem from fp16 range.",
     ),
-    "non_finite_loss": (
+    schema.NON_FINITE_LOSS: (
         "bad",
         "The loss itself is NaN or Inf on the replayed cases: the forward pass produced a non-finite value.",
         "Read the provenance below for the first op that produced it; if it is non-finite in fp32 and fp64 too, "
         "the formula is at fault, not the precision.",
     ),
-    "non_finite_gradient": (
+    schema.NON_FINITE_GRADIENT: (
         "bad",
         "The loss is finite but its gradient is not: a backward op produced NaN or Inf.",
         "Read the provenance below for the backward op that produced it (its producer, not a downstream op), "
@@ -67,7 +70,8 @@ VERDICTS: dict[str, tuple[str, str, str]] = {
     ),
 }
 STATE_TENSOR_COLUMNS = ("tensor", "kind", "count", "nan", "posinf", "neginf", "zero", "subnormal", "fp16_overflow",
-                        "fp16_underflow", "bf16_overflow", "bf16_underflow", "min", "p50", "p99", "max")
+                        "fp16_underflow", "bf16_overflow", "bf16_underflow", "min", "max", "abs_min", "abs_p50",
+                        "abs_p99", "abs_max")
 
 
 def _field(summary: dict, key: str) -> dict:
@@ -82,9 +86,10 @@ def _field(summary: dict, key: str) -> dict:
 
 def _verdict_section(summary: dict) -> Section:
     verdict = summary.get("verdict")
-    if verdict not in VERDICTS:
-        raise ReportInputError(f"summary.json: unknown verdict {verdict!r}; expected one of {', '.join(VERDICTS)}")
-    tone, meaning, next_step = VERDICTS[verdict]
+    if verdict not in schema.VERDICTS:
+        raise ReportInputError(f"summary.json: unknown verdict {verdict!r}; expected one of "
+                               f"{', '.join(schema.VERDICTS)}")
+    tone, meaning, next_step = VERDICT_TEXT[verdict]
     reason = summary.get("verdict_reason") or "no reason recorded"
     body = f"**{verdict.replace('_', ' ')}**: {reason}\n\n{meaning}\n\n**Next:** {next_step}"
     return Section("Verdict", body, tone=tone)
@@ -121,7 +126,7 @@ def _state_section(summary: dict) -> Section:
     text = _key_value_table(pairs)
     if scale is not None and scale > 0:
         text += (f"\n\nThe scale is {scale:.3g}, {math.log2(scale):.1f} halvings from 1 "
-                 f"(the initial scale 65536 is 2^16); 1/scale = {1 / scale:.3g}.")
+                 f"(the initial scale {GRAD_SCALER_INITIAL_SCALE:g} is 2^16); 1/scale = {1 / scale:.3g}.")
     return Section("Training state", text)
 
 
@@ -183,12 +188,24 @@ def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optiona
                                             f"count on a log axis) of every recorded tensor in {precision} (values "
                                             "left, gradients right); beside each: exact counts of 0, NaN, +Inf, "
                                             "−Inf, which are not in the bins. Dashed: fp16's range."))
-        sections.append(Section(f"Tensors in {precision}", "Magnitudes are of |x| over finite values.\n\n" + table,
+        sections.append(Section(f"Tensors in {precision}", "Over finite values: `min` and `max` are signed; the `abs_` "
+                                "columns are magnitudes |x|, their quantiles read from the exact histogram (each "
+                                "within its bin and between `abs_min` and `abs_max`).\n\n" + table,
                                 figures=figure_list))
     return sections
 
 
-def _eps_section(directory: Path, fractions: Optional[pd.DataFrame]) -> Optional[Section]:
+def _eps_units(summary: dict) -> str:
+    sobel = _field(summary, "settings").get("sobel")
+    if sobel == "seed":
+        return "s in the seed's units (raw Sobel, zero padding): eps 1e-4 and 1e-2 are the seed's V2.3 and V2.4 clamps"
+    if sobel == "normalised":
+        return ("s in geodiag's normalised units (Sobel divided by 8), 1/64 of the seed's: eps 1e-4 and 1e-2 here "
+                "are not the seed's clamps, which sit at 1.6e-6 and 1.6e-4 in these units")
+    return "units of s not recorded"
+
+
+def _eps_section(directory: Path, fractions: Optional[pd.DataFrame], summary: dict) -> Optional[Section]:
     if fractions is None or fractions.empty:
         return None
     lines = []
@@ -201,7 +218,7 @@ def _eps_section(directory: Path, fractions: Optional[pd.DataFrame]) -> Optional
                      f"zero gradient arriving at it: {100 * zero:.3g}% of its elements")
     path = figures.eps_fractions(fractions, directory / "figures" / "eps_fractions.png")
     body = ("Fraction of the elements of each clamped tensor below each eps: a clamp at that eps passes them zero "
-            "gradient.\n\n" + "\n".join(lines) + "\n\n"
+            f"gradient; {_eps_units(summary)}.\n\n" + "\n".join(lines) + "\n\n"
             + markdown_table(fractions[list(EPS_FRACTION_COLUMNS)].assign(eps=fractions["eps"].map(format_eps))))
     return Section("Clamped tensors below eps", body, figures=[Figure(
         path, "One panel per clamped tensor: share of its elements below eps per precision (solid); dotted: share "
@@ -228,8 +245,11 @@ def render(directory: str | Path) -> RenderedReport:
     terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
     sections = [_verdict_section(summary), _checkpoint_section(summary), _state_section(summary),
                 _closest_section(summary), _gradient_section(summary, terms)]
+    site_histograms = read_optional_table(directory / sites_report.HISTOGRAMS_FILE,
+                                          sites_report.SITE_HISTOGRAM_COLUMNS)
+    sections += sites_report.sections(directory, summary, site_histograms)
     sections += _tensor_sections(directory, tensors, histograms)
-    eps_section = _eps_section(directory, fractions)
+    eps_section = _eps_section(directory, fractions, summary)
     if eps_section is not None:
         sections.append(eps_section)
     sections.append(_provenance_section(summary))

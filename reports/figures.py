@@ -28,11 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from .tables import ReportInputError, format_eps, setting_label, write_bytes
+from .schema import FP16_MAX, FP16_SMALLEST_SUBNORMAL, ReportInputError, write_bytes
+from .tables import format_eps, setting_label
 
 DPI = 90
-FP16_MAX = 65504.0
-FP16_SMALLEST_SUBNORMAL = 2.0 ** -24
 FP16_LIMITS = (FP16_SMALLEST_SUBNORMAL, FP16_MAX)
 SPECIAL_LABELS = {"zero": "zero", "nan": "NaN", "posinf": "+Inf", "neginf": "−Inf"}
 # geodiag's figure settings, applied on top of matplotlib's defaults (the "default" style resets every style key).

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .tables import write_text
+from .schema import write_text
 
 TONES = ("", "ok", "warn", "bad")
 

@@ -2,7 +2,12 @@
 
 Why a written rule: the seed raised a clamp from 1e-4 to 1e-2 on an argument, not a measurement. Here the
 choice is a function of the sweep table, its parameters are printed in the report, and every sentence about
-clamp 1e-2 (and the seed's V2.3 clamp 1e-4) is formatted from the numbers it compares, whichever way they fall.
+clamp 1e-2 (and clamp 1e-4) is formatted from the numbers it compares, whichever way they fall.
+
+Units: an eps is only the seed's V2.3 / V2.4 clamp when it acts on the seed's quantity. The built-in sweep's eps
+act on geodiag's normalised s, 1/64 of the seed's raw-Sobel s, so there clamp 1e-2 is not the seed's V2.4 (that
+clamp sits at 1e-2 / 64 = 1.6e-4); a counterfactual sweep of the user's own clamp is in the loss's own units,
+and on the seed's loss its clamp 1e-4 / 1e-2 are V2.3 / V2.4. ``EpsUnits`` carries which, into every sentence.
 """
 from __future__ import annotations
 
@@ -13,12 +18,39 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from .tables import setting_label
+from .schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
+from .tables import format_eps, setting_label
 
 SETTING_KEYS = ("stabilizer", "eps")
-SEED_V24 = ("clamp", 1e-2)  # the seed's "fix"
-SEED_V23 = ("clamp", 1e-4)  # the setting the seed blamed
-DESCRIPTORS = ("perimeter", "compactness", "aspect")
+SEED_V24 = ("clamp", 1e-2)  # the seed's "fix", in the seed's units
+SEED_V23 = ("clamp", 1e-4)  # the setting the seed blamed, in the seed's units
+# The seed's s (raw Sobel, gain 8 per axis) over geodiag's normalised s, inside the image (2D).
+SEED_OVER_NORMALISED_S = 64.0
+
+
+@dataclass(frozen=True)
+class EpsUnits:
+    """What the swept eps act on, and whether clamp 1e-4 / 1e-2 there are the seed's V2.3 / V2.4."""
+
+    description: str
+    seed_units: Optional[bool]  # None: the loss's own units, which only its author can map to the seed's
+
+    def name(self, setting: tuple[str, float]) -> str:
+        """A setting's label, saying whether it is the seed's own clamp."""
+        label = setting_label(*setting)
+        seed = {SEED_V23: "V2.3", SEED_V24: "V2.4"}.get(setting)
+        if seed is None:
+            return label
+        if self.seed_units is None:
+            return f"{label} (in the loss's own units; the seed's {seed} if the loss computes what the seed's did)"
+        if self.seed_units:
+            return f"{label} (the seed's {seed})"
+        return (f"{label} on normalised s (not the seed's {seed}, whose clamp is "
+                f"{format_eps(setting[1] / SEED_OVER_NORMALISED_S)} in these units)")
+
+
+NORMALISED_S = EpsUnits("eps acts on geodiag's normalised s = gx² + gy² (Sobel divided by 8), 1/64 of the seed's "
+                        "raw-Sobel s: the seed's clamps 1e-4 / 1e-2 are 1.6e-6 / 1.6e-4 here", seed_units=False)
 
 
 def _nonfinite_rows(sweep: pd.DataFrame) -> pd.Series:
@@ -35,6 +67,7 @@ def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFram
     precision; ``nonfinite_rows`` also counts rows whose loss or grad_max is itself not finite.
     """
     frame = sweep.assign(
+        _abs_loss=sweep["bias_loss"].abs() if "bias_loss" in sweep else np.nan,
         _abs_perimeter=sweep["bias_perimeter"].abs(), _abs_compactness=sweep["bias_compactness"].abs(),
         _abs_aspect=sweep["bias_aspect"].abs(), _nonfinite=sweep["nonfinite_loss"].fillna(0) + sweep["nonfinite_grad"].fillna(0),
         _bad_row=_nonfinite_rows(sweep),
@@ -48,6 +81,7 @@ def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFram
         median_abs_bias_perimeter=("_abs_perimeter", "median"),
         median_abs_bias_compactness=("_abs_compactness", "median"),
         median_abs_bias_aspect=("_abs_aspect", "median"),
+        median_abs_bias_loss=("_abs_loss", "median"),
         max_grad_max=("_finite_grad_max", "max"),
         max_sqrt_deriv_max=("sqrt_deriv_max", "max"),
         median_frac_below_eps=("frac_below_eps", "median"),
@@ -65,7 +99,7 @@ def headline_table(sweep: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFram
 
 
 # fp16's largest finite value over GradScaler's initial scale.
-FP16_GRAD_BOUND = 65504.0 / 65536.0
+FP16_GRAD_BOUND = FP16_MAX / GRAD_SCALER_INITIAL_SCALE
 
 
 @dataclass(frozen=True)
@@ -76,7 +110,9 @@ class RecommendationRule:
         finite in fp16 once GradScaler multiplies it by its initial scale 65536 (nnU-Net's CUDA training).
         A bound relative to the other settings would be set by the most biased one, whose bias flattens its
         gradient. ``grad_bound=None`` uses the relative bound: grad_factor x the smallest max grad_max.
-    tie_tolerance: median |bias_compactness| values within this absolute distance of the smallest are ties
+    bias_column: the headline column whose smallest value the rule seeks: the median |relative compactness bias|
+        for geodiag's loss, the median |relative loss bias| (``median_abs_bias_loss``) for a user's loss.
+    tie_tolerance: median |bias| values within this absolute distance of the smallest are ties
         (default 1e-4, i.e. 0.01 percentage points); ties go to the larger eps (more headroom near zero).
     material_gradient_ratio: a change of max grad_max smaller than this factor is called "no material change"
         when clamp 1e-2 is compared with clamp 1e-4 (the seed expected a factor of 10 from 1/(2 sqrt(eps))).
@@ -86,6 +122,11 @@ class RecommendationRule:
     grad_bound: Optional[float] = FP16_GRAD_BOUND
     tie_tolerance: float = 1e-4
     material_gradient_ratio: float = 2.0
+    bias_column: str = "median_abs_bias_compactness"
+
+    @property
+    def bias_name(self) -> str:
+        return self.bias_column.removeprefix("median_abs_bias_") + " bias"
 
     def __post_init__(self) -> None:
         if not (self.grad_factor >= 1.0 and math.isfinite(self.grad_factor)):
@@ -100,7 +141,7 @@ class RecommendationRule:
     def bound_text(self) -> str:
         if self.grad_bound is not None:
             if self.grad_bound == FP16_GRAD_BOUND:
-                return (f"B = {self.grad_bound:.4g} = 65504 / 65536 (a larger gradient overflows fp16 once "
+                return (f"B = {self.grad_bound:.4g} = {FP16_MAX:g} / {GRAD_SCALER_INITIAL_SCALE:g} (a larger gradient overflows fp16 once "
                         "GradScaler multiplies it by its initial scale)")
             return f"B = {self.grad_bound:.3g} (absolute bound)"
         return f"B = {self.grad_factor:g} × the smallest max |dL/dlogit| among finite settings"
@@ -109,7 +150,8 @@ class RecommendationRule:
         return (
             "Among the settings (stabiliser, eps) with zero non-finite loss or gradient values in every measured "
             f"precision and case, and with max |dL/dlogit| ≤ {self.bound_text()}, pick the one with the smallest "
-            "median |relative compactness bias| against the fp64 eps→0 reference; medians within "
+            f"median |relative {self.bias_name}| against the fp64 reference (eps→0 for geodiag's loss, the smallest "
+            "swept value for a user's clamp); medians within "
             f"{self.tie_tolerance:.3g} of the smallest are ties, broken towards the larger eps."
         )
 
@@ -133,6 +175,7 @@ class Recommendation:
     recommended: Optional[dict[str, Any]]
     clamp_1e2: Verdict
     seed_comparison: list[str]
+    units: EpsUnits = NORMALISED_S
 
     @property
     def recommended_setting(self) -> Optional[tuple[str, float]]:
@@ -144,6 +187,7 @@ class Recommendation:
         """The JSON-ready summary: rule, recommended setting and verdict fields."""
         return {
             "rule": {"text": self.rule.describe(), **asdict(self.rule), "grad_bound_used": self.grad_bound},
+            "eps_units": {"description": self.units.description, "seed_units": self.units.seed_units},
             "recommended": self.recommended,
             "verdict_clamp_1e-2": {"status": self.clamp_1e2.status, "sentence": self.clamp_1e2.sentence,
                                    **self.clamp_1e2.numbers},
@@ -169,6 +213,7 @@ def _number(value: float) -> str:
 def _row_numbers(row: pd.Series) -> dict[str, Any]:
     return {
         "stabilizer": str(row["stabilizer"]), "eps": float(row["eps"]),
+        "median_abs_bias_loss": float(row.get("median_abs_bias_loss", math.nan)),
         "median_abs_bias_compactness": float(row["median_abs_bias_compactness"]),
         "median_abs_bias_perimeter": float(row["median_abs_bias_perimeter"]),
         "median_abs_bias_aspect": float(row["median_abs_bias_aspect"]),
@@ -180,24 +225,25 @@ def _row_numbers(row: pd.Series) -> dict[str, Any]:
     }
 
 
-def _pick(candidates: pd.DataFrame, tolerance: float) -> Optional[pd.Series]:
-    eligible = candidates[candidates["eligible"] & candidates["median_abs_bias_compactness"].notna()]
+def _pick(candidates: pd.DataFrame, tolerance: float, bias: str) -> Optional[pd.Series]:
+    eligible = candidates[candidates["eligible"] & candidates[bias].notna()]
     if eligible.empty:
         return None
-    best = eligible["median_abs_bias_compactness"].min()
-    tied = eligible[eligible["median_abs_bias_compactness"] <= best + tolerance]
-    return tied.sort_values(["eps", "median_abs_bias_compactness", "stabilizer"], ascending=[False, True, True]).iloc[0]
+    best = eligible[bias].min()
+    tied = eligible[eligible[bias] <= best + tolerance]
+    return tied.sort_values(["eps", bias, "stabilizer"], ascending=[False, True, True]).iloc[0]
 
 
 def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bound: Optional[float],
-                       tolerance: float) -> Verdict:
+                       rule: RecommendationRule, units: EpsUnits) -> Verdict:
+    tolerance, bias, bias_name = rule.tie_tolerance, rule.bias_column, rule.bias_name
     row = _find(candidates, SEED_V24)
-    name = setting_label(*SEED_V24)
+    name = units.name(SEED_V24)
     if row is None:
         return Verdict("not_measured", f"{name} was not part of this sweep, so the table says nothing about it.", {})
     numbers = {"clamp_1e-2": _row_numbers(row), "recommended": None if chosen is None else _row_numbers(chosen),
                "grad_bound": bound}
-    own = (f"median |compactness bias| {_percent(row['median_abs_bias_compactness'])}, "
+    own = (f"median |{bias_name}| {_percent(row[bias])}, "
            f"max |dL/dlogit| {_number(row['max_grad_max'])}, non-finite values {int(row['nonfinite'])}")
     if chosen is not None and chosen["stabilizer"] == SEED_V24[0] and np.isclose(chosen["eps"], SEED_V24[1]):
         return Verdict("justified", f"{name} is justified by this sweep: the rule picks it ({own}).", numbers)
@@ -211,12 +257,12 @@ def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bo
         reasons.append("no setting in the sweep passed the rule")
         return Verdict("not_justified", f"{name} is not justified by this sweep: " + "; ".join(reasons) + ".", numbers)
     if row["finite"] and row["within_bound"]:
-        tied = row["median_abs_bias_compactness"] <= chosen["median_abs_bias_compactness"] + tolerance
+        tied = row[bias] <= chosen[bias] + tolerance
         reasons.append("its bias ties with a setting of larger eps, which the tie-break prefers" if tied
-                       else "a setting with a smaller median |compactness bias| passed the same rule")
+                       else f"a setting with a smaller median |{bias_name}| passed the same rule")
     sentence = (
-        f"{name} is not justified by this sweep: its median |compactness bias| is "
-        f"{_percent(row['median_abs_bias_compactness'])} vs {_percent(chosen['median_abs_bias_compactness'])} for the "
+        f"{name} is not justified by this sweep: its median |{bias_name}| is "
+        f"{_percent(row[bias])} vs {_percent(chosen[bias])} for the "
         f"recommended setting ({setting_label(chosen['stabilizer'], chosen['eps'])}); its max |dL/dlogit| is "
         f"{_number(row['max_grad_max'])} vs {_number(chosen['max_grad_max'])}; non-finite values: "
         f"{int(row['nonfinite'])} vs {int(chosen['nonfinite'])}. Reason: " + "; ".join(reasons) + "."
@@ -224,17 +270,19 @@ def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bo
     return Verdict("not_justified", sentence, numbers)
 
 
-def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule) -> list[str]:
+def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule, units: EpsUnits) -> list[str]:
     """Sentences testing the seed's story (clamp 1e-4 -> NaN, clamp 1e-2 -> 10x smaller gradients) on the table."""
     v23, v24 = _find(candidates, SEED_V23), _find(candidates, SEED_V24)
     name23, name24 = setting_label(*SEED_V23), setting_label(*SEED_V24)
-    sentences = []
+    bias, bias_name = rule.bias_column, rule.bias_name
+    sentences = [f"Units: {units.description}."]
     if v23 is not None:
+        blamed = ": the NaN the seed attributes to its V2.3 is not reproduced by this sweep" if units.seed_units else ""
         if v23["finite"]:
-            sentences.append(f"{name23} (the seed's V2.3) produced no non-finite loss or gradient in any measured "
-                             "precision and case: the NaN the seed attributes to it is not reproduced by this sweep.")
+            sentences.append(f"{units.name(SEED_V23)} produced no non-finite loss or gradient in any measured "
+                             f"precision and case{blamed}.")
         else:
-            sentences.append(f"{name23} (the seed's V2.3) produced {int(v23['nonfinite'])} non-finite values "
+            sentences.append(f"{units.name(SEED_V23)} produced {int(v23['nonfinite'])} non-finite values "
                              f"(precisions: {v23['nonfinite_precisions'] or 'n/a'}).")
     if v23 is None or v24 is None:
         missing = ", ".join(n for n, r in ((name23, v23), (name24, v24)) if r is None)
@@ -253,17 +301,19 @@ def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule) -> list
         f"the seed's 1/(2√eps) predicts ×0.1), and the largest |dL/dlogit| that training sees from "
         f"{_number(v23['max_grad_max'])} to {_number(v24['max_grad_max'])} (×{_number(grad_ratio)}): {change}.")
     sentences.append(
-        f"Pixels with zero gradient at grad_mag_squared (median): {_percent(v23['median_frac_zero_grad'])} at "
-        f"{name23} vs {_percent(v24['median_frac_zero_grad'])} at {name24}; median |compactness bias|: "
-        f"{_percent(v23['median_abs_bias_compactness'])} vs {_percent(v24['median_abs_bias_compactness'])}.")
+        f"Elements with zero gradient at the clamped quantity (median): {_percent(v23['median_frac_zero_grad'])} at "
+        f"{name23} vs {_percent(v24['median_frac_zero_grad'])} at {name24}; median |{bias_name}|: "
+        f"{_percent(v23[bias])} vs {_percent(v24[bias])}.")
     if not v23["finite"]:
         outcome = "has none in this sweep" if v24["finite"] else f"still has {int(v24['nonfinite'])}"
         sentences.append(f"Where {name23} had {int(v23['nonfinite'])} non-finite values, {name24} {outcome}.")
     return sentences
 
 
-def recommend(headline: pd.DataFrame, rule: RecommendationRule = RecommendationRule()) -> Recommendation:
-    """Apply ``rule`` to a headline table (``headline_table`` without ``by``) and judge clamp 1e-2."""
+def recommend(headline: pd.DataFrame, rule: RecommendationRule = RecommendationRule(),
+              units: EpsUnits = NORMALISED_S) -> Recommendation:
+    """Apply ``rule`` to a headline table (``headline_table`` without ``by``) and judge clamp 1e-2, named in
+    ``units`` (the built-in sweep's normalised s by default)."""
     candidates = headline.copy()
     candidates["finite"] = (candidates["nonfinite"] == 0) & (candidates["nonfinite_rows"] == 0)
     finite_grads = candidates.loc[candidates["finite"], "max_grad_max"].dropna()
@@ -275,10 +325,10 @@ def recommend(headline: pd.DataFrame, rule: RecommendationRule = RecommendationR
         bound = None
     candidates["within_bound"] = candidates["max_grad_max"] <= bound if bound is not None else False
     candidates["eligible"] = candidates["finite"] & candidates["within_bound"]
-    chosen = _pick(candidates, rule.tie_tolerance)
+    chosen = _pick(candidates, rule.tie_tolerance, rule.bias_column)
     return Recommendation(
         rule=rule, candidates=candidates, grad_bound=bound,
         recommended=None if chosen is None else _row_numbers(chosen),
-        clamp_1e2=_clamp_1e2_verdict(candidates, chosen, bound, rule.tie_tolerance),
-        seed_comparison=_seed_comparison(candidates, rule),
+        clamp_1e2=_clamp_1e2_verdict(candidates, chosen, bound, rule, units),
+        seed_comparison=_seed_comparison(candidates, rule, units), units=units,
     )

@@ -23,8 +23,9 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import SEED_V23, SEED_V24
-from .tables import (SWEEP_COLUMNS, format_number, markdown_table, read_json, read_optional_table, read_table,
-                     setting_label)
+from .schema import (REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS,
+                     read_json)
+from .tables import format_number, markdown_table, read_optional_table, read_table, setting_label
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.
 HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_abs_bias_compactness", "max_grad_max",
@@ -34,25 +35,6 @@ HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_ab
 SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
 # The seed's run: image side, batch size, iterations per epoch, epochs, warm-up.
 SEED_RUN = {"image_size": 512, "batch_size": 8, "iterations": 250, "epochs": 100, "warmup": 5}
-# DIR/switch_on_s.csv: per run, checkpoint, case, units ("seed" or "normalised") and threshold, the share below it.
-SWITCH_ON_S_COLUMNS = ("run", "dataset", "checkpoint", "case", "units", "eps", "fraction_below", "pixels")
-# DIR/runs.csv: per run and epoch, nnU-Net's log and what geodiag watch recorded per step (term values are the
-# unweighted values the trainer's train_step returned, epoch means; grad_norm_max is clip_grad_norm_'s return).
-RUN_COLUMNS = ("run", "dataset", "trainer", "code", "warmup", "epoch", "geometric_active", "train_loss", "val_loss",
-               "pseudo_dice", "watched_steps", "grad_norm_max", "nonfinite_steps", "skipped_steps", "train_dc_ce",
-               "train_geometric", "train_compactness", "train_aspect", "train_boundary")
-# DIR/term_gradients.csv: per run's switch-on checkpoint, training batch and term (dice_ce or a geometric term,
-# weighted as trained): its value, max |d/dlogit| at full resolution, its network gradient norm, its share of the
-# step's gradient g (<g_term, g> / |g|^2, summing to 1 over terms) and |g_term| / |g|, |g| itself (what
-# clip_grad_norm_ would see before clipping), and non-finite gradient counts.
-TERM_GRADIENT_COLUMNS = ("run", "dataset", "checkpoint", "batch", "term", "value", "max_abs_grad_logits",
-                         "grad_norm_network", "share_of_step", "norm_ratio", "step_grad_norm",
-                         "nonfinite_grad_logits", "nonfinite_grad_network")
-# DIR/replica_sweep/site_sweep.csv: the replica's sqrt clamps replaced at their lines (clamp-sweep --loss --site):
-# per checkpoint, case, precision and eps, the loss, its bias against fp64 at the smallest eps, max |dL/dlogit|,
-# the clamps' mean at-bound share and non-finite counts.
-REPLICA_SWEEP_COLUMNS = ("checkpoint", "dataset", "case", "precision", "eps", "loss", "bias_loss", "grad_max",
-                         "frac_below_eps", "nonfinite_loss", "nonfinite_grad", "masked_nonfinite")
 # The seed's s over geodiag's normalised s, inside the image (2D): the raw Sobel kernel's gain 8, squared.
 SEED_UNITS_FACTOR = 64.0
 # A term is "inert" when the median of its share of the step's gradient is below this, "dominant" above DOMINANT.

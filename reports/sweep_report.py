@@ -14,13 +14,14 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import Recommendation, RecommendationRule, headline_table, recommend
-from .tables import (SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, markdown_table, read_optional_table,
-                     format_eps, read_table, setting_label, write_json, write_table)
+from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, write_json
+from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
 TITLE = "geodiag clamp sweep"
 # Precisions nnU-Net trains in under CUDA autocast; a sweep without them says nothing about fp16/bf16 overflow.
 AUTOCAST_PRECISIONS = ("fp16", "bf16")
-# The eps values the seed compared; the epoch figure follows the fraction of pixels below them.
+# The eps values the seed compared, as numbers; the epoch figure follows the fraction of pixels below them. The
+# sweep's eps act on geodiag's normalised s (1/64 of the seed's), so these are not the seed's clamps themselves.
 SEED_EPS = (1e-4, 1e-2)
 _TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
 
@@ -133,8 +134,8 @@ def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, re
     by_epoch = headline_table(sweep, by=("dataset", "epoch"))
     path = figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png")
     sections.append(Section("Over epochs", figures=[Figure(
-        path, f"Left: median fraction of pixels with grad_mag_squared below eps {', '.join(map(format_eps, fraction_eps))}"
-              "; right: max |dL/dlogit| per setting; one line style per dataset.")]))
+        path, f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/64 of the seed's) below eps "
+              f"{', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one line style per dataset.")]))
     if sweep["dataset"].nunique() >= 2:
         path = figures.dataset_comparison(headline_table(sweep, by=("dataset",)), out / "datasets.png")
         sections.append(Section("Datasets compared", figures=[Figure(

@@ -6,7 +6,7 @@ import pytest
 
 from checkpoint_faults import collapsed_scaler, nan_momentum, nan_weights, write_modified
 from geodiag.diagnostics.tools.analyze import analyze_checkpoint
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 
 def _analyze(path, out, **kwargs):
@@ -21,17 +21,17 @@ def test_switch_on_checkpoint_of_the_geometric_trainer_is_healthy_and_fully_reco
     assert summary["checkpoint"]["epoch"] == epoch and summary["checkpoint"]["geometric_active"] is True
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["verdict"] == "healthy"
-    tensors = tables.read_table(tmp_path / "tensors.csv", tables.TENSORS_COLUMNS)
+    tensors = tables.read_table(tmp_path / "tensors.csv", schema.TENSORS_COLUMNS)
     recorded = set(zip(tensors.tensor, tensors.kind))
     for needed in [("compactness.grad_mag_squared", "value"), ("compactness.grad_mag_squared", "grad"),
                    ("compactness.sqrt_input", "local_derivative"), ("logits", "grad"),
                    ("network.parameters", "grad"), ("aspect.discriminant", "value")]:
         assert needed in recorded
     assert set(tensors.precision) == {"fp32", "bf16"}
-    eps = tables.read_table(tmp_path / "eps_fractions.csv", tables.EPS_FRACTION_COLUMNS)
+    eps = tables.read_table(tmp_path / "eps_fractions.csv", schema.EPS_FRACTION_COLUMNS)
     fp32 = eps[(eps.precision == "fp32") & (eps.tensor == "compactness.grad_mag_squared")].sort_values("eps")
     assert fp32.fraction_below.is_monotonic_increasing and fp32.fraction_below.between(0, 1).all()
-    terms = tables.read_table(tmp_path / "terms.csv", tables.TERM_COLUMNS)
+    terms = tables.read_table(tmp_path / "terms.csv", schema.TERM_COLUMNS)
     assert {"dc_ce", "compactness", "aspect", "geometric_total"} <= set(terms.term)
     shares = terms[terms.term.isin(["compactness", "aspect"])].groupby(["case", "precision"]).grad_share.sum()
     assert shares.round(6).eq(1).all()

@@ -13,6 +13,9 @@ from PIL import Image
 from checkpoint_faults import write_modified
 from geodiag.diagnostics.nnunet.checkpoint import find_checkpoints, load_checkpoint
 from geodiag.diagnostics.cli import main
+from geodiag.diagnostics.cli.options import flag
+from geodiag.diagnostics.instruments.errors import ArgumentError
+from geodiag.diagnostics.tools.analyze import analyze_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +222,18 @@ def test_max_cases_zero(capsys, tmp_path, checkpoint):
 # ---------------------------------------------------------------------- output folders
 def test_analysis_output_folder_that_is_a_file(capsys, tmp_path, checkpoint):
     (tmp_path / "file").touch()
-    _one_line_error(capsys, _analyze(checkpoint, tmp_path / "file"), "exists and is not a folder")
+    _one_line_error(capsys, _analyze(checkpoint, tmp_path / "file"), "--out", "exists and is not a folder")
+
+
+def test_a_library_error_names_the_argument_and_the_cli_its_flag(tmp_path):
+    """A notebook calling analyze_checkpoint(out=...) is told about ``out``, not about a flag it never typed."""
+    (tmp_path / "file").touch()
+    with pytest.raises(ArgumentError) as error:
+        analyze_checkpoint("unused.pth", tmp_path / "file")
+    assert str(error.value) == f"out {tmp_path / 'file'} exists and is not a folder"
+    assert error.value.spelled(flag) == f"--out {tmp_path / 'file'} exists and is not a folder"
+    assert [flag(a) for a in ("trust", "precisions", "count", "num_test")] == \
+        ["--trust-checkpoint", "--precision", "--patches", "--num-test"]
 
 
 def test_analysis_output_folder_under_a_file(capsys, tmp_path, checkpoint):
@@ -276,8 +290,9 @@ def test_invalid_precision_for_an_analysis(capsys, tmp_path, checkpoint):
 
 
 # ---------------------------------------------------------------------- check-bounds: 1 is a regression, never a crash
-def test_a_loss_that_crashes_in_check_bounds_exits_2_not_1(capsys, tmp_path, monkeypatch):
-    """A researcher's loss with a shape bug: check-bounds must not report the crash as a gradient regression."""
+def test_a_loss_that_crashes_in_check_bounds_is_a_failing_row_naming_its_line(capsys, tmp_path, monkeypatch):
+    """A researcher's loss with a shape bug: the case fails with the exception and the user's line, exit 1
+    (a finding about the loss), never a traceback."""
     (tmp_path / "crashing_user_loss.py").write_text(
         "import torch\n\n"
         "def dice_with_shape_bug(probs, target):\n"
@@ -287,6 +302,8 @@ def test_a_loss_that_crashes_in_check_bounds_exits_2_not_1(capsys, tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     code = main(["check-bounds", "--loss", "crashing_user_loss:dice_with_shape_bug", "--cases", "tiny_disk",
                  "--precisions", "fp32"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("geodiag check-bounds: error: ") and "Traceback" not in err[0]
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    raised = [line for line in captured.out.splitlines() if line.startswith("RAISED")]
+    assert len(raised) == 1 and "IndexError" in raised[0] and "crashing_user_loss.py:5" in raised[0]
+    assert "Traceback" not in captured.out + captured.err

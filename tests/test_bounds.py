@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from geodiag.diagnostics.nonfinite.loss_spec import as_user_loss, load_loss
 from geodiag.diagnostics.tools import bounds
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.testing import assert_gradient_bounds
@@ -113,7 +114,7 @@ def test_a_single_foreground_pixel_attains_the_perimeter_grad_bound(ndim):
     margin = torch.full((1,) + (12,) * ndim, -10.0)
     margin[(0,) + (6,) * ndim] = 10.0
     for stabilizer in ("shifted", "clamp"):
-        m = bounds.measure(GeometricLoss(stabilizer=stabilizer, eps=1e-6), bounds._logits(margin),
+        m = bounds.measure(GeometricLoss(stabilizer=stabilizer, eps=1e-6), bounds.cases._logits(margin),
                            (margin > 0).long().unsqueeze(1), "fp32")
         assert m.perimeter_grad_max == pytest.approx(bounds.perimeter_grad_bound(ndim), rel=1e-3)
 
@@ -231,9 +232,9 @@ def test_a_non_scalar_loss_is_a_one_line_error(capsys, user_losses):
 def test_a_factory_returning_a_module_is_checked_with_its_perimeter_tap(user_losses):
     import geodiag_user_losses
 
-    loss = bounds.load_loss(f"{user_losses}:make_production")
-    assert isinstance(loss, GeometricLoss)
-    assert bounds.as_loss(geodiag_user_losses.unprotected_sqrt) is geodiag_user_losses.unprotected_sqrt
+    loss = load_loss(f"{user_losses}:make_production")
+    assert isinstance(loss.fn, GeometricLoss)
+    assert as_user_loss(geodiag_user_losses.unprotected_sqrt).fn is geodiag_user_losses.unprotected_sqrt
     logits, target = bounds.CASES["tiny_disk"].inputs(torch.device("cpu"))
     assert bounds.measure(loss, logits, target, "fp32").perimeter_bound == bounds.perimeter_grad_bound(2)
 

@@ -11,7 +11,8 @@ import torch
 from checkpoint_faults import write_modified
 from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
 from geodiag.diagnostics.cli import main
-from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.cli.options import flag
+from geodiag.diagnostics.instruments.errors import ArgumentError
 
 
 class _TouchWithOsSystem:
@@ -61,9 +62,9 @@ def test_the_payload_really_creates_its_file_under_full_pickle(stock_run, tmp_pa
 def test_malicious_checkpoint_is_refused_naming_the_global_and_never_runs(stock_run, tmp_path, capsys, payload,
                                                                           legacy, unsafe_global):
     path, marker = _malicious_checkpoint(stock_run, tmp_path, payload, legacy)
-    with pytest.raises(GeodiagError, match="--trust-checkpoint") as error:
+    with pytest.raises(ArgumentError, match=r"pass trust only") as error:
         load_checkpoint(path)
-    assert unsafe_global in str(error.value)
+    assert unsafe_global in str(error.value) and "pass --trust-checkpoint only" in error.value.spelled(flag)
 
     code = main(["analyze-checkpoint", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -116,8 +117,9 @@ def test_plans_naming_a_non_allowlisted_class_are_refused_before_pydoc_locate(st
         raise AssertionError(f"pydoc.locate called with {args}")
 
     monkeypatch.setattr(pydoc, "locate", locate)
-    with pytest.raises(GeodiagError, match="refusing to build .*--trust-checkpoint"):
+    with pytest.raises(ArgumentError, match="refusing to build .*use trust to override") as error:
         build_network(checkpoint)
+    assert "use --trust-checkpoint to override" in error.value.spelled(flag)
 
 
 @pytest.mark.parametrize("key,value,role", [
@@ -128,5 +130,6 @@ def test_plans_naming_a_foreign_object_for_an_nnunet_lookup_are_refused(stock_ru
     """nnU-Net finds these by getattr on its own modules; a crafted name can reach what those modules import."""
     path = write_modified(stock_run.final_checkpoint, tmp_path / "crafted.pth",
                           lambda data: data["init_args"]["plans"].__setitem__(key, value))
-    with pytest.raises(GeodiagError, match=f"{role}.*--trust-checkpoint"):
+    with pytest.raises(ArgumentError, match=f"{role}.*use trust to override") as error:
         load_checkpoint(path)
+    assert "use --trust-checkpoint to override" in error.value.spelled(flag)

@@ -22,7 +22,8 @@ from matplotlib.patches import Rectangle, StepPatch
 
 from geodiag.reports import analysis_report, figures, sweep_report
 from geodiag.reports.screenshot import FLAGS
-from geodiag.reports.tables import write_json, write_table, write_text
+from geodiag.reports.schema import write_json, write_text
+from geodiag.reports.tables import write_table
 
 from test_reports import analysis_inputs, browser_or_skip, sweep_hist, sweep_table
 

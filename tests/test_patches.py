@@ -14,7 +14,7 @@ from geodiag.diagnostics.nnunet.cases import find_cases, predict_logits, preproc
 from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.nnunet.patches import training_patches
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def test_network_gradients_are_recorded_on_cases_larger_than_the_patch(which, pa
     gradients = summary["network_gradients"]
     log.info("%s: %s parameter-gradient values over %d cases (network: %d parameters)", which, gradients, 2, used)
     assert gradients["values"] == 2 * used and gradients["nonfinite"] == 0 and gradients["tensors"] > 0
-    tensors = tables.read_table(tmp_path / "tensors.csv", tables.TENSORS_COLUMNS)
+    tensors = tables.read_table(tmp_path / "tensors.csv", schema.TENSORS_COLUMNS)
     params = tensors[(tensors.tensor == "network.parameters") & (tensors.kind == "grad")]
     assert params["count"].tolist() == [gradients["values"]]  # the histogram saw the same values
     assert summary["statistics_from"]["network_gradients"] == "patches"
@@ -132,7 +132,7 @@ def test_clamp_sweep_runs_on_a_3d_checkpoint_against_a_reference_of_its_own_aspe
                  "--stabilizers", "clamp,additive", "--eps", "1e-6,1e-2", "--precision", "fp32",
                  "--aspect-formula", "anisotropy", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    frame = tables.read_table(out / "sweep.csv", tables.SWEEP_COLUMNS)
+    frame = tables.read_table(out / "sweep.csv", schema.SWEEP_COLUMNS)
     assert len(frame) == 2 * 2 * 2
     # eps does not act on it: one bias per case for every setting, fp32 rounding against fp64 (a reference built with
     # the other formula is off by the gap between the descriptors, ~100% here)

@@ -6,8 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from geodiag.reports.recommendation import RecommendationRule, headline_table, recommend
-from geodiag.reports.tables import SWEEP_COLUMNS
+from geodiag.reports.recommendation import EpsUnits, RecommendationRule, headline_table, recommend
+from geodiag.reports.schema import SWEEP_COLUMNS
 
 
 def sweep_rows(settings: dict, precisions=("fp32", "fp16"), cases=("a", "b", "c"), dataset=502, epoch=5) -> pd.DataFrame:
@@ -60,7 +60,12 @@ def test_biased_clamp_1e2_without_gradient_advantage_is_not_justified():
     assert "90%" in rec.clamp_1e2.sentence and "0.2%" in rec.clamp_1e2.sentence
     assert "0.0304 vs 0.0285" in rec.clamp_1e2.sentence
     seed = " ".join(rec.seed_comparison)
-    assert "not reproduced" in seed            # clamp 1e-4 was finite everywhere
+    # normalised s (the built-in sweep): clamp 1e-4 there is not the seed's V2.3, and the text says so
+    assert "clamp 1e-4 on normalised s (not the seed's V2.3, whose clamp is 1.563e-6 in these units)" in seed
+    assert "not reproduced" not in seed
+    in_seed_units = " ".join(recommend(headline_table(sweep), units=EpsUnits("the seed's s", True)).seed_comparison)
+    assert "clamp 1e-4 (the seed's V2.3) produced no non-finite" in in_seed_units
+    assert "not reproduced" in in_seed_units  # clamp 1e-4 was finite everywhere
     assert "no material change" in seed        # 0.0304 / 0.0285 = 1.07 < 2
     assert "×0.1" in seed                      # the local derivative does fall tenfold, as the seed computed
     assert "0.34% at clamp 1e-4 vs 29% at clamp 1e-2" in seed
@@ -74,7 +79,8 @@ def test_nan_in_fp16_at_clamp_1e4_makes_the_rule_pick_a_finite_setting_and_justi
     rec = recommend(headline_table(sweep))
     assert rec.recommended_setting == ("clamp", 1e-2)
     assert rec.clamp_1e2.status == "justified"
-    assert rec.clamp_1e2.sentence.startswith("clamp 1e-2 is justified")
+    assert rec.clamp_1e2.sentence.startswith("clamp 1e-2 on normalised s (not the seed's V2.4, whose clamp is "
+                                             "1.563e-4 in these units) is justified")
     seed = " ".join(rec.seed_comparison)
     assert "produced 12 non-finite values (precisions: fp16)" in seed
     assert "clamp 1e-2 has none" in seed

@@ -5,7 +5,7 @@ import pytest
 
 from geodiag.diagnostics.instruments.errors import GeodiagError
 from geodiag.diagnostics.tools.sweep import _reference, device_clock, parse_settings, run_sweep
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 from shapes import disk, logits_from
 
 SETTINGS = parse_settings(["clamp", "shifted", "additive"], [1e-4, 1e-2])
@@ -23,11 +23,11 @@ def sweep(geometric_run, tmp_path_factory):
 
 def test_sweep_writes_every_column_for_every_checkpoint_case_setting_and_precision(sweep):
     out, frame, _ = sweep
-    on_disk = tables.read_table(out / "sweep.csv", tables.SWEEP_COLUMNS)
+    on_disk = tables.read_table(out / "sweep.csv", schema.SWEEP_COLUMNS)
     assert len(on_disk) == 2 * 2 * len(SETTINGS) * 2
     assert set(on_disk.checkpoint) == {"e1", "e2"}
     assert on_disk.geometric_active.tolist().count(True) == len(on_disk) // 2
-    hist = tables.read_table(out / "sweep_hist.csv", tables.SWEEP_HIST_COLUMNS)
+    hist = tables.read_table(out / "sweep_hist.csv", schema.SWEEP_HIST_COLUMNS)
     # every pixel of both cases lands in a bin or is exactly zero
     assert hist.groupby("checkpoint")["count"].sum().le(2 * 64 * 64).all()
 
@@ -118,4 +118,4 @@ def test_sweep_of_one_fold_of_a_results_folder_with_several(stock_run, tmp_path,
     assert main([*argv, "--out", str(tmp_path / "both")]) == 2
     assert "--fold" in capsys.readouterr().err
     assert main([*argv, "--fold", "1", "--out", str(tmp_path / "one")]) == 0
-    assert len(tables.read_table(tmp_path / "one" / "sweep.csv", tables.SWEEP_COLUMNS)) == 1
+    assert len(tables.read_table(tmp_path / "one" / "sweep.csv", schema.SWEEP_COLUMNS)) == 1

@@ -11,7 +11,10 @@ import importlib
 import os
 import sys
 
-from ..instruments.errors import GeodiagError
+from geodiag.reports.schema import ReportInputError
+
+from ..instruments.errors import ArgumentError, GeodiagError
+from .options import flag
 
 COMMANDS = {
     "env": "env",
@@ -52,11 +55,9 @@ def _parser(selected: str | None) -> argparse.ArgumentParser:
 
 
 def _is_bad_input(exc: Exception) -> bool:
-    """A GeodiagError, or the reports' ReportInputError. The latter is looked up only when geodiag.reports.tables
-    was imported: importing it loads pandas, which ``geodiag env`` (run on every shell start) must not pay for,
-    and a command that never imported it cannot have raised it."""
-    tables = sys.modules.get("geodiag.reports.tables")
-    return isinstance(exc, GeodiagError) or (tables is not None and isinstance(exc, tables.ReportInputError))
+    """A GeodiagError, or the reports' ReportInputError (from the stdlib-only schema module, so ``geodiag env``,
+    run on every shell start, does not load pandas to know it)."""
+    return isinstance(exc, (GeodiagError, ReportInputError))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - a user never gets a traceback unless asked for one
         if _is_bad_input(exc):
-            print(f"geodiag {selected}: error: {exc}", file=sys.stderr)
+            message = exc.spelled(flag) if isinstance(exc, ArgumentError) else exc
+            print(f"geodiag {selected}: error: {message}", file=sys.stderr)
             return 2
         if os.environ.get("GEODIAG_DEBUG"):
             raise

@@ -4,34 +4,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import options
+
 HELP = "analyse an nnU-Net checkpoint: why (or whether) its geometric loss goes non-finite"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from geodiag.losses.stabilizers import STABILIZERS
+
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RESULTS_FOLDER")
-    parser.add_argument("--fold", help="fold to analyse when given a results folder with several folds")
-    parser.add_argument("--cases", help="folder of cases, or comma-separated case names (default: the dataset's "
-                                        "imagesTr/labelsTr under nnUNet_raw)")
+    options.add_checkpoint_source(parser, "analyse")
     parser.add_argument("--max-cases", type=int, default=None, help="analyse at most this many cases")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--stabilizer", choices=("clamp", "additive", "shifted"),
+    options.add_device(parser)
+    parser.add_argument("--stabilizer", choices=STABILIZERS,
                         help="override the sqrt stabiliser (default: the checkpoint trainer's, else production)")
     parser.add_argument("--eps", type=float, help="override the stabiliser's eps")
-    parser.add_argument("--precision", default="fp32",
-                        help="comma-separated precisions of the network forward: fp32, fp16, bf16")
+    options.add_precision(parser, ["fp32"], "precisions of the network forward")
     parser.add_argument("--patches", type=int, default=None, metavar="N",
                         help="training patches per case, drawn as nnU-Net's data loader draws them, that go through "
                              "the network with gradients (default 2: one random, one on foreground)")
     parser.add_argument("--augment", action="store_true",
                         help="pass the training patches through nnUNetTrainer's training augmentation (default: off)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted analysis in --out")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load with full pickle (runs code from the file: only for trusted files)")
+    options.add_loss(parser, "the geometric loss recorded in the run folder, else the production preset")
+    options.add_out(parser)
+    options.add_resume(parser, "analysis")
 
 
 def run(args: argparse.Namespace) -> int:
-    from geodiag.reports import analysis_report
+    from geodiag.reports import analysis_report, schema
 
     from ..tools.analyze import DEFAULT_PATCHES, analyze_checkpoint
     from ..progress import for_stream
@@ -42,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
         raise GeodiagError("--max-cases must be at least 1")
     summary = analyze_checkpoint(
         args.checkpoint, args.out, fold=args.fold, cases=args.cases, device=resolve_device(args.device),
-        stabilizer=args.stabilizer, eps=args.eps, precisions=[p.strip() for p in args.precision.split(",")],
+        stabilizer=args.stabilizer, eps=args.eps, precisions=args.precision,
         max_cases=args.max_cases, trust=args.trust_checkpoint, resume=args.resume,
         patches=DEFAULT_PATCHES if args.patches is None else args.patches, augment=args.augment,
-        progress=for_stream(sys.stderr))
+        progress=for_stream(sys.stderr), loss_spec=args.loss, loss_input=args.loss_input)
     report = analysis_report.render(args.out)
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
     print(report.markdown)
     print(report.html)
-    return 0 if summary["verdict"] == "healthy" else 3
+    return 0 if summary["verdict"] == schema.HEALTHY else 3

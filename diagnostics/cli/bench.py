@@ -5,22 +5,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import options
+
 HELP = "measure geodiag's overheads against a plain nnU-Net step, detect_anomaly and TensorBoard; write CSV + Markdown"
 
 
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+    options.add_device(parser)
     parser.add_argument("--out", default="geodiag-bench", type=Path,
                         help="folder for bench.csv and bench.md (default %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats: checks that everything runs, figures are not meaningful")
-    parser.add_argument("--only", type=_names, metavar="NAMES",
+    parser.add_argument("--only", type=options.names, metavar="NAMES",
                         help="comma-separated benchmarks: monitor, provenance, loss-share, vectorisation, sweep, "
-                             "histogram, host-syncs, memory (default: all)")
+                             "histogram, host-syncs, memory, autotaps (default: all)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (one line each on stderr), e.g. to gate CI on it")
 

@@ -5,30 +5,26 @@ import argparse
 import time
 from pathlib import Path
 
+from . import options
+
 HELP = "check a loss's gradients against analytic bounds and a committed baseline (exit 1 naming each regression)"
-
-_LOSS_HELP = ("check your own loss: a callable (probabilities [B, 2, ...], target label map [B, 1, ...]) -> scalar, "
-              "an nn.Module instance, or a zero-argument factory or class returning one; default: the built-in "
-              "GeometricLoss under every --settings entry")
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loss", metavar="MODULE:CALLABLE", help=_LOSS_HELP)
+    options.add_loss(parser, "the built-in GeometricLoss under every --settings entry (the loss gets probabilities "
+                             "[B, 2, ...] and the label map [B, 1, ...])")
+    parser.add_argument("--dims", metavar="N[,N]", type=options.dims,
+                        help="run only the cases of these dimensionalities (2, 3); the others are listed as skipped")
     parser.add_argument("--baseline", metavar="FILE", type=Path,
                         help="baseline JSON (default: the packaged one for the built-in loss, none for --loss)")
     parser.add_argument("--update-baseline", action="store_true",
                         help="write the measurements into the baseline (merging with its other entries)")
     parser.add_argument("--junit", metavar="FILE", type=Path, help="also write JUnit XML, one testcase per run")
-    parser.add_argument("--cases", metavar="NAMES", type=_names, help="comma-separated case names (default: all)")
-    parser.add_argument("--settings", metavar="NAMES", type=_names,
+    parser.add_argument("--cases", metavar="NAMES", type=options.names, help="comma-separated case names (default: all)")
+    parser.add_argument("--settings", metavar="NAMES", type=options.names,
                         help="comma-separated built-in loss settings (default: all)")
-    parser.add_argument("--precisions", metavar="NAMES", type=_names,
-                        help="comma-separated from fp32, bf16, fp16 (autocast; default: all)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+    options.add_precision(parser, None, "precisions", old_spelling=True)
+    options.add_device(parser)
     parser.add_argument("--list", action="store_true", help="list the cases and settings, then exit")
 
 
@@ -38,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tools import bounds
     from ..instruments.devices import PRECISIONS, resolve_device
     from ..instruments.errors import GeodiagError
+    from ..nonfinite.loss_spec import load_loss
 
     if args.list:
         print("cases:")
@@ -54,13 +51,13 @@ def run(args: argparse.Namespace) -> int:
             raise GeodiagError("--settings picks built-in GeometricLoss settings; a --loss is checked as it is")
         if args.update_baseline and args.baseline is None:
             raise GeodiagError("--update-baseline with --loss needs --baseline FILE")
-        losses = {args.loss: bounds.load_loss(args.loss)}
+        losses = {args.loss: load_loss(args.loss, args.loss_input)}
         baseline_path = args.baseline
     else:
         losses = bounds.builtin_losses(args.settings)
         baseline_path = args.baseline or bounds.BASELINE_PATH
     cases = bounds.select_cases(args.cases)
-    precisions = args.precisions or list(PRECISIONS)
+    precisions = args.precision or list(PRECISIONS)
 
     baseline = None
     if baseline_path is not None and not (args.update_baseline and not baseline_path.exists()):
@@ -68,26 +65,34 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     outcomes = bounds.run_checks(losses, cases, precisions, device,
-                                 baseline=None if args.update_baseline else baseline)
+                                 baseline=None if args.update_baseline else baseline, dims=args.dims)
     elapsed = time.perf_counter() - start
     print(bounds.format_table(outcomes))
 
     if args.update_baseline:
-        updated = (baseline or bounds.Baseline()).updated([o.measurement for o in outcomes], device)
+        measured = [o.measurement for o in outcomes if o.measured]
+        updated = (baseline or bounds.Baseline()).updated(measured, device)
         _write(lambda: updated.save(baseline_path), baseline_path, "baseline")
-        print(f"baseline: wrote {len(outcomes)} entries to {baseline_path}")
+        print(f"baseline: wrote {len(measured)} entries to {baseline_path}")
     if args.junit:
         _write(lambda: bounds.write_junit(outcomes, args.junit), args.junit, "JUnit file")
 
     failed = [o for o in outcomes if not o.passed]
-    unbaselined = sum(not o.baselined for o in outcomes)
+    skipped = [o for o in outcomes if o.skipped]
+    unbaselined = sum(not o.baselined for o in outcomes if o.measured)
     if args.update_baseline:
         note = "; analytic bounds only (--update-baseline)"
     else:
         note = f"; {unbaselined} without a baseline entry (ok*)" if unbaselined else ""
-    print(f"\n{len(outcomes)} checks on {device.type} in {elapsed:.1f} s: {len(outcomes) - len(failed)} passed, "
-          f"{len(failed)} failed{note}")
+    print(f"\n{len(outcomes)} checks on {device.type} in {elapsed:.1f} s: "
+          f"{len(outcomes) - len(failed) - len(skipped)} passed, {len(failed)} failed, {len(skipped)} skipped{note}")
+    for outcome in skipped:
+        m = outcome.measurement
+        print(f"SKIPPED {m.case} / {m.setting} / {m.precision}: {outcome.skipped}")
     for outcome in failed:
+        if outcome.error:
+            m = outcome.measurement
+            print(f"RAISED {m.case} / {m.setting} / {m.precision}: {outcome.error}")
         for regression in outcome.regressions:
             print(f"REGRESSION {regression}")
     return 1 if failed else 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import options
+
 HELP = ("make dataset 502, train the seed replica (a user's trainer, V2.3) and geodiag's production trainer under "
         "geodiag watch (geometric term on after a warm-up), measure, analyse and sweep their switch-on checkpoints, "
         "write a report")
@@ -14,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=24, help="training images (default %(default)s)")
     parser.add_argument("--size", type=int, default=96, help="image side in pixels (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    options.add_device(parser)
 
 
 def run(args: argparse.Namespace) -> int:

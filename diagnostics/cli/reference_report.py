@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import options
+
 HELP = ("regenerate the reference report: the seed replica (V2.3, V2.4) and production on datasets 501/502 under "
         "geodiag watch (the README gives its measured time)")
 
@@ -11,7 +13,7 @@ HELP = ("regenerate the reference report: the seed replica (V2.3, V2.4) and prod
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default="reference_work", help="working folder: data, checkpoints (not committed)")
     parser.add_argument("--report-dir", default="reports/reference", help="where the report is published")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    options.add_device(parser)
 
 
 def run(args: argparse.Namespace) -> int:

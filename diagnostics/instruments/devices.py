@@ -6,20 +6,19 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import GeodiagError
+from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE  # noqa: F401 - the one place, re-exported
 
-# Autocast dtype per precision name; fp32 runs without autocast.
+from .errors import ArgumentError, GeodiagError
+
+# The precision vocabulary: autocast dtype per precision name; fp32 runs without autocast.
 PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# fp16's largest finite value and GradScaler's initial scale: the headroom of the first scaled backward pass.
-FP16_MAX = float(torch.finfo(torch.float16).max)
-GRAD_SCALER_INITIAL_SCALE = 65536.0
 
 
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise GeodiagError("--device cuda asked for, but torch sees no CUDA device")
+        raise ArgumentError("{device} cuda asked for, but torch sees no CUDA device", "device")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise GeodiagError(f"unknown device {name!r}; use auto, cpu or cuda")
     return name

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 
 @dataclass
@@ -76,16 +76,17 @@ def find_cases(checkpoint: Checkpoint, cases: Optional[str] = None, raw_root: Op
     if cases and Path(cases).is_dir():
         folder = Path(cases)
     elif cases and Path(cases).exists():
-        raise GeodiagError(f"--cases {cases} is a file; give a folder or comma-separated case names")
+        raise ArgumentError(f"{{cases}} {cases} is a file; give a folder or comma-separated case names", "cases")
     else:
         wanted = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
         root = raw_root or os.environ.get("nnUNet_raw")
         dataset = checkpoint.plans.get("dataset_name")
         if not root or not dataset:
-            raise GeodiagError("cannot find the dataset's images: set nnUNet_raw or pass --cases FOLDER")
+            raise ArgumentError("cannot find the dataset's images: set nnUNet_raw or pass {cases} FOLDER", "cases")
         folder = Path(root) / dataset
         if not folder.is_dir():
-            raise GeodiagError(f"dataset folder not found: {folder} (set nnUNet_raw or pass --cases FOLDER)")
+            raise ArgumentError(f"dataset folder not found: {folder} (set nnUNet_raw or pass {{cases}} FOLDER)",
+                                "cases")
     found: list[CaseFiles] = []
     for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
         if (folder / images).is_dir():
@@ -109,11 +110,9 @@ def find_cases(checkpoint: Checkpoint, cases: Optional[str] = None, raw_root: Op
 
 def preprocess(checkpoint: Checkpoint, files: CaseFiles) -> Case:
     """Run nnU-Net's own preprocessing of the checkpoint's configuration on one case."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(checkpoint.plans)
-    config = plans_manager.get_configuration(checkpoint.configuration)
-    _check_raw_case(plans_manager, checkpoint, files)
+    plans_manager = checkpoint.plans_manager
+    config = checkpoint.configuration_manager
+    _check_raw_case(checkpoint, files)
     preprocessor = config.preprocessor_class(verbose=False)
     data, seg, properties = preprocessor.run_case(files.images, files.label, plans_manager, config,
                                                   checkpoint.dataset_json)
@@ -140,10 +139,10 @@ def _slice_for_2d(data: np.ndarray, seg: Optional[np.ndarray]) -> tuple[np.ndarr
     return data[:, z], (seg[:, z] if seg is not None else None)
 
 
-def _check_raw_case(plans_manager, checkpoint: Checkpoint, files: CaseFiles) -> None:
+def _check_raw_case(checkpoint: Checkpoint, files: CaseFiles) -> None:
     """What nnU-Net's preprocessing would silently spread or crash on, checked on the files as read: unreadable
     files, a channel count the network was not trained for, NaN/Inf intensities, a label of another size."""
-    reader = plans_manager.image_reader_writer_class()
+    reader = checkpoint.plans_manager.image_reader_writer_class()
     try:
         image, _ = reader.read_images(files.images)
         label = reader.read_seg(files.label)[0] if files.label is not None else None

@@ -8,6 +8,10 @@ module and follows any attribute, so plans from an untrusted file could name any
 (``os.system``, or ``dynamic_network_architectures.architectures.unet.torch.hub.load`` behind an innocent prefix).
 Here each name is resolved without leaving an allowlisted package and must denote an nn.Module subclass defined in
 it; the classes nnU-Net looks up by bare name (reader, preprocessor, label manager, resampling) are type-checked.
+
+A ``Checkpoint`` is built once per file and answers everything read from it: nnU-Net's plans manager, configuration
+and label manager (each made once), the patch size, the foreground classes, the dataset id, the geodiag trainer class
+it names (its recorded settings) and whether its geometric term was on, and the network on demand.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import types
 import warnings
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 CHECKPOINT_KEYS = ("network_weights", "init_args", "trainer_name")
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -80,6 +85,72 @@ class Checkpoint:
         value = self.data.get("current_epoch")
         return None if value is None else int(value) - 1
 
+    @cached_property
+    def plans_manager(self):
+        """nnU-Net's PlansManager of the checkpoint's plans."""
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        return PlansManager(self.plans)
+
+    @cached_property
+    def configuration_manager(self):
+        """nnU-Net's ConfigurationManager of the configuration the checkpoint was trained in."""
+        return self.plans_manager.get_configuration(self.configuration)
+
+    @cached_property
+    def label_manager(self):
+        return self.plans_manager.get_label_manager(self.dataset_json)
+
+    @property
+    def patch_size(self) -> list[int]:
+        return [int(p) for p in self.configuration_manager.patch_size]
+
+    @cached_property
+    def foreground_classes(self) -> tuple[int, ...]:
+        """The label values the geometric loss measures; region-based checkpoints have none it can use."""
+        if self.label_manager.has_regions:
+            raise GeodiagError("region-based checkpoints (nnU-Net 'regions') are not supported by the geometric loss")
+        return tuple(int(c) for c in self.label_manager.foreground_labels)
+
+    @property
+    def trainer_class(self) -> Optional[type]:
+        """The geodiag trainer class the checkpoint names (its class attributes are the recorded settings:
+        preset, weights, warm-up, oversampling); None for a trainer geodiag does not define."""
+        return geodiag_trainer(self.trainer_name)
+
+    @property
+    def dataset_id(self) -> Optional[int]:
+        """The numeric id in the plans' dataset name (DatasetXXX_Name); None without one."""
+        match = re.match(r"Dataset(\d+)", str(self.plans.get("dataset_name", "")))
+        return int(match.group(1)) if match else None
+
+    @property
+    def geometric_active(self) -> Optional[bool]:
+        """Whether the geometric term was on in the last epoch: what geodiag's trainers logged, else their class's
+        warm-up; None for other trainers."""
+        logged = self.data.get("logging", {}).get("geometric_active")
+        if logged and self.epoch is not None and self.epoch < len(logged):
+            return bool(logged[self.epoch])
+        try:
+            trainer = self.trainer_class
+        except ImportError:
+            return None
+        warmup = getattr(trainer, "warmup_epochs", None)
+        if warmup is None or self.epoch is None:
+            return None
+        return self.epoch >= warmup
+
+    def network(self, trust: bool = False, inplace_nonlin: bool = False) -> nn.Module:
+        """The checkpoint's network with its weights (see ``build_network``); built anew on each call."""
+        return build_network(self, trust=trust, inplace_nonlin=inplace_nonlin)
+
+
+def geodiag_trainer(name: str) -> Optional[type]:
+    """geodiag's nnU-Net trainer class of that name, or None."""
+    from geodiag.losses import nnunet_trainer
+
+    return getattr(nnunet_trainer, name, None)
+
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     """Load an nnU-Net checkpoint on the CPU; a one-line GeodiagError for anything that is not one."""
@@ -107,9 +178,9 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path, exc)
         if unsafe:
-            raise GeodiagError(f"refusing to load {path}: its pickle calls globals outside geodiag's allowlist "
-                               f"({', '.join(unsafe)}); pass --trust-checkpoint only if you trust its source "
-                               "(full pickle runs them)") from None
+            raise ArgumentError(f"refusing to load {path}: its pickle calls globals outside geodiag's allowlist "
+                               f"({', '.join(unsafe)}); pass {{trust}} only if you trust its source "
+                               "(full pickle runs them)", "trust") from None
         raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({_pickle_problem(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise GeodiagError(f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated or another "
@@ -212,8 +283,8 @@ def resolve_plans_class(name: object, packages: tuple[str, ...], what: str) -> t
     following anything outside ``packages``: only modules inside them are imported, every attribute on the way must
     be such a module, no name part may be private, and the result must be an nn.Module subclass defined there."""
     def refuse(why: str) -> GeodiagError:
-        return GeodiagError(f"refusing to build {what} {name!r} named in the checkpoint's plans: {why} "
-                            "(use --trust-checkpoint to override)")
+        return ArgumentError(f"refusing to build {what} {name!r} named in the checkpoint's plans: {why} "
+                            "(use {trust} to override)", "trust")
 
     if not isinstance(name, str) or not _within(name, packages):
         raise refuse(f"only classes from {', '.join(p + '.*' for p in packages)} are allowed")
@@ -248,15 +319,14 @@ def check_plans_lookups(checkpoint: Checkpoint) -> None:
     from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     def refuse(role: str, value: object) -> GeodiagError:
-        return GeodiagError(f"refusing checkpoint {checkpoint.path}: its plans name {value!r} as the {role}, "
-                            "which is not one nnU-Net provides (use --trust-checkpoint to override)")
+        return ArgumentError(f"refusing checkpoint {checkpoint.path}: its plans name {value!r} as the {role}, "
+                            "which is not one nnU-Net provides (use {trust} to override)", "trust")
 
     try:
-        plans = PlansManager(checkpoint.plans)
-        config = plans.get_configuration(checkpoint.configuration)
+        plans = checkpoint.plans_manager
+        config = checkpoint.configuration_manager
         roles = [("image reader/writer", checkpoint.plans.get("image_reader_writer"),
                   lambda: plans.image_reader_writer_class, BaseReaderWriter),
                  ("label manager", checkpoint.plans.get("label_manager"), lambda: plans.label_manager_class,
@@ -285,11 +355,10 @@ def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: b
     """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     try:
-        plans_manager = PlansManager(checkpoint.plans)
-        config = plans_manager.get_configuration(checkpoint.configuration)
+        plans_manager = checkpoint.plans_manager
+        config = checkpoint.configuration_manager
         arch_class_name = config.network_arch_class_name
         arch_kwargs = dict(config.network_arch_init_kwargs)
         req_import = list(config.network_arch_init_kwargs_req_import)
@@ -304,7 +373,7 @@ def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: b
         req_import = []  # resolved here; nnU-Net's pydoc.locate sees only the network class name checked above
     if not inplace_nonlin and isinstance(arch_kwargs.get("nonlin_kwargs"), dict):
         arch_kwargs["nonlin_kwargs"] = {**arch_kwargs["nonlin_kwargs"], "inplace": False}
-    label_manager = plans_manager.get_label_manager(checkpoint.dataset_json)
+    label_manager = checkpoint.label_manager
     network = get_network_from_plans(
         arch_class_name, arch_kwargs, req_import,
         determine_num_input_channels(plans_manager, config, checkpoint.dataset_json),

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 MIN_SIZE = 32
 FILE_ENDING = ".png"
@@ -125,11 +125,11 @@ def make_dataset(dataset_id: int, raw_dir: str | Path, num: int = 100, size: int
     """
     spec = dataset_spec(dataset_id)
     if num < 1:
-        raise GeodiagError(f"--num must be at least 1, got {num}")
+        raise ArgumentError(f"{{num}} must be at least 1, got {num}", "num")
     if num_test < 0:
-        raise GeodiagError(f"--num-test must be >= 0, got {num_test}")
+        raise ArgumentError(f"{{num_test}} must be >= 0, got {num_test}", "num_test")
     if size < MIN_SIZE:
-        raise GeodiagError(f"--size must be at least {MIN_SIZE} pixels, got {size}")
+        raise ArgumentError(f"{{size}} must be at least {MIN_SIZE} pixels, got {size}", "size")
     raw_dir = Path(raw_dir)
     if raw_dir.exists() and not raw_dir.is_dir():
         raise GeodiagError(f"output {raw_dir} exists and is not a folder")

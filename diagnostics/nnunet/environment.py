@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 EXT_TRAINER_VAR = "nnUNet_extTrainer"
 DEFAULT_TRAINER = "nnUNetTrainerGeometric"
-TRAINER_MODULE = "geodiag.losses.nnunet_trainer"
 # The settings a resolved trainer class is compared on.
 COMPARED_SETTINGS = ("warmup_epochs", "geometric_preset", "stabilizer", "eps", "compactness_weight",
                      "aspect_weight", "geometric_reference")
@@ -107,7 +106,7 @@ def export_lines(root: Optional[str | Path] = None) -> list[str]:
     if root is not None:
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise GeodiagError(f"--root {root} exists and is not a folder")
+            raise ArgumentError(f"{{root}} {root} exists and is not a folder", "root")
         values.update(NnunetDirs.under(root).create().as_env())
     return [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
 

@@ -16,7 +16,7 @@ import torch
 
 from .cases import Case
 from .checkpoint import Checkpoint
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 
 # nnUNetTrainer.oversample_foreground_percent, used when the checkpoint's trainer class is not importable.
 DEFAULT_FOREGROUND_OVERSAMPLING = 0.33
@@ -49,10 +49,7 @@ class _OneCase:
 def foreground_oversampling(checkpoint: Checkpoint) -> float:
     """A geodiag trainer's class-level oversample_foreground_percent, else nnUNetTrainer's (set in its __init__,
     so not readable without building a trainer)."""
-    from geodiag.losses import nnunet_trainer
-
-    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
-    return float(getattr(trainer, "oversample_foreground_percent", DEFAULT_FOREGROUND_OVERSAMPLING))
+    return float(getattr(checkpoint.trainer_class, "oversample_foreground_percent", DEFAULT_FOREGROUND_OVERSAMPLING))
 
 
 def _training_augmentation(configuration, label_manager) -> tuple[list[int], object]:
@@ -83,16 +80,13 @@ def training_patches(checkpoint: Checkpoint, case: Case, count: int, seed: int =
     patches.
     """
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     if count < 1:
-        raise GeodiagError(f"--patches must be at least 1, got {count}")
+        raise ArgumentError(f"{{count}} must be at least 1, got {count}", "count")
     if case.data is None or case.seg is None or "class_locations" not in case.properties:
         raise GeodiagError(f"case {case.name} has no preprocessed label to place training patches by")
-    plans = PlansManager(checkpoint.plans)
-    configuration = plans.get_configuration(checkpoint.configuration)
-    label_manager = plans.get_label_manager(checkpoint.dataset_json)
-    patch_size = [int(p) for p in configuration.patch_size]
+    configuration = checkpoint.configuration_manager
+    label_manager = checkpoint.label_manager
+    patch_size = checkpoint.patch_size
     cut_size, transforms = _training_augmentation(configuration, label_manager) if augment else (patch_size, None)
     oversampling = foreground_oversampling(checkpoint)
     loader = nnUNetDataLoader(_OneCase(case), count, cut_size, patch_size, label_manager,

@@ -4,5 +4,6 @@
 maths from fp16 overflow; ``loss_spec`` loads a user's loss from the SPEC they typed; ``sites`` names a call by the
 user's source line; ``autotaps`` measures the numerically risky calls of any loss while it runs; ``override``
 changes a clamp bound or a sqrt's added constant at a chosen line without editing the user's file.
-May import torch and ``geodiag.diagnostics.instruments``; never nnunetv2, geodiag.reports or the other rooms.
+May import torch, ``geodiag.diagnostics.instruments`` and ``geodiag.reports.schema``; never nnunetv2, the rest of
+geodiag.reports or the other rooms.
 """

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.instruments.errors import ArgumentError, GeodiagError
 
 INPUT_KINDS = ("probabilities", "logits")
 
@@ -54,20 +54,26 @@ def load_loss(spec: str, input_kind: str = "probabilities") -> UserLoss:
     """The loss SPEC names; a GeodiagError with one line naming SPEC and the reason when it cannot be had."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
-        raise GeodiagError(f"--loss {spec!r}: expected package.module:NAME or path/to/file.py:NAME")
+        raise ArgumentError(f"{{loss}} {spec!r}: expected package.module:NAME or path/to/file.py:NAME", "loss")
     module = _import_file(spec, source) if source.endswith(".py") else _import_module(spec, source)
     target = module
     for part in name.split("."):
         if not hasattr(target, part):
-            raise GeodiagError(f"--loss {spec!r}: {source} has no {name!r}")
+            raise ArgumentError(f"{{loss}} {spec!r}: {source} has no {name!r}", "loss")
         target = getattr(target, part)
     fn = _as_loss(spec, target)
     return UserLoss(spec=spec, fn=fn, takes_target=_takes_target(fn), input_kind=input_kind)
 
 
+def as_user_loss(candidate: object, label: str = "loss", input_kind: str = "probabilities") -> UserLoss:
+    """A UserLoss from an object already in hand (a loss callable, module, class or factory), as SPEC's NAME."""
+    fn = _as_loss(label, candidate)
+    return UserLoss(spec=label, fn=fn, takes_target=_takes_target(fn), input_kind=input_kind)
+
+
 def _import_file(spec: str, path: str):
     if not os.path.isfile(path):
-        raise GeodiagError(f"--loss {spec!r}: no such file {path}")
+        raise ArgumentError(f"{{loss}} {spec!r}: no such file {path}", "loss")
     stem = os.path.splitext(os.path.basename(path))[0]
     module_name = f"geodiag_user_loss_{stem}_{hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]}"
     folder = os.path.dirname(os.path.abspath(path))
@@ -80,10 +86,10 @@ def _import_file(spec: str, path: str):
         module_spec.loader.exec_module(module)
     except SyntaxError as exc:
         del sys.modules[module_name]
-        raise GeodiagError(f"--loss {spec!r}: syntax error in {path} line {exc.lineno}: {exc.msg}") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: syntax error in {path} line {exc.lineno}: {exc.msg}", "loss") from None
     except Exception as exc:  # noqa: BLE001 - whatever the user's module raises on import is their input's problem
         del sys.modules[module_name]
-        raise GeodiagError(f"--loss {spec!r}: importing {path} raised {_one_line(exc)}") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: importing {path} raised {_one_line(exc)}", "loss") from None
     return module
 
 
@@ -94,12 +100,13 @@ def _import_module(spec: str, module_name: str):
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise GeodiagError(f"--loss {spec!r}: no module named {exc.name!r}") from None
-        raise GeodiagError(f"--loss {spec!r}: importing {module_name} raised {_one_line(exc)}") from None
+            raise ArgumentError(f"{{loss}} {spec!r}: no module named {exc.name!r}", "loss") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: importing {module_name} raised {_one_line(exc)}", "loss") from None
     except SyntaxError as exc:
-        raise GeodiagError(f"--loss {spec!r}: syntax error in {exc.filename} line {exc.lineno}: {exc.msg}") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: syntax error in {exc.filename} line {exc.lineno}: {exc.msg}",
+                            "loss") from None
     except Exception as exc:  # noqa: BLE001
-        raise GeodiagError(f"--loss {spec!r}: importing {module_name} raised {_one_line(exc)}") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: importing {module_name} raised {_one_line(exc)}", "loss") from None
 
 
 def _as_loss(spec: str, candidate: object) -> Callable:
@@ -107,15 +114,16 @@ def _as_loss(spec: str, candidate: object) -> Callable:
     if isinstance(candidate, nn.Module):
         return candidate
     if not callable(candidate):
-        raise GeodiagError(f"--loss {spec!r}: {type(candidate).__name__} is not callable")
+        raise ArgumentError(f"{{loss}} {spec!r}: {type(candidate).__name__} is not callable", "loss")
     if not (inspect.isclass(candidate) or _callable_without_arguments(candidate)):
         return candidate
     try:
         built = candidate()
     except Exception as exc:  # noqa: BLE001 - the user's factory failing is their input's problem
-        raise GeodiagError(f"--loss {spec!r}: the factory raised {_one_line(exc)}") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: the factory raised {_one_line(exc)}", "loss") from None
     if not callable(built):
-        raise GeodiagError(f"--loss {spec!r}: the factory returned a {type(built).__name__}, not a callable loss")
+        raise ArgumentError(f"{{loss}} {spec!r}: the factory returned a {type(built).__name__}, not a callable loss",
+                            "loss")
     return built
 
 

@@ -33,12 +33,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..instruments.devices import GRAD_SCALER_INITIAL_SCALE, PRECISIONS
 from ..instruments.errors import GeodiagError
 from .provenance import NonFiniteProvenance, ProvenanceReport
 
 VERDICTS = ("maths", "fp32-range", "low-precision", "not-reproduced", "non-finite-input")
 
-_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The autocast vocabulary (fp32, bf16, fp16), plus fp64: a replay may also run the whole model in fp64.
+_NAMES = ("fp64", *PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -54,21 +56,22 @@ class Precision:
     def parse(cls, spec: Union[str, "Precision"]) -> "Precision":
         """``fp64``, ``fp32``: model and batch in that dtype, no autocast; ``fp16`` / ``bf16``: an fp32 model under
         autocast to that dtype (nnU-Net's CUDA setting); an optional ``@SCALE`` sets the loss scale, e.g.
-        ``fp16@65536`` (GradScaler's initial scale)."""
+        ``fp16@65536`` (GradScaler's initial scale, ``GRAD_SCALER_INITIAL_SCALE``)."""
         if isinstance(spec, Precision):
             return spec
         name, _, scale_text = str(spec).partition("@")
-        if name not in _DTYPES:
-            raise GeodiagError(f"unknown precision {spec!r}; use fp64, fp32, fp16 or bf16, optionally @SCALE")
+        if name not in _NAMES:
+            raise GeodiagError(f"unknown precision {spec!r}; use {', '.join(_NAMES)}, optionally "
+                               f"@SCALE (e.g. fp16@{GRAD_SCALER_INITIAL_SCALE:g})")
         try:
             scale = float(scale_text) if scale_text else 1.0
         except ValueError:
             raise GeodiagError(f"bad loss scale in precision {spec!r}: {scale_text!r} is not a number") from None
         if not (math.isfinite(scale) and scale > 0):
             raise GeodiagError(f"loss scale in precision {spec!r} must be a finite number > 0")
-        if name in ("fp16", "bf16"):
-            return cls(str(spec), torch.float32, _DTYPES[name], scale)
-        return cls(str(spec), _DTYPES[name], None, scale)
+        if PRECISIONS.get(name) is not None:
+            return cls(str(spec), torch.float32, PRECISIONS[name], scale)
+        return cls(str(spec), torch.float64 if name == "fp64" else torch.float32, None, scale)
 
 
 @dataclass(frozen=True)

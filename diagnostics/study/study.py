@@ -22,12 +22,13 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
 from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
 from ..nnunet.environment import EXT_TRAINER_VAR, NnunetDirs, ext_trainer_value, nnunet_env
 from ..instruments.errors import GeodiagError
 from ..progress import counter
+from ..tools.run_record import check_out
 from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
 from .replica import UserCode
 
@@ -127,7 +128,7 @@ def plan(study: Study) -> None:
             study.log(f"  nnUNetv2_plan_and_preprocess -d {dataset_id} (about 20 s), then configuration "
                       f"{TINY_CONFIGURATION}")
             plan_and_preprocess(dataset_id, study.dirs)
-        plans = tables.read_json(plans_file)
+        plans = schema.read_json(plans_file)
         tiny = plans["configurations"][TINY_CONFIGURATION]
         if study.batch_size is not None and tiny.get("batch_size") != study.batch_size:
             tiny["batch_size"] = study.batch_size  # the seed trained with batch 8
@@ -225,9 +226,7 @@ def _step_column(steps: pd.DataFrame, *names: str) -> Optional[pd.Series]:
 
 def _describe(study: Study, run: RunSpec, checkpoint) -> dict:
     """What study.json says about a run: its code, loss, schedule and the batch nnU-Net trained it on."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    configuration = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration)
+    configuration = checkpoint.configuration_manager
     folder = study.fold_folder(run)
     settings = folder / "geometric_settings.json"
     described = {"run": run.name, "dataset": run.dataset_id, "trainer": run.trainer, "epochs": run.epochs,
@@ -239,9 +238,9 @@ def _describe(study: Study, run: RunSpec, checkpoint) -> dict:
         described.update(code="user", loss=run.user.loss, samples=run.user.samples,
                          sqrt_clamp_sites=sqrt_clamp_sites() if run.user.sites else {})
     else:
-        described.update(code="geodiag", loss=tables.read_json(settings) if settings.is_file() else None)
+        described.update(code="geodiag", loss=schema.read_json(settings) if settings.is_file() else None)
     first = folder / WATCH_FOLDER / FIRST_NONFINITE
-    described["first_nonfinite"] = tables.read_json(first) if first.is_file() else None
+    described["first_nonfinite"] = schema.read_json(first) if first.is_file() else None
     return described
 
 
@@ -249,7 +248,7 @@ def summarize(study: Study) -> None:
     """runs.csv: per run and epoch, nnU-Net's log (train and validation loss, pseudo Dice) and what watch recorded
     per step (largest gradient norm before clipping, non-finite and skipped steps, the term values train_step
     returned); study.json: the study's settings and each run's description (with watch's first_nonfinite.json)."""
-    from geodiag.reports.study_report import RUN_COLUMNS
+    from geodiag.reports.schema import RUN_COLUMNS
 
     from ..nnunet.checkpoint import load_checkpoint
 
@@ -286,7 +285,7 @@ def summarize(study: Study) -> None:
             rows.append(row)
     frame = pd.DataFrame(rows).reindex(columns=RUN_COLUMNS)
     tables.write_table(frame, study.out / "runs.csv")
-    tables.write_json(study.out / "study.json", {
+    schema.write_json(study.out / "study.json", {
         "images": study.num_images, "image_size": study.image_size, "datasets": list(study.datasets),
         "cases": study.cases, "term_batches": study.term_batches, "precisions": list(study.precisions),
         "sweep_eps": list(study.sweep_eps), "device": study.device, "runs": described})
@@ -314,19 +313,16 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
     """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
     (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
     geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from geodiag.losses import GeometricLoss
     from geodiag.reports.study_report import SEED_BELOW
 
     from ..nnunet.cases import find_cases, predict_logits, preprocess
-    from ..nnunet.checkpoint import build_network, load_checkpoint
-    from ..tools.sweep import foreground_classes
+    from ..nnunet.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path)
-    classes = foreground_classes(checkpoint)
-    patch_size = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
-    network = build_network(checkpoint).to(device)
+    classes = checkpoint.foreground_classes
+    patch_size = checkpoint.patch_size
+    network = checkpoint.network().to(device)
     losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
                                                aspect_weight=0)
               for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
@@ -350,7 +346,7 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
 def small_s(study: Study) -> None:
     """switch_on_s.csv: the shares of small s at each run's first (epoch 0) and switch-on checkpoints, in the
     seed's units and ours."""
-    from geodiag.reports.study_report import SWITCH_ON_S_COLUMNS
+    from geodiag.reports.schema import SWITCH_ON_S_COLUMNS
 
     rows = []
     for run in study.runs:
@@ -369,7 +365,7 @@ def small_s(study: Study) -> None:
 def term_gradients(study: Study) -> None:
     """term_gradients.csv: at each run's switch-on checkpoint, on training batches, what Dice+CE and each geometric
     term send to the logits and to the network, and their shares of the step's gradient."""
-    from geodiag.reports.study_report import TERM_GRADIENT_COLUMNS
+    from geodiag.reports.schema import TERM_GRADIENT_COLUMNS
 
     from . import term_gradients as measured
 
@@ -382,7 +378,7 @@ def term_gradients(study: Study) -> None:
                 terms = measured.user_loss_terms(run.user.loss, dict(run.user.term_weights), run.user.samples)
             else:
                 terms = measured.geometric_loss_terms(
-                    tables.read_json(study.fold_folder(run) / "geometric_settings.json"))
+                    schema.read_json(study.fold_folder(run) / "geometric_settings.json"))
             found = measured.measure(path, terms, study.term_batches, study.device, study.seed)
         rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in found]
         frame = pd.DataFrame(found)
@@ -394,20 +390,14 @@ def term_gradients(study: Study) -> None:
 
 def analyze(study: Study) -> None:
     """Each run's switch-on checkpoint: a user's loss through its SPEC (its sites table), geodiag's as recorded."""
-    import inspect
-
     from geodiag.reports import analysis_report
 
     from ..tools.analyze import analyze_checkpoint
 
-    takes_spec = "loss_spec" in inspect.signature(analyze_checkpoint).parameters
     summaries = {}
     for run in study.runs:
         path = switch_on_checkpoint(study, run)
         out = study.out / "analysis" / run.name
-        if run.user is not None and not takes_spec:
-            study.log(f"  {run.name}: skipped (this geodiag's analyze-checkpoint has no --loss)")
-            continue
         study.log(f"  {run.name} {path.name}" + (f" --loss {run.user.loss}" if run.user else ""))
         with _nnunet_environment(study):
             summary = analyze_checkpoint(str(path), out, max_cases=study.cases, precisions=study.precisions,
@@ -474,9 +464,7 @@ STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train),
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:
     """Run the steps in order with progress lines; then the study's report. Returns the report's path."""
-    if study.out.exists() and not study.out.is_dir():
-        raise GeodiagError(f"--out {study.out} exists and is not a folder")
-    study.out.mkdir(parents=True, exist_ok=True)
+    check_out(study.out).mkdir(parents=True, exist_ok=True)
     total = len(steps) + (report is not None)
     for index, step in enumerate(steps, start=1):
         study.log(f"[{index}/{total}] {step.name}")

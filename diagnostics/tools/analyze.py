@@ -6,9 +6,11 @@ network, and a Recorder histograms every tap of the loss, the logits and the par
 predicted as nnU-Net predicts it (no gradient into the network, which a sliding window over a case larger than
 the patch cannot give), yields the per-image loss terms. The provenance mode replays a pass that went non-finite
 and names the first op that produced NaN/Inf. The checkpoint's own state (weights, momentum, GradScaler scale) is
-checked too. Each case's results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz +
-.json, atomically), so ``resume`` continues an interrupted run and the merged tables are the same as an
-uninterrupted run's; DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
+checked too. The loss is the user's ``--loss`` or the one the run folder records (``own_loss.choose_loss``); on
+both inputs it runs under automatic taps, whose sites (risky ops by source line) each case stores. Each case's
+results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so
+``resume`` continues an interrupted run and the merged tables are the same as an uninterrupted run's;
+DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
 """
 from __future__ import annotations
 
@@ -22,74 +24,51 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geodiag.losses import GeometricLoss
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 
-from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
-from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
-from ..instruments.errors import GeodiagError
+from ..instruments.devices import PRECISIONS, parse_precisions
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
+from ..instruments.recorder import THRESHOLDED, Recorder
+from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
+from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
 from ..nnunet.patches import PatchBatch, training_patches
+from ..nonfinite.provenance import NonFiniteProvenance
 from ..progress import Progress, progress_over
 from . import run_record
-from ..nonfinite.provenance import NonFiniteProvenance
-from ..instruments.recorder import THRESHOLDED, Recorder
-from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS, parse_precisions
-from .sweep import foreground_classes, geometric_active
-from ..instruments.training_state import checkpoint_health
+from ..nonfinite.autotaps import AutoTaps
+from . import own_loss
+from .verdict import GEOMETRIC_TERMS, PASSES, checkpoint_state, failed, summarize
 
-GEOMETRIC_TERMS = ("compactness", "aspect")
-# The two inputs each case is evaluated on (keys of a case result).
-PASSES = ("patches", "whole_image")
 DEFAULT_PATCHES = 2
-
-
-def loss_for(checkpoint: Checkpoint, stabilizer: Optional[str], eps: Optional[float]) -> GeometricLoss:
-    """The geometric loss the checkpoint was trained with (geodiag trainers), else the production preset;
-    ``stabilizer``/``eps`` override."""
-    from geodiag.losses import nnunet_trainer
-
-    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
-    kwargs = dict(classes=foreground_classes(checkpoint), softmax=True)
-    preset = "production"
-    if trainer is not None and hasattr(trainer, "geometric_preset"):
-        preset = trainer.geometric_preset
-        kwargs.update(compactness_weight=trainer.compactness_weight, aspect_weight=trainer.aspect_weight,
-                      reference=trainer.geometric_reference)
-    if stabilizer is not None:
-        kwargs["stabilizer"] = stabilizer
-    if eps is not None:
-        kwargs["eps"] = eps
-    try:
-        return GeometricLoss.from_preset(preset, **kwargs)
-    except ValueError as exc:
-        raise GeodiagError(str(exc)) from None
 
 
 def dice_ce_for(checkpoint: Checkpoint):
     """nnU-Net's own Dice+CE as its trainer builds it (without deep supervision)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = PlansManager(checkpoint.plans)
-    config = plans.get_configuration(checkpoint.configuration)
-    labels = plans.get_label_manager(checkpoint.dataset_json)
+    config = checkpoint.configuration_manager
+    labels = checkpoint.label_manager
     return DC_and_CE_loss({"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                           weight_ce=1, weight_dice=1, ignore_label=labels.ignore_label,
                           dice_class=MemoryEfficientSoftDiceLoss)
 
 
-def _term_values(loss: GeometricLoss, logits: torch.Tensor, label: torch.Tensor, dice_ce) -> list[dict]:
+def _term_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch.Tensor, dice_ce) -> list[dict]:
     """Each term's value and its share of the gradient at the logits, on a detached copy (so the recorder's
-    hooks see only the real backward)."""
+    hooks see only the real backward). A user's loss has no named terms: its total only."""
     leaf = logits.detach().float().requires_grad_(True)
     seen: dict[str, torch.Tensor] = {}
-    handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t), names=[f"{t}.term" for t in GEOMETRIC_TERMS])
-    with handle:
+    if not own_loss.tappable(loss):
         geometric_total = loss(leaf, label)
+    else:
+        handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t),
+                                   names=[f"{t}.term" for t in GEOMETRIC_TERMS])
+        with handle:
+            geometric_total = loss(leaf, label)
     terms = {"dc_ce": dice_ce(leaf, label)}
-    weights = {"compactness": loss.compactness_weight, "aspect": loss.aspect_weight}
+    weights = {"compactness": getattr(loss, "compactness_weight", 0.0), "aspect": getattr(loss, "aspect_weight", 0.0)}
     for term in GEOMETRIC_TERMS:
         if f"{term}.term" in seen:
             terms[term] = weights[term] * seen[f"{term}.term"].mean()
@@ -112,16 +91,17 @@ def _case_paths(out: Path, precision: str, case: str) -> tuple[Path, Path]:
     return folder / f"{case}.npz", folder / f"{case}.json"
 
 
-def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce):
-    """Dice+CE + geometric loss on ``logits`` and its backward; returns (geometric, total)."""
-    geometric = loss(logits, label)
+def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss, dice_ce, taps: Optional[AutoTaps] = None):
+    """Dice+CE + geometric loss on ``logits`` and its backward (the loss under ``taps`` when given);
+    returns (geometric, total)."""
+    geometric = taps.run(loss, logits, label) if taps is not None else loss(logits, label)
     total = dice_ce(logits.float(), label) + geometric
     total.backward()
     return geometric, total
 
 
-def _patch_pass(network, batch: PatchBatch, loss: GeometricLoss, dice_ce, dtype: Optional[torch.dtype],
-                device: torch.device, recorder: Optional[Recorder]):
+def _patch_pass(network, batch: PatchBatch, loss, dice_ce, dtype: Optional[torch.dtype],
+                device: torch.device, recorder: Optional[Recorder], taps: Optional[AutoTaps] = None):
     """Training's step on the patches without the optimizer: forward (autocast in ``dtype``), loss, backward
     through the network; returns (logits, geometric, total)."""
     network.zero_grad(set_to_none=True)
@@ -130,18 +110,18 @@ def _patch_pass(network, batch: PatchBatch, loss: GeometricLoss, dice_ce, dtype:
     logits.retain_grad()
     if recorder is not None:
         recorder.attach_tensor("logits", logits)
-    geometric, total = _loss_backward(logits, batch.label.to(device), loss, dice_ce)
+    geometric, total = _loss_backward(logits, batch.label.to(device), loss, dice_ce, taps)
     return logits, geometric, total
 
 
-def _image_pass(network, image: torch.Tensor, label: torch.Tensor, loss: GeometricLoss, dice_ce,
-                dtype: Optional[torch.dtype], patch_size, device: torch.device):
+def _image_pass(network, image: torch.Tensor, label: torch.Tensor, loss, dice_ce,
+                dtype: Optional[torch.dtype], patch_size, device: torch.device, taps: Optional[AutoTaps] = None):
     """The whole image predicted without gradients into the network, the loss back-propagated to its logits;
     returns (logits leaf, geometric, total)."""
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = predict_logits(network, image, patch_size)
     leaf = logits.detach().requires_grad_(True)
-    geometric, total = _loss_backward(leaf, label, loss, dice_ce)
+    geometric, total = _loss_backward(leaf, label, loss, dice_ce, taps)
     return leaf, geometric, total
 
 
@@ -158,12 +138,7 @@ def _network_gradients(network) -> dict:
             "nonfinite": int(sum(int((~torch.isfinite(g)).sum()) for g in grads))}
 
 
-def _failed(result: dict) -> bool:
-    return bool(result["nonfinite_loss"] or result["nonfinite_logit_grad"]
-                or result.get("network_gradients", {}).get("nonfinite"))
-
-
-def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: GeometricLoss, dice_ce, precision: str,
+def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_loss.AnalysedLoss, dice_ce, precision: str,
                  patch_size, device: torch.device, patches: int,
                  augment: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """One case in one precision: packed histograms by 'name|kind' (training patches), and the case's results.
@@ -180,29 +155,33 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: Geomet
     label = case.label[None].to(device)
     dtype = PRECISIONS[precision]
     recorder = Recorder(eps_grid=decade_grid())
-    with recorder.attach_loss(loss), recorder.attach_network(network):
-        logits, geometric, total = _patch_pass(network, batch, loss, dice_ce, dtype, device, recorder)
+    call = own_loss.trainer_call(loss, dtype, device)
+    taps = {name: AutoTaps() for name in PASSES}
+    with own_loss.attach_named(recorder, loss), recorder.attach_network(network):
+        logits, geometric, total = _patch_pass(network, batch, call, dice_ce, dtype, device, recorder,
+                                               taps["patches"])
     packed = {f"{name}|{kind}": h.packed().cpu().numpy() for (name, kind), h in recorder.histograms().items()}
     patch_result = {"count": patches, "patch_size": [int(p) for p in patch_size], "bboxes": batch.bboxes,
                     "forced_foreground": batch.forced_foreground,
                     "foreground_oversampling": batch.foreground_oversampling, "augmented": batch.augmented,
                     **_pass_result(logits, geometric, total), "network_gradients": _network_gradients(network)}
     network.zero_grad(set_to_none=True)
-    image_logits, image_geometric, image_total = _image_pass(network, case.image, label, loss, dice_ce, dtype,
-                                                             patch_size, device)
+    image_logits, image_geometric, image_total = _image_pass(network, case.image, label, call, dice_ce, dtype,
+                                                             patch_size, device, taps["whole_image"])
     image_result = {"shape": list(case.image.shape[1:]),
                     **_pass_result(image_logits, image_geometric, image_total)}
     result = {"case": files.name, "precision": precision, "patches": patch_result, "whole_image": image_result,
-              "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None}
-    if _failed(patch_result) or _failed(image_result):
-        with NonFiniteProvenance(network, loss, sync="op") as provenance:
-            if _failed(patch_result):
-                _patch_pass(network, batch, loss, dice_ce, dtype, device, None)
+              "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None,
+              "sites": {name: own_loss.case_sites(t.result()) for name, t in taps.items()}}
+    if failed(patch_result) or failed(image_result):
+        with NonFiniteProvenance(network, own_loss.loss_module(loss), sync="op") as provenance:
+            if failed(patch_result):
+                _patch_pass(network, batch, call, dice_ce, dtype, device, None)
             else:
-                _image_pass(network, case.image, label, loss, dice_ce, dtype, patch_size, device)
+                _image_pass(network, case.image, label, call, dice_ce, dtype, patch_size, device)
         report = provenance.report()
         if report is not None:
-            result["provenance"] = {"pass": "patches" if _failed(patch_result) else "whole_image",
+            result["provenance"] = {"pass": "patches" if failed(patch_result) else "whole_image",
                                     "phase": report.phase, "op": report.op, "node": report.node,
                                     "module": report.module, "tap": report.tap, "message": report.message}
     network.zero_grad(set_to_none=True)
@@ -227,8 +206,9 @@ def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[p
                 "subnormal": row["fp32_subnormal"], "negative": row["negative"],
                 "fp16_overflow": row["fp16_overflow"], "fp16_underflow": row["fp16_underflow"],
                 "bf16_overflow": row["bf16_overflow"], "bf16_underflow": row["bf16_underflow"],
-                "min": row["min"], "max": row["max"], "mean": row["mean"], "p50": row["abs_p50"],
-                "p90": row["abs_p90"], "p99": row["abs_p99"], "p999": row["abs_p99.9"]})
+                "min": row["min"], "max": row["max"], "mean": row["mean"], "abs_min": row["abs_min"],
+                "abs_p50": row["abs_p50"], "abs_p90": row["abs_p90"], "abs_p99": row["abs_p99"],
+                "abs_p999": row["abs_p99.9"], "abs_max": row["abs_max"]})
             hist_rows += [{"precision": precision, "tensor": name, "kind": kind, "bin_low": edges[i],
                            "bin_high": edges[i + 1], "count": int(c)} for i, c in enumerate(row["bin_counts"]) if c]
         for name in THRESHOLDED:
@@ -238,119 +218,16 @@ def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[p
             zero_grad = grad["zero"] / grad["count"] if grad and grad["count"] else math.nan
             eps_rows += [{"precision": precision, "tensor": name, "eps": t, "fraction_below": value[f"below_{t:g}"],
                           "zero_grad_fraction": zero_grad} for t in grid]
-    return (pd.DataFrame(tensor_rows, columns=tables.TENSORS_COLUMNS),
-            pd.DataFrame(hist_rows, columns=tables.HISTOGRAM_COLUMNS),
-            pd.DataFrame(eps_rows, columns=tables.EPS_FRACTION_COLUMNS))
+    return (pd.DataFrame(tensor_rows, columns=schema.TENSORS_COLUMNS),
+            pd.DataFrame(hist_rows, columns=schema.HISTOGRAM_COLUMNS),
+            pd.DataFrame(eps_rows, columns=schema.EPS_FRACTION_COLUMNS))
 
 
-def _headroom(tensors: pd.DataFrame) -> dict:
-    """The recorded tensor whose largest magnitude is closest to the limit of the dtype it lives in.
-
-    Under nnU-Net's CUDA training the network output and the gradients flowing back into the network are fp16,
-    the gradients multiplied by GradScaler's scale (65536 at first); the loss's own intermediates are fp32 by
-    construction. Each tensor is held against that limit, whatever precision it was measured in.
-    """
-    fp32_max = float(torch.finfo(torch.float32).max)
-    best = None
-    for row in tensors.itertuples(index=False):
-        if math.isnan(row.min) or math.isnan(row.max):
-            continue
-        peak = max(abs(row.min), abs(row.max))
-        if peak == 0:
-            continue
-        in_network = row.tensor == "logits" or row.tensor.startswith("network")
-        if in_network and row.kind == "grad":
-            limit, quantity = FP16_MAX / GRAD_SCALER_INITIAL_SCALE, "max |grad| x 65536 (GradScaler) vs fp16 max 65504"
-        elif in_network:
-            limit, quantity = FP16_MAX, "max |x| vs fp16 max 65504 (autocast)"
-        else:
-            limit, quantity = fp32_max, "max |x| vs fp32 max (the loss runs in fp32)"
-        decades = math.log10(limit / peak)
-        if best is None or decades < best["headroom_decades"]:
-            best = {"tensor": row.tensor, "kind": row.kind, "precision": row.precision, "quantity": quantity,
-                    "value": peak, "limit": limit, "headroom_decades": decades}
-    return best or {}
-
-
-def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
-    """The first failure mechanism that the evidence shows, in the order in which one causes the next."""
-    if health["non_finite_weights"]:
-        return "non_finite_weights", (f"{health['non_finite_weights']} non-finite weight values in "
-                                      f"{len(health['non_finite_weight_tensors'])} tensors: training already wrote "
-                                      "NaN/Inf into the network; every later step is lost")
-    if health["non_finite_optimizer"]:
-        return "non_finite_optimizer_state", (f"{health['non_finite_optimizer']} non-finite values in the optimizer's "
-                                              "momentum: the next SGD step will write them into the weights")
-    if health["grad_scaler_collapsed"]:
-        return "grad_scaler_collapsed", (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
-                                         "steps; once 1/scale is inf, a finite step unscales to NaN")
-    passes = [(r, name) for r in results for name in PASSES]
-    bad_loss = [(r, name) for r, name in passes if r[name]["nonfinite_loss"]]
-    if bad_loss:
-        return "non_finite_loss", (f"the loss is non-finite on {len(bad_loss)} of {len(passes)} evaluations "
-                                   f"(first: {_evaluation(*bad_loss[0])})")
-    bad_grad = [(r, name) for r, name in passes if _failed(r[name])]
-    if bad_grad:
-        return "non_finite_gradient", (f"the loss is finite but its gradient is not on {len(bad_grad)} of "
-                                       f"{len(passes)} evaluations (first: {_evaluation(*bad_grad[0])})")
-    return "healthy", (f"weights, optimizer state and scale are finite, and loss and gradients are finite on all "
-                       f"{len(passes)} evaluations (each of {len(results)} case-precision pairs on its training "
-                       "patches and on its whole image)")
-
-
-def _evaluation(result: dict, name: str) -> str:
-    where = "training patches" if name == "patches" else "whole image"
-    return f"{result['case']} in {result['precision']}, {where}"
-
-
-def _state(checkpoint: Checkpoint) -> dict:
-    """checkpoint_health in the summary's vocabulary."""
-    health = checkpoint_health(checkpoint.data)
-    scaler = health["grad_scaler"] or {}
-    return {
-        "non_finite_weights": health["weights"]["nonfinite_elements"],
-        "non_finite_weight_tensors": sorted(health["weights"]["nonfinite"]),
-        "non_finite_optimizer": health["optimizer"]["nonfinite_elements"],
-        "grad_scaler_scale": scaler.get("scale"),
-        "inverse_scale_finite": scaler.get("inv_scale_finite"),
-        "grad_scaler_collapsed": bool(scaler.get("collapsed", False) or scaler.get("inv_scale_finite") is False),
-    }
-
-
-def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
-                       device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
-                       precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
-                       resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
-                       progress: Optional[Progress] = None) -> dict:
-    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GeodiagError(f"--out {out} exists and is not a folder")
-    if patches < 1:
-        raise GeodiagError(f"--patches must be at least 1, got {patches}")
-    precisions = parse_precisions(precisions)
-    found = find_checkpoints(path, fold)
-    if len(found) > 1:
-        raise GeodiagError(f"{path} holds {len(found)} folds; choose one with --fold")
-    checkpoint = load_checkpoint(found[0], trust=trust)
-    try:
-        (out / "cases").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    has_results = any((out / "cases").glob("*/*.json"))
-    if not resume and has_results:
-        raise GeodiagError(f"{out} already holds an analysis; pass --resume to continue it or use a new --out")
-    state = _state(checkpoint)
-    case_files = find_cases(checkpoint, cases)[: max_cases or None]
-    loss = loss_for(checkpoint, stabilizer, eps)
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    patch_size = [int(p) for p in PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size]
-    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()),
-                                      "stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                                      "aspect_formula": loss.aspect_formula, "patches": patches, "augment": augment},
-                                resume, has_results)
-    dev = torch.device(device)
+def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: own_loss.AnalysedLoss, precisions: Sequence[str],
+               out: Path, dev: torch.device, trust: bool, resume: bool, patches: int, augment: bool,
+               progress: Optional[Progress]) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
+    """Each case under each precision, written to OUT/cases/ as it finishes (a resumed run reads finished ones
+    back); returns the merged packed statistics per precision and every case's result."""
     network = None
     packed_by_precision: dict[str, dict[str, np.ndarray]] = {}
     results = []
@@ -360,62 +237,61 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
             npz_path, json_path = _case_paths(out, precision, files.name)
             if not (resume and npz_path.exists() and json_path.exists()):
                 if network is None:
-                    network = build_network(checkpoint, trust=trust).to(dev)
+                    network = checkpoint.network(trust=trust).to(dev)
                     dice_ce = dice_ce_for(checkpoint)
-                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision, patch_size, dev,
-                                              patches, augment)
+                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision,
+                                              checkpoint.patch_size, dev, patches, augment)
                 buffer = io.BytesIO()
                 np.savez(buffer, **packed)
-                tables.write_bytes(npz_path, buffer.getvalue())
-                tables.write_json(json_path, result)
+                schema.write_bytes(npz_path, buffer.getvalue())
+                schema.write_json(json_path, result)
             with np.load(npz_path) as saved:
                 for key in saved.files:
                     merged[key] = LogHistogram.merge_packed(merged[key], saved[key]) if key in merged else saved[key]
             results.append(json.loads(json_path.read_text()))
         packed_by_precision[precision] = merged
+    return packed_by_precision, results
+
+
+def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
+                       device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
+                       precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
+                       resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
+                       progress: Optional[Progress] = None, loss_spec: Optional[str] = None,
+                       loss_input: str = "probabilities") -> dict:
+    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
+    out = run_record.check_out(out)
+    if patches < 1:
+        raise ArgumentError(f"{{patches}} must be at least 1, got {patches}", "patches")
+    precisions = parse_precisions(precisions)
+    found = find_checkpoints(path, fold)
+    if len(found) > 1:
+        raise ArgumentError(f"{path} holds {len(found)} folds; choose one with {{fold}}", "fold")
+    checkpoint = load_checkpoint(found[0], trust=trust)
+    _, has_results = run_record.open_cases(out, "*/*.json", "an analysis", resume)
+    state = checkpoint_state(checkpoint)
+    case_files = find_cases(checkpoint, cases)[: max_cases or None]
+    loss, loss_info = own_loss.choose_loss(checkpoint, checkpoint.foreground_classes, loss_spec, loss_input,
+                                           stabilizer, eps)
+    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()), **own_loss.run_settings(loss),
+                                      "patches": patches, "augment": augment},
+                                resume, has_results)
+    dev = torch.device(device)
+    packed_by_precision, results = _run_cases(checkpoint, case_files, loss, precisions, out, dev, trust, resume,
+                                               patches, augment, progress)
     tensors, histograms, eps_fractions = _summaries(packed_by_precision)
+    sites, masked, site_histograms = own_loss.merge_sites([(r["precision"], name, r["sites"][name])
+                                                           for r in results for name in PASSES if "sites" in r])
+    from geodiag.reports import sites_report
+
+    tables.write_table(own_loss.histogram_frame(site_histograms), out / sites_report.HISTOGRAMS_FILE)
     terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
     for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
-                        (terms[list(tables.TERM_COLUMNS)], "terms")):
+                        (terms[list(schema.TERM_COLUMNS)], "terms")):
         tables.write_table(frame, out / f"{name}.csv")
-    verdict, reason = _verdict(state, results)
-    geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
-    shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
-    dc_ce_norm = terms.loc[terms.term == "dc_ce", "grad_norm"].mean() if len(terms) else math.nan
-    geo_norm = terms.loc[terms.term == "geometric_total", "grad_norm"].mean() if len(terms) else math.nan
-    oversampling = results[0]["patches"]["foreground_oversampling"] if results else math.nan
-    summary = {
-        "verdict": verdict,
-        "verdict_reason": reason,
-        "checkpoint": {"path": str(checkpoint.path), "trainer_name": checkpoint.trainer_name,
-                       "configuration": checkpoint.configuration, "fold": checkpoint.fold, "epoch": checkpoint.epoch,
-                       "geometric_active": geometric_active(checkpoint)},
-        "settings": {"stabilizer": loss.stabilizer.name, "eps": loss.stabilizer.eps,
-                     "aspect_formula": loss.aspect_formula, "precisions": list(precisions), "device": str(dev),
-                     "patches_per_case": patches, "patch_size": patch_size, "augment": augment},
-        "inputs": {
-            "patches": (f"{patches} training patch(es) of {'x'.join(map(str, patch_size))} per case, placed by "
-                        f"nnU-Net's data loader (foreground oversampling {oversampling:g}, "
-                        f"{'nnUNetTrainer augmentation' if augment else 'no augmentation'}); "
-                        "forward and backward through the network as in a training step"),
-            "whole_image": ("each whole preprocessed case, predicted as nnU-Net predicts it (short axes padded to "
-                            "the patch, sliding window with half-patch overlap and Gaussian blending) without "
-                            "gradients into the network; the loss is back-propagated to its logits only"),
-        },
-        "statistics_from": {"tensors.csv": "patches", "histograms.csv": "patches", "eps_fractions.csv": "patches",
-                            "network_gradients": "patches", "closest_to_trouble": "patches",
-                            "terms.csv": "whole_image", "dominant_gradient": "whole_image",
-                            "verdict": "patches and whole_image", "provenance": "the failing pass (see each entry)"},
-        "network_gradients": {key: sum(r["patches"]["network_gradients"][key] for r in results)
-                              for key in ("tensors", "values", "nonfinite")},
-        "state": state,
-        "closest_to_trouble": _headroom(tensors),
-        "dominant_gradient": ({"term": str(shares.idxmax()), "share": float(shares.max()),
-                               "geometric_vs_dice_ce_grad_norm": geo_norm / dc_ce_norm if dc_ce_norm else math.nan}
-                              if len(shares) and shares.notna().any() else {}),
-        "provenance": [dict(r["provenance"], case=r["case"], precision=r["precision"])
-                       for r in results if r["provenance"]],
-        "cases": len(case_files),
-    }
-    tables.write_json(out / "summary.json", summary)
+    summary = summarize(checkpoint, own_loss.run_settings(loss), state, results, tensors, terms, list(precisions),
+                        dev, patches, augment, len(case_files))
+    summary.update(loss=loss_info, sites=sites, masked_nonfinite=masked)
+    summary["statistics_from"]["sites"] = "each row's pass"
+    schema.write_json(out / "summary.json", summary)
     return summary

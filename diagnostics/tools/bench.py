@@ -38,6 +38,7 @@ from ..instruments.errors import GeodiagError
 from ..instruments.histograms import LogHistogram, decade_grid
 from ..instruments.host_sync import count_host_syncs
 from ..instruments.recorder import Recorder
+from .bench_autotaps import bench_autotaps
 
 COLUMNS = ("benchmark", "subject", "baseline", "value", "unit", "target", "met", "method")
 
@@ -480,6 +481,7 @@ BENCHMARKS: dict[str, Callable[[Scale, torch.device, Clock], list[Result]]] = {
     "histogram": bench_histogram,
     "host-syncs": bench_host_syncs,
     "memory": bench_memory,
+    "autotaps": bench_autotaps,
 }
 
 

@@ -17,19 +17,18 @@ from typing import Optional, Sequence
 import pandas as pd
 import torch
 
-from geodiag.losses import GeometricLoss, SqrtStabilizer
-from geodiag.reports import tables
+from geodiag.losses import STABILIZERS, GeometricLoss, SqrtStabilizer
+from geodiag.reports import schema, tables
 
 from ..nnunet.cases import Case, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, build_network, find_checkpoints, load_checkpoint
 from ..instruments.devices import PRECISIONS
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histograms import LogHistogram
 from ..progress import Progress, progress_over
 from . import run_record
 
 DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_STABILIZERS = ("clamp", "additive", "shifted")
 
 
 @dataclass(frozen=True)
@@ -62,37 +61,6 @@ def parse_settings(stabilizers: Sequence[str], eps: Sequence[float]) -> list[Set
     if not settings:
         raise GeodiagError("no settings to sweep: give at least one stabiliser and one eps")
     return settings
-
-
-def dataset_id(checkpoint: Checkpoint) -> Optional[int]:
-    match = re.match(r"Dataset(\d+)", str(checkpoint.plans.get("dataset_name", "")))
-    return int(match.group(1)) if match else None
-
-
-def geometric_active(checkpoint: Checkpoint) -> Optional[bool]:
-    """Whether the geometric term was on in the checkpoint's last epoch: what geodiag's trainers logged, else
-    their class's warm-up; None for other trainers."""
-    logged = checkpoint.data.get("logging", {}).get("geometric_active")
-    if logged and checkpoint.epoch is not None and checkpoint.epoch < len(logged):
-        return bool(logged[checkpoint.epoch])
-    try:
-        from geodiag.losses import nnunet_trainer
-    except ImportError:
-        return None
-    trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
-    warmup = getattr(trainer, "warmup_epochs", None)
-    if warmup is None or checkpoint.epoch is None:
-        return None
-    return checkpoint.epoch >= warmup
-
-
-def foreground_classes(checkpoint: Checkpoint) -> tuple[int, ...]:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    labels = PlansManager(checkpoint.plans).get_label_manager(checkpoint.dataset_json)
-    if labels.has_regions:
-        raise GeodiagError("region-based checkpoints (nnU-Net 'regions') are not supported by the geometric loss")
-    return tuple(int(c) for c in labels.foreground_labels)
 
 
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -241,12 +209,12 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[s
         for file in find_checkpoints(path, fold):
             ck = load_checkpoint(file, trust=trust)
             name = label or f"{ck.plans.get('dataset_name', '?')}/{ck.trainer_name}/{file.stem}"
-            meta = {"checkpoint": name, "dataset": dataset_id(ck), "epoch": ck.epoch,
-                    "geometric_active": geometric_active(ck)}
-            items.append(CheckpointSweep(name, ck, foreground_classes(ck), meta))
+            meta = {"checkpoint": name, "dataset": ck.dataset_id, "epoch": ck.epoch,
+                    "geometric_active": ck.geometric_active}
+            items.append(CheckpointSweep(name, ck, ck.foreground_classes, meta))
     labels = [i.label for i in items]
     if len(set(labels)) != len(labels):
-        raise GeodiagError("two checkpoints share a label; name them LABEL=PATH, or pick one fold with --fold")
+        raise ArgumentError("two checkpoints share a label; name them LABEL=PATH, or pick one fold with {fold}", "fold")
     return items
 
 
@@ -260,18 +228,9 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
     Each case is predicted whole (nnU-Net's sliding window, no gradients into the network); every gradient the
     sweep reports is the loss's gradient at those logits.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GeodiagError(f"--out {out} exists and is not a folder")
-    case_dir = out / "cases"
-    try:
-        case_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    has_results = any(case_dir.glob("*/*.csv"))
-    if not resume and has_results:
-        raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
-    settings = list(settings) or parse_settings(DEFAULT_STABILIZERS, DEFAULT_EPS)
+    out = run_record.check_out(out)
+    case_dir, has_results = run_record.open_cases(out, "*/*.csv", "sweep results", resume)
+    settings = list(settings) or parse_settings(STABILIZERS, DEFAULT_EPS)
     dev = torch.device(device)
     timing = SweepTiming()
     start = device_clock(dev)
@@ -287,20 +246,18 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
         todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
         if not todo:
             continue
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        patch_size = PlansManager(item.checkpoint.plans).get_configuration(item.checkpoint.configuration).patch_size
+        patch_size = item.checkpoint.patch_size
         if aspect_formula == "seed" and len(patch_size) != 2:
-            raise GeodiagError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
-                               "only: pass --aspect-formula anisotropy")
+            raise ArgumentError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
+                               "only: pass {aspect_formula} anisotropy", "aspect_formula")
         network = build_network(item.checkpoint, trust=trust).to(dev)
         for files_of_case in progress_over(todo, item.label, progress):
             case = preprocess(item.checkpoint, files_of_case)
             rows, hist_rows = sweep_case(item, network, case, patch_size, settings, precisions, aspect_formula,
                                          dev, timing)
             stem = folder / _slug(files_of_case.name)
-            tables.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
-            tables.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
+            schema.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
+            schema.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
     timing.total_s = device_clock(dev) - start
     frame = collect(out)
     return frame, timing
@@ -310,13 +267,13 @@ def collect(out: Path) -> pd.DataFrame:
     """Concatenate the per-case files into DIR/sweep.csv and DIR/sweep_hist.csv (same result after a resume)."""
     row_files = sorted(p for p in (out / "cases").glob("*/*.csv") if not p.name.endswith(".hist.csv"))
     frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
-    frame = frame[list(tables.SWEEP_COLUMNS)].sort_values(
+    frame = frame[list(schema.SWEEP_COLUMNS)].sort_values(
         ["checkpoint", "case", "precision", "stabilizer", "eps"], kind="stable").reset_index(drop=True)
     tables.write_table(frame, out / "sweep.csv")
     hist_files = sorted((out / "cases").glob("*/*.hist.csv"))
     hists = [pd.read_csv(p) for p in hist_files if p.stat().st_size > 1]
-    hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=tables.SWEEP_HIST_COLUMNS)
+    hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=schema.SWEEP_HIST_COLUMNS)
     keys = ["checkpoint", "dataset", "epoch", "bin_low", "bin_high"]
-    hist = hist.groupby(keys, dropna=False, as_index=False)["count"].sum()[list(tables.SWEEP_HIST_COLUMNS)]
+    hist = hist.groupby(keys, dropna=False, as_index=False)["count"].sum()[list(schema.SWEEP_HIST_COLUMNS)]
     tables.write_table(hist, out / "sweep_hist.csv")
     return frame

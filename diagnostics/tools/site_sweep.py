@@ -1,0 +1,153 @@
+"""The counterfactual sweep of a user's own bound: ``clamp-sweep --loss SPEC --site FILE:LINE --eps LIST``.
+
+At each chosen site the clamp's ``min`` (or the constant added inside a sqrt) is replaced by each swept value at
+run time (``BoundOverride``), the user's file untouched; the rest is the built-in sweep's protocol: one forward
+per case and precision (the whole image, predicted as nnU-Net predicts it, no gradient into the network), then
+every value re-evaluates only the loss on the same logits, under automatic taps. The reference is the same loss
+in fp64 at the smallest swept value. The eps are in the loss's own units, whatever they are.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+import torch
+
+from geodiag.reports import tables
+from geodiag.reports.site_sweep_report import ROWS_FILE
+
+from ..instruments.devices import PRECISIONS
+from ..instruments.errors import GeodiagError
+from ..nnunet.cases import find_cases, predict_logits, preprocess
+from ..nnunet.checkpoint import build_network
+from ..nonfinite.autotaps import AutoTaps
+from ..nonfinite.loss_spec import UserLoss, load_loss
+from ..nonfinite.override import BoundOverride
+from ..nonfinite.sites import SiteSpec
+from ..progress import Progress, progress_over
+from . import own_loss, run_record
+from .sweep import _kth, _slug, load_sweep_items
+
+
+def parse_sites(text: Sequence[str]) -> list[str]:
+    """Validated FILE:LINE sites (a GeodiagError names a malformed one)."""
+    sites = [s for s in text if s.strip()]
+    if not sites:
+        raise GeodiagError("--site needs at least one FILE:LINE")
+    for site in sites:
+        SiteSpec.parse(site)
+    return sites
+
+
+def _reference(loss: UserLoss, logits: torch.Tensor, label: torch.Tensor, sites: Sequence[str],
+               value: float) -> float:
+    """The loss in fp64 with every site's bound at ``value``, forward only."""
+    with torch.no_grad(), BoundOverride({site: value for site in sites}):
+        return float(loss(logits.detach().double(), label))
+
+
+def _site_rows(result, sites: Sequence[str], op: str) -> dict[str, list[dict]]:
+    """Per chosen site, the tap rows of ``op`` at that line."""
+    located = [(row, *row["site"].rsplit(":", 1)) for row in result.sites if row["op"] == op]
+    return {site: [row for row, file, line in located if SiteSpec.parse(site).matches(file, int(line))]
+            for site in sites}
+
+
+def evaluate_value(loss: UserLoss, logits: torch.Tensor, label: torch.Tensor, sites: Sequence[str], value: float,
+                   dtype: Optional[torch.dtype], device: torch.device) -> dict:
+    """Loss, gradient statistics at the logits and per-site tap figures with every site's bound at ``value``."""
+    leaf = logits.detach().requires_grad_(True)
+    call = own_loss.trainer_call(loss, dtype, device)
+
+    def overridden(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with BoundOverride({site: value for site in sites}):
+            return call(x, target)
+
+    taps = AutoTaps()
+    result_value = taps.run(overridden, leaf, label)
+    if result_value.requires_grad:
+        result_value.backward()
+    grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    finite = torch.isfinite(grad)
+    magnitude = torch.where(finite, grad, 0.0).abs().double()
+    loss_value, grad_max, grad_l2, grad_p999, nonfinite_grad = torch.stack([
+        result_value.detach().double().reshape(()), magnitude.amax(), magnitude.square().sum().sqrt(),
+        _kth(magnitude, 0.999), (~finite).sum().double()]).tolist()
+    result = taps.result()
+    clamps, roots = _site_rows(result, sites, "clamp"), _site_rows(result, sites, "sqrt")
+    at_bound = {site: (rows[0]["at_bound_fraction"] if rows else math.nan) for site, rows in clamps.items()}
+    derivatives = [r["max_local_derivative"] for rows in roots.values() for r in rows
+                   if r["max_local_derivative"] is not None]
+    measured = [v for v in at_bound.values() if not math.isnan(v)]
+    return {
+        "stabilizer": "clamp" if all(clamps.values()) else "additive" if not any(clamps.values()) else "mixed",
+        "loss": loss_value, "grad_max": grad_max, "grad_l2": grad_l2, "grad_p999": grad_p999,
+        "sqrt_deriv_max": max(derivatives) if derivatives else math.nan,
+        "frac_below_eps": sum(measured) / len(measured) if measured else math.nan,
+        "nonfinite_loss": int(not math.isfinite(loss_value)), "nonfinite_grad": int(nonfinite_grad),
+        "masked_nonfinite": sum(m["calls"] for m in result.masked_nonfinite),
+        **{f"at_bound_fraction[{site}]": fraction for site, fraction in at_bound.items()},
+    }
+
+
+def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites: Sequence[str],
+                   eps: Sequence[float], loss_input: str = "probabilities", cases: Optional[str] = None,
+                   precisions: Sequence[str] = ("fp32",), device: str = "cpu", trust: bool = False,
+                   resume: bool = False, max_cases: Optional[int] = None, fold: Optional[str] = None,
+                   progress: Optional[Progress] = None) -> pd.DataFrame:
+    """Sweep every checkpoint x case x precision x value; write DIR/site_sweep.csv (rows per case under
+    DIR/cases/, so a resumed sweep recomputes nothing)."""
+    out = Path(out)
+    sites = parse_sites(sites)
+    eps = sorted({float(e) for e in eps})
+    if not eps or not all(math.isfinite(e) for e in eps):
+        raise GeodiagError("--eps must be finite numbers")
+    loss = load_loss(loss_spec, loss_input)
+    case_dir = out / "cases"
+    try:
+        case_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
+    has_results = any(case_dir.glob("*/*.csv"))
+    if not resume and has_results:
+        raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
+    items = load_sweep_items(specs, trust, fold)
+    run_record.check_and_record(out, {"loss": loss_spec, "loss_input": loss_input, "sites": list(sites),
+                                      "eps": eps, "precisions": list(precisions)}, resume, has_results)
+    dev = torch.device(device)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    for item in items:
+        folder = case_dir / _slug(item.label)
+        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
+        if not files:
+            raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
+        todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+        if not todo:
+            continue
+        patch_size = PlansManager(item.checkpoint.plans).get_configuration(item.checkpoint.configuration).patch_size
+        network = build_network(item.checkpoint, trust=trust).to(dev)
+        for files_of_case in progress_over(todo, item.label, progress):
+            case = preprocess(item.checkpoint, files_of_case)
+            label = case.label[None].to(dev)
+            rows = []
+            for precision in precisions:
+                dtype = PRECISIONS[precision]
+                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = predict_logits(network, case.image, patch_size)
+                reference = _reference(loss, logits, label, sites, eps[0])
+                for value in eps:
+                    measured = evaluate_value(loss, logits, label, sites, value, dtype, dev)
+                    rows.append({**item.meta, "case": case.name, "precision": precision, "sites": ",".join(sites),
+                                 "eps": value, "ref_eps": eps[0], "ref_loss": reference,
+                                 "bias_loss": (measured["loss"] / reference - 1.0
+                                               if reference != 0 and math.isfinite(reference) else math.nan),
+                                 **measured})
+            tables.write_text(folder / f"{_slug(files_of_case.name)}.csv", pd.DataFrame(rows).to_csv(index=False))
+    row_files = sorted((out / "cases").glob("*/*.csv"))
+    frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
+    frame = frame.sort_values(["checkpoint", "case", "precision", "eps"], kind="stable").reset_index(drop=True)
+    tables.write_table(frame, out / ROWS_FILE)
+    return frame

@@ -1,0 +1,74 @@
+"""The report of a counterfactual sweep of a user's own bound (``clamp-sweep --loss --site``).
+
+Reads DIR/site_sweep.csv; writes DIR/headline.csv, DIR/summary.json, DIR/report.md and DIR/report.html. The
+recommendation rule and the verdict on clamp 1e-2 are the built-in sweep's (``recommendation``), applied to the
+loss's own value: the bias is the relative change of the loss against the fp64 loss at the smallest swept
+value, and the share of elements a clamp holds at its bound stands for the share with zero gradient there
+(a clamped element passes none). The loss has no perimeter/compactness/aspect of geodiag's, so those are absent.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .html import RenderedReport, Section, write_report
+from .recommendation import EpsUnits, RecommendationRule, headline_table, recommend
+from .tables import ReportInputError, markdown_table, read_table, setting_label, write_json, write_table
+
+TITLE = "geodiag sweep of your loss's bound"
+ROWS_FILE = "site_sweep.csv"
+REQUIRED = ("checkpoint", "case", "precision", "sites", "eps", "ref_eps", "loss", "ref_loss", "bias_loss",
+            "grad_max", "grad_l2", "sqrt_deriv_max", "frac_below_eps", "nonfinite_loss", "nonfinite_grad",
+            "masked_nonfinite", "stabilizer")
+RULE = RecommendationRule(bias_column="median_abs_bias_loss")
+_TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
+
+
+def units_for(sites: str) -> EpsUnits:
+    return EpsUnits(f"each eps replaces the bound at {sites} and is in the loss's own units", seed_units=None)
+
+
+def render(directory: str | Path) -> RenderedReport:
+    directory = Path(directory)
+    rows = read_table(directory / ROWS_FILE, REQUIRED)
+    if rows.empty:
+        raise ReportInputError(f"{directory / ROWS_FILE} has no rows")
+    sites = str(rows["sites"].iloc[0])
+    sweep = rows.assign(bias_perimeter=np.nan, bias_compactness=np.nan, bias_aspect=np.nan,
+                        frac_zero_grad=rows["frac_below_eps"])
+    rec = recommend(headline_table(sweep), RULE, units_for(sites))
+    written = write_table(rec.candidates, directory / "headline.csv")
+    summary = write_json(directory / "summary.json", {**rec.summary(), "sites": sites.split(","),
+                                                      "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}"})
+    display = pd.DataFrame({
+        "setting": [setting_label(s, e) for s, e in zip(rec.candidates["stabilizer"], rec.candidates["eps"])],
+        "median abs loss bias (%)": 100 * rec.candidates["median_abs_bias_loss"],
+        "max grad_max": rec.candidates["max_grad_max"],
+        "max sqrt_deriv_max": rec.candidates["max_sqrt_deriv_max"],
+        "at bound (median)": rec.candidates["median_frac_below_eps"],
+        "non-finite": rec.candidates["nonfinite"],
+        "eligible": rec.candidates["eligible"],
+    })
+    at_bound = [c for c in rows.columns if c.startswith("at_bound_fraction[")]
+    per_site = rows.groupby(["precision", "eps"])[at_bound + ["masked_nonfinite"]].median().reset_index()
+    recommended = rec.recommended_setting
+    sections = [
+        Section("Verdict on clamp 1e-2", "\n\n".join([rec.clamp_1e2.sentence, "\n".join(
+            f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
+        Section("Recommended value", (f"Recommended: {setting_label(*recommended)}" if recommended else
+                                      "No swept value passed the rule.") + "\n\nRule: " + RULE.describe()),
+        Section("What was measured", (
+            f"Sites: {sites}; {rows['checkpoint'].nunique()} checkpoint(s), {rows['case'].nunique()} case(s), "
+            f"precisions {', '.join(sorted(rows['precision'].unique()))}. Each case is predicted whole as nnU-Net "
+            "predicts it (no gradient into the network); every gradient here is the loss's gradient at those "
+            "logits. Reference: the same loss in fp64 at the smallest swept value. Units: the eps are the bound "
+            "at the site in the loss's own units.")),
+        Section("Headline table", "Per swept value, pooled over checkpoints, cases and precisions. at bound: "
+                "share of the site clamp's elements moved to a bound (zero gradient there).\n\n"
+                + markdown_table(display)),
+        Section("At-bound fraction per site", "Median over cases; masked_nonfinite: op outputs that held NaN/Inf "
+                "in calls whose final value was finite.\n\n" + markdown_table(per_site)),
+    ]
+    return write_report(directory, TITLE, sections, data=[summary, *written])

@@ -1,0 +1,142 @@
+"""The report sections on the loss that was analysed and its automatic-tap sites (risky ops by source line).
+
+Reads ``loss``, ``sites`` and ``masked_nonfinite`` of summary.json (rows already sorted by risk within each
+precision and pass by the producer) and DIR/site_histograms.csv: one figure per sqrt or clamp site, its input
+|x| drawn at log10 of the bin edges as reports/figures.py draws histograms, with the clamp's numeric bounds as
+dashed lines (a value below a clamp's min is raised to it and passes no gradient).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import NullFormatter
+
+from . import figures
+from .html import Figure, Section
+from .tables import format_eps, markdown_table
+
+HISTOGRAMS_FILE = "site_histograms.csv"
+SITE_HISTOGRAM_COLUMNS = ("precision", "pass", "site", "op", "bin_low", "bin_high", "count")
+SITE_TABLE_COLUMNS = ("precision", "pass", "site", "op", "calls", "nonfinite_forward", "nonfinite_backward",
+                      "masked_calls", "at_min_fraction", "at_max_fraction", "at_bound_fraction", "max_abs_grad",
+                      "max_local_derivative", "host_syncs", "bounds")
+
+
+def loss_section(summary: dict) -> Optional[Section]:
+    loss = summary.get("loss")
+    if not isinstance(loss, dict):
+        return None
+    body = (f"`{loss.get('spec')}`, fed {loss.get('input')}; chosen by: {loss.get('why')}.\n\nIt was evaluated on every "
+            "case's training patches (gradients through the network) and on its whole image, under automatic "
+            "taps: every sqrt, pow, div, log, exp, clamp, ... call it made is a site named by its source line.")
+    return Section("Loss analysed", body)
+
+
+def _bounds_text(bounds) -> str:
+    pairs = [f"[{'–' if low is None else format_eps(low)}, {'–' if high is None else format_eps(high)}]"
+             for low, high in (bounds or [])]
+    return " ".join(pairs)
+
+
+def sites_section(summary: dict) -> Optional[Section]:
+    rows = summary.get("sites")
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows).reindex(columns=list(SITE_TABLE_COLUMNS))
+    frame["bounds"] = frame["bounds"].map(lambda b: _bounds_text(b) if isinstance(b, list) else "")
+    frame = frame.astype(object).where(frame.notna(), None)
+    body = ("Risky calls of the loss by source line, most likely culprit first within each precision and pass "
+            "(non-finite gradients sent back, non-finite outputs, masked non-finite outputs, largest share of "
+            "elements held at a clamp bound, largest local derivative, host syncs). `at_bound_fraction`: share of "
+            "the clamp's elements moved to a bound, which pass zero gradient; `max_abs_grad`: largest |gradient| "
+            "arriving at the op's output; `host_syncs`: calls that read a device value back (a stall each on a "
+            "GPU).\n\n" + markdown_table(frame))
+    if str((summary.get("loss") or {}).get("spec", "")).startswith("GeometricLoss("):
+        body += ("\n\ngeodiag's own loss also names its intermediates: its taps (compactness.grad_mag_squared, "
+                 "compactness.sqrt_input, aspect.discriminant, ...) are in the Tensors sections, by name.")
+    bad = any((r.get("nonfinite_forward") or 0) + (r.get("nonfinite_backward") or 0) for r in rows)
+    return Section("Sites (automatic taps)", body, tone="bad" if bad else "")
+
+
+def masked_section(summary: dict) -> Optional[Section]:
+    if "masked_nonfinite" not in summary:
+        return None
+    masked = summary.get("masked_nonfinite") or []
+    if not masked:
+        return Section("Masked non-finite values", "No op inside the loss produced NaN/Inf in a call whose final "
+                                                   "value was finite.")
+    table = pd.DataFrame(masked).reindex(columns=["precision", "pass", "site", "op", "calls"])
+    return Section("Masked non-finite values",
+                   "Ops whose output held NaN/Inf in loss calls that still returned a finite value: a guard "
+                   "(``if isnan: return pred.sum() * 0``) replaced the term, so training saw a zero gradient "
+                   "instead of the failure.\n\n" + markdown_table(table), tone="warn")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+@figures.figure_writer
+def site_histogram(bins: pd.DataFrame, site: str, op: str, bounds: list) -> MplFigure:
+    """One panel per precision (rows) and pass (columns): |input| of the site on log10 bin edges, count on a log
+    axis; dashed: each positive numeric bound of the clamp."""
+    precisions, passes = list(dict.fromkeys(bins["precision"])), list(dict.fromkeys(bins["pass"]))
+    panels = [(precision, pass_name) for precision in precisions for pass_name in passes]
+    figure = MplFigure(figsize=(4.6 * len(passes), 2.9 * len(precisions) + 0.4))
+    drawn = bins[bins["count"] > 0]
+    low, high = figures.log10_edges(drawn) if len(drawn) else (np.zeros(0), np.zeros(0))
+    lines = sorted({v for pair in bounds for v in pair if v is not None and v > 0})
+    ends = np.concatenate([low, high, np.log10(lines)]) if len(low) or lines else np.array([0.0])
+    xlim = (float(ends.min()) - 0.5, float(ends.max()) + 0.5)
+    for index, (precision, pass_name) in enumerate(panels, start=1):
+        ax = figure.add_subplot(len(precisions), len(passes), index)
+        panel = drawn[(drawn["precision"] == precision) & (drawn["pass"] == pass_name)]
+        if panel.empty:
+            ax.text(0.5, 0.5, "no finite non-zero input", ha="center", va="center", transform=ax.transAxes)
+        else:
+            p_low, p_high = figures.log10_edges(panel)
+            ax.bar(p_low, panel["count"].to_numpy(dtype=float), width=p_high - p_low, align="edge", color="#4c72b0",
+                   edgecolor="none")
+            ax.set_yscale("log")
+            ax.set_ylim(0.5, 2.0 * float(panel["count"].max()))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        for value in lines:
+            ax.axvline(math.log10(value), color="#c62828", lw=0.9, ls="--")
+            ax.text(math.log10(value), 1.01, f"bound {format_eps(value)}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7, color="#c62828")
+        ax.set_xlim(*xlim)
+        ax.set_xlabel(f"log10 |input of {op}|")
+        ax.set_ylabel("elements per bin")
+        ax.set_title(f"{precision}, {pass_name.replace('_', ' ')}", pad=14)
+    figure.suptitle(site, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def figure_sections(directory: Path, summary: dict, histograms: Optional[pd.DataFrame]) -> list[Section]:
+    if histograms is None or histograms.empty:
+        return []
+    bounds = {(r["site"], r["op"]): r.get("bounds") or [] for r in summary.get("sites") or []}
+    figure_list = []
+    for (site, op), group in histograms.groupby(["site", "op"], sort=False):
+        site_bounds = bounds.get((site, op), [])
+        path = site_histogram(group, site, op, site_bounds,
+                              directory / "figures" / f"site_{_slug(site)}_{op}.png")
+        drawn = _bounds_text(site_bounds) if site_bounds else "none (a sqrt has no bound of its own)"
+        figure_list.append(Figure(path, f"`{site}` ({op}): histogram of log10 |input| (bars span log10 of each "
+                                        f"bin's edges; count on a log axis; zeros and NaN/Inf are not in the "
+                                        f"bins). Dashed: the positive numeric bounds [min, max]: {drawn}."))
+    return [Section("Site histograms", "Inputs of every sqrt and clamp site, with the clamp's bounds drawn in.",
+                    figures=figure_list)]
+
+
+def sections(directory: Path, summary: dict, histograms: Optional[pd.DataFrame]) -> list[Section]:
+    """Every section on the analysed loss and its sites, in reading order (absent parts left out)."""
+    found = [loss_section(summary), sites_section(summary), masked_section(summary)]
+    return [s for s in found if s is not None] + figure_sections(directory, summary, histograms)
