@@ -49,6 +49,9 @@ SWITCH_ON_S_COLUMNS = ("run", "dataset", "checkpoint", "case", "units", "eps", "
 TERM_GRADIENT_COLUMNS = ("run", "dataset", "checkpoint", "batch", "term", "value", "max_abs_grad_logits",
                          "grad_norm_network", "share_of_step", "norm_ratio", "step_grad_norm",
                          "nonfinite_grad_logits", "nonfinite_grad_network")
+# DIR/loss_precisions.csv: per user run and precision, whether its loss ran forward and backward under nnU-Net's
+# autocast on the switch-on checkpoint's first case, else the exception and the user's line that raised it.
+LOSS_PRECISION_COLUMNS = ("run", "precision", "runs", "error", "site")
 # DIR/replica_sweep/site_sweep.csv as the study report reads it (clamp-sweep --loss --site at the replica's sqrt
 # clamps): per checkpoint, case, precision and eps, the loss, its bias against fp64 at the smallest eps,
 # max |dL/dlogit|, the clamps' mean at-bound share and non-finite counts.

@@ -150,3 +150,29 @@ def test_terms_match_numpy_where_the_clamps_and_the_area_cut_bind():
         for name in ("compactness", "aspect", "boundary"):
             assert loss.last_terms[name] == pytest.approx(reference[name], rel=1e-9, abs=1e-12), (eps, name)
         assert float(total) == pytest.approx(reference["geometric"], rel=1e-9)
+
+
+def test_sites_are_named_at_the_replicas_lines_though_it_ships_inside_geodiag():
+    """The replica lives under geodiag's diagnostics folder as data (no __init__.py); automatic taps must treat it
+    as the user's file: its two sqrt clamps at the lines that hold them, at-bound shares counted on the input."""
+    from geodiag.diagnostics.nonfinite.autotaps import AutoTaps
+    from geodiag.diagnostics.nonfinite.loss_spec import load_loss
+    from geodiag.diagnostics.study.replica import sqrt_clamp_sites
+
+    loss = load_loss(f"{SEED_REPLICA}:loss_v24")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 48, 48, dtype=torch.float64, requires_grad=True)
+    taps = AutoTaps()
+    taps.run(loss, logits, None).backward()
+    result = taps.result()
+    clamps = {row["site"].rsplit(":", 1)[1]: row for row in result.sites
+              if row["op"] == "clamp" and row["site"].rsplit(":", 1)[0].endswith(SEED_REPLICA.name)}
+    for term, site in sqrt_clamp_sites().items():
+        line = site.rsplit(":", 1)[1]
+        assert line in clamps, (term, site, sorted(clamps))
+    # the compactness clamp's at-bound share is the share of s = gx^2 + gy^2 below 1e-2, counted here in numpy
+    probs = torch.softmax(logits, 1).detach().numpy()
+    s_values = np.concatenate([(correlate_zero_padded(p, SOBEL_X) ** 2 + correlate_zero_padded(p, SOBEL_X.T) ** 2)
+                               .ravel() for p in probs[:, 1]])
+    row = clamps[sqrt_clamp_sites()["compactness"].rsplit(":", 1)[1]]
+    assert row["at_bound_fraction"] == pytest.approx((s_values < 1e-2).mean(), abs=1e-12)

@@ -15,8 +15,8 @@ import torch
 
 from geodiag.diagnostics.instruments.errors import GeodiagError
 
-_SKIPPED_DIRS = (os.path.dirname(torch.__file__) + os.sep,
-                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_DIAGNOSTICS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _skipped_file: dict[str, bool] = {}
 
 # Canonical op per torch function name (Tensor methods, their in-place forms, operators, torch.* and linalg).
@@ -61,9 +61,13 @@ def func_name(func) -> str:
 
 
 def _skipped(filename: str) -> bool:
+    """torch's files and geodiag's diagnostics modules; not user code shipped inside diagnostics as data (a folder
+    without __init__.py, such as the study's seed replica, is a user's folder to nnU-Net and to the sites)."""
     skipped = _skipped_file.get(filename)
     if skipped is None:
-        skipped = _skipped_file[filename] = os.path.abspath(filename).startswith(_SKIPPED_DIRS)
+        path = os.path.abspath(filename)
+        skipped = _skipped_file[filename] = path.startswith(_TORCH_DIR) or (
+            path.startswith(_DIAGNOSTICS_DIR) and os.path.isfile(os.path.join(os.path.dirname(path), "__init__.py")))
     return skipped
 
 

@@ -388,6 +388,34 @@ def term_gradients(study: Study) -> None:
     tables.write_table(pd.DataFrame(rows, columns=TERM_GRADIENT_COLUMNS), study.out / "term_gradients.csv")
 
 
+def loss_precisions(study: Study) -> None:
+    """loss_precisions.csv: in which precisions each user run's loss runs at all under nnU-Net's autocast; the
+    analysis and the replica sweep take those (a loss that raises in one precision would abort every other)."""
+    from geodiag.reports.schema import LOSS_PRECISION_COLUMNS
+
+    from .precision_probe import probe
+
+    rows, running = [], {}
+    for run in study.runs:
+        if run.user is None:
+            running[run.name] = study.precisions
+            continue
+        with _nnunet_environment(study):
+            found = probe(switch_on_checkpoint(study, run), run.user.loss, study.precisions, study.device)
+        rows += [{"run": run.name, **row} for row in found]
+        running[run.name] = tuple(row["precision"] for row in found if row["runs"])
+        for row in found:
+            if not row["runs"]:
+                study.log(f"  {run.name}: the loss raises under {row['precision']} autocast at {row['site']}: "
+                          f"{row['error']}")
+    tables.write_table(pd.DataFrame(rows, columns=LOSS_PRECISION_COLUMNS), study.out / "loss_precisions.csv")
+    study.products["precisions"] = running
+
+
+def _precisions(study: Study, run: RunSpec) -> tuple[str, ...]:
+    return study.products.get("precisions", {}).get(run.name, study.precisions)
+
+
 def analyze(study: Study) -> None:
     """Each run's switch-on checkpoint: a user's loss through its SPEC (its sites table), geodiag's as recorded."""
     from geodiag.reports import analysis_report
@@ -400,7 +428,7 @@ def analyze(study: Study) -> None:
         out = study.out / "analysis" / run.name
         study.log(f"  {run.name} {path.name}" + (f" --loss {run.user.loss}" if run.user else ""))
         with _nnunet_environment(study):
-            summary = analyze_checkpoint(str(path), out, max_cases=study.cases, precisions=study.precisions,
+            summary = analyze_checkpoint(str(path), out, max_cases=study.cases, precisions=_precisions(study, run),
                                          device=study.device, resume=(out / "cases").is_dir(),
                                          **({"loss_spec": run.user.loss} if run.user else {}))
         analysis_report.render(out)
@@ -448,17 +476,19 @@ def replica_sweep(study: Study) -> None:
     if not users:
         return
     specs = [f"{run.name}-e{run.warmup}={switch_on_checkpoint(study, run)}" for run in users]
+    precisions = [p for p in study.precisions if all(p in _precisions(study, run) for run in users)]
     out = study.out / "replica_sweep"
     with _nnunet_environment(study):
         frame = run_site_sweep(specs, out, users[0].user.loss, list(users[0].user.sites), study.sweep_eps,
-                               precisions=study.precisions, device=study.device, resume=(out / "cases").is_dir(),
+                               precisions=precisions, device=study.device, resume=(out / "cases").is_dir(),
                                max_cases=study.cases, progress=lambda message: study.log("  " + message))
     site_sweep_report.render(out)
     study.log(f"  {len(frame)} rows at {', '.join(users[0].user.sites)}")
 
 
 STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train), Step("summarize", summarize),
-         Step("small-s", small_s), Step("term-gradients", term_gradients), Step("analyze", analyze),
+         Step("small-s", small_s), Step("term-gradients", term_gradients),
+         Step("loss-precisions", loss_precisions), Step("analyze", analyze),
          Step("sweep", sweep), Step("replica-sweep", replica_sweep))
 
 
