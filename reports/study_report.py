@@ -23,7 +23,7 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import SEED_V23, SEED_V24
-from .schema import (REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS,
+from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS,
                      read_json)
 from .tables import format_number, markdown_table, read_optional_table, read_table, setting_label
 
@@ -128,8 +128,18 @@ def _sqrt_clamp_rows(sites: pd.DataFrame, study: dict) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
-def nonfinite_section(study: dict, runs: pd.DataFrame, gradients: pd.DataFrame, sites: pd.DataFrame) \
-        -> tuple[Section, str]:
+def _raising(precisions: Optional[pd.DataFrame]) -> list[str]:
+    """"PRECISION at SITE (ERROR) in N of M user runs" for each precision in which a user's loss raised."""
+    if precisions is None or precisions.empty:
+        return []
+    failed = precisions[~precisions["runs"].astype(bool)]
+    total = precisions["run"].nunique()
+    return [f"{precision} at {site} ({error}) in {len(frame)} of {total} user runs"
+            for (precision, site, error), frame in failed.groupby(["precision", "site", "error"], sort=False)]
+
+
+def nonfinite_section(study: dict, runs: pd.DataFrame, gradients: pd.DataFrame, sites: pd.DataFrame,
+                      precisions: Optional[pd.DataFrame]) -> tuple[Section, str]:
     """Q1: does the seed's design produce a non-finite value, and where; else the numbers that bound it."""
     lines = []
     first = _first_nonfinite_rows(study)
@@ -145,6 +155,10 @@ def nonfinite_section(study: dict, runs: pd.DataFrame, gradients: pd.DataFrame, 
     bad_gradients = gradients[(gradients["nonfinite_grad_logits"] + gradients["nonfinite_grad_network"]) > 0]
     lines.append(f"Switch-on batches (term_gradients.csv): {len(bad_gradients)} of {len(gradients)} term gradients "
                  "had a non-finite element.")
+    raising = _raising(precisions)
+    if raising:
+        lines.append("Precisions: the user's loss raised before producing a value under nnU-Net's autocast in "
+                     + "; ".join(raising) + " (loss_precisions.csv); those precisions were not analysed or swept.")
     if not sites.empty:
         per = sites.groupby(["run", "precision"], sort=False).agg(
             forward=("nonfinite_forward", "sum"), backward=("nonfinite_backward", "sum"),
@@ -175,9 +189,11 @@ def nonfinite_section(study: dict, runs: pd.DataFrame, gradients: pd.DataFrame, 
     if replica_bad == 0 and not any(r["run"] in user_runs for r in first):
         largest = user["max_abs_grad_logits"].max() if len(user) else math.nan
         norm = runs.loc[runs["run"].isin(user_runs), "grad_norm_max"].max()
+        analysed = ", ".join(sorted(sites["precision"].unique())) if not sites.empty else "none"
         answer = (f"No: the seed's design produced no non-finite value in {int(watched.reindex(user_runs).sum())} "
-                  f"watched training steps, its switch-on batches or its analysed precisions; its terms sent at most "
-                  f"{_number(largest)} to a logit and the step's norm before clipping peaked at {_number(norm)}.")
+                  f"watched training steps, its switch-on batches or its analysed precisions ({analysed}); its "
+                  f"terms sent at most {_number(largest)} to a logit and the step's norm before clipping peaked at "
+                  f"{_number(norm)}." + (f" Its loss cannot run in {'; '.join(raising)}." if raising else ""))
     else:
         where = [r for r in first if r["run"] in user_runs]
         reach = "reaches the weights' gradients"
@@ -361,7 +377,8 @@ def datasets_section(study: dict, runs: pd.DataFrame, small_s: pd.DataFrame, gra
     return Section("Do 501 and 502 differ for the replica?", body, numbered=True), answer
 
 
-def causes_section(study: dict, runs: pd.DataFrame, sites: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Section, str]:
+def causes_section(study: dict, runs: pd.DataFrame, sites: pd.DataFrame, clamps: pd.DataFrame,
+                   precisions: Optional[pd.DataFrame]) -> tuple[Section, str]:
     """Q6: which candidate causes of the seed's NaN remain, and what a user runs to tell them apart."""
     user_runs = [r["run"] for r in study["runs"] if r["code"] == "user"]
     fp = {}
@@ -379,8 +396,9 @@ def causes_section(study: dict, runs: pd.DataFrame, sites: pd.DataFrame, clamps:
          "tell it apart": "`geodiag watch -- nnUNetv2_train …`: first_nonfinite.json names phase backward, op sqrt "
                           "and the line"},
         {"candidate": "fp16/bf16 overflow of pixel-unit moments or s under autocast (nnU-Net's default CUDA path)",
-         "here": f"non-finite values at the replica's sites by precision ({low_precision}); the seed's train_step "
-                 "has no autocast",
+         "here": f"non-finite values at the replica's sites by precision ({low_precision}); "
+                 + ("; ".join(f"the loss raises under {r}" for r in _raising(precisions)) or "no precision raised")
+                 + "; the seed's train_step has no autocast",
          "reproduced in the tests": "tests/test_own_loss_*.py (check-bounds on fp16/bf16 inputs)",
          "tell it apart": "`geodiag analyze-checkpoint last_good.pth --loss FILE.py:NAME --precisions fp32,bf16,fp16`; "
                           "`geodiag replay STEP --device cuda` (maths, precision or scaler)"},
@@ -423,17 +441,18 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     headline = read_optional_table(directory / "sweep" / "headline.csv", HEADLINE_COLUMNS)
     replica_sweep = read_optional_table(directory / "replica_sweep" / "site_sweep.csv", REPLICA_SWEEP_COLUMNS)
     replica_summary = read_json(directory / "replica_sweep" / "summary.json") if replica_sweep is not None else {}
+    precisions = read_optional_table(directory / "loss_precisions.csv", LOSS_PRECISION_COLUMNS)
     sites = _user_sites(analyses, study)
     clamps = _sqrt_clamp_rows(sites, study)
 
     curves = figures.training_curves(runs, directory / "figures" / "training.png")
-    answered = [nonfinite_section(study, runs, gradients, sites), shares_section(gradients, clamps),
+    answered = [nonfinite_section(study, runs, gradients, sites, precisions), shares_section(gradients, clamps),
                 seed_statistics_section(small_s, study),
                 replica_sweep_section(replica_sweep, replica_summary, sweep_summary, headline)]
     compared = datasets_section(study, runs, small_s, gradients, clamps)
     if compared is not None:
         answered.append(compared)
-    answered.append(causes_section(study, runs, sites, clamps))
+    answered.append(causes_section(study, runs, sites, clamps, precisions))
     summary = "\n".join(f"{i}. {answer}" for i, (_, answer) in enumerate(answered, start=1))
     setup = setup_section(study, runs)
     setup = Section(setup.title, setup.body, figures=(Figure(
@@ -446,5 +465,6 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
         links.append("- the replica's clamps swept at their lines: `replica_sweep/report.md`")
     sections = [Section("Answers", summary), setup] + [section for section, _ in answered]
     sections.append(Section("Details", "\n".join(links) or "No analysis or sweep was run."))
-    data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "term_gradients.csv", "study.json")]
+    data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "term_gradients.csv", "loss_precisions.csv",
+                                          "study.json")]
     return write_report(directory, title, sections, data=data)

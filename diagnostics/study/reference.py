@@ -14,9 +14,9 @@ from pathlib import Path
 from .replica import seed_replica
 from .study import Log, RunSpec, Study, run_study
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 256
 IMAGES = 40
-ITERATIONS = 10
+ITERATIONS = 20
 WARMUP = 5
 EPOCHS = WARMUP + 2
 TRAINERS = (("nnUNetTrainerSeedReplicaV23", seed_replica("V2.3")), ("nnUNetTrainerSeedReplicaV24", seed_replica("V2.4")),
