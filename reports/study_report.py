@@ -83,7 +83,10 @@ def setup_section(study: dict, runs: pd.DataFrame) -> Section:
             f"{seed['iterations']} iterations per epoch ({seed['iterations'] * seed['warmup']} steps before the "
             f"seed's switch-on, {iterations * first['warmup']} here). Runs whose code is `user` are the seed "
             "replica: a trainer nnU-Net found through `nnUNet_extTrainer`, its loss read through `--loss`; "
-            "geodiag imports nothing from it.\n\n" + markdown_table(pd.DataFrame(rows)))
+            "geodiag imports nothing from it."
+            + (" The CUDA regime (the seed's own size, nnU-Net's default AMP path) needs a GPU and was not run."
+               if study["device"] == "cpu" else "")
+            + "\n\n" + markdown_table(pd.DataFrame(rows)))
     return Section("What ran", body)
 
 
@@ -272,11 +275,25 @@ def seed_statistics_section(small_s: pd.DataFrame, study: dict) -> tuple[Section
             parts.append(f"{row['checkpoint']}: {_percent(below4)} below 1e-4, {_percent(below2)} below 1e-2 "
                          f"({regime})")
         sentences.append(f"{run} (switch-on epoch {warmups.get(run)}): " + "; ".join(parts))
+    seed = SEED_BELOW[1e-2]
+    measured = table.set_index(["run", "checkpoint"])["below 0.01 (median)"].dropna()
+    if len(measured):
+        low, high = measured.idxmin(), measured.idxmax()
+        if measured.min() <= seed <= measured.max():
+            regime = (f"The seed's {_percent(seed)} lies inside the measured range, between {low[0]} "
+                      f"{low[1]} ({_percent(measured.min())}) and {high[0]} {high[1]} ({_percent(measured.max())}).")
+        else:
+            side = "above" if seed > measured.max() else "below"
+            regime = (f"The seed's {_percent(seed)} lies {side} every measured checkpoint (range "
+                      f"{_percent(measured.min())} at {low[0]} {low[1]} to {_percent(measured.max())} at {high[0]} "
+                      f"{high[1]}).")
+        sentences.append(regime)
     body += ("\n\n" + f"Words: within a factor of {REGIME_FACTOR:g} of the seed's 28.3% is \"the seed's regime\"."
              "\n\n" + "\n".join(f"- {s}" for s in sentences))
-    answer = "; ".join(s for s in sentences if "Replica" in s) or "; ".join(sentences)
+    answer = "; ".join(s for s in sentences[:-1] if "Replica" in s) + ". " + sentences[-1] if len(sentences) > 1 \
+        else "; ".join(sentences)
     return Section("The seed's statistics (28.3% below 1e-2, 0.3% below 1e-4) in its units", body,
-                   numbered=True), answer + "."
+                   numbered=True), answer
 
 
 def replica_sweep_section(replica_sweep: Optional[pd.DataFrame], replica_summary: dict, sweep_summary: dict,

@@ -92,6 +92,8 @@ def test_the_answers_are_computed_from_the_tables(tmp_path):
     # Q3: medians over three cases (x1.1): 0.25 * 1.1 = 27.5% below 1e-2, within a factor of 2 of the seed's
     assert "checkpoint_epoch_0001.pth: 0.22% below 1e-4, 27.5% below 1e-2 (the seed's regime)" in answers
     assert "5.5% below 1e-2 (5.15x below the seed's)" in answers
+    assert ("The seed's 28.3% lies inside the measured range, between 501-ReplicaV23 checkpoint_epoch_0001.pth "
+            "(5.5%) and 502-Production checkpoint_epoch_0001.pth (66%).") in answers
     # Q5: the at-bound share of the sqrt clamps (fp32 rows only) and the compactness share differ by >= 1.5x
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
     assert "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
