@@ -78,7 +78,7 @@ def setup_section(study: dict, runs: pd.DataFrame) -> Section:
             f"{study['device']}. Relative to the seed's run ({seed['image_size']}², batch {seed['batch_size']}, "
             f"{seed['iterations']} iterations per epoch, {seed['epochs']} epochs, switch-on at epoch "
             f"{seed['warmup']}): {(seed['image_size'] / size) ** 2:.3g}x fewer pixels per image, batch {batch} "
-            f"instead of {seed['batch_size']} (the replica's loss sees the first "
+            f"(the seed's: {seed['batch_size']}; the replica's loss sees the first "
             f"{min(batch, first.get('samples') or batch)} samples, the seed's 4), {iterations} instead of "
             f"{seed['iterations']} iterations per epoch ({seed['iterations'] * seed['warmup']} steps before the "
             f"seed's switch-on, {iterations * first['warmup']} here). Runs whose code is `user` are the seed "
@@ -115,6 +115,11 @@ def _user_sites(analyses: dict[str, dict], study: dict) -> pd.DataFrame:
         frames.append(frame.assign(run=run["run"], dataset=run["dataset"],
                                    masked=len(summary.get("masked_nonfinite") or [])))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _sqrt_sites(study: dict) -> dict[str, str]:
+    """term -> "file.py:LINE" of the user runs' sqrt clamps (the same file for every user run)."""
+    return next((run["sqrt_clamp_sites"] for run in study["runs"] if run.get("sqrt_clamp_sites")), {})
 
 
 def _sqrt_clamp_rows(sites: pd.DataFrame, study: dict) -> pd.DataFrame:
@@ -297,29 +302,32 @@ def seed_statistics_section(small_s: pd.DataFrame, study: dict) -> tuple[Section
 
 
 def replica_sweep_section(replica_sweep: Optional[pd.DataFrame], replica_summary: dict, sweep_summary: dict,
-                          headline: Optional[pd.DataFrame]) -> tuple[Section, str]:
+                          headline: Optional[pd.DataFrame], sites: dict[str, str]) -> tuple[Section, str]:
     """Q4: is 1e-2 justified for the seed's design: bias and gradient at each clamp, replica and production."""
     parts, answer = [], "The replica's clamps were not swept."
     if replica_sweep is not None and len(replica_sweep):
+        at_bound = {f"at bound, {term} clamp": f"at_bound_fraction[{site}]" for term, site in sites.items()
+                    if f"at_bound_fraction[{site}]" in replica_sweep}
         table = replica_sweep.groupby(["eps", "precision"], sort=True).agg(
             evaluations=("case", "count"), median_abs_loss_bias=("bias_loss", lambda b: b.abs().median()),
             max_abs_loss_bias=("bias_loss", lambda b: b.abs().max()), max_grad_logits=("grad_max", "max"),
-            at_bound_median=("frac_below_eps", "median"), nonfinite=("nonfinite_grad", "sum"),
-            masked=("masked_nonfinite", "sum")).reset_index()
+            **{name: (column, "median") for name, column in at_bound.items()},
+            nonfinite=("nonfinite_grad", "sum"), masked=("masked_nonfinite", "sum")).reset_index()
         parts.append("The replica's two sqrt clamps replaced at their lines by each eps (`clamp-sweep --loss "
                      "--site`, the file untouched), on every user run's switch-on checkpoint, whole images; bias of "
                      "the loss against the replica in fp64 at the smallest eps; `max_grad_logits`: largest "
-                     "|dL/dlogit|; `at_bound_median`: share of the clamps' elements held at the bound (zero "
+                     "|dL/dlogit|; `at bound`: median share of each clamp's elements held at its bound (zero "
                      "gradient).\n\n" + markdown_table(table))
         fp32 = table[table["precision"] == "fp32"].set_index("eps")
         rows = {eps: fp32.loc[fp32.index[np.isclose(fp32.index, eps)]].iloc[0] for eps in (1e-4, 1e-2)
                 if np.isclose(fp32.index, eps).any()}
         if len(rows) == 2:
             low, high = rows[1e-4], rows[1e-2]
+            held = ", ".join(f"{_percent(high[name])} {name.split(', ')[1]} (1e-4: {_percent(low[name])})"
+                             for name in at_bound)
             answer = (f"For the seed's design (fp32): clamp 1e-2 biases the loss by a median "
                       f"{_percent(high['median_abs_loss_bias'])} (1e-4: {_percent(low['median_abs_loss_bias'])}), "
-                      f"holds {_percent(high['at_bound_median'])} of the clamps' elements at the bound "
-                      f"(1e-4: {_percent(low['at_bound_median'])}) and sends at most "
+                      f"holds at its bound (zero gradient) the median share {held}, and sends at most "
                       f"{_number(high['max_grad_logits'])} to a logit (1e-4: {_number(low['max_grad_logits'])}).")
         verdict = (replica_summary.get("verdict_clamp_1e-2") or {}).get("sentence")
         if verdict:
@@ -383,12 +391,15 @@ def datasets_section(study: dict, runs: pd.DataFrame, small_s: pd.DataFrame, gra
             if len(values) < 2:
                 continue
             low, high = values.abs().min(), values.abs().max()
+            if column.endswith("share (median)") and high < INERT_SHARE:
+                continue  # inert on both datasets: a ratio of noise
             if (low == 0 and high > 0) or (low > 0 and high / low >= DIFFER_FACTOR):
                 differing.append(f"{column} ({', '.join(f'{d}: {_number(v)}' for d, v in values.items())})")
         sentences.append(f"{name}: " + ("; ".join(differing) if differing else
                                         f"no quantity differs by {DIFFER_FACTOR:g}x or more"))
     body = (f"The replica on 501 (2–5 circles) and 502 (one circle) at each version. \"Differ\": a factor of at "
-            f"least {DIFFER_FACTOR:g} between the datasets' values (any difference from zero).\n\n"
+            f"least {DIFFER_FACTOR:g} between the datasets' values (any difference from zero); a share of the step "
+            f"below {INERT_SHARE:g} on both datasets is inert on both and not compared.\n\n"
             + markdown_table(table) + "\n\n" + "\n".join(f"- {s}" for s in sentences))
     answer = "Differing between 501 and 502: " + "; ".join(sentences) + "."
     return Section("Do 501 and 502 differ for the replica?", body, numbered=True), answer
@@ -465,7 +476,7 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     curves = figures.training_curves(runs, directory / "figures" / "training.png")
     answered = [nonfinite_section(study, runs, gradients, sites, precisions), shares_section(gradients, clamps),
                 seed_statistics_section(small_s, study),
-                replica_sweep_section(replica_sweep, replica_summary, sweep_summary, headline)]
+                replica_sweep_section(replica_sweep, replica_summary, sweep_summary, headline, _sqrt_sites(study))]
     compared = datasets_section(study, runs, small_s, gradients, clamps)
     if compared is not None:
         answered.append(compared)

@@ -130,7 +130,9 @@ def test_clamp_answer_reads_the_replica_sweep_at_1e4_and_1e2(tmp_path):
     folder = tmp_path / "replica_sweep"
     folder.mkdir()
     rows = [{"checkpoint": f"{run}-e1", "dataset": int(run[:3]), "case": f"c{i}", "precision": precision, "eps": eps,
-             "loss": 1.0, "bias_loss": bias * (i + 1), "grad_max": grad * (i + 1), "frac_below_eps": below,
+             "loss": 1.0, "bias_loss": bias * (i + 1), "grad_max": grad * (i + 1), "frac_below_eps": below / 2,
+             "at_bound_fraction[nnUNetTrainerSeedReplica.py:48]": below,
+             "at_bound_fraction[nnUNetTrainerSeedReplica.py:67]": 0.0,
              "nonfinite_loss": 0, "nonfinite_grad": 0, "masked_nonfinite": 0}
             for run in ("501-ReplicaV23", "502-ReplicaV23") for i in range(3) for precision in ("fp32", "fp16")
             for eps, bias, grad, below in ((1e-8, 0.0, 1e-3, 0.0), (1e-4, -0.001, 1e-3, 0.01),
@@ -141,5 +143,5 @@ def test_clamp_answer_reads_the_replica_sweep_at_1e4_and_1e2(tmp_path):
     [answer] = [line for line in _section(markdown, "## Answers").splitlines() if line.startswith("4. ")]
     # medians over 2 runs x 3 cases of |bias| (x1, x2, x3): 2%*2 = 4% at 1e-2, 0.2% at 1e-4; maxima of grad_max x3
     assert answer == ("4. For the seed's design (fp32): clamp 1e-2 biases the loss by a median 4% (1e-4: 0.2%), holds "
-                      "40% of the clamps' elements at the bound (1e-4: 1%) and sends at most 0.006 to a logit "
-                      "(1e-4: 0.003). VERDICT SENTENCE.")
+                      "at its bound (zero gradient) the median share 40% compactness clamp (1e-4: 1%), 0% aspect "
+                      "clamp (1e-4: 0%), and sends at most 0.006 to a logit (1e-4: 0.003). VERDICT SENTENCE.")
