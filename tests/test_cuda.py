@@ -23,7 +23,7 @@ from geodiag.diagnostics.instruments.recorder import Recorder
 from geodiag.diagnostics.nonfinite.provenance import NonFiniteProvenance
 from geodiag.diagnostics.nonfinite.replay import replay
 from geodiag.losses import GeometricLoss
-from geodiag.losses.nnunet_guard import StepGuard, TrainingStateCorrupted
+from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
 
 from test_provenance import disk, pixel_unit_first_moments
 from test_replay import Gain, moments_step
@@ -85,7 +85,8 @@ def test_loss_and_recorder_forward_backward_make_no_host_sync(device, preset, sh
 # ----------------------------------------------------------------------------- GradScaler and StepGuard
 @pytest.fixture
 def scaled_trainer(request, tiny_dataset_502, monkeypatch):
-    """A stock nnUNetTrainer on the device with a real GradScaler (nnU-Net's own on CUDA), not compiled."""
+    """A stock nnUNetTrainer on the device with a real GradScaler (nnU-Net's own on CUDA), not compiled; its
+    guard, if a test wrapped one, is unwrapped afterwards (capture patches torch.Tensor.backward globally)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     monkeypatch.setenv("nnUNet_compile", "f")
@@ -97,7 +98,10 @@ def scaled_trainer(request, tiny_dataset_502, monkeypatch):
     if device.type == "cpu":
         trainer.grad_scaler = torch.amp.GradScaler("cpu")
     assert trainer.grad_scaler is not None and trainer.grad_scaler.get_scale() == 2.0 ** INITIAL_SCALE_LOG2
-    return trainer
+    yield trainer
+    guard = getattr(trainer, GUARD_ATTRIBUTE, None)
+    if guard is not None:
+        guard.unwrap()
 
 
 def _exploding_loss(dice_ce, factor: float):
@@ -136,7 +140,6 @@ def test_an_injected_overflow_is_skipped_the_scale_backs_off_and_the_guard_recor
     assert good.optimizer_stepped and not good.skipped and good.event is None
     assert good.scale == 2.0 ** (INITIAL_SCALE_LOG2 - 1)  # regrows only after 2000 clean steps
     assert guard.skipped_steps == 1
-    guard.unwrap()
 
 
 # Consecutive overflows halve 2^16 each step: below the default floor 1 at the 17th (2^-1); with no floor the fp32
@@ -165,7 +168,6 @@ def test_overflow_on_every_step_collapses_the_scale_and_the_guard_stops_before_n
     assert guard.record.scale <= 2.0 ** (INITIAL_SCALE_LOG2 - stopping_overflow)  # 0 if the device flushes it
     for old, new in zip(before, _state(trainer)):
         assert torch.isfinite(new).all() and torch.equal(old, new)
-    guard.unwrap()
 
 
 # ----------------------------------------------------------------------------- provenance and replay
