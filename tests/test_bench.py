@@ -3,16 +3,20 @@ import csv
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from geodiag.diagnostics.tools import bench
+from geodiag.diagnostics.instruments.errors import ArgumentError
+from geodiag.diagnostics.instruments.host_sync import count_host_syncs
+from geodiag.diagnostics.tools import bench, bench_common, bench_device, bench_histogram
+from geodiag.reports.schema import BENCH_COLUMNS
 from geodiag.diagnostics.cli import main
 
 
 def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_path, capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
-    assert rows and tuple(rows[0]) == bench.COLUMNS
+    assert rows and tuple(rows[0]) == BENCH_COLUMNS
     assert {r["benchmark"] for r in rows} >= {"monitor overhead", "provenance overhead", "loss share of a step",
                                               "vectorisation", "clamp sweep", "histogram", "host syncs",
                                               "peak memory"}
@@ -25,30 +29,33 @@ def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_pa
 
 
 def test_loss_forward_and_backward_read_nothing_back_to_the_host():
-    rows = bench.bench_host_syncs(bench.SCALES["quick"], torch.device("cpu"), bench.Clock(torch.device("cpu")))
+    cpu = torch.device("cpu")
+    rows = bench_device.bench_host_syncs(bench_common.SCALES["quick"], cpu, bench_common.Clock(cpu))
     assert [row.value for row in rows] == [0] * len(rows)
 
 
 def test_host_read_detector_flags_an_item_call():
-    count, _ = bench.count_host_syncs(lambda: torch.ones(3).sum().item(), torch.device("cpu"))
+    count, _ = count_host_syncs(lambda: torch.ones(3).sum().item(), torch.device("cpu"))
     assert count == 1
 
 
 def test_tensorboard_path_counts_match_numpy_on_tensorboards_default_edges():
-    edges = bench.tensorboard_default_bins()
+    edges = bench_histogram.tensorboard_default_bins()
     assert edges[len(edges) // 2] == 0.0 and np.all(np.diff(edges) > 0)
     values = torch.tensor([-2.0, 1e-3, 0.5, 7.0])
-    result = bench.tensorboard_histogram(values, edges)
+    result = bench_histogram.tensorboard_histogram(values, edges)
     assert result["counts"].sum() == 4 and result["sum_squares"] == float((values.double() ** 2).sum())
 
 
 def test_unknown_benchmark_is_a_one_line_user_error(tmp_path, capsys):
     assert main(["bench", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert "unknown benchmark 'nope' in --only" in capsys.readouterr().err
+    with pytest.raises(ArgumentError, match="unknown benchmark 'nope' in only;"):
+        bench.run_bench("cpu", quick=True, only=["nope"])  # a library caller is told the argument's name
 
 
 def _missed(scale, device, clock):
-    return [bench.Result("histogram", "a subject", "a baseline", 2.0, "x faster", ">= 10x", False, "")]
+    return [bench_common.Result("histogram", "a subject", "a baseline", 2.0, "x faster", ">= 10x", False, "")]
 
 
 def test_check_exits_non_zero_naming_each_missed_target_on_one_line(tmp_path, capsys, monkeypatch):

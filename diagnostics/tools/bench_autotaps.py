@@ -18,7 +18,8 @@ TARGET_RATIO = 3.0
 
 
 def bench_autotaps(scale, device: torch.device, clock) -> list:
-    from .bench import Result, disk_labels, interleaved_medians, soft_logits
+    from .bench_common import Result, interleaved_medians
+    from .bench_step import disk_labels, soft_logits
 
     generator = torch.Generator().manual_seed(12)
     label = disk_labels(2, (scale.vector_size,) * 2, generator).to(device)
