@@ -21,7 +21,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from .geometric_loss import GeometricLoss
-from .nnunet_guard import StepGuard, TrainingStateCorrupted, grad_scale_collapsed  # noqa: F401 - re-exported
+from .nnunet_guard import StepGuard
+from .state_health import DEFAULT_SCALE_FLOOR
 
 GEOMETRIC_TERMS = ("compactness", "aspect")
 CLIP_NORM = 12.0
@@ -116,7 +117,7 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
     geometric_reference: str = "target"
     warmup_epochs: int = 20
     save_every_epoch: bool = False
-    grad_scale_floor: float = 1.0
+    grad_scale_floor: float = DEFAULT_SCALE_FLOOR
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
