@@ -20,11 +20,10 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from .geometric_loss import GeometricLoss
+from .geometric_loss import GEOMETRIC_TERMS, GeometricLoss
 from .nnunet_guard import StepGuard
 from .state_health import DEFAULT_SCALE_FLOOR
 
-GEOMETRIC_TERMS = ("compactness", "aspect")
 CLIP_NORM = 12.0
 
 
@@ -129,8 +128,8 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
             self.geometric_preset, classes=tuple(self.label_manager.foreground_labels),
             compactness_weight=self.compactness_weight, aspect_weight=self.aspect_weight,
             reference=self.geometric_reference, softmax=True)
-        weights = {"compactness": self.compactness_weight, "aspect": self.aspect_weight}
-        self.geometric_weights = {term: float(weights[term]) for term in GEOMETRIC_TERMS if weights[term] > 0}
+        self.geometric_weights = {term: float(weight) for term, weight in self.geometric_loss.term_weights().items()
+                                  if weight > 0}
         self._step_terms: dict[str, torch.Tensor] = {}
         self._term_tap = self.geometric_loss.register_tap(
             self._record_term, names=[f"{term}.term" for term in self.geometric_weights])
