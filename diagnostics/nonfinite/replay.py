@@ -34,8 +34,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from geodiag.losses.state_health import nonfinite_names
+from geodiag.reports.schema import GRAD_SCALER_INITIAL_SCALE
 
-from ..instruments.devices import GRAD_SCALER_INITIAL_SCALE, PRECISIONS
+from ..instruments.devices import PRECISIONS
 from ..instruments.errors import GeodiagError
 from .provenance import NonFiniteProvenance, ProvenanceReport
 

@@ -9,8 +9,8 @@ import torch
 
 from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema
+from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 
-from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 from ..instruments.training_state import checkpoint_health
 from ..nnunet.checkpoint import Checkpoint
 
