@@ -32,7 +32,8 @@ from geodiag.losses import GeometricLoss
 from geodiag.losses.nnunet_guard import StepGuard
 from geodiag.losses.state_health import nonfinite_flags
 
-from ..nonfinite.provenance import NonFiniteProvenance, ProvenanceReport
+from ..nonfinite.provenance import NonFiniteProvenance
+from ..nonfinite.provenance_report import ProvenanceReport
 
 CLASSIFICATIONS = ("maths", "precision", "scaler", "not-reproduced")
 _SOURCE = re.compile(r"^(?P<file>.*?):(?P<line>\d+) in (?P<function>[^:]*): ?(?P<code>.*)$")

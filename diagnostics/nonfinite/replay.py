@@ -38,7 +38,8 @@ from geodiag.reports.schema import GRAD_SCALER_INITIAL_SCALE
 
 from ..instruments.devices import PRECISIONS
 from ..instruments.errors import GeodiagError
-from .provenance import NonFiniteProvenance, ProvenanceReport
+from .provenance import NonFiniteProvenance
+from .provenance_report import ProvenanceReport
 
 VERDICTS = ("maths", "fp32-range", "low-precision", "not-reproduced", "non-finite-input")
 
