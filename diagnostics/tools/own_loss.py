@@ -25,7 +25,7 @@ from geodiag.reports.sites_report import SITE_HISTOGRAM_COLUMNS
 from ..instruments.errors import GeodiagError
 from ..instruments.histograms import BinLayout
 from ..nnunet.checkpoint import Checkpoint
-from ..nonfinite.autotaps import AutoTapResult
+from ..nonfinite.autotap_result import AutoTapResult
 from ..nonfinite.loss_spec import UserLoss, load_loss
 
 AnalysedLoss = Union[GeometricLoss, UserLoss]
