@@ -29,7 +29,8 @@ from geodiag.reports import schema, tables
 
 from ..instruments.devices import PRECISIONS, parse_precisions
 from ..instruments.errors import ArgumentError, GeodiagError
-from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
+from ..instruments.histogram_bins import BinLayout
+from ..instruments.histograms import LogHistogram, decade_grid
 from ..instruments.recorder import THRESHOLDED, Recorder
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint

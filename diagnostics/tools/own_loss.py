@@ -23,7 +23,7 @@ from geodiag.losses import GEOMETRIC_TERMS, GeometricLoss
 from geodiag.reports.sites_report import SITE_HISTOGRAM_COLUMNS
 
 from ..instruments.errors import GeodiagError
-from ..instruments.histograms import BinLayout
+from ..instruments.histogram_bins import BinLayout
 from ..nnunet.checkpoint import Checkpoint
 from ..nonfinite.autotap_result import AutoTapResult
 from ..nonfinite.loss_spec import UserLoss, load_loss
