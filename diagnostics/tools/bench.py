@@ -41,15 +41,19 @@ BENCHMARKS: dict[str, Callable[[Scale, torch.device, Clock], list[Result]]] = {
 
 
 def run_bench(device: str = "cpu", quick: bool = False, only: Optional[Iterable[str]] = None,
-              progress: Optional[Callable[[str], None]] = None) -> list[Result]:
-    """Run the selected benchmarks (all by default) and return their rows."""
+              progress: Optional[Callable[[str], None]] = None, scale_name: Optional[str] = None) -> list[Result]:
+    """Run the selected benchmarks (all by default) at ``scale_name`` (default: quick or full) and return their
+    rows."""
     names = list(only) if only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ArgumentError(f"unknown benchmark {unknown[0]!r} in {{only}}; choose from {', '.join(BENCHMARKS)}",
                             "only")
+    scale_name = scale_name or ("quick" if quick else "full")
+    if scale_name not in SCALES:
+        raise GeodiagError(f"unknown bench scale {scale_name!r}; choose from {', '.join(SCALES)}")
     dev = torch.device(device)
-    scale = SCALES["quick" if quick else "full"]
+    scale = SCALES[scale_name]
     clock = Clock(dev)
     threads = torch.get_num_threads()
     if dev.type == "cpu":

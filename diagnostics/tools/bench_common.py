@@ -18,7 +18,8 @@ import torch
 
 @dataclass(frozen=True)
 class Scale:
-    """How big and how often: ``quick`` checks that everything runs, ``full`` is what the figures are taken at."""
+    """How big and how often: ``quick`` checks that everything runs, ``full`` is what the CPU figures are taken at,
+    ``gpu`` the sizes where a GPU matters (the seed's 2D batch of 12 at 512^2, 3D up to 128^3)."""
 
     name: str
     step_size: int                 # 2D nnU-Net step: image side
@@ -38,6 +39,8 @@ SCALES = {
                    histogram_values=1 << 20, memory_2d=(64, 128), memory_3d=(32,)),
     "full": Scale("full", 128, 2, (32, 64, 128, 256, 512, 512), repeats=7, inner=2, vector_size=128,
                   sweep_cases=3, histogram_values=8_000_000, memory_2d=(64, 256, 1024), memory_3d=(32, 64, 128)),
+    "gpu": Scale("gpu", 512, 12, (32, 64, 128, 256, 512, 512, 512), repeats=7, inner=2, vector_size=512,
+                 sweep_cases=3, histogram_values=8_000_000, memory_2d=(512, 1024), memory_3d=(64, 128)),
 }
 SWEEP_SETTINGS = (("clamp", 1e-4), ("clamp", 1e-2), ("additive", 1e-4), ("additive", 1e-2),
                   ("shifted", 1e-10), ("shifted", 1e-6), ("shifted", 1e-2))
