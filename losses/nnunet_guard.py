@@ -32,8 +32,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .state_health import (DEFAULT_SCALE_FLOOR, momentum_buffers, nonfinite_flags, nonfinite_names, rot_event,
-                           state_tensors)
+from .state_health import (DEFAULT_SCALE_FLOOR, ROT_EVENTS, momentum_buffers, nonfinite_flags, nonfinite_names,
+                           rot_event, state_tensors)
 
 GUARD_ATTRIBUTE = "step_guard"
 _MISSING = object()  # "the owner had no attribute of its own": unwrap deletes instead of restoring
@@ -222,7 +222,7 @@ class StepGuard:
         for listener in self.listeners:
             listener.after_step(self, batch, result)
         self.iteration += 1
-        if self.record.event in ("scale", "weights", "momentum"):
+        if self.record.event in ROT_EVENTS:
             self.stop(self.describe_event())
         return result
 

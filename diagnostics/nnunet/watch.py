@@ -33,6 +33,7 @@ import torch
 
 from geodiag.losses import GeometricLoss
 from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
+from geodiag.losses.state_health import ROT_EVENTS
 from geodiag.reports import schema
 
 from ..instruments.errors import GeodiagError
@@ -157,7 +158,7 @@ class Watch:
         if record.event in ("loss", "gradient") and self.options.on_nonfinite == "stop":
             self.flush()
             guard.stop(f"{guard.describe_event()}; see {self.folder / first_nonfinite.JSON_FILE}")
-        if record.event in ("scale", "weights", "momentum"):
+        if record.event in ROT_EVENTS:
             self.flush()
 
     def _explain(self, guard: StepGuard, batch: dict) -> None:
