@@ -79,3 +79,30 @@ def test_readme_table_lists_the_rows_with_a_target_and_the_header_names_versions
     lines = table.strip().splitlines()
     assert lines[0] == "| measured | vs | value | target | met |"
     assert len(lines) == 2 + sum(1 for r in rows if r["target"])
+
+
+def test_the_timed_step_is_built_by_the_trainers_own_methods():
+    """Its loss is nnU-Net's _build_loss (Dice+CE with the deep-supervision weights 1/2^i, the last 0), its optimizer
+    configure_optimizers' SGD, its clip the trainer's: written out here from nnU-Net's code, independently."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from geodiag.diagnostics.tools.bench_step import NnUNetStep
+    from geodiag.losses.nnunet_trainer import CLIP_NORM
+
+    scale = bench_common.SCALES["quick"]
+    step = NnUNetStep(scale, torch.device("cpu"))
+    heads = len(scale.features) - 1
+    weights = np.array([1 / 2 ** i for i in range(heads)])
+    weights[-1] = 0
+    assert np.allclose(step.dc_ce.weight_factors, weights / weights.sum())
+    dc_ce = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                           weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    with torch.no_grad():
+        outputs = step.network(step.image)
+        expected = sum(w * dc_ce(o, t) for w, o, t in zip(weights / weights.sum(), outputs, step.targets) if w)
+        assert float(step.dc_ce(outputs, step.targets)) == pytest.approx(float(expected), rel=1e-6)
+    group = step.optimizer.param_groups[0]
+    assert type(step.optimizer) is torch.optim.SGD
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-2, 0.99, True, 3e-5)
+    assert step.clip_norm == CLIP_NORM
