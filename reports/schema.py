@@ -41,6 +41,8 @@ RUN_COLUMNS = (
 )
 # DIR/switch_on_s.csv: per run, case, units ("seed" or "normalised") and threshold, the share of pixels below it.
 SWITCH_ON_S_COLUMNS = ("run", "dataset", "epoch", "case", "units", "eps", "fraction_below", "pixels")
+# DIR/bench.csv of ``geodiag bench``: one measured ratio, count or size per row, with its target and method.
+BENCH_COLUMNS = ("benchmark", "subject", "baseline", "value", "unit", "target", "met", "method")
 
 # fp16's largest finite value and smallest subnormal, and GradScaler's initial scale: the headroom of the first
 # scaled backward pass of nnU-Net's CUDA training. Quoted by the producer's checks and by the reports' figures and

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from geodiag.diagnostics.instruments.errors import GeodiagError
-from geodiag.diagnostics.nonfinite.autotaps import AutoTaps, autotap_overhead
+from geodiag.diagnostics.nonfinite.autotaps import AutoTaps
+from geodiag.diagnostics.tools.bench_autotaps import autotap_overhead
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 from geodiag.diagnostics.nonfinite.override import BoundOverride
 from geodiag.diagnostics.nonfinite.sites import exception_site

@@ -3,7 +3,6 @@ the raw Sobel kernel with zero padding, 64x geodiag's normalised s. The study me
 study report words its comparison from the measured values only."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 

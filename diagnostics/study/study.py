@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
+from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema, tables
 
 from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
@@ -183,7 +184,7 @@ def summarize(study: Study) -> None:
                 "eps": settings.get("eps"), "warmup": run.warmup, "epoch": epoch,
                 "geometric_active": bool(logging["geometric_active"][epoch]), "train_loss": value("train_losses"),
                 "train_dc_ce": value("train_dc_ce"), "train_geometric": value("train_geometric"),
-                "train_compactness": value("train_compactness"), "train_aspect": value("train_aspect"),
+                **{f"train_{term}": value(f"train_{term}") for term in GEOMETRIC_TERMS},
                 "val_loss": value("val_losses"), "pseudo_dice": value("mean_fg_dice"),
                 "skipped_steps": value("skipped_steps"), "grad_norm_max": value("grad_norm_max")})
     frame = pd.DataFrame(rows, columns=schema.RUN_COLUMNS)
