@@ -15,6 +15,9 @@ from .taps import Tappable
 ASPECT_FORMULAS = ("anisotropy", "seed")
 REFERENCES = ("target", "prior")
 REDUCTIONS = ("mean", "sum", "none")
+# The weighted terms, in the order every log, table and tap list names them (tap "<term>.term", weight
+# "<term>_weight", trainer log key "train_<term>"). Adding a term starts here.
+GEOMETRIC_TERMS = ("compactness", "aspect")
 
 # Descriptor values of the absolute prior: a disk (2D) or a ball (3D).
 CIRCLE_PRIOR = {"compactness": 1.0, "anisotropy": 0.0, "seed": 1.0}
@@ -156,7 +159,7 @@ class GeometricLoss(Tappable, nn.Module):
                     gate = gate * self._ramp(reference["area"])
 
             total = probs.new_zeros(batch, k)
-            for term, weight in (("compactness", self.compactness_weight), ("aspect", self.aspect_weight)):
+            for term, weight in self.term_weights().items():
                 if weight == 0:
                     continue
                 if self.reference == "prior":
@@ -169,6 +172,10 @@ class GeometricLoss(Tappable, nn.Module):
             loss = self._reduce(total)
             self._emit("loss", loss)
         return loss
+
+    def term_weights(self) -> dict[str, float]:
+        """Each of ``GEOMETRIC_TERMS`` and its weight (0: the term is off)."""
+        return {term: getattr(self, f"{term}_weight") for term in GEOMETRIC_TERMS}
 
     # ------------------------------------------------------------------ parts
     def _descriptor_kind(self, term: str) -> str:

@@ -30,8 +30,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
+
+from .state_health import (DEFAULT_SCALE_FLOOR, ROT_EVENTS, momentum_buffers, nonfinite_flags, nonfinite_names,
+                           rot_event, state_tensors)
 
 GUARD_ATTRIBUTE = "step_guard"
 _MISSING = object()  # "the owner had no attribute of its own": unwrap deletes instead of restoring
@@ -40,18 +42,6 @@ _MISSING = object()  # "the owner had no attribute of its own": unwrap deletes i
 class TrainingStateCorrupted(RuntimeError):
     """Training was stopped because its state can no longer give a good model (collapsed GradScaler, non-finite
     values it must not go on with). nnU-Net's run_training does not catch it, so ``nnUNetv2_train`` exits with it."""
-
-
-def grad_scale_collapsed(scale: float, floor: float) -> bool:
-    """Whether a GradScaler scale is below ``floor`` or so small that 1/scale overflows in fp32.
-
-    GradScaler unscales with an fp32 reciprocal: below about 2.9e-39 it is inf, and the next finite step is
-    unscaled to NaN. Below 1 the scale already shrinks gradients instead of protecting them from fp16 underflow,
-    and it regrows only after 2000 clean steps per doubling.
-    """
-    with np.errstate(over="ignore", divide="ignore"):
-        inverse = np.reciprocal(np.float32(scale))
-    return not (scale >= floor and np.isfinite(inverse))
 
 
 @dataclass
@@ -78,7 +68,7 @@ class StepRecord:
 class StepGuard:
     """The guard of one trainer instance (see the module docstring). Use ``StepGuard.wrap(trainer)``."""
 
-    def __init__(self, trainer, *, scale_floor: float = 1.0, capture: bool = False,
+    def __init__(self, trainer, *, scale_floor: float = DEFAULT_SCALE_FLOOR, capture: bool = False,
                  check_state_every: int = 0) -> None:
         self.trainer = trainer
         self.scale_floor = scale_floor
@@ -232,7 +222,7 @@ class StepGuard:
         for listener in self.listeners:
             listener.after_step(self, batch, result)
         self.iteration += 1
-        if self.record.event in ("scale", "weights", "momentum"):
+        if self.record.event in ROT_EVENTS:
             self.stop(self.describe_event())
         return result
 
@@ -290,12 +280,10 @@ class StepGuard:
             record.event = "loss"
         elif norm_known and not math.isfinite(record.grad_norm):
             record.event = "gradient"
-        if not math.isnan(record.scale) and grad_scale_collapsed(record.scale, self.scale_floor):
-            record.event = "scale"
-        elif record.nonfinite_weights:
-            record.event = "weights"
-        elif record.nonfinite_momentum:
-            record.event = "momentum"
+        scale = None if math.isnan(record.scale) else record.scale  # NaN: no scaler enabled
+        rot = rot_event(scale, self.scale_floor, record.nonfinite_weights, record.nonfinite_momentum)
+        if rot is not None:
+            record.event = rot
 
     def describe_event(self) -> str:
         record = self.record
@@ -333,11 +321,10 @@ class StepGuard:
         raise TrainingStateCorrupted(message)
 
     def check_state(self, when: str) -> None:
-        """One device-side max-abs scan of every weight and momentum buffer and one read; names them only if bad."""
-        named = nonfinite_state(self.trainer.network, self.trainer.optimizer)
+        """One device-side scan of every weight and momentum buffer and one read; names them only if bad."""
+        named = nonfinite_names(state_tensors(self.trainer.network, self.trainer.optimizer))
         if named:
             self.stop(f"non-finite values {when} in {len(named)} tensors (first: {', '.join(named[:3])})")
-
 
 
 def _device_of(trainer) -> torch.device:
@@ -355,29 +342,8 @@ def _gradient_norm(optimizer) -> Optional[torch.Tensor]:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]), 2.0)
 
 
-def _momentum_buffers(network, optimizer) -> list[tuple[str, torch.Tensor]]:
-    return [(name, optimizer.state[p]["momentum_buffer"]) for name, p in network.named_parameters()
-            if optimizer is not None and optimizer.state.get(p, {}).get("momentum_buffer") is not None]
-
-
 def _state_flags(network, optimizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device counts of weight and momentum tensors holding NaN/Inf (max-abs norms: no overflow of finite ones)."""
-    def count(tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not tensors:
-            return torch.zeros((), device=device)
-        peaks = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in tensors], math.inf)])
-        return (~torch.isfinite(peaks)).sum().float()
-
-    return (count([p for p in network.parameters()]),
-            count([buffer for _, buffer in _momentum_buffers(network, optimizer)]))
-
-
-def nonfinite_state(network, optimizer) -> list[str]:
-    """Names ("weight NAME", "momentum NAME") of the weight and momentum tensors holding NaN/Inf: one read."""
-    named = [(f"weight {name}", p) for name, p in network.named_parameters()]
-    named += [(f"momentum {name}", buffer) for name, buffer in _momentum_buffers(network, optimizer)]
-    peaks = torch.stack([n.float() for n in torch._foreach_norm([t.detach() for _, t in named], math.inf)])
-    finite = torch.isfinite(peaks)
-    if bool(finite.all()):
-        return []
-    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+    """Device counts of weight and momentum tensors holding NaN/Inf."""
+    parameters = list(network.parameters())
+    return (nonfinite_flags(parameters, device).sum(),
+            nonfinite_flags(momentum_buffers(parameters, optimizer), device).sum())

@@ -21,9 +21,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from .geometric_loss import GeometricLoss
-from .nnunet_guard import StepGuard, TrainingStateCorrupted, grad_scale_collapsed  # noqa: F401 - re-exported
+from .nnunet_guard import StepGuard
+from .state_health import DEFAULT_SCALE_FLOOR
 
-GEOMETRIC_TERMS = ("compactness", "aspect")
 CLIP_NORM = 12.0
 
 
@@ -116,7 +116,7 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
     geometric_reference: str = "target"
     warmup_epochs: int = 20
     save_every_epoch: bool = False
-    grad_scale_floor: float = 1.0
+    grad_scale_floor: float = DEFAULT_SCALE_FLOOR
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -128,8 +128,8 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
             self.geometric_preset, classes=tuple(self.label_manager.foreground_labels),
             compactness_weight=self.compactness_weight, aspect_weight=self.aspect_weight,
             reference=self.geometric_reference, softmax=True)
-        weights = {"compactness": self.compactness_weight, "aspect": self.aspect_weight}
-        self.geometric_weights = {term: float(weights[term]) for term in GEOMETRIC_TERMS if weights[term] > 0}
+        self.geometric_weights = {term: float(weight) for term, weight in self.geometric_loss.term_weights().items()
+                                  if weight > 0}
         self._step_terms: dict[str, torch.Tensor] = {}
         self._term_tap = self.geometric_loss.register_tap(
             self._record_term, names=[f"{term}.term" for term in self.geometric_weights])

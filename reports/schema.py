@@ -57,6 +57,8 @@ LOSS_PRECISION_COLUMNS = ("run", "precision", "runs", "error", "site")
 # max |dL/dlogit|, the clamps' mean at-bound share and non-finite counts.
 REPLICA_SWEEP_COLUMNS = ("checkpoint", "dataset", "case", "precision", "eps", "loss", "bias_loss", "grad_max",
                          "frac_below_eps", "nonfinite_loss", "nonfinite_grad", "masked_nonfinite")
+# DIR/bench.csv of ``geodiag bench``: one measured ratio, count or size per row, with its target and method.
+BENCH_COLUMNS = ("benchmark", "subject", "baseline", "value", "unit", "target", "met", "method")
 
 # fp16's largest finite value and smallest subnormal, and GradScaler's initial scale: the headroom of the first
 # scaled backward pass of nnU-Net's CUDA training. Quoted by the producer's checks and by the reports' figures and

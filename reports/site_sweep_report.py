@@ -15,7 +15,8 @@ import pandas as pd
 
 from .html import RenderedReport, Section, write_report
 from .recommendation import EpsUnits, RecommendationRule, headline_table, recommend
-from .tables import ReportInputError, markdown_table, read_table, setting_label, write_json, write_table
+from .schema import ReportInputError, write_json
+from .tables import markdown_table, read_table, setting_label, write_table
 
 TITLE = "geodiag sweep of your loss's bound"
 ROWS_FILE = "site_sweep.csv"

@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 
 from .schema import ReportInputError, write_bytes, write_text
-# Re-exported for callers not yet moved to schema (diagnostics/nnunet/monitor.py); new code imports schema.
-from .schema import read_json, write_json  # noqa: F401
 
 
 def parquet_available() -> bool:

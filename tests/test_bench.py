@@ -3,16 +3,20 @@ import csv
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from geodiag.diagnostics.tools import bench
+from geodiag.diagnostics.instruments.errors import ArgumentError
+from geodiag.diagnostics.instruments.host_sync import count_host_syncs
+from geodiag.diagnostics.tools import bench, bench_common, bench_device, bench_histogram
+from geodiag.reports.schema import BENCH_COLUMNS
 from geodiag.diagnostics.cli import main
 
 
 def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_path, capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
-    assert rows and tuple(rows[0]) == bench.COLUMNS
+    assert rows and tuple(rows[0]) == BENCH_COLUMNS
     assert {r["benchmark"] for r in rows} >= {"monitor overhead", "provenance overhead", "loss share of a step",
                                               "vectorisation", "clamp sweep", "histogram", "host syncs",
                                               "peak memory"}
@@ -25,30 +29,33 @@ def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_pa
 
 
 def test_loss_forward_and_backward_read_nothing_back_to_the_host():
-    rows = bench.bench_host_syncs(bench.SCALES["quick"], torch.device("cpu"), bench.Clock(torch.device("cpu")))
+    cpu = torch.device("cpu")
+    rows = bench_device.bench_host_syncs(bench_common.SCALES["quick"], cpu, bench_common.Clock(cpu))
     assert [row.value for row in rows] == [0] * len(rows)
 
 
 def test_host_read_detector_flags_an_item_call():
-    count, _ = bench.count_host_syncs(lambda: torch.ones(3).sum().item(), torch.device("cpu"))
+    count, _ = count_host_syncs(lambda: torch.ones(3).sum().item(), torch.device("cpu"))
     assert count == 1
 
 
 def test_tensorboard_path_counts_match_numpy_on_tensorboards_default_edges():
-    edges = bench.tensorboard_default_bins()
+    edges = bench_histogram.tensorboard_default_bins()
     assert edges[len(edges) // 2] == 0.0 and np.all(np.diff(edges) > 0)
     values = torch.tensor([-2.0, 1e-3, 0.5, 7.0])
-    result = bench.tensorboard_histogram(values, edges)
+    result = bench_histogram.tensorboard_histogram(values, edges)
     assert result["counts"].sum() == 4 and result["sum_squares"] == float((values.double() ** 2).sum())
 
 
 def test_unknown_benchmark_is_a_one_line_user_error(tmp_path, capsys):
     assert main(["bench", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert "unknown benchmark 'nope' in --only" in capsys.readouterr().err
+    with pytest.raises(ArgumentError, match="unknown benchmark 'nope' in only;"):
+        bench.run_bench("cpu", quick=True, only=["nope"])  # a library caller is told the argument's name
 
 
 def _missed(scale, device, clock):
-    return [bench.Result("histogram", "a subject", "a baseline", 2.0, "x faster", ">= 10x", False, "")]
+    return [bench_common.Result("histogram", "a subject", "a baseline", 2.0, "x faster", ">= 10x", False, "")]
 
 
 def test_check_exits_non_zero_naming_each_missed_target_on_one_line(tmp_path, capsys, monkeypatch):
@@ -72,3 +79,30 @@ def test_readme_table_lists_the_rows_with_a_target_and_the_header_names_versions
     lines = table.strip().splitlines()
     assert lines[0] == "| measured | vs | value | target | met |"
     assert len(lines) == 2 + sum(1 for r in rows if r["target"])
+
+
+def test_the_timed_step_is_built_by_the_trainers_own_methods():
+    """Its loss is nnU-Net's _build_loss (Dice+CE with the deep-supervision weights 1/2^i, the last 0), its optimizer
+    configure_optimizers' SGD, its clip the trainer's: written out here from nnU-Net's code, independently."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from geodiag.diagnostics.tools.bench_step import NnUNetStep
+    from geodiag.losses.nnunet_trainer import CLIP_NORM
+
+    scale = bench_common.SCALES["quick"]
+    step = NnUNetStep(scale, torch.device("cpu"))
+    heads = len(scale.features) - 1
+    weights = np.array([1 / 2 ** i for i in range(heads)])
+    weights[-1] = 0
+    assert np.allclose(step.dc_ce.weight_factors, weights / weights.sum())
+    dc_ce = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                           weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    with torch.no_grad():
+        outputs = step.network(step.image)
+        expected = sum(w * dc_ce(o, t) for w, o, t in zip(weights / weights.sum(), outputs, step.targets) if w)
+        assert float(step.dc_ce(outputs, step.targets)) == pytest.approx(float(expected), rel=1e-6)
+    group = step.optimizer.param_groups[0]
+    assert type(step.optimizer) is torch.optim.SGD
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-2, 0.99, True, 3e-5)
+    assert step.clip_norm == CLIP_NORM

@@ -64,8 +64,8 @@ def _histogram_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     rows += [dict(precision="fp32", tensor="compactness", kind="grad", bin_low=10 ** -2.5, bin_high=10 ** -2.25,
                   count=1)]
     base = dict(precision="fp32", nan=0, posinf=0, neginf=0, zero=0, subnormal=0, negative=0, fp16_overflow=0,
-                fp16_underflow=0, bf16_overflow=0, bf16_underflow=0, min=0.0, max=0.0, mean=0.0, p50=0.0, p90=0.0,
-                p99=0.0, p999=0.0)
+                fp16_underflow=0, bf16_overflow=0, bf16_underflow=0, min=0.0, max=0.0, mean=0.0, abs_min=0.0,
+                abs_p50=0.0, abs_p90=0.0, abs_p99=0.0, abs_p999=0.0, abs_max=0.0)
     stats = [dict(base, tensor="compactness.grad_mag_squared", kind="value", count=int(counts.sum()) + 7, zero=5,
                   nan=2),
              dict(base, tensor="compactness", kind="value", count=3),

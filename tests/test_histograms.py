@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from geodiag.diagnostics.instruments.histograms import BinLayout, LogHistogram, decade_grid
+from geodiag.diagnostics.instruments.histogram_bins import BinLayout
+from geodiag.diagnostics.instruments.histograms import LogHistogram, decade_grid
 
 F32_TINY = 2.0 ** -126
 

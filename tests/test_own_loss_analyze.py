@@ -5,12 +5,10 @@ in numpy fp64 from the same whole-image prediction; the masked NaN comes from a 
 input; the recorded loss is the one geodiag's trainer wrote into geometric_settings.json during the real run.
 """
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.nnunet.cases import find_cases, predict_logits, preprocess

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.nnunet.cases import find_cases, predict_logits, preprocess

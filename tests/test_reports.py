@@ -88,8 +88,8 @@ def analysis_inputs(directory: Path, verdict: str = "non_finite_gradient", prove
                 nan = 4 if (precision, tensor, kind) == ("fp16", "compactness.sqrt_output", "grad") else 0
                 stats.append(dict(precision=precision, tensor=tensor, kind=kind, count=100, nan=nan, posinf=0,
                                   neginf=0, zero=3, subnormal=0, negative=0, fp16_overflow=0, fp16_underflow=0,
-                                  bf16_overflow=0, bf16_underflow=0, min=1e-6, max=5.0, mean=0.1, p50=0.03,
-                                  p90=0.3, p99=2.0, p999=4.0))
+                                  bf16_overflow=0, bf16_underflow=0, min=-5.0, max=5.0, mean=0.1, abs_min=1e-6,
+                                  abs_p50=0.03, abs_p90=0.3, abs_p99=2.0, abs_p999=4.0, abs_max=5.0))
                 bins += [dict(precision=precision, tensor=tensor, kind=kind, bin_low=10.0 ** b,
                               bin_high=10.0 ** (b + 1), count=10) for b in range(-6, 1)]
     pd.DataFrame(stats).to_csv(directory / "tensors.csv", index=False)

@@ -8,7 +8,9 @@ from typing import Callable
 import pytest
 import torch
 
-from geodiag.losses.nnunet_trainer import TrainingStateCorrupted, grad_scale_collapsed, nnUNetTrainerGeometric
+from geodiag.losses.nnunet_guard import TrainingStateCorrupted
+from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric
+from geodiag.losses.state_health import grad_scale_collapsed
 
 FAULT_EPOCH = 1
 

@@ -218,16 +218,44 @@ def test_watch_records_geodiags_own_trainer_with_its_taps_and_terms(tiny_dataset
     assert table[("logits", "value")]["count"] == 2 * 2 * pixels
 
 
+_BLOCK_TENSORBOARD = ("import sys\n"
+                      "class Block:\n"
+                      "    def find_spec(self, name, path=None, target=None):\n"
+                      "        if name.split('.')[0] == 'tensorboard':\n"
+                      "            raise ImportError('blocked: ' + name)\n"
+                      "sys.meta_path.insert(0, Block())\n"
+                      "from geodiag.diagnostics.cli import main\n"
+                      "sys.exit(main())\n")
+
+
 def test_watch_refuses_tensorboard_without_the_package(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-        pytest.skip("tensorboard is installed here")
-    except ImportError:
-        pass
-    proc = _geodiag(["watch", "--tensorboard", str(tmp_path / "tb"), "--", "nnUNetv2_train", "502", "2d", "0"],
-                    dict(os.environ))
+    """A machine without tensorboard (its import blocked here): a one-line error before nnU-Net starts."""
+    proc = subprocess.run([sys.executable, "-c", _BLOCK_TENSORBOARD, "watch", "--tensorboard", str(tmp_path / "tb"),
+                           "--", "nnUNetv2_train", "502", "2d", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--tensorboard needs the tensorboard package" in proc.stderr and not (tmp_path / "tb").exists()
+
+
+def test_watch_writes_its_scalars_and_its_own_bins_for_tensorboard(tiny_dataset_502, ext_folder, tmp_path):
+    """--tensorboard: the stock EventAccumulator reads back every iteration's loss as the CSV has it, and each
+    histogram's buckets are geodiag's own bin counts (no recomputation from values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerGeometricQuick", "--every", "2",
+                          "--tensorboard", str(board))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    events = EventAccumulator(str(board), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("watch/loss")}
+    rows = _rows(folder)
+    assert sorted(losses) == [int(r["iteration"]) for r in rows]
+    assert all(losses[int(r["iteration"])] == pytest.approx(float(r["loss"]), rel=1e-6) for r in rows)
+    recorded = json.loads((folder / "histograms_epoch_0000.json").read_text())
+    row = next(r for r in recorded["rows"] if r["name"] == "logits" and r["kind"] == "value")
+    [written] = [e for e in events.Histograms("logits/value |x|") if e.step == recorded["iterations"][1]]
+    assert written.histogram_value.num == sum(row["bin_counts"]) > 0
+    assert [int(c) for c in written.histogram_value.bucket] == [int(c) for c in row["bin_counts"]]
 
 
 def test_watch_works_with_a_compiled_network_and_replays_it_uncompiled(tiny_dataset_502, ext_folder, tmp_path):

@@ -16,6 +16,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="folder for bench.csv and bench.md (default %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats: checks that everything runs, figures are not meaningful")
+    parser.add_argument("--scale", choices=("quick", "full", "gpu"),
+                        help="sizes: full (default; the CPU figures), gpu (2D step 12x1x512^2 and batch-12 loss at "
+                             "512^2, memory up to 1024^2 and 128^3) or quick (same as --quick)")
     parser.add_argument("--only", type=options.names, metavar="NAMES",
                         help="comma-separated benchmarks: monitor, provenance, loss-share, vectorisation, sweep, "
                              "histogram, host-syncs, memory, autotaps (default: all)")
@@ -28,10 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from ..instruments.devices import resolve_device
 
     device = resolve_device(args.device)
-    results = run_bench(device, quick=args.quick, only=args.only,
+    results = run_bench(device, quick=args.quick, only=args.only, scale_name=args.scale,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    header = environment_line(device) + (" (--quick: sizes too small for the figures to mean much)"
-                                         if args.quick else "")
+    quick = args.quick or args.scale == "quick"
+    header = environment_line(device) + (" (--quick: sizes too small for the figures to mean much)" if quick else
+                                         f" (--scale {args.scale})" if args.scale else "")
     csv_path, md_path = write_results(results, args.out, header)
     print(to_markdown(results, header))
     print(f"wrote {csv_path}, {md_path} and {md_path.with_name('readme_table.md')} (the README's cost table)")

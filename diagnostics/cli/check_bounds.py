@@ -37,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..nonfinite.loss_spec import load_loss
 
     if args.list:
-        print("cases:")
-        for case in bounds.CASES.values():
-            print(f"  {case.name:<14}{case.description}")
-        print("settings:")
-        for name, kwargs in bounds.SETTINGS.items():
-            print(f"  {name:<14}{', '.join(f'{k}={v}' for k, v in kwargs.items())}")
+        _print_list(bounds)
         return 0
 
     device = torch.device(resolve_device(args.device))
@@ -77,10 +72,25 @@ def run(args: argparse.Namespace) -> int:
     if args.junit:
         _write(lambda: bounds.write_junit(outcomes, args.junit), args.junit, "JUnit file")
 
+    failed = _print_summary(outcomes, device, elapsed, args.update_baseline)
+    return 1 if failed else 0
+
+
+def _print_list(bounds) -> None:
+    print("cases:")
+    for case in bounds.CASES.values():
+        print(f"  {case.name:<14}{case.description}")
+    print("settings:")
+    for name, kwargs in bounds.SETTINGS.items():
+        print(f"  {name:<14}{', '.join(f'{k}={v}' for k, v in kwargs.items())}")
+
+
+def _print_summary(outcomes, device, elapsed: float, update_baseline: bool) -> list:
+    """The counts line, then one line per skipped run and per failure; returns the failed outcomes."""
     failed = [o for o in outcomes if not o.passed]
     skipped = [o for o in outcomes if o.skipped]
     unbaselined = sum(not o.baselined for o in outcomes if o.measured)
-    if args.update_baseline:
+    if update_baseline:
         note = "; analytic bounds only (--update-baseline)"
     else:
         note = f"; {unbaselined} without a baseline entry (ok*)" if unbaselined else ""
@@ -95,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"RAISED {m.case} / {m.setting} / {m.precision}: {outcome.error}")
         for regression in outcome.regressions:
             print(f"REGRESSION {regression}")
-    return 1 if failed else 0
+    return failed
 
 
 def _write(write, path: Path, what: str) -> None:

@@ -15,7 +15,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from geodiag.reports import tables
+    from geodiag.reports import schema
 
     from ..instruments.devices import resolve_device
     from ..nnunet.saved_step import build_trainer, load_step
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = build_trainer(step, device)
     result = replay_train_step(trainer, trainer.train_step, step.batch, rng_state=step.rng_state,
                                scaler_state=step.scaler_state)
-    path = tables.write_json(step.folder / f"replay_{device.type}.json", result)
+    path = schema.write_json(step.folder / f"replay_{device.type}.json", result)
     for run in result["runs"]:
         where = f"{run['phase']} {run['op']} at {run['site']}" if run["op"] else "no op flagged"
         print(f"{run['setting']:<26} loss {run['loss']:.6g}  non-finite {run['nonfinite']}  {where}  "

@@ -1,12 +1,11 @@
 """Where and in which precision a command runs: the device (CUDA when present and asked for, else the CPU), the
-autocast precisions, and the fp16 limits that nnU-Net's CUDA training runs into."""
+autocast precisions. (The fp16 limits nnU-Net's CUDA training runs into live in ``geodiag.reports.schema``,
+which the reports quote too.)"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
-
-from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE  # noqa: F401 - the one place, re-exported
 
 from .errors import ArgumentError, GeodiagError
 

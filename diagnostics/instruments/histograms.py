@@ -15,15 +15,14 @@ the moments. (fp64 input is counted by its exact rounding; torch casts fp64 to b
 """
 from __future__ import annotations
 
-import decimal
-import functools
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .histogram_bins import CELL_MASK, CELL_SHIFT, INF_BITS, MAGNITUDE, RAW_COUNTS, BinLayout, segments
 
 # The named counts of a summary row.
 SPECIAL_COUNTS = (
@@ -41,19 +40,6 @@ SPECIAL_COUNTS = (
     "bf16_underflow",  # 0 < |x| <= 2^-134
     "bf16_subnormal",  # 2^-134 < |x| < 2^-126 - 2^-134
 )
-# Where round-to-nearest-even sends |x| across a range boundary (each exact in fp32): the device counts
-# |x| against these, and the named counts are differences of them (``_named_counts``).
-_MAGNITUDE_PROBES = (
-    ("bf16_underflow_max", torch.le, 2.0 ** -134),      # ties to even: 2^-134 -> 0
-    ("bf16_normal_from", torch.lt, 2.0 ** -126 - 2.0 ** -134),  # ties to even: rounds up to 2^-126
-    ("fp32_normal_from", torch.lt, 2.0 ** -126),
-    ("fp16_underflow_max", torch.le, 2.0 ** -25),
-    ("fp16_normal_from", torch.lt, 2.0 ** -14 - 2.0 ** -25),
-    ("fp16_overflow_from", torch.ge, 65520.0),
-    ("bf16_overflow_from", torch.ge, (2.0 - 2.0 ** -8) * 2.0 ** 127),
-)
-# Raw device counts, in buffer order: element count, the direct checks, then the probes.
-_RAW_COUNTS = ("count", "nan", "posinf", "infinite", "zero", "negative") + tuple(p[0] for p in _MAGNITUDE_PROBES)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 _EXTREMA = 3  # min, -max, min |x|: the last entries of packed(), merged by minimum
 
@@ -74,147 +60,8 @@ def _named_counts(raw: dict[str, int]) -> dict[str, int]:
     }
 
 
-@dataclass(frozen=True)
-class BinLayout:
-    """Log10 bins of |x|: ``bins_per_decade`` per decade from 10^log10_min to 10^log10_max.
-
-    The defaults span fp32 from its smallest subnormal (1.4e-45) to its maximum (3.4e38). The first and
-    last bins are open-ended, so fp64 values outside that range still land in a bin.
-    """
-
-    bins_per_decade: int = 4
-    log10_min: int = -46
-    log10_max: int = 39
-
-    def __post_init__(self) -> None:
-        if self.bins_per_decade < 1 or self.log10_max <= self.log10_min:
-            raise ValueError(f"invalid bin layout {self}")
-
-    @property
-    def n_bins(self) -> int:
-        return self.bins_per_decade * (self.log10_max - self.log10_min)
-
-    def edges(self) -> np.ndarray:
-        """The n_bins + 1 bin edges of |x|: bin k holds edges[k] <= |x| < edges[k + 1] (the ends open)."""
-        return _values(_edge_bits(self))
-
-
-# ------------------------------------------------------------------ from a value's bits to its counts
-# Every count update() keeps is a step function of |x| on each sign: a bin, a rounding boundary of
-# _MAGNITUDE_PROBES, a threshold, zero, inf, NaN. The magnitudes where one of them steps ("cuts", kept as fp64 bit
-# patterns, whose order is the order of the magnitudes) split each sign into segments, and a value's segment says
-# every count it adds one to. update() reads each value as fp64 (exact for fp16, bf16 and fp32) and finds its
-# segment with integer ops on the bits: the top 19 (sign, exponent, 7 mantissa bits) name a cell, and the segment is
-# the cell's first segment plus the number of cuts inside the cell at or below the value. A cell spans 1/128 of a
-# binade and a bin 1/4 of a decade, so a cell holds at most one cut with the default layout and thresholds; that
-# one costs no comparison: with offset[cell] = cut - (first + 1) 2^45, (|bits| - offset[cell]) >> 45 is first + 1
-# from the cut on and first below it (|bits| - cut lies within +-2^45); a cell without a cut has offset =
-# cell start - first 2^45. Further cuts in a cell (a threshold next to a bin edge) are counted by comparison.
-# Then one bincount of the segments, folded into the counts through a fixed map (_Segments.source -> target).
-_CELL_SHIFT = 45
-_CELL_MASK = (1 << 19) - 1
-_MAGNITUDE = (1 << 63) - 1
-_INF_BITS = 0x7FF0000000000000
-_NAN_END = _MAGNITUDE              # the largest magnitude pattern (a NaN)
 _CHUNK = 1 << 16                   # elements per pass on the CPU: the scratch buffers stay in cache
 _CHUNK_DEVICE = 1 << 22            # elsewhere few large passes (each op is a kernel launch)
-
-
-def _fp64_bits(value: float) -> int:
-    return int(np.array(value, dtype=np.float64).view(np.int64))
-
-
-def _values(magnitude_bits: np.ndarray) -> np.ndarray:
-    return np.asarray(magnitude_bits, dtype=np.int64).view(np.float64)
-
-
-@functools.lru_cache(maxsize=None)
-def _edge_bits(layout: BinLayout) -> np.ndarray:
-    """The fp64 bits of the bin edges 10^(log10_min + k / bins_per_decade), k = 0 .. n_bins, each rounded to the
-    nearest fp64 (decimal arithmetic at 40 digits), as ``10.0 ** e`` would be if it were correctly rounded: a
-    threshold written as 1e-7 then falls on the same cut as the bin edge at 10^-7."""
-    context = decimal.Context(prec=40)
-    exponents = (decimal.Decimal(layout.log10_min * layout.bins_per_decade + k) / layout.bins_per_decade
-                 for k in range(layout.n_bins + 1))
-    return np.array([_fp64_bits(float(context.power(10, e))) for e in exponents], dtype=np.int64)
-
-
-def _targets(values: np.ndarray, layout: BinLayout, thresholds: tuple) -> list[tuple[int, ...]]:
-    """Per value, the positions of LogHistogram._counts it adds one to: the definition update() must match."""
-    mag = np.abs(values)
-    nan = np.isnan(values)
-    with np.errstate(invalid="ignore"):
-        flags = [nan, values == np.inf, mag == np.inf, mag == 0, values < 0]
-        ops = {torch.le: np.less_equal, torch.lt: np.less, torch.ge: np.greater_equal}
-        flags += [ops[compare](mag, bound) for _, compare, bound in _MAGNITUDE_PROBES]
-        bucket = np.sum([values >= t for t in thresholds], axis=0, dtype=np.int64) + nan * len(thresholds)
-    bins = np.where(nan, 0, np.searchsorted(_values(_edge_bits(layout)[1:-1]), mag, side="right"))
-    n_raw = len(_RAW_COUNTS)
-    columns = [np.zeros(len(values), dtype=np.int64)]  # "count": every element
-    columns += [np.where(f, i + 1, -1) for i, f in enumerate(flags)]
-    columns.append(n_raw + bins)
-    if thresholds:
-        columns.append(n_raw + layout.n_bins + bucket)
-    return [tuple(int(c) for c in row if c >= 0) for row in np.stack(columns, axis=1)]
-
-
-@dataclass
-class _Segments:
-    """The lookup of one (layout, thresholds) on one device; see the comment above."""
-    offset: torch.Tensor       # per cell, see the comment above
-    below_cut: list            # per further cut inside a cell, per cell: the pattern just below it
-    count: int                 # number of segments, both signs
-    source: torch.Tensor       # segment ...
-    target: torch.Tensor       # ... adds its count into this position of LogHistogram._counts
-
-
-_SEGMENTS: dict = {}
-
-
-def _segments(layout: BinLayout, thresholds: tuple, device: torch.device) -> _Segments:
-    """Build (once per layout, thresholds and device) the cuts, the cell tables and the fold map."""
-    key = (layout, thresholds, device)
-    if key in _SEGMENTS:
-        return _SEGMENTS[key]
-    candidates = [int(b) for b in _edge_bits(layout)[1:-1]] + [1, _INF_BITS, _INF_BITS + 1]
-    candidates += [_fp64_bits(bound) + (compare is torch.le) for _, compare, bound in _MAGNITUDE_PROBES]
-    half = 1 << 18  # cells per sign
-    cell_start = (np.arange(2 * half, dtype=np.int64) % half) << _CELL_SHIFT
-    first = np.zeros(2 * half, dtype=np.int64)
-    inside: dict[int, list[int]] = {}
-    source, target, offset = [], [], 0
-    for sign in (0, 1):  # x < t: for t > 0 the positive side steps at t, for t <= 0 the negative one just above |t|
-        side = candidates + [_fp64_bits(abs(t)) + sign for t in thresholds if (t > 0) == (sign == 0)]
-        side = np.unique([c for c in side if 0 < c <= _NAN_END])
-        low = np.concatenate([[0], side])  # each candidate segment's lowest and highest pattern
-        high = np.concatenate([side - 1, [_NAN_END]])
-        at_low, at_high = (_targets(-_values(ends) if sign else _values(ends), layout, thresholds)
-                           for ends in (low, high))
-        # each count is monotone in |x| on a sign: equal at both ends means constant in between
-        assert at_low == at_high, "LogHistogram: a count steps between two cuts"
-        keep = [0] + [i for i in range(1, len(low)) if at_low[i] != at_low[i - 1]]
-        cuts = low[keep[1:]]
-        for segment, i in enumerate(keep):
-            source += [offset + segment] * len(at_low[i])
-            target += list(at_low[i])
-        cells = slice(sign * half, (sign + 1) * half)
-        first[cells] = offset + np.searchsorted(cuts, cell_start[cells], side="right")
-        for cut in cuts:
-            cell = int(cut >> _CELL_SHIFT) + sign * half
-            if cut > cell_start[cell]:
-                inside.setdefault(cell, []).append(int(cut))
-        offset += len(cuts) + 1
-    offsets = cell_start - (first << _CELL_SHIFT)
-    below_cut = np.full((max(map(len, inside.values()), default=1) - 1, 2 * half), _NAN_END, dtype=np.int64)
-    for cell, (cut, *further) in inside.items():
-        offsets[cell] = cut - ((first[cell] + 1) << _CELL_SHIFT)
-        below_cut[:len(further), cell] = np.array(further, dtype=np.int64) - 1
-    segments = _Segments(offset=torch.from_numpy(offsets).to(device),
-                         below_cut=[torch.from_numpy(level).to(device) for level in below_cut], count=offset,
-                         source=torch.tensor(source, dtype=torch.int64, device=device),
-                         target=torch.tensor(target, dtype=torch.int64, device=device))
-    _SEGMENTS[key] = segments
-    return segments
 
 
 class LogHistogram:
@@ -232,7 +79,7 @@ class LogHistogram:
         self.layout = layout
         self.thresholds = thresholds
         self.device = torch.device(device)
-        n_raw = len(_RAW_COUNTS)
+        n_raw = len(RAW_COUNTS)
         # One int64 buffer (raw counts | bins | threshold buckets) so merging is one add / one all_reduce.
         self._counts = torch.zeros(n_raw + layout.n_bins + len(thresholds) + 1, dtype=torch.int64,
                                    device=self.device)
@@ -252,7 +99,7 @@ class LogHistogram:
         if not flat:
             return
         chunk = min(max(x.numel() for x in flat), _CHUNK if self.device.type == "cpu" else _CHUNK_DEVICE)
-        lookup = _segments(self.layout, self.thresholds, self.device)
+        lookup = segments(self.layout, self.thresholds, self.device)
         counts = torch.zeros(lookup.count, dtype=torch.int64, device=self.device)
         wide = torch.empty(chunk, dtype=torch.float64, device=self.device)
         cell, magnitude, segment, scratch = (torch.empty(chunk, dtype=torch.int64, device=self.device)
@@ -266,10 +113,10 @@ class LogHistogram:
                 m = piece.numel()
                 value = wide[:m].copy_(piece)  # exact: fp64 holds every fp16, bf16 and fp32 value
                 bits = value.view(torch.int64)
-                key = torch.bitwise_right_shift(bits, _CELL_SHIFT, out=cell[:m]).bitwise_and_(_CELL_MASK)
-                mag = torch.bitwise_and(bits, _MAGNITUDE, out=magnitude[:m])
+                key = torch.bitwise_right_shift(bits, CELL_SHIFT, out=cell[:m]).bitwise_and_(CELL_MASK)
+                mag = torch.bitwise_and(bits, MAGNITUDE, out=magnitude[:m])
                 found = torch.index_select(lookup.offset, 0, key, out=segment[:m])
-                torch.sub(mag, found, out=found).bitwise_right_shift_(_CELL_SHIFT)
+                torch.sub(mag, found, out=found).bitwise_right_shift_(CELL_SHIFT)
                 for below in lookup.below_cut:
                     found.add_(torch.gt(mag, torch.index_select(below, 0, key, out=scratch[:m]), out=above[:m]))
                 counts.scatter_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
@@ -284,7 +131,7 @@ class LogHistogram:
         """Sum, sum of squares, min, -max and min |x| of ``value`` (fp64, overwritten) with its non-finite entries
         read as 0, ``mag`` its magnitude bits (NaN and Inf have the largest: they win the minimum only when alone).
         A min or max of 0 that a NaN or Inf made is told apart in ``summarize`` (``_extremum``)."""
-        smallest = mag.min().clamp_max_(_INF_BITS).view(torch.float64)
+        smallest = mag.min().clamp_max_(INF_BITS).view(torch.float64)
         value.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return [value.sum(), torch.dot(value, value), value.amin(), -value.amax(), smallest]
 
@@ -328,8 +175,8 @@ class LogHistogram:
     def summarize(self, packed: np.ndarray) -> dict:
         """A flat row from a host copy of ``packed()``: counts, fractions, signed extrema (min, max), extrema and
         quantiles of |x| (abs_min, abs_p50, ..., abs_max), mean, rms; all over the finite values."""
-        n_raw, n_bins = len(_RAW_COUNTS), self.layout.n_bins
-        raw = dict(zip(_RAW_COUNTS, (int(v) for v in packed[:n_raw])))
+        n_raw, n_bins = len(RAW_COUNTS), self.layout.n_bins
+        raw = dict(zip(RAW_COUNTS, (int(v) for v in packed[:n_raw])))
         special = _named_counts(raw)
         bins = packed[n_raw:n_raw + n_bins].copy()
         bins[0] -= raw["zero"] + raw["nan"]

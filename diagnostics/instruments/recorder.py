@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .histograms import BinLayout, LogHistogram, decade_grid
+from .histogram_bins import BinLayout
+from .histograms import LogHistogram, decade_grid
 
 KINDS = ("value", "grad", "local_derivative")
 # sqrt input tap -> the tap holding what the stabiliser acts on (s for the perimeter, tr^2 - 4 det for aspect).

@@ -11,17 +11,19 @@ syncs) into preallocated device buffers; ``rows()`` reads everything back in one
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from geodiag.losses.state_health import (DEFAULT_SCALE_FLOOR, momentum_buffers, nonfinite_flags, nonfinite_names,
+                                         rot_event)
 
 from .errors import GeodiagError
 
 # Per-step scalars, in buffer order; NaN where the quantity was not given.
 STEP_FIELDS = ("scale", "scale_decreased", "found_inf", "skipped", "inv_scale_finite", "grad_norm",
                "grad_norm_finite")
-DEFAULT_SCALE_FLOOR = 1.0  # below this a GradScaler shrinks gradients instead of protecting them from underflow
 
 Number = Union[torch.Tensor, float, bool]
 
@@ -110,10 +112,8 @@ class TrainingStateRecorder:
         values = [scale, decreased.to(torch.float64), found, skipped, inv_finite.to(torch.float64), norm,
                   torch.isfinite(norm).to(torch.float64)]
         if check_parameters:
-            weight_flags = self._nonfinite_flags(params, device)
-            momentum_flags = self._nonfinite_flags(
-                [optimizer.state.get(p, {}).get("momentum_buffer") if optimizer is not None else None for p in params],
-                device)
+            weight_flags = nonfinite_flags(params, device)
+            momentum_flags = nonfinite_flags(momentum_buffers(params, optimizer), device)
         else:
             weight_flags = momentum_flags = torch.full((len(params),), math.nan, dtype=torch.float64, device=device)
         self._series.append(torch.cat([torch.stack(values), weight_flags, momentum_flags]))
@@ -136,18 +136,6 @@ class TrainingStateRecorder:
             if isinstance(candidate, torch.Tensor):
                 return candidate.device
         return torch.device("cpu")
-
-    @staticmethod
-    def _nonfinite_flags(tensors: Sequence[Optional[torch.Tensor]], device: torch.device) -> torch.Tensor:
-        """1.0 per tensor holding a NaN or Inf, 0.0 if absent or empty: its min or max is then non-finite (NaN
-        propagates through both; exact, no overflow). One aminmax per tensor: ``_foreach_norm(inf)`` does the same in
-        one call but, measured on the CPU, over ten times slower."""
-        finite = torch.zeros((), dtype=torch.float64, device=device)
-        extrema = [torch.stack(torch.aminmax(t.detach())).to(device, torch.float64)
-                   if t is not None and t.numel() else finite.expand(2) for t in tensors]
-        if not extrema:
-            return torch.zeros(0, dtype=torch.float64, device=device)
-        return (~torch.isfinite(torch.stack(extrema)).all(dim=1)).to(torch.float64)
 
     def clear(self) -> None:
         """Drop the recorded rows (e.g. after writing an epoch); the last scale is kept to detect the next skip."""
@@ -228,8 +216,8 @@ def checkpoint_health(state_dict: dict, scale_floor: float = DEFAULT_SCALE_FLOOR
     optimizer_report = _nonfinite_report(optimizer_tensors)
 
     scaler_report = _scaler_report(state_dict.get("grad_scaler_state"), scale_floor)
-    healthy = (weight_report["nonfinite_elements"] == 0 and optimizer_report["nonfinite_elements"] == 0
-               and (scaler_report is None or (scaler_report["inv_scale_finite"] and not scaler_report["collapsed"])))
+    healthy = rot_event(scaler_report["scale"] if scaler_report else None, scale_floor,
+                        len(weight_report["nonfinite"]), len(optimizer_report["nonfinite"])) is None
     return {"weights": weight_report, "optimizer": optimizer_report, "grad_scaler": scaler_report,
             "healthy": healthy}
 
@@ -240,23 +228,18 @@ def _nonfinite_report(tensors: dict[str, torch.Tensor]) -> dict:
     A tensor saved under several names (nnU-Net's PlainConvUNet state dict holds each encoder weight as
     ``encoder.*``, ``decoder.encoder.*`` and ``...all_modules.*``) is counted once, under its first name.
     """
-    nonfinite = {}
-    total = elements = 0
-    seen: set[tuple] = set()
+    unique: dict[tuple, tuple[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         t = tensor.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key in seen:
-            continue
-        seen.add(key)
-        elements += t.numel()
-        if not t.is_floating_point():
-            continue
-        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        if nan or inf:
-            nonfinite[name] = {"nan": nan, "inf": inf, "numel": t.numel()}
-            total += nan + inf
-    return {"tensors": len(seen), "elements": elements, "nonfinite_elements": total, "nonfinite": nonfinite}
+        unique.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())),
+                          (name, t))
+    nonfinite = {}
+    for name in nonfinite_names(list(unique.values())):  # element counts only where the scan found any
+        t = tensors[name].detach()
+        nonfinite[name] = {"nan": int(torch.isnan(t).sum()), "inf": int(torch.isinf(t).sum()), "numel": t.numel()}
+    total = sum(entry["nan"] + entry["inf"] for entry in nonfinite.values())
+    elements = sum(t.numel() for _, t in unique.values())
+    return {"tensors": len(unique), "elements": elements, "nonfinite_elements": total, "nonfinite": nonfinite}
 
 
 def _scaler_report(scaler_state: Optional[dict], scale_floor: float) -> Optional[dict]:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from geodiag.reports import tables
+from geodiag.reports import schema
 
 JSON_FILE = "first_nonfinite.json"
 MARKDOWN_FILE = "first_nonfinite.md"
@@ -44,8 +44,8 @@ def _number(value: float) -> Optional[float | str]:
 
 
 def write(folder: Path, document: dict) -> Path:
-    tables.write_json(folder / JSON_FILE, document)
-    tables.write_text(folder / MARKDOWN_FILE, markdown(document))
+    schema.write_json(folder / JSON_FILE, document)
+    schema.write_text(folder / MARKDOWN_FILE, markdown(document))
     return folder / JSON_FILE
 
 

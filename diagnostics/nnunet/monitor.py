@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric, nnUNetTrainerGeometricQuick
-from geodiag.reports import tables
+from geodiag.reports import schema
 
 from ..instruments.recorder import Attachment, Recorder
 from ..instruments.training_state import TrainingStateRecorder
@@ -137,7 +137,7 @@ class TrainingMonitor:
                              len(state["nonfinite_momentum"]) if checked else "",
                              next(iter(state["nonfinite_weights"]), "")])
         previous = path.read_text() if path.exists() else ""
-        tables.write_text(path, previous + buffer.getvalue())
+        schema.write_text(path, previous + buffer.getvalue())
 
     def _write_histograms(self, epoch: int, rows: list[dict], state_summary: dict) -> None:
         layout = self.recorder.layout
@@ -151,7 +151,7 @@ class TrainingMonitor:
             "training_state": state_summary,
             "rows": rows,
         }
-        tables.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", document)
+        schema.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", document)
 
 
 # ---------------------------------------------------------------------- trainers

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from geodiag.reports import tables
+from geodiag.reports import schema
 
 from .checkpoint import load_checkpoint
 from ..instruments.errors import GeodiagError
@@ -56,7 +56,7 @@ def save_step(trainer, folder: Path, batch: dict, rng_state: torch.Tensor, scale
                 "scaler_state": scaler_state}, folder / BATCH_FILE)
     if with_state:
         _save_state(trainer, folder / STATE_FILE, scaler_state)
-    tables.write_json(folder / META_FILE, {**meta, "cases": keys, "trainer_name": type(trainer).__name__})
+    schema.write_json(folder / META_FILE, {**meta, "cases": keys, "trainer_name": type(trainer).__name__})
 
 
 def _save_state(trainer, path: Path, scaler_state: Optional[dict]) -> None:

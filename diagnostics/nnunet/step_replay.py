@@ -30,8 +30,10 @@ from torch import nn
 
 from geodiag.losses import GeometricLoss
 from geodiag.losses.nnunet_guard import StepGuard
+from geodiag.losses.state_health import nonfinite_flags
 
-from ..nonfinite.provenance import NonFiniteProvenance, ProvenanceReport
+from ..nonfinite.provenance import NonFiniteProvenance
+from ..nonfinite.provenance_report import ProvenanceReport
 
 CLASSIFICATIONS = ("maths", "precision", "scaler", "not-reproduced")
 _SOURCE = re.compile(r"^(?P<file>.*?):(?P<line>\d+) in (?P<function>[^:]*): ?(?P<code>.*)$")
@@ -103,7 +105,7 @@ def _run(trainer, train_step, batch: dict, setting: Setting, rng_state, scaler_s
         trainer.network, trainer.optimizer, trainer.grad_scaler = saved
         for handle in handles:
             handle.remove()
-    bad = [name for name, flag in gradient_flags.items() if not bool(flag)]
+    bad = [name for name, flag in gradient_flags.items() if bool(flag)]
     loss = float(result["loss"]) if isinstance(result, dict) and "loss" in result else math.nan
     return {"setting": setting.name, "loss": loss, "nonfinite": report is not None or not math.isfinite(loss),
             **describe(report), "reaches_parameter_gradients": bool(bad),
@@ -125,7 +127,7 @@ def _replica(network: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _flag_gradient(flags: dict, name: str):
     def hook(parameter: torch.Tensor) -> None:
-        flags[name] = torch.isfinite(parameter.grad).all()
+        flags[name] = nonfinite_flags([parameter.grad], parameter.grad.device)[0]
     return hook
 
 

@@ -33,7 +33,8 @@ import torch
 
 from geodiag.losses import GeometricLoss
 from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
-from geodiag.reports import tables
+from geodiag.losses.state_health import ROT_EVENTS
+from geodiag.reports import schema
 
 from ..instruments.errors import GeodiagError
 from ..instruments.recorder import Recorder
@@ -157,7 +158,7 @@ class Watch:
         if record.event in ("loss", "gradient") and self.options.on_nonfinite == "stop":
             self.flush()
             guard.stop(f"{guard.describe_event()}; see {self.folder / first_nonfinite.JSON_FILE}")
-        if record.event in ("scale", "weights", "momentum"):
+        if record.event in ROT_EVENTS:
             self.flush()
 
     def _explain(self, guard: StepGuard, batch: dict) -> None:
@@ -215,10 +216,10 @@ class Watch:
             writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)
-            tables.write_text(self.folder / f"iterations_epoch_{epoch:04d}.csv", buffer.getvalue())
+            schema.write_text(self.folder / f"iterations_epoch_{epoch:04d}.csv", buffer.getvalue())
         rows = self.recorder.snapshot()
         layout = self.recorder.layout
-        tables.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", {
+        schema.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", {
             "epoch": epoch, "iterations": [self._epoch_start, self.guard.iteration],
             "recorded_every": self.recorder.every,
             "layout": {"bins_per_decade": layout.bins_per_decade, "log10_min": layout.log10_min,

@@ -17,7 +17,6 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -26,6 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from geodiag.diagnostics.instruments.histograms import LogHistogram
+from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
                                                  is_inplace, numeric)
 
@@ -337,7 +337,7 @@ class AutoTaps:
         return site.counters
 
     # ------------------------------------------------------------------ read back
-    def result(self) -> "AutoTapResult":
+    def result(self) -> AutoTapResult:
         """Everything measured so far, read back from the device in one transfer."""
         self._reduce()
         parts, layout = [], []
@@ -368,7 +368,7 @@ class AutoTaps:
                 counters[site.index] = [int(v) for v in chunk]
         if self._masked:
             masked = host[offset:offset + len(self._order)]
-        return _assemble(self._order, histograms, counters, masked)
+        return assemble(self._order, histograms, counters, masked)
 
 
 def _flat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -390,97 +390,3 @@ def _clamp_bounds(name: str, args: tuple, kwargs: dict) -> tuple:
     low = args[1] if len(args) > 1 else kwargs.get("min")
     high = args[2] if len(args) > 2 else kwargs.get("max")
     return numeric(low), numeric(high)
-
-
-@dataclass
-class AutoTapResult:
-    """``sites``: one row per risky or host-sync site, in order of first call; ``masked_nonfinite``: sites whose
-    outputs held NaN/Inf in loss calls that returned a finite value; ``histograms``: (site, op, kind) -> row of
-    ``LogHistogram.summarize`` (kind: input, output, grad arriving at the output, local_derivative)."""
-
-    sites: list
-    masked_nonfinite: list
-    histograms: dict
-
-    def site(self, name: str, op: str) -> dict:
-        for row in self.sites:
-            if row["site"] == name and row["op"] == op:
-                return row
-        raise KeyError(f"{name} {op}")
-
-    def by_risk(self) -> list:
-        """The rows most likely behind a NaN first: non-finite gradients sent back, non-finite outputs, masked
-        non-finite outputs, then the largest share of elements held at a clamp bound (zero gradient), then the
-        largest local derivative, then host syncs."""
-        def risk(row: dict) -> tuple:
-            return (row["nonfinite_backward"] > 0, row["nonfinite_forward"] > 0, row["masked_calls"] > 0,
-                    row["at_bound_fraction"] or 0.0, row["max_local_derivative"] or 0.0, row["host_syncs"])
-        return sorted(self.sites, key=risk, reverse=True)
-
-
-def _assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapResult:
-    rows, masked_rows = [], []
-    for site in order:
-        if masked[site.index] > 0:
-            masked_rows.append({"site": site.name, "op": site.op, "calls": int(masked[site.index])})
-        if site.kind == "other":
-            continue
-        row = {"site": site.name, "op": site.op, "calls": site.calls, "nonfinite_forward": 0,
-               "nonfinite_backward": 0, "at_bound_fraction": None, "at_min_fraction": None,
-               "at_max_fraction": None, "max_abs_grad": None, "max_local_derivative": None,
-               "host_syncs": site.calls if site.kind == "host_sync" else 0, "masked_calls": int(masked[site.index])}
-        output = histograms.get((site.name, site.op, "output"))
-        if output is not None:
-            row["nonfinite_forward"] = output["nan"] + output["posinf"] + output["neginf"]
-        grad = histograms.get((site.name, site.op, "grad"))
-        if grad is not None and grad["finite"]:
-            row["max_abs_grad"] = max(abs(grad["min"]), abs(grad["max"]))
-        derivative = histograms.get((site.name, site.op, "local_derivative"))
-        if derivative is not None and derivative["finite"]:
-            row["max_local_derivative"] = max(abs(derivative["min"]), abs(derivative["max"]))
-        at_min, at_max, elements, nonfinite_backward = counters.get(site.index, (0, 0, 0, 0))
-        row["nonfinite_backward"] = nonfinite_backward
-        if site.op == "clamp" and elements:
-            lows = {b[0] for b in site.bounds}
-            highs = {b[1] for b in site.bounds}
-            row["at_min_fraction"] = at_min / elements if lows != {None} else None
-            row["at_max_fraction"] = at_max / elements if highs != {None} else None
-            row["at_bound_fraction"] = (at_min + at_max) / elements
-            row["bounds"] = sorted(site.bounds, key=str)
-        rows.append(row)
-    return AutoTapResult(rows, masked_rows, histograms)
-
-
-def autotap_overhead(loss: Callable, prediction: torch.Tensor, target: Optional[torch.Tensor] = None,
-                     repeats: int = 20) -> dict:
-    """Thread CPU time of the loss's forward + backward without and with automatic taps, measured side by side.
-
-    The two variants alternate (plain, tapped, plain, ...) after one warm-up of each, so drift of a shared machine
-    falls on both; the tapped time includes its ``result()`` read-back, spread over the ``repeats`` calls.
-    On CUDA each timed block ends with a synchronize so queued kernels are paid for by the block that issued them.
-    """
-    def step(taps: Optional[AutoTaps]) -> None:
-        leaf = prediction.detach().clone().requires_grad_(True)
-        value = taps.run(loss, leaf, target) if taps is not None else loss(leaf, target)
-        value.backward()
-
-    def finish() -> None:
-        if prediction.device.type == "cuda":
-            torch.cuda.synchronize(prediction.device)
-
-    warm = AutoTaps()
-    step(None), step(warm), warm.result(), finish()
-    taps, plain, tapped = AutoTaps(), 0.0, 0.0
-    for _ in range(repeats):
-        start = time.thread_time()
-        step(None)
-        finish()
-        middle = time.thread_time()
-        step(taps)
-        finish()
-        plain, tapped = plain + middle - start, tapped + time.thread_time() - middle
-    start = time.thread_time()
-    taps.result()
-    tapped += time.thread_time() - start
-    return {"plain_s": plain / repeats, "tapped_s": tapped / repeats, "ratio": tapped / plain, "repeats": repeats,
-            "clock": "thread CPU time"}

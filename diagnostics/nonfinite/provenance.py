@@ -23,18 +23,20 @@ How, and what it costs (see the module docstring of ``geodiag.diagnostics.nonfin
 
 Its cost, side by side with a plain step and detect_anomaly, is what ``geodiag bench`` measures (see the README).
 
+The mode and its per-op bookkeeping (slots, module and tap context, the blame) stay in this one module, a little
+over 400 lines: they share one step's state, and splitting them would spread that state over several modules.
+What a finding says (the report types) lives in ``provenance_report``.
+
 ``sync="op"`` reads each op's flag at once instead (a host sync per op) and captures full details of the
 producer while its tensors are alive; ``replay`` uses it. With ``sync="step"`` the producer's tensors are
 usually freed by then: its location, dtypes, shapes and input ranges are exact, output counts need a replay.
 """
 from __future__ import annotations
 
-import linecache
 import math
 import os
 import sys
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
@@ -42,90 +44,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..instruments.errors import GeodiagError
+from .provenance_report import ProvenanceReport, TensorSummary, source_line, summarize
 
 SYNC_MODES = ("step", "op")
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _THIS_FILE = __file__
-
-
-@dataclass(frozen=True)
-class TensorSummary:
-    """What is known about one input or output of the blamed op; counts are None when its values were freed."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    origin: str
-    max_abs_finite: Optional[float] = None
-    nan: Optional[int] = None
-    posinf: Optional[int] = None
-    neginf: Optional[int] = None
-
-    @property
-    def dtype_max(self) -> float:
-        return torch.finfo(self.dtype).max
-
-    @property
-    def finite(self) -> Optional[bool]:
-        if self.nan is None:
-            return None
-        return self.nan + self.posinf + self.neginf == 0
-
-    def describe(self) -> str:
-        text = f"{str(self.dtype).replace('torch.', '')}{list(self.shape)}"
-        if self.nan is not None and not self.finite:
-            text += f" with {self.nan} NaN, {self.posinf} +Inf, {self.neginf} -Inf"
-        if self.max_abs_finite is not None:
-            text += f", max abs finite {self.max_abs_finite:.3g} vs {_dtype_name(self.dtype)} max {self.dtype_max:.3g}"
-        if self.origin:
-            text += f" ({self.origin})"
-        return text
-
-
-@dataclass(frozen=True)
-class ProvenanceReport:
-    """The op that produced the first non-finite value of a step, with where it was and what went in and out.
-
-    ``produced`` is False when no op of the step produced one and this is the first op that received NaN/Inf
-    from outside the step (the batch, the weights): then the inputs say which.
-    """
-
-    step: int
-    phase: str
-    produced: bool
-    op: str
-    node: Optional[str]
-    forward_op: Optional[str]
-    module: Optional[str]
-    tap: Optional[str]
-    source: Optional[str]
-    inputs: tuple[TensorSummary, ...]
-    outputs: tuple[TensorSummary, ...]
-
-    @property
-    def message(self) -> str:
-        """One human-readable paragraph."""
-        where = []
-        if self.node:
-            where.append(f"autograd node {self.node}" + (f" of forward {self.forward_op}" if self.forward_op else ""))
-        if self.module:
-            where.append(f"module {self.module}")
-        if self.tap:
-            where.append(f"loss tap context {self.tap!r}")
-        if self.source:
-            where.append(f"source {self.source}")
-        what = ("produced the first non-finite value from finite inputs" if self.produced else
-                "received NaN/Inf from outside the step (no op of the step produced one)")
-        return (f"Step {self.step}, {self.phase}: {self.op}" + (f" [{'; '.join(where)}]" if where else "")
-                + f" {what}. Output " + "; ".join(o.describe() for o in self.outputs)
-                + ". Inputs: " + ("; ".join(i.describe() for i in self.inputs) or "none") + ".")
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 class _Op(NamedTuple):
@@ -429,7 +353,7 @@ class NonFiniteProvenance:
                 step_inputs_finite = step_inputs_finite and finite
             else:
                 live = ref()
-                summary = (_summarize(live, self._outside_origin(live)) if live is not None else
+                summary = (summarize(live, self._outside_origin(live)) if live is not None else
                            TensorSummary(dtype, shape, "from outside the step, freed before it could be checked"))
                 finite = summary.finite is not False
                 outside_inputs_finite = outside_inputs_finite and finite
@@ -442,7 +366,7 @@ class NonFiniteProvenance:
             names |= {forward.tap, forward.module}
         if names & self.allow:
             return
-        outputs = tuple(_summarize(ref(), "") if ref() is not None else
+        outputs = tuple(summarize(ref(), "") if ref() is not None else
                         TensorSummary(dtype, shape, f"{self._slot_contents(slot)}; values freed before step_end, "
                                                     "replay the batch for counts")
                         for slot, dtype, shape, ref in op.outputs)
@@ -451,7 +375,7 @@ class NonFiniteProvenance:
             produced=outside_inputs_finite, op=str(op.func), node=op.node,
             forward_op=str(forward.func) if forward is not None and op.node is not None else None,
             module=forward.module if forward else None, tap=forward.tap if forward else None,
-            source=_source(forward.code, forward.line) if forward else None,
+            source=source_line(forward.code, forward.line) if forward else None,
             inputs=tuple(inputs), outputs=outputs)
         if outside_inputs_finite:
             self._produced = report
@@ -494,24 +418,3 @@ def _read_back(ranges: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[floa
         for index, value in zip(indices, torch.stack([flat[i] for i in indices]).tolist()):
             values[index] = value
     return values
-
-
-def _summarize(t: torch.Tensor, origin: str) -> TensorSummary:
-    """Counts and max abs finite value of a live tensor (failure path only: a few syncs are fine here)."""
-    with torch.no_grad():
-        finite = torch.isfinite(t)
-        magnitude = torch.where(finite, t.abs(), torch.zeros((), dtype=t.dtype, device=t.device))
-        stats = torch.stack([
-            torch.isnan(t).sum().double(), torch.isposinf(t).sum().double(), torch.isneginf(t).sum().double(),
-            finite.any().double(), magnitude.max().double(),
-        ]).tolist()
-    nan, posinf, neginf, any_finite, max_abs = stats
-    return TensorSummary(t.dtype, tuple(t.shape), origin, max_abs_finite=max_abs if any_finite else None,
-                         nan=int(nan), posinf=int(posinf), neginf=int(neginf))
-
-
-def _source(code, line: Optional[int]) -> Optional[str]:
-    if code is None:
-        return None
-    text = linecache.getline(code.co_filename, line).strip()
-    return f"{code.co_filename}:{line} in {code.co_name}: {text}"

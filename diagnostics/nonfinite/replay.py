@@ -33,9 +33,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..instruments.devices import GRAD_SCALER_INITIAL_SCALE, PRECISIONS
+from geodiag.losses.state_health import nonfinite_names
+from geodiag.reports.schema import GRAD_SCALER_INITIAL_SCALE
+
+from ..instruments.devices import PRECISIONS
 from ..instruments.errors import GeodiagError
-from .provenance import NonFiniteProvenance, ProvenanceReport
+from .provenance import NonFiniteProvenance
+from .provenance_report import ProvenanceReport
 
 VERDICTS = ("maths", "fp32-range", "low-precision", "not-reproduced", "non-finite-input")
 
@@ -188,12 +192,7 @@ def _non_finite_inputs(model: Optional[nn.Module], batch: Any) -> str:
     named = [(f"batch[{i}]", v) for i, v in enumerate(tree_flatten(batch)[0])]
     if model is not None:
         named += list(model.named_parameters()) + list(model.named_buffers())
-    checked = [(name, v) for name, v in named if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
-    if not checked:
-        return ""
-    with torch.no_grad():
-        finite = torch.stack([torch.isfinite(v).all() for _, v in checked]).tolist()
-    return ", ".join(name for (name, _), ok in zip(checked, finite) if not ok)
+    return ", ".join(nonfinite_names([(name, v) for name, v in named if isinstance(v, torch.Tensor)]))
 
 
 def _device_of(model: Optional[nn.Module], batch: Any) -> torch.device:

@@ -24,11 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema, tables
 
 from ..instruments.devices import PRECISIONS, parse_precisions
 from ..instruments.errors import ArgumentError, GeodiagError
-from ..instruments.histograms import BinLayout, LogHistogram, decade_grid
+from ..instruments.histogram_bins import BinLayout
+from ..instruments.histograms import LogHistogram, decade_grid
 from ..instruments.recorder import THRESHOLDED, Recorder
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
@@ -38,7 +40,7 @@ from ..progress import Progress, progress_over
 from . import run_record
 from ..nonfinite.autotaps import AutoTaps
 from . import own_loss
-from .verdict import GEOMETRIC_TERMS, PASSES, checkpoint_state, failed, summarize
+from .verdict import PASSES, checkpoint_state, failed, summarize
 
 DEFAULT_PATCHES = 2
 
@@ -68,7 +70,7 @@ def _term_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch
         with handle:
             geometric_total = loss(leaf, label)
     terms = {"dc_ce": dice_ce(leaf, label)}
-    weights = {"compactness": getattr(loss, "compactness_weight", 0.0), "aspect": getattr(loss, "aspect_weight", 0.0)}
+    weights = {term: getattr(loss, f"{term}_weight", 0.0) for term in GEOMETRIC_TERMS}
     for term in GEOMETRIC_TERMS:
         if f"{term}.term" in seen:
             terms[term] = weights[term] * seen[f"{term}.term"].mean()

@@ -8,17 +8,21 @@ and v2.3 (the seed's arithmetic), on soft predictions of disks.
 """
 from __future__ import annotations
 
+import time
+from typing import Callable, Optional
+
 import torch
 
 from geodiag.losses import GeometricLoss
 
-from ..nonfinite.autotaps import AutoTaps, autotap_overhead
+from ..nonfinite.autotaps import AutoTaps
 
 TARGET_RATIO = 3.0
 
 
 def bench_autotaps(scale, device: torch.device, clock) -> list:
-    from .bench import Result, disk_labels, interleaved_medians, soft_logits
+    from .bench_common import Result, interleaved_medians
+    from .bench_step import disk_labels, soft_logits
 
     generator = torch.Generator().manual_seed(12)
     label = disk_labels(2, (scale.vector_size,) * 2, generator).to(device)
@@ -46,3 +50,38 @@ def bench_autotaps(scale, device: torch.device, clock) -> list:
                            ratio, "x", f"<= {TARGET_RATIO:g}x", ratio <= TARGET_RATIO,
                            f"median of {scale.repeats} interleaved repeats, {clock.name}"))
     return rows
+
+
+def autotap_overhead(loss: Callable, prediction: torch.Tensor, target: Optional[torch.Tensor] = None,
+                     repeats: int = 20) -> dict:
+    """Thread CPU time of the loss's forward + backward without and with automatic taps, measured side by side.
+
+    The two variants alternate (plain, tapped, plain, ...) after one warm-up of each, so drift of a shared machine
+    falls on both; the tapped time includes its ``result()`` read-back, spread over the ``repeats`` calls.
+    On CUDA each timed block ends with a synchronize so queued kernels are paid for by the block that issued them.
+    """
+    def step(taps: Optional[AutoTaps]) -> None:
+        leaf = prediction.detach().clone().requires_grad_(True)
+        value = taps.run(loss, leaf, target) if taps is not None else loss(leaf, target)
+        value.backward()
+
+    def finish() -> None:
+        if prediction.device.type == "cuda":
+            torch.cuda.synchronize(prediction.device)
+
+    warm = AutoTaps()
+    step(None), step(warm), warm.result(), finish()
+    taps, plain, tapped = AutoTaps(), 0.0, 0.0
+    for _ in range(repeats):
+        start = time.thread_time()
+        step(None)
+        finish()
+        middle = time.thread_time()
+        step(taps)
+        finish()
+        plain, tapped = plain + middle - start, tapped + time.thread_time() - middle
+    start = time.thread_time()
+    taps.result()
+    tapped += time.thread_time() - start
+    return {"plain_s": plain / repeats, "tapped_s": tapped / repeats, "ratio": tapped / plain, "repeats": repeats,
+            "clock": "thread CPU time"}

@@ -19,13 +19,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from geodiag.losses import GeometricLoss
+from geodiag.losses import GEOMETRIC_TERMS, GeometricLoss
 from geodiag.reports.sites_report import SITE_HISTOGRAM_COLUMNS
 
 from ..instruments.errors import GeodiagError
-from ..instruments.histograms import BinLayout
+from ..instruments.histogram_bins import BinLayout
 from ..nnunet.checkpoint import Checkpoint
-from ..nonfinite.autotaps import AutoTapResult
+from ..nonfinite.autotap_result import AutoTapResult
 from ..nonfinite.loss_spec import UserLoss, load_loss
 
 AnalysedLoss = Union[GeometricLoss, UserLoss]
@@ -59,7 +59,7 @@ def choose_loss(checkpoint: Checkpoint, classes: tuple[int, ...], spec: Optional
         if trainer is not None and hasattr(trainer, "geometric_preset"):
             preset = trainer.geometric_preset
             why = f"preset of geodiag's trainer {checkpoint.trainer_name} (no {SETTINGS_FILE} beside the checkpoint)"
-            kwargs.update(compactness_weight=trainer.compactness_weight, aspect_weight=trainer.aspect_weight,
+            kwargs.update({f"{term}_weight": getattr(trainer, f"{term}_weight") for term in GEOMETRIC_TERMS},
                           reference=trainer.geometric_reference)
     if stabilizer is not None:
         kwargs["stabilizer"] = stabilizer
@@ -84,8 +84,7 @@ def _read_settings(path: Path) -> dict:
         return {"geometric_preset": str(data["geometric_preset"]), "stabilizer": str(data["stabilizer"]),
                 "eps": float(data["eps"]), "aspect_formula": str(data["aspect_formula"]),
                 "sobel": str(data.get("sobel", "normalised")), "reference": str(data.get("reference", "target")),
-                "compactness_weight": float(weights.get("compactness", 0.0)),
-                "aspect_weight": float(weights.get("aspect", 0.0))}
+                **{f"{term}_weight": float(weights.get(term, 0.0)) for term in GEOMETRIC_TERMS}}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise GeodiagError(f"{path} is not a geodiag geometric_settings.json: {type(exc).__name__}: {exc}") from None
 

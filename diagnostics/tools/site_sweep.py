@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import pandas as pd
 import torch
 
-from geodiag.reports import tables
+from geodiag.reports import schema, tables
 from geodiag.reports.site_sweep_report import ROWS_FILE
 
 from ..instruments.devices import PRECISIONS
@@ -145,7 +145,7 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
                                  "bias_loss": (measured["loss"] / reference - 1.0
                                                if reference != 0 and math.isfinite(reference) else math.nan),
                                  **measured})
-            tables.write_text(folder / f"{_slug(files_of_case.name)}.csv", pd.DataFrame(rows).to_csv(index=False))
+            schema.write_text(folder / f"{_slug(files_of_case.name)}.csv", pd.DataFrame(rows).to_csv(index=False))
     row_files = sorted((out / "cases").glob("*/*.csv"))
     frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
     frame = frame.sort_values(["checkpoint", "case", "precision", "eps"], kind="stable").reset_index(drop=True)

@@ -7,14 +7,13 @@ import math
 import pandas as pd
 import torch
 
+from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema
+from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 
-from ..instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 from ..instruments.training_state import checkpoint_health
 from ..nnunet.checkpoint import Checkpoint
 
-# The geometric terms whose share of the gradient is reported.
-GEOMETRIC_TERMS = ("compactness", "aspect")
 # The two inputs each case is evaluated on (keys of a case result).
 PASSES = ("patches", "whole_image")
 

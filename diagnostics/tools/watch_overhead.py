@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from .bench import Clock, interleaved_medians
+from .bench_common import Clock, interleaved_medians
 from ..nnunet.watch import Watch, WatchOptions
 
 EVERY_NEVER = 10 ** 9  # always-on statistics only: histograms and the state scan at iteration 0 alone

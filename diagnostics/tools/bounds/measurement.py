@@ -12,8 +12,9 @@ import torch
 
 from geodiag.losses import GeometricLoss, preset_kwargs
 from geodiag.losses.geometry import sobel_gain
+from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 
-from ...instruments.devices import FP16_MAX, GRAD_SCALER_INITIAL_SCALE, PRECISIONS
+from ...instruments.devices import PRECISIONS
 from ...instruments.errors import GeodiagError
 from ...nonfinite.loss_spec import UserLoss
 from .cases import _validated
