@@ -23,8 +23,8 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import SEED_V23, SEED_V24
-from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS,
-                     read_json)
+from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS,
+                     TERM_GRADIENT_COLUMNS, read_json)
 from .tables import format_number, markdown_table, read_optional_table, read_table, setting_label
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.

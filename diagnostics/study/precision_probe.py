@@ -25,7 +25,8 @@ def _user_line(exc: BaseException, user_file: Path) -> str:
 
 
 def probe(checkpoint_path: Path, loss_spec: str, precisions: Sequence[str], device: str = "cpu") -> list[dict]:
-    """Rows (LOSS_PRECISION_COLUMNS of reports/schema.py without ``run``): per precision, whether the loss ran forward and backward, else why and where."""
+    """Rows (LOSS_PRECISION_COLUMNS of reports/schema.py without ``run``): per precision, whether the loss ran
+    forward and backward, else why and where."""
     from ..nnunet.cases import find_cases, predict_logits, preprocess
     from ..nnunet.checkpoint import load_checkpoint
     from ..nonfinite.loss_spec import load_loss

@@ -19,7 +19,8 @@ IMAGES = 40
 ITERATIONS = 20
 WARMUP = 5
 EPOCHS = WARMUP + 2
-TRAINERS = (("nnUNetTrainerSeedReplicaV23", seed_replica("V2.3")), ("nnUNetTrainerSeedReplicaV24", seed_replica("V2.4")),
+TRAINERS = (("nnUNetTrainerSeedReplicaV23", seed_replica("V2.3")),
+            ("nnUNetTrainerSeedReplicaV24", seed_replica("V2.4")),
             ("nnUNetTrainerGeometric", None))
 RUNS = tuple(RunSpec(dataset, trainer, epochs=EPOCHS, iterations=ITERATIONS, warmup=WARMUP, user=user)
              for dataset in (501, 502) for trainer, user in TRAINERS)

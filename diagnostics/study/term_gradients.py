@@ -70,7 +70,8 @@ def _trainer(checkpoint_path: Path, device: torch.device):
 
 def measure(checkpoint_path: Path, terms: Mapping[str, Term], batches: int, device: str = "cpu",
             seed: int = 0) -> list[dict]:
-    """Rows (``TERM_GRADIENT_COLUMNS`` of the study report): per training batch, Dice+CE and each term (value, gradients, share)."""
+    """Rows (``TERM_GRADIENT_COLUMNS`` of reports/schema.py without run, dataset and checkpoint): per training
+    batch, Dice+CE and each term (value, gradients, share)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     trainer = _trainer(checkpoint_path, dev)
