@@ -436,7 +436,7 @@ def causes_section(study: dict, runs: pd.DataFrame, sites: pd.DataFrame, clamps:
          "tell it apart": "the sites table of `analyze-checkpoint --loss` (`masked_calls`, `nonfinite_backward`)"},
         {"candidate": "one Inf gradient element turned into NaN weights by clip_grad_norm_ and SGD momentum",
          "here": f"non-finite training steps of the replica: {steps}",
-         "reproduced in the tests": "tests/test_watch_guard.py",
+         "reproduced in the tests": "tests/test_trainer.py (nnU-Net's own CPU train_step writes the NaN)",
          "tell it apart": "watch's iterations_epoch_*.csv (grad_norm, nonfinite weights/momentum) and "
                           "`--on-nonfinite skip`"},
         {"candidate": "a stale trainer copy in site-packages (the seed's warm-up 5 instead of 20)",

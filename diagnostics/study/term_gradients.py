@@ -11,9 +11,11 @@ settings.
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 Term = Callable[[list, list], torch.Tensor]  # (deep-supervision outputs, targets) -> weighted term value
@@ -71,7 +73,10 @@ def _trainer(checkpoint_path: Path, device: torch.device):
 def measure(checkpoint_path: Path, terms: Mapping[str, Term], batches: int, device: str = "cpu",
             seed: int = 0) -> list[dict]:
     """Rows (``TERM_GRADIENT_COLUMNS`` of reports/schema.py without run, dataset and checkpoint): per training
-    batch, Dice+CE and each term (value, gradients, share)."""
+    batch, Dice+CE and each term (value, gradients, share). ``seed`` seeds the loader's numpy and python draws and
+    torch's, so a study run again measures the same batches."""
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     dev = torch.device(device)
     trainer = _trainer(checkpoint_path, dev)
