@@ -29,12 +29,12 @@ from ..nnunet.environment import EXT_TRAINER_VAR, NnunetDirs, ext_trainer_value,
 from ..instruments.errors import GeodiagError
 from ..progress import counter
 from ..tools.run_record import check_out
+from ..nnunet.first_nonfinite import JSON_FILE as FIRST_NONFINITE
 from ..nnunet.plans import PLANS_NAME, TINY_CONFIGURATION, plan_and_preprocess
+from ..nnunet.watch import LAST_GOOD, WATCH_FOLDER, WatchOptions, run_watched
 from .replica import UserCode
 
 Log = Callable[[str], None]
-WATCH_FOLDER = "geodiag_watch"
-FIRST_NONFINITE = "first_nonfinite.json"
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,6 @@ def _schedule(run: RunSpec, advance: Callable[[], None]):
 def train(study: Study) -> None:
     """Each run as ``geodiag watch -- nnUNetv2_train DATASET 2d_tiny 0 -tr TRAINER -device DEVICE``, in process;
     nnU-Net's and watch's console output goes to the fold's train.log, the progress to the console."""
-    from ..nnunet.watch import WatchOptions, run_watched
-
     for run in study.runs:
         folder = study.fold_folder(run)
         if _finished(folder):
@@ -305,7 +303,7 @@ def switch_on_checkpoint(study: Study, run: RunSpec) -> Path:
     """The state after the first epoch trained with the geometric term; for a run watch stopped before that
     epoch ended, the last good state it saved before the first non-finite step."""
     path = _checkpoint(study, run, run.warmup)
-    stopped = study.fold_folder(run) / WATCH_FOLDER / "last_good.pth"
+    stopped = study.fold_folder(run) / WATCH_FOLDER / LAST_GOOD
     return path if path.is_file() or not stopped.is_file() else stopped
 
 
