@@ -428,7 +428,7 @@ def causes_section(study: dict, runs: pd.DataFrame, sites: pd.DataFrame, clamps:
                  + ("; ".join(f"the loss raises under {r}" for r in _raising(precisions)) or "no precision raised")
                  + "; the seed's train_step has no autocast",
          "reproduced in the tests": "tests/test_own_loss_*.py (check-bounds on fp16/bf16 inputs)",
-         "tell it apart": "`geodiag analyze-checkpoint last_good.pth --loss FILE.py:NAME --precisions fp32,bf16,fp16`; "
+         "tell it apart": "`geodiag analyze-checkpoint last_good.pth --loss FILE.py:NAME --precision fp32,bf16,fp16`; "
                           "`geodiag replay STEP --device cuda` (maths, precision or scaler)"},
         {"candidate": "a non-finite term hidden by NaN→0 masking, its gradient still NaN",
          "here": f"masked calls at the replica's sites: {masked}",
