@@ -330,8 +330,9 @@ def replica_sweep_section(replica_sweep: Optional[pd.DataFrame], replica_summary
                       f"holds at its bound (zero gradient) the median share {held}, and sends at most "
                       f"{_number(high['max_grad_logits'])} to a logit (1e-4: {_number(low['max_grad_logits'])}).")
         verdict = (replica_summary.get("verdict_clamp_1e-2") or {}).get("sentence")
-        if verdict:
-            answer += " " + verdict
+        if verdict:  # the sweep's own verdict pools every precision: say so, its medians differ from fp32's
+            pooled = ", ".join(sorted(replica_sweep["precision"].unique()))
+            answer += f" The sweep's verdict, its medians and maxima pooled over {pooled}: {verdict}"
     if headline is not None and len(headline):
         rows = []
         for stabilizer, eps in (SEED_V23, SEED_V24):

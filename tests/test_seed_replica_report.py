@@ -144,4 +144,5 @@ def test_clamp_answer_reads_the_replica_sweep_at_1e4_and_1e2(tmp_path):
     # medians over 2 runs x 3 cases of |bias| (x1, x2, x3): 2%*2 = 4% at 1e-2, 0.2% at 1e-4; maxima of grad_max x3
     assert answer == ("4. For the seed's design (fp32): clamp 1e-2 biases the loss by a median 4% (1e-4: 0.2%), holds "
                       "at its bound (zero gradient) the median share 40% compactness clamp (1e-4: 1%), 0% aspect "
-                      "clamp (1e-4: 0%), and sends at most 0.006 to a logit (1e-4: 0.003). VERDICT SENTENCE.")
+                      "clamp (1e-4: 0%), and sends at most 0.006 to a logit (1e-4: 0.003). The sweep's verdict, its "
+                      "medians and maxima pooled over fp16, fp32: VERDICT SENTENCE.")
