@@ -120,13 +120,13 @@ def test_a_one_argument_loss_is_swept_at_its_clamp(geometric_run, tmp_path):
 def test_a_precision_where_the_loss_raises_is_listed_and_left_out_of_the_rule(geometric_run, tmp_path):
     from test_own_loss_analyze import FP16_RAISING_LOSS, RAISING_LINE
 
-    loss_file = tmp_path / "area_dice.py"
+    loss_file = tmp_path / "edge_dice.py"
     loss_file.write_text(FP16_RAISING_LOSS)
     line = FP16_RAISING_LOSS.splitlines().index(RAISING_LINE) + 1
     out = tmp_path / "out"
     case = find_cases(load_checkpoint(geometric_run.final_checkpoint))[0]
-    code = main(["clamp-sweep", str(geometric_run.final_checkpoint), "--loss", f"{loss_file}:area_dice",
-                 "--site", f"area_dice.py:{line}", "--eps", "1,10", "--precision", "fp32,fp16", "--cases", case.name,
+    code = main(["clamp-sweep", str(geometric_run.final_checkpoint), "--loss", f"{loss_file}:edge_dice",
+                 "--site", f"edge_dice.py:{line}", "--eps", "1,10", "--precision", "fp32,fp16", "--cases", case.name,
                  "--out", str(out), "--device", "cpu"])
     assert code == 0
     rows = pd.read_csv(out / "site_sweep.csv")
@@ -141,4 +141,4 @@ def test_a_precision_where_the_loss_raises_is_listed_and_left_out_of_the_rule(ge
     headline = pd.read_csv(out / "headline.csv").sort_values("eps")
     assert list(headline["max_grad_max"]) == pytest.approx(list(fp32.sort_values("eps")["grad_max"]))
     markdown = (out / "report.md").read_text()
-    assert "Where the loss raised" in markdown and f"area_dice.py:{line}" in markdown and "precisions fp32." in markdown
+    assert "Where the loss raised" in markdown and f"edge_dice.py:{line}" in markdown and "precisions fp32." in markdown
