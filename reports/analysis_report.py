@@ -56,6 +56,13 @@ VERDICT_TEXT: dict[str, tuple[str, str, str]] = {
         "The scaler only hides the cause: find the op that made the scaled gradients non-finite (provenance "
         "below) and replay the batch in fp32 to tell a formula problem from fp16 range.",
     ),
+    schema.LOSS_RAISED: (
+        "bad",
+        "The loss raised an exception on some cases in some precisions (listed below with the line that raised): "
+        "a training step there would stop the run, and those evaluations have no loss or gradient to measure.",
+        "Fix the line named below for that precision (e.g. a clamp bound larger than fp16's maximum 65504 "
+        "under fp16 autocast), then analyse again; the precisions that ran are reported as measured.",
+    ),
     schema.NON_FINITE_LOSS: (
         "bad",
         "The loss itself is NaN or Inf on the replayed cases: the forward pass produced a non-finite value.",
@@ -235,6 +242,18 @@ def _provenance_section(summary: dict) -> Section:
                    + markdown_table(table.astype(object).where(table.notna(), None)))
 
 
+def _raised_section(summary: dict) -> Optional[Section]:
+    """Which case-precision pairs the loss raised on, at which of the user's lines, with what message."""
+    entries = summary.get("raised") or []
+    if not entries:
+        return None
+    table = pd.DataFrame(entries).reindex(columns=["precision", "case", "site", "message"])
+    return Section("Evaluations where the loss raised", (
+        "These case-precision pairs produced no loss: the loss raised at the line shown (the innermost frame of "
+        "the loss's own code). Their statistics are absent from every table above and below.\n\n"
+        + markdown_table(table)), tone="bad")
+
+
 def render(directory: str | Path) -> RenderedReport:
     """Render the analysis report in ``directory`` from the files ``geodiag analyze-checkpoint`` wrote there."""
     directory = Path(directory)
@@ -243,8 +262,9 @@ def render(directory: str | Path) -> RenderedReport:
     histograms = read_optional_table(directory / "histograms.csv", HISTOGRAM_COLUMNS)
     fractions = read_optional_table(directory / "eps_fractions.csv", EPS_FRACTION_COLUMNS)
     terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
-    sections = [_verdict_section(summary), _checkpoint_section(summary), _state_section(summary),
-                _closest_section(summary), _gradient_section(summary, terms)]
+    raised = _raised_section(summary)
+    sections = [_verdict_section(summary), *([raised] if raised else []), _checkpoint_section(summary),
+                _state_section(summary), _closest_section(summary), _gradient_section(summary, terms)]
     site_histograms = read_optional_table(directory / sites_report.HISTOGRAMS_FILE,
                                           sites_report.SITE_HISTOGRAM_COLUMNS)
     sections += sites_report.sections(directory, summary, site_histograms)

@@ -5,6 +5,8 @@ recommendation rule and the verdict on clamp 1e-2 are the built-in sweep's (``re
 loss's own value: the bias is the relative change of the loss against the fp64 loss at the smallest swept
 value, and the share of elements a clamp holds at its bound stands for the share with zero gradient there
 (a clamped element passes none). The loss has no perimeter/compactness/aspect of geodiag's, so those are absent.
+Rows where the loss raised (``raised`` set) have nothing to measure: the rule runs without them and the report
+lists them with the user's line.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ ROWS_FILE = "site_sweep.csv"
 REQUIRED = ("checkpoint", "case", "precision", "sites", "eps", "ref_eps", "loss", "ref_loss", "bias_loss",
             "grad_max", "grad_l2", "sqrt_deriv_max", "frac_below_eps", "nonfinite_loss", "nonfinite_grad",
             "masked_nonfinite", "stabilizer")
+# A row whose evaluation raised: the exception on one line and the user's file:line.
+RAISED_COLUMNS = ("raised", "raised_site")
 RULE = RecommendationRule(bias_column="median_abs_bias_loss")
 _TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
 
@@ -33,16 +37,23 @@ def units_for(sites: str) -> EpsUnits:
 
 def render(directory: str | Path) -> RenderedReport:
     directory = Path(directory)
-    rows = read_table(directory / ROWS_FILE, REQUIRED)
-    if rows.empty:
+    every = read_table(directory / ROWS_FILE, REQUIRED)
+    if every.empty:
         raise ReportInputError(f"{directory / ROWS_FILE} has no rows")
+    did_raise = every["raised"].notna() if "raised" in every else pd.Series(False, index=every.index)
+    rows, raised = every[~did_raise], every[did_raise].reindex(columns=["checkpoint", "case", "precision", "eps",
+                                                                         *RAISED_COLUMNS])
+    if rows.empty:
+        raise ReportInputError(f"{directory / ROWS_FILE}: the loss raised on every row, first "
+                               f"{raised['raised'].iloc[0]} at {raised['raised_site'].iloc[0]}")
     sites = str(rows["sites"].iloc[0])
     sweep = rows.assign(bias_perimeter=np.nan, bias_compactness=np.nan, bias_aspect=np.nan,
                         frac_zero_grad=rows["frac_below_eps"])
     rec = recommend(headline_table(sweep), RULE, units_for(sites))
     written = write_table(rec.candidates, directory / "headline.csv")
-    summary = write_json(directory / "summary.json", {**rec.summary(), "sites": sites.split(","),
-                                                      "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}"})
+    summary = write_json(directory / "summary.json", {
+        **rec.summary(), "sites": sites.split(","), "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}",
+        "raised": raised.to_dict(orient="records")})
     display = pd.DataFrame({
         "setting": [setting_label(s, e) for s, e in zip(rec.candidates["stabilizer"], rec.candidates["eps"])],
         "median abs loss bias (%)": 100 * rec.candidates["median_abs_bias_loss"],
@@ -66,6 +77,10 @@ def render(directory: str | Path) -> RenderedReport:
             "predicts it (no gradient into the network); every gradient here is the loss's gradient at those "
             "logits. Reference: the same loss in fp64 at the smallest swept value. Units: the eps are the bound "
             "at the site in the loss's own units.")),
+        *([Section("Where the loss raised", (
+            f"{len(raised)} row(s) produced no loss: the loss raised at the line shown. They are left out of the "
+            "rule, the headline table and the per-site table.\n\n" + markdown_table(raised)), tone="bad")]
+          if len(raised) else []),
         Section("Headline table", "Per swept value, pooled over checkpoints, cases and precisions. at bound: "
                 "share of the site clamp's elements moved to a bound (zero gradient there).\n\n"
                 + markdown_table(display)),

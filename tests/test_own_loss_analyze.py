@@ -180,3 +180,57 @@ def test_a_loss_going_nan_gets_its_verdict_provenance_and_site(geometric_run, tm
     assert row["nonfinite_forward"] > 0 and row["masked_calls"] == 0
     assert summary["provenance"] and summary["provenance"][0]["phase"] == "forward"
     assert "Sites (automatic taps)" in analysis_report.render(tmp_path / "out").markdown.read_text()
+
+
+# The seed replica's pattern: a clamp whose upper bound (1e6) does not fit fp16. Its input comes from a conv2d
+# (the Sobel edges), which autocast runs in fp16 whatever the softmax's dtype, so torch raises under fp16 ("value
+# cannot be converted to type c10::Half without overflow") on the patches and on the whole image alike; fp32 runs.
+FP16_RAISING_LOSS = '''import torch
+import torch.nn.functional as F
+
+SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def edge_dice(pred, target):
+    fg = pred[:, 1:2]
+    truth = (target > 0).to(fg.dtype)
+    kernel = torch.stack([SOBEL, SOBEL.T])[:, None].to(fg)
+    perimeter = F.conv2d(fg, kernel, padding=1).abs().sum()
+    perimeter = torch.clamp(perimeter, 10.0, 1e6)    # no division by a vanishing boundary
+    dice = 2 * (fg * truth).sum() / (fg.sum() + truth.sum() + 1e-5)
+    return 1 - dice + 0.01 * perimeter / perimeter.detach().mean()
+'''
+RAISING_LINE = "    perimeter = torch.clamp(perimeter, 10.0, 1e6)    # no division by a vanishing boundary"
+
+
+def test_a_loss_raising_in_fp16_is_a_finding_and_fp32_still_runs(geometric_run, tmp_path):
+    loss_file = tmp_path / "edge_dice.py"
+    loss_file.write_text(FP16_RAISING_LOSS)
+    line = FP16_RAISING_LOSS.splitlines().index(RAISING_LINE) + 1
+    out = tmp_path / "out"
+    args = ["analyze-checkpoint", str(geometric_run.final_checkpoint), "--max-cases", "1", "--precision", "fp32,fp16",
+            "--loss", f"{loss_file}:edge_dice", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "loss_raised"
+    (raised,) = summary["raised"]
+    assert raised["precision"] == "fp16" and raised["site"] == f"{loss_file}:{line}"
+    assert "c10::Half without overflow" in raised["message"] and raised["message"].startswith("RuntimeError")
+    case = raised["case"]
+    # fp32 ran and is healthy: finite loss and gradients on both passes, its sites and terms recorded
+    fp32 = json.loads((out / "cases" / "fp32" / f"{case}.json").read_text())
+    for name in ("patches", "whole_image"):
+        assert fp32[name]["nonfinite_loss"] == 0 and fp32[name]["nonfinite_logit_grad"] == 0
+    assert fp32["patches"]["network_gradients"]["nonfinite"] == 0
+    assert {r["precision"] for r in summary["sites"]} == {"fp32"}
+    assert any(r["site"] == f"{loss_file}:{line}" and r["op"] == "clamp" for r in summary["sites"])
+    assert set(read_table(out / "terms.csv").precision) == {"fp32"}
+    assert set(read_table(out / "tensors.csv").precision) == {"fp32"}
+    # the raised evaluation is a stored case result: a resumed run keeps it and concludes the same
+    stored = json.loads((out / "cases" / "fp16" / f"{case}.json").read_text())
+    assert stored["raised"] == {"message": raised["message"], "site": raised["site"]}
+    assert main(args + ["--resume"]) == 3
+    assert json.loads((out / "summary.json").read_text())["raised"] == summary["raised"]
+    markdown = analysis_report.render(out).markdown.read_text()
+    assert "loss raised" in markdown and "Evaluations where the loss raised" in markdown
+    assert f"edge_dice.py:{line}" in markdown and "c10::Half without overflow" in markdown

@@ -115,3 +115,30 @@ def test_a_one_argument_loss_is_swept_at_its_clamp(geometric_run, tmp_path):
     fraction = rows[f"at_bound_fraction[edge_loss.py:{line}]"]
     assert fraction.iloc[0] < fraction.iloc[1] <= 1 and (rows.nonfinite_grad == 0).all()
     assert rows["loss"].iloc[1] > rows["loss"].iloc[0]  # a higher floor under every |dx| raises their mean
+
+
+def test_a_precision_where_the_loss_raises_is_listed_and_left_out_of_the_rule(geometric_run, tmp_path):
+    from test_own_loss_analyze import FP16_RAISING_LOSS, RAISING_LINE
+
+    loss_file = tmp_path / "edge_dice.py"
+    loss_file.write_text(FP16_RAISING_LOSS)
+    line = FP16_RAISING_LOSS.splitlines().index(RAISING_LINE) + 1
+    out = tmp_path / "out"
+    case = find_cases(load_checkpoint(geometric_run.final_checkpoint))[0]
+    code = main(["clamp-sweep", str(geometric_run.final_checkpoint), "--loss", f"{loss_file}:edge_dice",
+                 "--site", f"edge_dice.py:{line}", "--eps", "1,10", "--precision", "fp32,fp16", "--cases", case.name,
+                 "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    rows = pd.read_csv(out / "site_sweep.csv")
+    fp32, fp16 = rows[rows.precision == "fp32"], rows[rows.precision == "fp16"]
+    assert sorted(fp32.eps) == [1, 10] and fp32["raised"].isna().all() and np.isfinite(fp32["loss"]).all()
+    assert sorted(fp16.eps) == [1, 10] and fp16["loss"].isna().all()
+    assert set(fp16["raised_site"]) == {f"{loss_file}:{line}"}
+    assert all("c10::Half without overflow" in m for m in fp16["raised"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(r["precision"], r["eps"]) for r in summary["raised"]} == {("fp16", 1.0), ("fp16", 10.0)}
+    # the rule pools the fp32 rows only
+    headline = pd.read_csv(out / "headline.csv").sort_values("eps")
+    assert list(headline["max_grad_max"]) == pytest.approx(list(fp32.sort_values("eps")["grad_max"]))
+    markdown = (out / "report.md").read_text()
+    assert "Where the loss raised" in markdown and f"edge_dice.py:{line}" in markdown and "precisions fp32." in markdown

@@ -10,7 +10,9 @@ checked too. The loss is the user's ``--loss`` or the one the run folder records
 both inputs it runs under automatic taps, whose sites (risky ops by source line) each case stores. Each case's
 results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so
 ``resume`` continues an interrupted run and the merged tables are the same as an uninterrupted run's;
-DIR/settings.json keeps ``resume`` from merging cases computed with other settings.
+DIR/settings.json keeps ``resume`` from merging cases computed with other settings. A loss that raises on a case
+in a precision (a clamp bound that does not fit fp16, say) is that case's result: the exception on one line and
+the user's line that raised it, stored like any other result; the other cases and precisions still run.
 """
 from __future__ import annotations
 
@@ -63,11 +65,12 @@ def _term_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch
     leaf = logits.detach().float().requires_grad_(True)
     seen: dict[str, torch.Tensor] = {}
     if not own_loss.tappable(loss):
-        geometric_total = loss(leaf, label)
+        with own_loss.raising_as_finding():
+            geometric_total = loss(leaf, label)
     else:
         handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t),
                                    names=[f"{t}.term" for t in GEOMETRIC_TERMS])
-        with handle:
+        with handle, own_loss.raising_as_finding():
             geometric_total = loss(leaf, label)
     terms = {"dc_ce": dice_ce(leaf, label)}
     weights = {term: getattr(loss, f"{term}_weight", 0.0) for term in GEOMETRIC_TERMS}
@@ -229,7 +232,8 @@ def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: own_lo
                out: Path, dev: torch.device, trust: bool, resume: bool, patches: int, augment: bool,
                progress: Optional[Progress]) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
     """Each case under each precision, written to OUT/cases/ as it finishes (a resumed run reads finished ones
-    back); returns the merged packed statistics per precision and every case's result."""
+    back); returns the merged packed statistics per precision and every case's result. A case whose loss raised
+    is stored as ``{case, precision, raised: {message, site}}`` with no statistics."""
     network = None
     packed_by_precision: dict[str, dict[str, np.ndarray]] = {}
     results = []
@@ -241,8 +245,12 @@ def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: own_lo
                 if network is None:
                     network = checkpoint.network(trust=trust).to(dev)
                     dice_ce = dice_ce_for(checkpoint)
-                packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision,
-                                              checkpoint.patch_size, dev, patches, augment)
+                try:
+                    packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision,
+                                                  checkpoint.patch_size, dev, patches, augment)
+                except own_loss.LossRaised as exc:
+                    network.zero_grad(set_to_none=True)
+                    packed, result = {}, {"case": files.name, "precision": precision, "raised": exc.record()}
                 buffer = io.BytesIO()
                 np.savez(buffer, **packed)
                 schema.write_bytes(npz_path, buffer.getvalue())
@@ -287,7 +295,8 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     from geodiag.reports import sites_report
 
     tables.write_table(own_loss.histogram_frame(site_histograms), out / sites_report.HISTOGRAMS_FILE)
-    terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t} for r in results for t in r["terms"]])
+    terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t}
+                          for r in results for t in r.get("terms", ())], columns=[*schema.TERM_COLUMNS, "grad_norm"])
     for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
                         (terms[list(schema.TERM_COLUMNS)], "terms")):
         tables.write_table(frame, out / f"{name}.csv")

@@ -4,7 +4,8 @@ Which loss: the SPEC the user typed (``--loss``); else the geometric settings ge
 run folder (``geometric_settings.json``, read as data: a name found there is never imported); else the preset
 of geodiag's trainer class named by the checkpoint; else the production preset. The summary says which and why.
 How it is called: a user's loss as nnU-Net's ``train_step`` calls its loss, inside the autocast of the network
-forward. Sites: every pass of every case runs the loss under ``AutoTaps``; a case stores its rows with the
+forward; a loss that raises (e.g. a clamp bound that does not fit fp16) raises ``LossRaised``, naming the user's
+line, so that one case in one precision becomes a finding and the others still run. Sites: every pass of every case runs the loss under ``AutoTaps``; a case stores its rows with the
 element counts behind each fraction and the input histograms of its sqrt and clamp sites, so rows merge over
 cases (and over a resumed run) by adding counts.
 """
@@ -27,6 +28,7 @@ from ..instruments.histogram_bins import BinLayout
 from ..nnunet.checkpoint import Checkpoint
 from ..nonfinite.autotap_result import AutoTapResult
 from ..nonfinite.loss_spec import UserLoss, load_loss
+from ..nonfinite.sites import exception_site
 
 AnalysedLoss = Union[GeometricLoss, UserLoss]
 SETTINGS_FILE = "geometric_settings.json"
@@ -97,14 +99,42 @@ def run_settings(loss: AnalysedLoss) -> dict:
             "sobel": loss.sobel}
 
 
+class LossRaised(Exception):
+    """The loss raised on one evaluation: ``message`` is the exception on one line, ``site`` the user's
+    ``file:line`` that made the failing call."""
+
+    def __init__(self, message: str, site: str):
+        super().__init__(f"{message} (at {site})")
+        self.message, self.site = message, site
+
+    def record(self) -> dict:
+        return {"message": self.message, "site": self.site}
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def raising_as_finding():
+    """Turns an exception of the loss into ``LossRaised``; geodiag's own errors (GeodiagError) pass through."""
+    try:
+        yield
+    except (GeodiagError, LossRaised):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's loss failing on an input is that input's finding
+        raise LossRaised(one_line(exc), exception_site(exc)) from exc
+
+
 def trainer_call(loss: AnalysedLoss, dtype: Optional[torch.dtype], device: torch.device) -> Callable:
     """``loss(logits, label)`` as nnU-Net's train_step makes it: a user's loss inside the forward's autocast
-    (its softmax is then what torch.softmax returns there); GeometricLoss as analyze has always called it."""
-    if not isinstance(loss, UserLoss) or dtype is None:
-        return loss
+    (its softmax is then what torch.softmax returns there); GeometricLoss as analyze has always called it. An
+    exception of the loss comes out as ``LossRaised``."""
+    autocast = isinstance(loss, UserLoss) and dtype is not None
 
     def call(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype):
+        with raising_as_finding(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=autocast):
             return loss(logits, label)
     return call
 

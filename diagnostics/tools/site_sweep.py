@@ -4,7 +4,9 @@ At each chosen site the clamp's ``min`` (or the constant added inside a sqrt) is
 run time (``BoundOverride``), the user's file untouched; the rest is the built-in sweep's protocol: one forward
 per case and precision (the whole image, predicted as nnU-Net predicts it, no gradient into the network), then
 every value re-evaluates only the loss on the same logits, under automatic taps. The reference is the same loss
-in fp64 at the smallest swept value. The eps are in the loss's own units, whatever they are.
+in fp64 at the smallest swept value. The eps are in the loss's own units, whatever they are. A value at which
+the loss raises in a precision (a clamp bound that does not fit fp16, say) gives a row with the exception and the
+user's line (``raised``, ``raised_site``) and no measurements; the report leaves it out of the rule and lists it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pandas as pd
 import torch
 
 from geodiag.reports import schema, tables
-from geodiag.reports.site_sweep_report import ROWS_FILE
+from geodiag.reports.site_sweep_report import RAISED_COLUMNS, REQUIRED, ROWS_FILE
 
 from ..instruments.devices import PRECISIONS
 from ..instruments.errors import GeodiagError
@@ -137,17 +139,29 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
                 dtype = PRECISIONS[precision]
                 with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     logits = predict_logits(network, case.image, patch_size)
-                reference = _reference(loss, logits, label, sites, eps[0])
+                where = {**item.meta, "case": case.name, "precision": precision, "sites": ",".join(sites),
+                         "ref_eps": eps[0]}
+                try:
+                    with own_loss.raising_as_finding():
+                        reference = _reference(loss, logits, label, sites, eps[0])
+                except own_loss.LossRaised as exc:
+                    rows += [{**where, "eps": value, "raised": exc.message, "raised_site": exc.site} for value in eps]
+                    continue
                 for value in eps:
-                    measured = evaluate_value(loss, logits, label, sites, value, dtype, dev)
-                    rows.append({**item.meta, "case": case.name, "precision": precision, "sites": ",".join(sites),
-                                 "eps": value, "ref_eps": eps[0], "ref_loss": reference,
+                    try:
+                        measured = evaluate_value(loss, logits, label, sites, value, dtype, dev)
+                    except own_loss.LossRaised as exc:
+                        rows.append({**where, "eps": value, "ref_loss": reference, "raised": exc.message,
+                                     "raised_site": exc.site})
+                        continue
+                    rows.append({**where, "eps": value, "ref_loss": reference,
                                  "bias_loss": (measured["loss"] / reference - 1.0
                                                if reference != 0 and math.isfinite(reference) else math.nan),
                                  **measured})
             schema.write_text(folder / f"{_slug(files_of_case.name)}.csv", pd.DataFrame(rows).to_csv(index=False))
     row_files = sorted((out / "cases").glob("*/*.csv"))
     frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
+    frame = frame.reindex(columns=[*frame.columns, *(c for c in (*REQUIRED, *RAISED_COLUMNS) if c not in frame)])
     frame = frame.sort_values(["checkpoint", "case", "precision", "eps"], kind="stable").reset_index(drop=True)
     tables.write_table(frame, out / ROWS_FILE)
     return frame

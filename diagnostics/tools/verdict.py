@@ -54,8 +54,12 @@ def _headroom(tensors: pd.DataFrame) -> dict:
     return best or {}
 
 
-def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
-    """The first failure mechanism that the evidence shows, in the order in which one causes the next."""
+def _verdict(health: dict, results: list[dict], raised: list[dict]) -> tuple[str, str]:
+    """The first failure mechanism that the evidence shows, in the order in which one causes the next: the
+    checkpoint's own state (weights, optimizer momentum, GradScaler) first, since it is already lost whatever the
+    loss does; then a loss that raised, which stops the training step outright (no value, nothing for GradScaler
+    to skip) and leaves that evaluation's loss and gradient unmeasured; then a non-finite loss, then a
+    non-finite gradient. ``results`` are the evaluations that ran, ``raised`` those whose loss raised."""
     if health["non_finite_weights"]:
         return schema.NON_FINITE_WEIGHTS, (f"{health['non_finite_weights']} non-finite weight values in "
                                       f"{len(health['non_finite_weight_tensors'])} tensors: training already wrote "
@@ -67,6 +71,11 @@ def _verdict(health: dict, results: list[dict]) -> tuple[str, str]:
     if health["grad_scaler_collapsed"]:
         return schema.GRAD_SCALER_COLLAPSED, (f"GradScaler scale {health['grad_scaler_scale']:.3g}: too many skipped "
                                          "steps; once 1/scale is inf, a finite step unscales to NaN")
+    if raised:
+        first = raised[0]
+        return schema.LOSS_RAISED, (f"the loss raised on {len(raised)} of {len(results) + len(raised)} case-precision "
+                                    f"pairs (first: {first['case']} in {first['precision']}: "
+                                    f"{first['raised']['message']} at {first['raised']['site']})")
     passes = [(r, name) for r in results for name in PASSES]
     bad_loss = [(r, name) for r, name in passes if r[name]["nonfinite_loss"]]
     if bad_loss:
@@ -103,8 +112,12 @@ def checkpoint_state(checkpoint: Checkpoint) -> dict:
 def summarize(checkpoint: Checkpoint, loss_settings: dict, state: dict, results: list[dict], tensors: pd.DataFrame,
                terms: pd.DataFrame, precisions: list[str], dev: torch.device, patches: int, augment: bool,
               n_cases: int) -> dict:
-    """summary.json: the verdict first, then what was measured on which inputs, and the figures behind it."""
-    verdict, reason = _verdict(state, results)
+    """summary.json: the verdict first, then what was measured on which inputs, and the figures behind it.
+    ``results`` holds every case-precision pair; those whose loss raised are listed under "raised" and
+    contribute no figures."""
+    raised = [r for r in results if "raised" in r]
+    results = [r for r in results if "raised" not in r]
+    verdict, reason = _verdict(state, results, raised)
     geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
     shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
     dc_ce_norm = terms.loc[terms.term == "dc_ce", "grad_norm"].mean() if len(terms) else math.nan
@@ -142,6 +155,7 @@ def summarize(checkpoint: Checkpoint, loss_settings: dict, state: dict, results:
                               if len(shares) and shares.notna().any() else {}),
         "provenance": [dict(r["provenance"], case=r["case"], precision=r["precision"])
                        for r in results if r["provenance"]],
+        "raised": [{"case": r["case"], "precision": r["precision"], **r["raised"]} for r in raised],
         "cases": n_cases,
     }
     return summary
