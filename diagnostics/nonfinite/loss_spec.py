@@ -89,7 +89,7 @@ def _import_file(spec: str, path: str):
         raise ArgumentError(f"{{loss}} {spec!r}: syntax error in {path} line {exc.lineno}: {exc.msg}", "loss") from None
     except Exception as exc:  # noqa: BLE001 - whatever the user's module raises on import is their input's problem
         del sys.modules[module_name]
-        raise ArgumentError(f"{{loss}} {spec!r}: importing {path} raised {_one_line(exc)}", "loss") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: importing {path} raised {one_line(exc)}", "loss") from None
     return module
 
 
@@ -101,12 +101,12 @@ def _import_module(spec: str, module_name: str):
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise ArgumentError(f"{{loss}} {spec!r}: no module named {exc.name!r}", "loss") from None
-        raise ArgumentError(f"{{loss}} {spec!r}: importing {module_name} raised {_one_line(exc)}", "loss") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: importing {module_name} raised {one_line(exc)}", "loss") from None
     except SyntaxError as exc:
         raise ArgumentError(f"{{loss}} {spec!r}: syntax error in {exc.filename} line {exc.lineno}: {exc.msg}",
                             "loss") from None
     except Exception as exc:  # noqa: BLE001
-        raise ArgumentError(f"{{loss}} {spec!r}: importing {module_name} raised {_one_line(exc)}", "loss") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: importing {module_name} raised {one_line(exc)}", "loss") from None
 
 
 def _as_loss(spec: str, candidate: object) -> Callable:
@@ -120,7 +120,7 @@ def _as_loss(spec: str, candidate: object) -> Callable:
     try:
         built = candidate()
     except Exception as exc:  # noqa: BLE001 - the user's factory failing is their input's problem
-        raise ArgumentError(f"{{loss}} {spec!r}: the factory raised {_one_line(exc)}", "loss") from None
+        raise ArgumentError(f"{{loss}} {spec!r}: the factory raised {one_line(exc)}", "loss") from None
     if not callable(built):
         raise ArgumentError(f"{{loss}} {spec!r}: the factory returned a {type(built).__name__}, not a callable loss",
                             "loss")
@@ -149,6 +149,7 @@ def _parameters(fn: Callable):
         return None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception of the user's code as one line: its type and the first line of its message."""
     message = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__

@@ -27,7 +27,7 @@ from ..instruments.errors import GeodiagError
 from ..instruments.histogram_bins import BinLayout
 from ..nnunet.checkpoint import Checkpoint
 from ..nonfinite.autotap_result import AutoTapResult
-from ..nonfinite.loss_spec import UserLoss, load_loss
+from ..nonfinite.loss_spec import UserLoss, load_loss, one_line
 from ..nonfinite.sites import exception_site
 
 AnalysedLoss = Union[GeometricLoss, UserLoss]
@@ -109,11 +109,6 @@ class LossRaised(Exception):
 
     def record(self) -> dict:
         return {"message": self.message, "site": self.site}
-
-
-def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @contextlib.contextmanager

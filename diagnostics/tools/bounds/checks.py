@@ -12,6 +12,7 @@ from geodiag.losses import GeometricLoss
 
 from ...instruments.devices import PRECISIONS
 from ...instruments.errors import GeodiagError
+from ...nonfinite.loss_spec import one_line
 from ...nonfinite.sites import exception_site
 from .baseline import Baseline
 from .cases import Case, _validated
@@ -115,7 +116,7 @@ def run_checks(losses: Mapping[str, LossFn], cases: Sequence[Case], precisions: 
                 except GeodiagError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the user's loss failing on a case is that case's finding
-                    error = f"{_one_line(exc)} (at {exception_site(exc)})"
+                    error = f"{one_line(exc)} (at {exception_site(exc)})"
                     outcomes.append(Outcome(_unmeasured(case.name, setting, precision), (), False, error=error))
                     continue
                 found = check_analytic(m) + (check_baseline(m, baseline) if baseline is not None else [])
@@ -139,7 +140,3 @@ def _unmeasured(case: str, setting: str, precision: str) -> Measurement:
                        grad_max=math.nan, grad_l2=math.nan, grad_nonfinite=0, headroom_log2=math.nan,
                        perimeter_grad_max=None, perimeter_bound=None, seconds=0.0)
 
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
