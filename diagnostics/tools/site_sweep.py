@@ -22,7 +22,7 @@ from geodiag.reports.site_sweep_report import RAISED_COLUMNS, REQUIRED, ROWS_FIL
 
 from ..instruments.devices import PRECISIONS
 from ..instruments.errors import GeodiagError
-from ..nnunet.cases import find_cases, predict_logits, preprocess
+from ..nnunet.cases import predict_logits, preprocess
 from ..nnunet.checkpoint import build_network
 from ..nonfinite.autotaps import AutoTaps
 from ..nonfinite.loss_spec import UserLoss, load_loss
@@ -30,7 +30,7 @@ from ..nonfinite.override import BoundOverride
 from ..nonfinite.sites import SiteSpec
 from ..progress import Progress, progress_over
 from . import own_loss, run_record
-from .sweep import _kth, _slug, load_sweep_items
+from .sweep import _kth, _slug, cases_to_do, load_sweep_items
 
 
 def parse_sites(text: Sequence[str]) -> list[str]:
@@ -119,17 +119,11 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
     run_record.check_and_record(out, {"loss": loss_spec, "loss_input": loss_input, "sites": list(sites),
                                       "eps": eps, "precisions": list(precisions)}, resume, has_results)
     dev = torch.device(device)
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     for item in items:
-        folder = case_dir / _slug(item.label)
-        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
-        if not files:
-            raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
-        todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+        folder, todo = cases_to_do(item, cases, max_cases, case_dir)
         if not todo:
             continue
-        patch_size = PlansManager(item.checkpoint.plans).get_configuration(item.checkpoint.configuration).patch_size
+        patch_size = item.checkpoint.patch_size
         network = build_network(item.checkpoint, trust=trust).to(dev)
         for files_of_case in progress_over(todo, item.label, progress):
             case = preprocess(item.checkpoint, files_of_case)

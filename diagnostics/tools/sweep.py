@@ -200,6 +200,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "checkpoint"
 
 
+def cases_to_do(item: CheckpointSweep, cases: Optional[str], max_cases: Optional[int],
+                case_dir: Path) -> tuple[Path, list]:
+    """The item's folder under ``case_dir`` and its labelled cases (at most ``max_cases``) whose per-case file is
+    not written yet: a resumed sweep computes only those."""
+    folder = case_dir / _slug(item.label)
+    files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
+    if not files:
+        raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
+    return folder, [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+
+
 def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[str] = None) -> list[CheckpointSweep]:
     """``[LABEL=]PATH`` specs (files or results folders; ``fold`` picks fold_<fold> in a results folder) as
     labelled checkpoints."""
@@ -239,11 +250,7 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
                                       "precisions": list(precisions), "aspect_formula": aspect_formula},
                                 resume, has_results)
     for item in items:
-        folder = case_dir / _slug(item.label)
-        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
-        if not files:
-            raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
-        todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+        folder, todo = cases_to_do(item, cases, max_cases, case_dir)
         if not todo:
             continue
         patch_size = item.checkpoint.patch_size
