@@ -87,18 +87,23 @@ def log10_edges(bins: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
+def log_count_bars(ax, bins: pd.DataFrame) -> None:
+    """Bars spanning log10 of each bin's own edges; counts on a log axis floored at 0.5, so a count of 1 shows."""
+    low, high = log10_edges(bins)
+    ax.bar(low, bins["count"].to_numpy(dtype=float), width=high - low, align="edge", color="#4c72b0",
+           edgecolor="none")
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, 2.0 * float(bins["count"].max()))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _draw_magnitudes(ax, bins: pd.DataFrame, xlim: tuple[float, float]) -> None:
     """Bars at log10 of the bins' edges on a log count axis whose floor (0.5) keeps a count of 1 visible."""
     drawn = bins[bins["count"] > 0]
     if drawn.empty:
         ax.text(0.5, 0.5, "no finite non-zero values", ha="center", va="center", transform=ax.transAxes, color="#777")
     else:
-        low, high = log10_edges(drawn)
-        ax.bar(low, drawn["count"].to_numpy(dtype=float), width=high - low, align="edge", color="#4c72b0",
-               edgecolor="none")
-        ax.set_yscale("log")
-        ax.set_ylim(0.5, 2.0 * float(drawn["count"].max()))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        log_count_bars(ax, drawn)
     for limit in FP16_LIMITS:
         ax.axvline(math.log10(limit), color="#c62828", lw=0.8, ls="--")
     ax.set_xlim(*xlim)

@@ -15,7 +15,6 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
-from matplotlib.ticker import NullFormatter
 
 from . import figures
 from .html import Figure, Section
@@ -100,12 +99,7 @@ def site_histogram(bins: pd.DataFrame, site: str, op: str, bounds: list) -> MplF
         if panel.empty:
             ax.text(0.5, 0.5, "no finite non-zero input", ha="center", va="center", transform=ax.transAxes)
         else:
-            p_low, p_high = figures.log10_edges(panel)
-            ax.bar(p_low, panel["count"].to_numpy(dtype=float), width=p_high - p_low, align="edge", color="#4c72b0",
-                   edgecolor="none")
-            ax.set_yscale("log")
-            ax.set_ylim(0.5, 2.0 * float(panel["count"].max()))
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            figures.log_count_bars(ax, panel)
         for value in lines:
             ax.axvline(math.log10(value), color="#c62828", lw=0.9, ls="--")
             ax.text(math.log10(value), 1.01, f"bound {format_eps(value)}", transform=ax.get_xaxis_transform(),
