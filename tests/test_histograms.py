@@ -1,15 +1,46 @@
 """LogHistogram: exact special-value counts at IEEE boundaries, bins and quantiles against numpy, merging,
-and accumulation that never reads a value back to the host."""
+and accumulation that never reads a value back to the host; every test on both update paths (the compiled CPU
+kernel and the torch ops that CUDA uses)."""
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from geodiag.diagnostics.instruments.histogram_bins import BinLayout
+from geodiag.diagnostics.instruments import histograms
 from geodiag.diagnostics.instruments.histograms import LogHistogram, decade_grid
 
 F32_TINY = 2.0 ** -126
+
+
+class _PortableKernel:
+    """The compiled kernel made to take its plain C loops where it would take the AVX2 one."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def count_fp32(self, *args):
+        return self.kernel.count_fp32(*args, True)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "kernel_portable", "torch"])
+def update_path(request, monkeypatch):
+    """Each test through the compiled kernel (CPU fp32/fp16/bf16) on both of its loops, and through the torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(histograms, "cpu_kernel", None)
+    elif histograms.cpu_kernel is None:
+        pytest.skip("the CPU kernel is not built here (no C compiler at install)")
+    elif request.param == "kernel_portable":
+        monkeypatch.setattr(histograms, "cpu_kernel", _PortableKernel(histograms.cpu_kernel))
+    return request.param
+
+
+def test_the_cpu_kernel_is_built_where_ci_requires_it():
+    """CI sets GEODIAG_REQUIRE_KERNEL: there a kernel that failed to build is a failure, not a silent fallback."""
+    if histograms.cpu_kernel is None and os.environ.get("GEODIAG_REQUIRE_KERNEL"):
+        pytest.fail("geodiag.diagnostics.instruments._histogram_kernel was not built")
 
 
 def _histogram(values, dtype=torch.float32, thresholds=()) -> dict:
@@ -184,6 +215,8 @@ def test_update_never_reads_a_value_back_to_the_host(dtype):
 def test_bad_thresholds_are_rejected():
     with pytest.raises(ValueError):
         LogHistogram(thresholds=(1e-2, 1e-3))
+    with pytest.raises(ValueError, match="6 significant digits"):  # both would be the column below_0.001
+        LogHistogram(thresholds=(1e-3, 1.0000001e-3))
 
 
 def _numpy_reference(values: np.ndarray, thresholds) -> dict:
@@ -325,3 +358,45 @@ def test_one_update_of_several_tensors_equals_one_update_each():
     for key in ("mean", "rms"):
         assert a.pop(key) == pytest.approx(b.pop(key))
     assert a == b
+
+
+def _state(values: torch.Tensor, thresholds) -> np.ndarray:
+    h = LogHistogram(thresholds=thresholds)
+    h.update(values)
+    return h.packed().numpy()
+
+
+@pytest.mark.parametrize("thresholds", [decade_grid(), (-1e-3, -1.00001e-3, 0.0, 1.0001e-2, 1.0002e-2, 3e-40)],
+                         ids=["eps_grid", "cuts_sharing_cells"])
+def test_kernel_and_torch_paths_give_the_same_state_bit_for_bit(update_path, monkeypatch, thresholds):
+    # The two paths read the bits differently (fp32 cells with binary search where a cell holds several cuts; fp64
+    # cells with comparisons): every count and extremum must agree exactly, the sums to rounding. The second set
+    # puts several cuts in one cell, in the normal range and among the subnormals.
+    if update_path == "torch":
+        pytest.skip("compares the kernel against the torch path")
+    thresholds = tuple(sorted(thresholds))
+    rng = np.random.default_rng(21)
+    around = np.array([t for t in thresholds if t] + [1e-3, 1e-2, 3e-40], dtype=np.float32)
+    near = [around]
+    for direction in (-np.inf, np.inf):
+        current = around
+        for _ in range(4):
+            current = np.nextafter(current, np.float32(direction))
+            near.append(current)
+    values = np.concatenate(near + [(rng.standard_normal(50000) * 10.0 ** rng.uniform(-45, 38, 50000)).astype(np.float32),
+                                    np.arange(0, 70000, 7, dtype=np.int32).view(np.float32),
+                                    np.array([0x7F800000, 0x7FC00001], dtype=np.int32).view(np.float32)])
+    values = torch.from_numpy(np.concatenate([values, -values]))
+    kernel = _state(values, thresholds)
+    monkeypatch.setattr(histograms, "cpu_kernel", None)
+    reference = _state(values, thresholds)
+    assert update_path.startswith("kernel")
+    extrema = 3
+    np.testing.assert_array_equal(kernel[:-extrema - 2], reference[:-extrema - 2])  # every count
+    np.testing.assert_array_equal(kernel[-extrema:], reference[-extrema:])
+    finite = values[torch.isfinite(values)].double()
+    assert kernel[-extrema - 2] == pytest.approx(reference[-extrema - 2], abs=1e-12 * float(finite.abs().sum()))
+    assert kernel[-extrema - 1] == pytest.approx(reference[-extrema - 1], rel=1e-12)
+    below = {t: float(np.sum(values.numpy().astype(np.float64) < t)) / values.numel() for t in thresholds}
+    h = LogHistogram(thresholds=thresholds)
+    assert [h.summarize(kernel)[f"below_{t:g}"] for t in thresholds] == [below[t] for t in thresholds]

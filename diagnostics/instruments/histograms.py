@@ -2,9 +2,11 @@
 
 Why: a NaN hunt needs the shape of a distribution over many steps (how many pixels sit near zero, how close
 values come to the fp16 range) without the host sync per step that makes Cockpit or TensorBoard histograms
-expensive. ``LogHistogram.update`` reads each value's bits in a few integer ops and counts them with one bincount
-(a ``scatter_add_`` into a fixed-size buffer: torch.bincount on CUDA reads its maximum back), with no ``.item()``
-and no boolean indexing, so it can run every step; ``packed()`` gives
+expensive. ``LogHistogram.update`` finds each value's count positions from its bits (``histogram_bins``): on the
+CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each value once (``_histogram_kernel.c``);
+elsewhere, and for fp64, a few integer torch ops and one bincount (a ``scatter_add_`` into a fixed-size buffer:
+torch.bincount on CUDA reads its maximum back), with no ``.item()`` and no boolean indexing, so it can run every
+step. ``packed()`` gives
 the whole state as one float64 vector for a single transfer, ``summarize`` turns that host copy into a row.
 
 Counts are exact: NaN, +Inf, -Inf, exact zeros, negatives, fp32 subnormals, and what a cast to fp16 / bf16
@@ -22,7 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .histogram_bins import CELL_MASK, CELL_SHIFT, INF_BITS, MAGNITUDE, RAW_COUNTS, BinLayout, segments
+from .histogram_bins import CELL_MASK, CELL_SHIFT, INF_BITS, MAGNITUDE, RAW_COUNTS, BinLayout, kernel_tables, segments
+
+try:
+    from . import _histogram_kernel as cpu_kernel
+except ImportError:  # built without a C compiler: every update takes the torch path
+    cpu_kernel = None
 
 # The named counts of a summary row.
 SPECIAL_COUNTS = (
@@ -62,6 +69,7 @@ def _named_counts(raw: dict[str, int]) -> dict[str, int]:
 
 _CHUNK = 1 << 16                   # elements per pass on the CPU: the scratch buffers stay in cache
 _CHUNK_DEVICE = 1 << 22            # elsewhere few large passes (each op is a kernel launch)
+_KERNEL_PIECE = 1 << 31            # values per kernel call: its per-lane uint32 counts cannot wrap
 
 
 class LogHistogram:
@@ -76,6 +84,8 @@ class LogHistogram:
         thresholds = tuple(float(t) for t in thresholds)
         if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
             raise ValueError(f"thresholds must be strictly increasing, got {thresholds}")
+        if len({f"{t:g}" for t in thresholds}) < len(thresholds):  # each names a column below_<t:g>
+            raise ValueError(f"thresholds must differ in their first 6 significant digits, got {thresholds}")
         self.layout = layout
         self.thresholds = thresholds
         self.device = torch.device(device)
@@ -96,8 +106,29 @@ class LogHistogram:
         """Add every element of each tensor (any shape, any float dtype, on this histogram's device) to this one
         histogram: several tensors (e.g. every parameter's gradient) in one call pay the fixed costs once."""
         flat = [t.detach().reshape(-1) for t in tensors if t.numel()]
-        if not flat:
-            return
+        on_kernel = [x for x in flat if self._kernel_takes(x)]
+        on_torch = [x for x in flat if not self._kernel_takes(x)]
+        for count, add in ((on_kernel, self._update_on_kernel), (on_torch, self._update_with_torch)):
+            if count:
+                add(count)
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        return cpu_kernel is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16,
+                                                                                   torch.bfloat16)
+
+    def _update_on_kernel(self, flat: list[torch.Tensor]) -> None:
+        tables = kernel_tables(self.layout, self.thresholds)
+        counts = torch.zeros(tables.count, dtype=torch.int64)
+        pieces = [x[start:start + _KERNEL_PIECE] for x in flat for start in range(0, x.numel(), _KERNEL_PIECE)]
+        partials = torch.empty(len(pieces), 5, dtype=torch.float64)  # sum, sum of squares, min, -max, min |x|
+        for row, piece in zip(partials, pieces):
+            piece = piece.to(torch.float32).contiguous()  # fp16 and bf16 widen exactly
+            cpu_kernel.count_fp32(piece.data_ptr(), piece.numel(), tables.offset.data_ptr(), tables.cuts.data_ptr(),
+                                  tables.n_positive, tables.cuts.numel(), counts.data_ptr(), tables.count,
+                                  row.data_ptr())
+        self._fold(tables.target, counts.index_select(0, tables.source), partials)
+
+    def _update_with_torch(self, flat: list[torch.Tensor]) -> None:
         chunk = min(max(x.numel() for x in flat), _CHUNK if self.device.type == "cpu" else _CHUNK_DEVICE)
         lookup = segments(self.layout, self.thresholds, self.device)
         counts = torch.zeros(lookup.count, dtype=torch.int64, device=self.device)
@@ -120,11 +151,14 @@ class LogHistogram:
                 for below in lookup.below_cut:
                     found.add_(torch.gt(mag, torch.index_select(below, 0, key, out=scratch[:m]), out=above[:m]))
                 counts.scatter_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
-                partials.append(self._statistics(value, mag))
-        self._counts.index_add_(0, lookup.target, counts.index_select(0, lookup.source))
-        totals = torch.stack([torch.stack(p) for p in partials])
-        self._moments += totals[:, :2].sum(dim=0)
-        torch.minimum(self._extrema, totals[:, 2:].amin(dim=0), out=self._extrema)
+                partials.append(torch.stack(self._statistics(value, mag)))
+        self._fold(lookup.target, counts.index_select(0, lookup.source), torch.stack(partials))
+
+    def _fold(self, target: torch.Tensor, counts: torch.Tensor, partials: torch.Tensor) -> None:
+        """Add segment counts (already in ``target`` order) and per-piece statistics into this histogram."""
+        self._counts.index_add_(0, target, counts)
+        self._moments += partials[:, :2].sum(dim=0)
+        torch.minimum(self._extrema, partials[:, 2:].amin(dim=0), out=self._extrema)
 
     @staticmethod
     def _statistics(value: torch.Tensor, mag: torch.Tensor) -> list[torch.Tensor]:
