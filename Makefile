@@ -12,7 +12,7 @@ export nnUNet_def_n_proc := 1
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml diagnostics/instruments/_histogram_kernel.c
+$(STAMP): pyproject.toml diagnostics/instruments/_cpu_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -71,8 +71,8 @@ def test_doctor_is_ok_when_nnunet_resolves_geodiags_trainer():
     production = preset_kwargs("production")
     assert diagnosis.facts["resolved stabilizer"] == production["stabilizer"]
     assert diagnosis.facts["resolved eps"] == f"{production['eps']:g}"
-    from geodiag.diagnostics.instruments import histograms
-    assert diagnosis.facts["histogram CPU kernel"].startswith("compiled" if histograms.cpu_kernel else "not built")
+    from geodiag.diagnostics.instruments import kernels
+    assert diagnosis.facts["CPU kernels"].startswith("compiled" if kernels.compiled else "not built")
 
 
 def test_doctor_names_a_stale_copy_that_shadows_ours(tmp_path, monkeypatch, capsys):

@@ -61,7 +61,7 @@ class BinLayout:
 # patterns, whose order is the order of the magnitudes) split each sign into segments, and a value's segment says
 # every count it adds one to. Two readings of a value's bits find its segment (``BitFormat``): the torch path
 # (any device, any dtype) reads each value as fp64 (exact for fp16, bf16 and fp32); the CPU kernel
-# (_histogram_kernel.c) reads fp32 bits as they are. Either way the top bits (sign, exponent, 7 mantissa bits)
+# (_cpu_kernels.c) reads fp32 bits as they are. Either way the top bits (sign, exponent, 7 mantissa bits)
 # name a cell, and the segment is the cell's first segment plus the number of cuts inside the cell at or below the
 # value. A cell spans 1/128 of a binade and a bin 1/4 of a decade, so a normal cell holds at most one cut with the
 # default layout and thresholds; that one costs no comparison: with offset[cell] = cut - (first + 1) 2^shift,

@@ -3,7 +3,7 @@
 Why: a NaN hunt needs the shape of a distribution over many steps (how many pixels sit near zero, how close
 values come to the fp16 range) without the host sync per step that makes Cockpit or TensorBoard histograms
 expensive. ``LogHistogram.update`` finds each value's count positions from its bits (``histogram_bins``): on the
-CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each value once (``_histogram_kernel.c``);
+CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each value once (``_cpu_kernels.c``);
 elsewhere, and for fp64, a few integer torch ops and one bincount (a ``scatter_add_`` into a fixed-size buffer:
 torch.bincount on CUDA reads its maximum back), with no ``.item()`` and no boolean indexing, so it can run every
 step. ``packed()`` gives
@@ -25,11 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .histogram_bins import CELL_MASK, CELL_SHIFT, INF_BITS, MAGNITUDE, RAW_COUNTS, BinLayout, kernel_tables, segments
-
-try:
-    from . import _histogram_kernel as cpu_kernel
-except ImportError:  # built without a C compiler: every update takes the torch path
-    cpu_kernel = None
+from .kernels import compiled as cpu_kernel
 
 # The named counts of a summary row.
 SPECIAL_COUNTS = (

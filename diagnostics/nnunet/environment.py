@@ -174,14 +174,6 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def _histogram_kernel_state() -> str:
-    from ..instruments import histograms
-
-    if histograms.cpu_kernel is None:
-        return "not built (no C compiler at install): CPU histograms take the slower torch path"
-    return "compiled: fp32/fp16/bf16 CPU histograms read each value once"
-
-
 def resolve_trainer(trainer: str, env: Mapping[str, str]) -> dict:
     """Run nnU-Net's trainer lookup in a fresh interpreter with ``env``; returns the resolved and our class."""
     proc = subprocess.run([sys.executable, "-c", _RESOLVE_SCRIPT, trainer], env=dict(env),
@@ -200,7 +192,9 @@ def diagnose(trainer: str = DEFAULT_TRAINER, env: Optional[Mapping[str, str]] = 
     facts, problems = diagnosis.facts, diagnosis.problems
     for dist in ("geodiag", "nnunetv2", "torch"):
         facts[f"{dist} version"] = _version(dist)
-    facts["histogram CPU kernel"] = _histogram_kernel_state()
+    from ..instruments import kernels  # torch: not at import (``geodiag env`` imports this module)
+
+    facts["CPU kernels"] = kernels.state()
     facts[EXT_TRAINER_VAR] = env.get(EXT_TRAINER_VAR, "(unset)")
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         facts[key] = env.get(key, "(unset)")

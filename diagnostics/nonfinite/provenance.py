@@ -13,7 +13,8 @@ How, and what it costs (see the module docstring of ``geodiag.diagnostics.nonfin
   ``torch._C._autograd._get_sequence_nr() - 1`` is the sequence number of the node it creates.
 - Per op it launches one ``torch.aminmax`` per floating output and keeps the two 0-d results on the device:
   one kernel, no host sync (``isfinite().all()`` is a reduction plus a host read).
-  ``step_end()`` reads all of them at once: one host sync per step.
+  ``step_end()`` reads all of them at once: one host sync per step. A contiguous fp32 CPU output is read by the
+  compiled min/max kernel instead (``instruments.kernels``), which returns floats at once: there is no device.
 - Inputs are never re-checked: each output's device address maps to the slot of the op that wrote it, so an
   input's finiteness and range are read from its producer's min/max. Only inputs from outside the step
   (parameters, the batch) are checked, and only for an op whose output was flagged.
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..instruments import kernels
 from ..instruments.errors import GeodiagError
 from .provenance_report import ProvenanceReport, TensorSummary, source_line, summarize
 
@@ -281,7 +283,7 @@ class NonFiniteProvenance:
         ranges = self._ranges
         for t in outs:
             slot = len(ranges)
-            ranges.append(torch.aminmax(t))
+            ranges.append(kernels.min_max(t) or torch.aminmax(t))
             producer[t.data_ptr()] = slot
             outputs.append((slot, t.dtype, t.shape, weakref.ref(t)))
         self._ops.append(op)
@@ -405,15 +407,15 @@ class NonFiniteProvenance:
         return f"from outside the step: {name}" if name else "from outside the step"
 
 
-def _read_back(ranges: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """All (min, max) pairs as floats min, max, ...: one device-to-host copy per device (normally one)."""
+def _read_back(ranges: Sequence[tuple]) -> list[float]:
+    """All (min, max) pairs as floats min, max, ...: one device-to-host copy per device (normally one); pairs the
+    CPU kernel gave are floats already."""
     flat = [value for pair in ranges for value in pair]
     by_device: dict[torch.device, list[int]] = {}
     for index, value in enumerate(flat):
-        by_device.setdefault(value.device, []).append(index)
-    if len(by_device) == 1:
-        return torch.stack(flat).tolist()
-    values = [0.0] * len(flat)
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(index)
+    values = [value if not isinstance(value, torch.Tensor) else 0.0 for value in flat]
     for indices in by_device.values():
         for index, value in zip(indices, torch.stack([flat[i] for i in indices]).tolist()):
             values[index] = value

@@ -1,6 +1,9 @@
-/* LogHistogram.update for fp32 values on the CPU in one pass: each value's segment from its bit pattern, counted,
- * and the moments and extrema of the finite values.
+/* geodiag's CPU kernels for fp32 tensors, each one read of the data:
+ *   count_fp32    LogHistogram.update: each value's segment from its bit pattern, counted, and the moments and
+ *                 extrema of the finite values;
+ *   min_max_fp32  the (min, max) NonFiniteProvenance checks every op's output with, NaN if any value is NaN.
  *
+ * count_fp32:
  * Why compiled: the same work in torch ops is a chain of full passes (shift, mask, gather, bincount, nan_to_num,
  * sum, dot, min, max), each reading and writing the whole tensor; here each value is read once and the counts stay
  * in L1. The tables come from histogram_bins.fp32_segments, which builds them from the numpy definition that the
@@ -103,6 +106,36 @@ static void stats_block_portable(const uint32_t *x, int64_t n, Stats *stats) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
+/* min and max in eight-wide registers, a NaN remembered apart (the vector minimum drops it). */
+__attribute__((target("avx2"))) static void min_max_avx2(const float *x, int64_t n, float *min, float *max, int *nan) {
+    __m256 low[2] = {_mm256_set1_ps(INFINITY), _mm256_set1_ps(INFINITY)};
+    __m256 high[2] = {_mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY)};
+    __m256 unordered = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        low[0] = _mm256_min_ps(a, low[0]);
+        low[1] = _mm256_min_ps(b, low[1]);
+        high[0] = _mm256_max_ps(a, high[0]);
+        high[1] = _mm256_max_ps(b, high[1]);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+    }
+    float lo[8], hi[8], un[8];
+    _mm256_storeu_ps(lo, _mm256_min_ps(low[0], low[1]));
+    _mm256_storeu_ps(hi, _mm256_max_ps(high[0], high[1]));
+    _mm256_storeu_ps(un, unordered);
+    for (int k = 0; k < 8; k++) {
+        *min = lo[k] < *min ? lo[k] : *min;
+        *max = hi[k] > *max ? hi[k] : *max;
+        *nan |= un[k] != 0.0f;
+    }
+    for (; i < n; i++) {
+        *min = x[i] < *min ? x[i] : *min;
+        *max = x[i] > *max ? x[i] : *max;
+        *nan |= x[i] != x[i];
+    }
+}
+
 /* Counting and summing in one loop, 16 values per step: the counts keep the load ports busy and the sums (four
  * fp64 accumulators per moment) the vector units, so the two overlap. The tail goes to the portable code. */
 __attribute__((target("avx2,fma"))) static void count_and_stats_block_avx2(const uint32_t *x, int64_t n, Tables *t,
@@ -192,15 +225,39 @@ static PyObject *count_fp32(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *min_max_fp32(PyObject *self, PyObject *args) {
+    unsigned long long values;
+    long long n;
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "KL|p", &values, &n, &portable)) return NULL;
+    const float *x = (const float *)(uintptr_t)values;
+    float min = INFINITY, max = -INFINITY;
+    int nan = 0;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_PATH
+    if (!portable && __builtin_cpu_supports("avx2")) min_max_avx2(x, n, &min, &max, &nan); else
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        min = x[i] < min ? x[i] : min;
+        max = x[i] > max ? x[i] : max;
+        nan |= x[i] != x[i];
+    }
+    Py_END_ALLOW_THREADS
+    return nan ? Py_BuildValue("(dd)", NAN, NAN) : Py_BuildValue("(dd)", (double)min, (double)max);
+}
+
 static PyMethodDef methods[] = {
     {"count_fp32", count_fp32, METH_VARARGS,
      "count_fp32(values, n, offset, cuts, n_positive, n_cuts, counts, n_segments, out): addresses of contiguous "
      "CPU buffers (fp32 values; uint32 cell offsets, the sign folded in; uint32 cuts, the positive side's first; "
      "int64 segment counts, added to; float64[5] statistics, written). portable=True: the plain C loops even where "
      "the AVX2 one would run (for the tests)."},
+    {"min_max_fp32", min_max_fp32, METH_VARARGS,
+     "min_max_fp32(values, n, portable=False) -> (min, max) of n contiguous fp32 values, both NaN if any is NaN "
+     "(as torch.aminmax)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_histogram_kernel", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__histogram_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }
