@@ -66,7 +66,10 @@ def parse_settings(stabilizers: Sequence[str], eps: Sequence[float]) -> list[Set
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
     """The q-quantile (nearest rank) of a tensor's elements, as a 0-d tensor (no host read)."""
     flat = x.flatten()
-    k = min(flat.numel(), max(1, math.ceil(q * flat.numel())))
+    n = flat.numel()
+    k = min(n, max(1, math.ceil(q * n)))
+    if k > n // 2:  # the k-th smallest is the (n - k + 1)-th largest: a short top-k (kthvalue crawls on |gradients|)
+        return flat.topk(n - k + 1).values[-1]
     return flat.kthvalue(k).values
 
 
@@ -108,18 +111,20 @@ def evaluate_setting(logits: torch.Tensor, label: torch.Tensor, classes: tuple[i
     grad = leaf.grad.float()
     s = seen["compactness.grad_mag_squared"].detach()
     sqrt_in = seen["compactness.sqrt_input"].detach()
-    s_gradient = s_grad.get("s", torch.zeros_like(s))
-    finite = torch.isfinite(grad)
-    magnitude = torch.where(finite, grad, torch.zeros_like(grad)).abs()
+    s_gradient = s_grad.get("s")
+    magnitude = grad.abs().nan_to_num_(nan=0.0, posinf=0.0)  # non-finite entries read as 0
     stats = torch.stack([
         value.detach().double(), seen["perimeter"].detach().mean().double(),
         seen["compactness"].detach().mean().double(), seen["aspect"].detach().mean().double(),
-        magnitude.amax().double(), torch.linalg.vector_norm(magnitude.double()), _kth(magnitude, 0.999).double(),
-        sqrt_in.amin().double(), _kth(sqrt_in, 0.01).double(),
-        (s < setting.eps).double().mean(), (s_gradient == 0).double().mean(), (~finite).sum().double(),
+        magnitude.amax().double(), torch.linalg.vector_norm(magnitude, dtype=torch.float64),
+        _kth(magnitude, 0.999).double(), sqrt_in.amin().double(), _kth(sqrt_in, 0.01).double(),
+        (s < setting.eps).sum().double(), (s_gradient == 0).sum().double() if s_gradient is not None else
+        torch.full((), float(s.numel()), dtype=torch.float64, device=s.device),
+        grad.numel() - torch.isfinite(grad).sum().double(),
     ]).tolist()
     (loss, perimeter, compactness, aspect, grad_max, grad_l2, grad_p999, sqrt_min, sqrt_p01, below, zero_grad,
      nonfinite_grad) = stats
+    below, zero_grad = below / s.numel(), zero_grad / s.numel()
     return {
         "loss": loss, "perimeter": perimeter, "compactness": compactness, "aspect": aspect,
         "grad_max": grad_max, "grad_l2": grad_l2, "grad_p999": grad_p999,
