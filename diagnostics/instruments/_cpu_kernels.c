@@ -177,19 +177,24 @@ __attribute__((target("avx2,fma"))) static void count_and_stats_block_avx2(const
 #endif
 
 static PyObject *count_fp32(PyObject *self, PyObject *args) {
-    unsigned long long values, offset, cuts, counts, out;
-    long long n, n_positive, n_cuts, n_segments;
+    unsigned long long values, offset, cuts, source, target, counts, moments, extrema;
+    long long n, n_positive, n_cuts, n_segments, n_fold;
     int portable = 0;
-    if (!PyArg_ParseTuple(args, "KLKKLLKLK|p", &values, &n, &offset, &cuts, &n_positive, &n_cuts, &counts, &n_segments,
-                          &out, &portable))
+    if (!PyArg_ParseTuple(args, "KLKKLLLKKLKKK|p", &values, &n, &offset, &cuts, &n_positive, &n_cuts, &n_segments,
+                          &source, &target, &n_fold, &counts, &moments, &extrema, &portable))
         return NULL;
+    /* LANES count arrays (+ the spill each), then the segment totals */
     uint32_t *lanes = PyMem_RawCalloc((size_t)(LANES * (n_segments + 1)), sizeof(uint32_t));
-    if (lanes == NULL) return PyErr_NoMemory();
+    int64_t *segment_total = PyMem_RawCalloc((size_t)n_segments, sizeof(int64_t));
+    if (lanes == NULL || segment_total == NULL) {
+        PyMem_RawFree(lanes);
+        PyMem_RawFree(segment_total);
+        return PyErr_NoMemory();
+    }
     Tables t = {(const uint32_t *)(uintptr_t)offset, (const uint32_t *)(uintptr_t)cuts, n_positive, n_cuts, n_segments,
                 {NULL}};
     for (int k = 0; k < LANES; k++) t.lane[k] = lanes + k * (n_segments + 1);
     const uint32_t *x = (const uint32_t *)(uintptr_t)values;
-    int64_t *total = (int64_t *)(uintptr_t)counts;
     Stats stats = {0.0, 0.0, INFINITY, -INFINITY, UINT32_MAX};
     Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_AVX2_PATH
@@ -209,19 +214,24 @@ static PyObject *count_fp32(PyObject *self, PyObject *args) {
         place_spilled(x + start, m, &t);
     }
     for (int k = 0; k < LANES; k++) /* the caller passes fewer than 2^32 values: no lane count wraps */
-        for (int64_t j = 0; j < n_segments; j++) total[j] += t.lane[k][j];
+        for (int64_t j = 0; j < n_segments; j++) segment_total[j] += t.lane[k][j];
+    /* the fold: segment source[j] adds its count to the histogram's count target[j] */
+    const int64_t *from = (const int64_t *)(uintptr_t)source, *to = (const int64_t *)(uintptr_t)target;
+    int64_t *total = (int64_t *)(uintptr_t)counts;
+    for (int64_t j = 0; j < n_fold; j++) total[to[j]] += segment_total[from[j]];
     Py_END_ALLOW_THREADS
     PyMem_RawFree(lanes);
-    /* out: sum, sum of squares, min, -max, min |x| (as the torch path's statistics) */
-    double *result = (double *)(uintptr_t)out;
-    float min_abs;
-    uint32_t min_mag = stats.min_mag > INF_BITS ? INF_BITS : stats.min_mag;
-    memcpy(&min_abs, &min_mag, sizeof min_abs);
-    result[0] = stats.sum;
-    result[1] = stats.sum_sq;
-    result[2] = n ? (double)stats.min : INFINITY;
-    result[3] = n ? -(double)stats.max : INFINITY;
-    result[4] = n ? (double)min_abs : INFINITY;
+    PyMem_RawFree(segment_total);
+    if (n) { /* moments: sum, sum of squares (added); extrema: min, -max, min |x| (each the minimum) */
+        double *moment = (double *)(uintptr_t)moments, *extremum = (double *)(uintptr_t)extrema;
+        float min_abs;
+        uint32_t min_mag = stats.min_mag > INF_BITS ? INF_BITS : stats.min_mag;
+        memcpy(&min_abs, &min_mag, sizeof min_abs);
+        double seen[3] = {(double)stats.min, -(double)stats.max, (double)min_abs};
+        moment[0] += stats.sum;
+        moment[1] += stats.sum_sq;
+        for (int k = 0; k < 3; k++) extremum[k] = seen[k] < extremum[k] ? seen[k] : extremum[k];
+    }
     Py_RETURN_NONE;
 }
 
@@ -248,10 +258,11 @@ static PyObject *min_max_fp32(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"count_fp32", count_fp32, METH_VARARGS,
-     "count_fp32(values, n, offset, cuts, n_positive, n_cuts, counts, n_segments, out): addresses of contiguous "
-     "CPU buffers (fp32 values; uint32 cell offsets, the sign folded in; uint32 cuts, the positive side's first; "
-     "int64 segment counts, added to; float64[5] statistics, written). portable=True: the plain C loops even where "
-     "the AVX2 one would run (for the tests)."},
+     "count_fp32(values, n, offset, cuts, n_positive, n_cuts, n_segments, source, target, n_fold, counts, moments, "
+     "extrema, portable=False): addresses of contiguous CPU buffers: n fp32 values; the tables (uint32 cell offsets, "
+     "the sign folded in; uint32 cuts, the positive side's first; int64 fold map source -> target); a LogHistogram's "
+     "int64 counts and float64 moments (added to) and extrema (minimum taken). portable=True: the plain C loops even "
+     "where the AVX2 one would run (for the tests)."},
     {"min_max_fp32", min_max_fp32, METH_VARARGS,
      "min_max_fp32(values, n, portable=False) -> (min, max) of n contiguous fp32 values, both NaN if any is NaN "
      "(as torch.aminmax)."},

@@ -113,16 +113,15 @@ class LogHistogram:
                                                                                    torch.bfloat16)
 
     def _update_on_kernel(self, flat: list[torch.Tensor]) -> None:
+        """Each piece counted, summed and folded into this histogram's buffers by one kernel call: no torch op."""
         tables = kernel_tables(self.layout, self.thresholds)
-        counts = torch.zeros(tables.count, dtype=torch.int64)
-        pieces = [x[start:start + _KERNEL_PIECE] for x in flat for start in range(0, x.numel(), _KERNEL_PIECE)]
-        partials = torch.empty(len(pieces), 5, dtype=torch.float64)  # sum, sum of squares, min, -max, min |x|
-        for row, piece in zip(partials, pieces):
-            piece = piece.to(torch.float32).contiguous()  # fp16 and bf16 widen exactly
-            cpu_kernel.count_fp32(piece.data_ptr(), piece.numel(), tables.offset.data_ptr(), tables.cuts.data_ptr(),
-                                  tables.n_positive, tables.cuts.numel(), counts.data_ptr(), tables.count,
-                                  row.data_ptr())
-        self._fold(tables.target, counts.index_select(0, tables.source), partials)
+        for x in flat:
+            for start in range(0, x.numel(), _KERNEL_PIECE):
+                piece = x[start:start + _KERNEL_PIECE].to(torch.float32).contiguous()  # fp16, bf16 widen exactly
+                cpu_kernel.count_fp32(piece.data_ptr(), piece.numel(), tables.offset.data_ptr(),
+                                      tables.cuts.data_ptr(), tables.n_positive, tables.cuts.numel(), tables.count,
+                                      tables.source.data_ptr(), tables.target.data_ptr(), tables.source.numel(),
+                                      self._counts.data_ptr(), self._moments.data_ptr(), self._extrema.data_ptr())
 
     def _update_with_torch(self, flat: list[torch.Tensor]) -> None:
         chunk = min(max(x.numel() for x in flat), _CHUNK if self.device.type == "cpu" else _CHUNK_DEVICE)
@@ -226,12 +225,12 @@ class LogHistogram:
         row["sum"] = float(total_sum)
         row["abs_min"] = abs_min if finite else math.nan
         row["abs_max"] = max(abs(row["min"]), abs(row["max"])) if finite else math.nan
-        for q in QUANTILES:
-            row[f"abs_p{q * 100:g}"] = self._quantile(bins, special["zero"], q, abs_min, row["abs_max"])
+        for q, value in zip(QUANTILES, self._quantiles(bins, special["zero"], abs_min, row["abs_max"])):
+            row[f"abs_p{q * 100:g}"] = value
         below = np.cumsum(buckets)[:len(self.thresholds)]
         for t, n in zip(self.thresholds, below):
             row[f"below_{t:g}"] = float(n / count) if count else math.nan
-        row["bin_counts"] = [int(v) for v in bins]
+        row["bin_counts"] = bins.astype(np.int64).tolist()
         return row
 
     @staticmethod
@@ -240,24 +239,29 @@ class LogHistogram:
         means no finite value lies below 0, so the minimum is 0 if a finite 0 was seen, else the smallest |x|."""
         return low if low != 0 or zeros else abs_min
 
-    def _quantile(self, bins: np.ndarray, zeros: int, q: float, abs_min: float, abs_max: float) -> float:
-        """Quantile q of |x| over the finite values: the value of rank floor(q (n - 1)) (numpy's "lower" method),
-        found in its bin and placed log-linearly inside it by its rank there, between the bin's edges narrowed to
-        the smallest and the largest |x| (so it never leaves [abs_min, abs_max] or the bin)."""
-        total = int(zeros + bins.sum())
-        if total == 0:
-            return math.nan
-        rank = math.floor(q * (total - 1))  # 0-based
-        if rank < zeros:
-            return 0.0
+    def _quantiles(self, bins: np.ndarray, zeros: int, abs_min: float, abs_max: float) -> list[float]:
+        """The ``QUANTILES`` of |x| over the finite values: for each q the value of rank floor(q (n - 1)) (numpy's
+        "lower" method), found in its bin and placed log-linearly inside it by its rank there, between the bin's
+        edges narrowed to the smallest and the largest |x| (so it never leaves [abs_min, abs_max] or the bin)."""
         cumulative = zeros + np.cumsum(bins)
-        i = int(np.searchsorted(cumulative, rank, side="right"))  # first bin holding more than `rank` values
-        before = cumulative[i] - bins[i]
-        fraction = (rank - before + 0.5) / bins[i]
-        edges = self.layout.log10_min + np.array([i, i + 1]) / self.layout.bins_per_decade
-        lo = max(math.log10(abs_min), edges[0]) if abs_min > 0 else edges[0]
-        hi = max(min(math.log10(abs_max), edges[1]), lo)
-        return float(10.0 ** (lo + fraction * (hi - lo)))
+        total = int(cumulative[-1])
+        if total == 0:
+            return [math.nan] * len(QUANTILES)
+        ranks = np.floor(np.array(QUANTILES) * (total - 1))  # 0-based
+        found = np.searchsorted(cumulative, ranks, side="right")  # first bin holding more than the rank's values
+        low_log = math.log10(abs_min) if abs_min > 0 else -math.inf
+        high_log = math.log10(abs_max) if abs_max > 0 else -math.inf
+        values = []
+        for rank, i in zip(ranks.tolist(), found.tolist()):
+            if rank < zeros:
+                values.append(0.0)
+                continue
+            fraction = (rank - (cumulative[i] - bins[i]) + 0.5) / bins[i]
+            edge = self.layout.log10_min + i / self.layout.bins_per_decade
+            lo = max(low_log, edge)
+            hi = max(min(high_log, edge + 1 / self.layout.bins_per_decade), lo)
+            values.append(float(10.0 ** (lo + fraction * (hi - lo))))
+        return values
 
     def to_dict(self) -> dict:
         """``summarize`` of this histogram alone (one device-to-host transfer)."""

@@ -15,16 +15,12 @@ except ImportError:  # built without a C compiler
     compiled = None
 
 
-def takes(t: torch.Tensor) -> bool:
-    """Whether the fp32 kernels can read ``t`` in place: contiguous fp32 on the CPU."""
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-
-
 def min_max(t: torch.Tensor) -> Optional[tuple[float, float]]:
-    """(min, max) of ``t`` as floats, both NaN if it holds a NaN, read by the kernel; None where it cannot (then
-    use ``torch.aminmax``)."""
-    if compiled is None or not takes(t):
+    """(min, max) of an fp32 CPU tensor as floats, both NaN if it holds a NaN, read by the kernel (a strided view
+    is copied first); None for other tensors or without the kernels (then use ``torch.aminmax``)."""
+    if compiled is None or t.dtype != torch.float32 or t.device.type != "cpu":
         return None
+    t = t.contiguous()
     return compiled.min_max_fp32(t.data_ptr(), t.numel())
 
 

@@ -17,6 +17,7 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
+from geodiag.diagnostics.instruments import kernels
 from geodiag.diagnostics.instruments.histograms import LogHistogram
 from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
@@ -258,8 +260,8 @@ class AutoTaps:
             self._reduce()
 
     def _check_outputs(self) -> None:
-        """Flags the outputs seen so far that hold a NaN/Inf: one stack for the 0-dim outputs, one fused
-        max |x| (NaN propagates) for the others."""
+        """Flags the outputs seen so far that hold a NaN/Inf: one stack for the 0-dim outputs, and for the others
+        the compiled min/max on fp32 CPU tensors, else one fused max |x| (NaN propagates)."""
         if not (self._outputs or self._scalars):
             return
         indices, flags = [], []
@@ -269,9 +271,14 @@ class AutoTaps:
                 flags.append(~torch.isfinite(torch.stack([t for _, t in self._scalars]).float()))
             if self._outputs:
                 indices += [i for i, _ in self._outputs]
-                largest = torch._foreach_max(torch._foreach_abs([t if t.numel() else t.new_zeros(())
-                                                                 for _, t in self._outputs]))
-                flags.append(~torch.isfinite(torch.stack(largest).float()))
+                tensors = [t if t.numel() else t.new_zeros(()) for _, t in self._outputs]
+                ranges = [kernels.min_max(t) for t in tensors]
+                if all(r is not None for r in ranges):  # fp32 on the CPU: read in place, no copies
+                    flags.append(torch.tensor([not (math.isfinite(low) and math.isfinite(high))
+                                               for low, high in ranges]))
+                else:
+                    largest = torch._foreach_max(torch._foreach_abs(tensors))
+                    flags.append(~torch.isfinite(torch.stack(largest).float()))
         self._outputs, self._scalars = [], []
         self._checked.append((indices, torch.cat(flags)))
 

@@ -6,6 +6,7 @@ past torch's own Python code (``torch.nn.functional``, ``torch._tensor``) and pa
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -73,8 +74,13 @@ def _skipped(filename: str) -> bool:
 
 def display_path(filename: str) -> str:
     """A source file as the sites table names it: relative to the working directory when inside it."""
-    absolute = os.path.abspath(filename)
-    relative = os.path.relpath(absolute, os.getcwd())
+    return _display_path(filename, os.getcwd())
+
+
+@functools.lru_cache(maxsize=4096)
+def _display_path(filename: str, cwd: str) -> str:
+    absolute = os.path.abspath(os.path.join(cwd, filename))
+    relative = os.path.relpath(absolute, cwd)
     return absolute if relative.startswith("..") else relative
 
 
