@@ -40,8 +40,8 @@ def _filter(x: torch.Tensor, dim: int, taps: tuple[float, float, float]) -> torc
     return before + 2.0 * middle + after
 
 
-def sobel_gradients(p: torch.Tensor, form: str = "normalised") -> torch.Tensor:
-    """Sobel derivatives of one of ``SOBEL_FORMS``: [N, 1, *S] -> [N, ndim, *S].
+def sobel_derivatives(p: torch.Tensor, form: str = "normalised") -> list[torch.Tensor]:
+    """Sobel derivatives of one of ``SOBEL_FORMS``, one [N, 1, *S] map per axis of [N, 1, *S].
 
     The kernel is separable: the derivative along an axis is the difference along it of the map smoothed along
     every other axis, which is what the seed's ``F.conv2d(p, k, padding=1)`` computes, summed in another order.
@@ -55,14 +55,14 @@ def sobel_gradients(p: torch.Tensor, form: str = "normalised") -> torch.Tensor:
         for other in range(ndim):
             d = _filter(d, 2 + other, _DIFF if other == axis else _SMOOTH)
         derivatives.append(d if scale == 1.0 else d * scale)
-    return torch.cat(derivatives, dim=1)
+    return derivatives
 
 
 def grad_mag_squared(p: torch.Tensor, ndim: int, form: str = "normalised") -> torch.Tensor:
     """s = sum over axes of the squared Sobel derivative, per mask: [B, K, *S] -> [B, K, *S]."""
     lead, spatial = p.shape[:-ndim], p.shape[-ndim:]
-    gradients = sobel_gradients(p.reshape(-1, 1, *spatial), form)
-    return gradients.square().sum(dim=1).reshape(*lead, *spatial)
+    squares = [d.square() for d in sobel_derivatives(p.reshape(-1, 1, *spatial), form)]
+    return sum(squares[1:], squares[0]).reshape(*lead, *spatial)
 
 
 def spatial_sum(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -104,8 +104,10 @@ def central_moments(p: torch.Tensor, size: torch.Tensor, ndim: int, normalized: 
     expand = (...,) + (None,) * ndim
     centred = [c - (spatial_sum(p * c, ndim) / size)[expand]
                for c in _coordinates(spatial, scale, p.device, p.dtype)]
-    rows = [torch.stack([spatial_sum(p * centred[a] * centred[b], ndim) / size for b in range(ndim)], dim=-1)
-            for a in range(ndim)]
+    weighted = [p * c for c in centred]
+    # the upper triangle, mirrored: the matrix is exactly symmetric and ndim (ndim + 1) / 2 products are taken
+    upper = {(a, b): spatial_sum(weighted[a] * centred[b], ndim) / size for a in range(ndim) for b in range(a, ndim)}
+    rows = [torch.stack([upper[min(a, b), max(a, b)] for b in range(ndim)], dim=-1) for a in range(ndim)]
     return torch.stack(rows, dim=-2)
 
 

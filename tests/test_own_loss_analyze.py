@@ -234,3 +234,35 @@ def test_a_loss_raising_in_fp16_is_a_finding_and_fp32_still_runs(geometric_run, 
     markdown = analysis_report.render(out).markdown.read_text()
     assert "loss raised" in markdown and "Evaluations where the loss raised" in markdown
     assert f"edge_dice.py:{line}" in markdown and "c10::Half without overflow" in markdown
+
+
+# A researcher's edge term: the sigmoid's output is clamped in place for the log, but autograd saved it for the
+# sigmoid's backward, so backward raises ("modified by an inplace operation") on every input.
+INPLACE_LOSS = '''import torch
+
+
+def edge_bce(pred, target):
+    p = torch.sigmoid(pred[:, 1])
+    edges = (p[:, 1:, :] - p[:, :-1, :]).abs().mean()
+    p.clamp_(1e-4, 1 - 1e-4)          # keep the log away from 0
+    truth = (target[:, 0] > 0).float()
+    return edges - (truth * torch.log(p) + (1 - truth) * torch.log(1 - p)).mean()
+'''
+
+
+def test_a_loss_raising_in_its_backward_is_a_finding_not_a_traceback(geometric_run, tmp_path, capsys):
+    loss_file = tmp_path / "edge_bce.py"
+    loss_file.write_text(INPLACE_LOSS)
+    out = tmp_path / "out"
+    args = ["analyze-checkpoint", str(geometric_run.final_checkpoint), "--max-cases", "1", "--loss",
+            f"{loss_file}:edge_bce", "--out", str(out), "--device", "cpu"]
+    assert main(args) == 3
+    assert "Traceback" not in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "loss_raised"
+    (raised,) = summary["raised"]
+    assert raised["site"] == "the backward pass (autograd)"
+    assert raised["message"].startswith("RuntimeError") and "inplace operation" in raised["message"]
+    assert "\n" not in raised["message"]
+    markdown = analysis_report.render(out).markdown.read_text()
+    assert "inplace operation" in markdown

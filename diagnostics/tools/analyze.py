@@ -101,7 +101,8 @@ def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss, dice_ce, tap
     returns (geometric, total)."""
     geometric = taps.run(loss, logits, label) if taps is not None else loss(logits, label)
     total = dice_ce(logits.float(), label) + geometric
-    total.backward()
+    with own_loss.raising_as_finding("the backward pass (autograd)"):
+        total.backward()
     return geometric, total
 
 

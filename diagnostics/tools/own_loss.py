@@ -112,14 +112,17 @@ class LossRaised(Exception):
 
 
 @contextlib.contextmanager
-def raising_as_finding():
-    """Turns an exception of the loss into ``LossRaised``; geodiag's own errors (GeodiagError) pass through."""
+def raising_as_finding(unknown_site: str = "<unknown>"):
+    """Turns an exception of the loss into ``LossRaised``; geodiag's own errors (GeodiagError) pass through.
+    ``unknown_site`` names where it happened when no frame of the traceback is the user's (an autograd error in
+    backward, e.g. a saved tensor modified in place, is raised from the engine)."""
     try:
         yield
     except (GeodiagError, LossRaised):
         raise
     except Exception as exc:  # noqa: BLE001 - the user's loss failing on an input is that input's finding
-        raise LossRaised(one_line(exc), exception_site(exc)) from exc
+        site = exception_site(exc)
+        raise LossRaised(one_line(exc), unknown_site if site == "<unknown>" else site) from exc
 
 
 def trainer_call(loss: AnalysedLoss, dtype: Optional[torch.dtype], device: torch.device) -> Callable:
