@@ -205,13 +205,13 @@ class LogHistogram:
         """A flat row from a host copy of ``packed()``: counts, fractions, signed extrema (min, max), extrema and
         quantiles of |x| (abs_min, abs_p50, ..., abs_max), mean, rms; all over the finite values."""
         n_raw, n_bins = len(RAW_COUNTS), self.layout.n_bins
-        raw = dict(zip(RAW_COUNTS, (int(v) for v in packed[:n_raw])))
+        raw = dict(zip(RAW_COUNTS, packed[:n_raw].astype(np.int64).tolist()))
         special = _named_counts(raw)
         bins = packed[n_raw:n_raw + n_bins].copy()
         bins[0] -= raw["zero"] + raw["nan"]
         bins[-1] -= raw["infinite"]
         buckets = packed[n_raw + n_bins:self._counts.numel()]
-        total_sum, total_sq, low, neg_high, abs_min = (float(v) for v in packed[self._counts.numel():])
+        total_sum, total_sq, low, neg_high, abs_min = packed[self._counts.numel():].tolist()
         count = special["count"]
         finite = count - special["nan"] - special["posinf"] - special["neginf"]
         row: dict = dict(special)
