@@ -198,3 +198,24 @@ def test_module_path_is_reported_for_a_producer_inside_a_submodule():
 def test_unknown_sync_mode_is_a_geodiag_error():
     with pytest.raises(GeodiagError, match="sync"):
         NonFiniteProvenance(sync="sometimes")
+
+
+def test_a_recorded_step_keeps_no_per_op_objects_for_the_garbage_collector_beyond_its_weak_references(output_check):
+    """Objects that live until step_end survive the collector's young generations and make it run full collections
+    of the whole process a few steps later: per op only the weak reference to its output may stay tracked (the one
+    to ``weight``, from outside the step, is shared by all ops) and, on the aminmax path, the two 0-d results."""
+    import gc
+
+    weight = torch.ones(8)
+    value = torch.rand(8)
+    ops = 2000
+    with NonFiniteProvenance() as watch:
+        value = value * weight              # the first op under a dispatch mode imports what torch loads lazily
+        gc.collect()
+        before = len(gc.get_objects())
+        for _ in range(ops):
+            value = value * weight          # one output, one input from this step, one from outside (weight)
+        gc.collect()
+        per_op = (len(gc.get_objects()) - before) / ops
+        assert watch.step_end() is None
+    assert per_op <= (1 if output_check == "kernel" else 3) + 0.01, per_op

@@ -24,9 +24,9 @@ How, and what it costs (see the module docstring of ``geodiag.diagnostics.nonfin
 
 Its cost, side by side with a plain step and detect_anomaly, is what ``geodiag bench`` measures (see the README).
 
-The mode and its per-op bookkeeping (slots, module and tap context, the blame) stay in this one module, a little
-over 400 lines: they share one step's state, and splitting them would spread that state over several modules.
-What a finding says (the report types) lives in ``provenance_report``.
+The mode and its per-op bookkeeping (module and tap context, the blame) stay in this module: they share one step's
+state. What the step keeps of its ops until ``step_end`` is ``step_log`` (stored column by column, so that the
+garbage collector has nothing new to walk); what a finding says (the report types) is ``provenance_report``.
 
 ``sync="op"`` reads each op's flag at once instead (a host sync per op) and captures full details of the
 producer while its tensors are alive; ``replay`` uses it. With ``sync="step"`` the producer's tensors are
@@ -37,8 +37,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-import weakref
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,33 +46,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..instruments import kernels
 from ..instruments.errors import GeodiagError
 from .provenance_report import ProvenanceReport, TensorSummary, source_line, summarize
+from .step_log import LoggedOp, StepLog
 
 SYNC_MODES = ("step", "op")
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _THIS_FILE = __file__
-
-
-class _Op(NamedTuple):
-    """Lightweight metadata of one recorded op: no tensor is kept alive, values live in the range slots.
-
-    ``inputs`` and ``outputs`` hold (slot, dtype, shape, weakref) per floating tensor. An input's slot is that
-    of the output that wrote it in this step, None if it came from outside (only then is its weakref kept).
-    """
-
-    func: Any
-    node: Optional[str]
-    seq: int
-    module: Optional[str]
-    tap: Optional[str]
-    code: Any
-    line: Optional[int]
-    inputs: list
-    outputs: list
-
-
-def _new_op(fields: tuple) -> _Op:
-    return tuple.__new__(_Op, fields)  # skips NamedTuple's keyword-handling __new__: this is the hot path
 
 
 def _tensors(values: Iterable[Any]) -> list[torch.Tensor]:
@@ -175,7 +153,7 @@ class NonFiniteProvenance:
     def __exit__(self, *exc) -> None:
         self._recording = False
         try:
-            if self._ops:
+            if len(self._log):
                 self._finish_step()
         finally:
             self._mode.__exit__(*exc)
@@ -194,7 +172,7 @@ class NonFiniteProvenance:
 
     def report(self) -> Optional[ProvenanceReport]:
         """The first report since entering (closing the current step if it has ops), or None if all was finite."""
-        if self._ops:
+        if len(self._log):
             self.step_end()
         return self.reports[0] if self.reports else None
 
@@ -241,8 +219,7 @@ class NonFiniteProvenance:
 
     # ------------------------------------------------------------------ hot path
     def _reset_step(self) -> None:
-        self._ops: list[_Op] = []
-        self._ranges: list = []                 # per checked output ("slot"): torch.aminmax's (min, max) pair
+        self._log = StepLog()
         self._host_ranges: list[float] = []     # min, max, min, max, ... read back (at step_end, or per op)
         self._producer: dict[int, int] = {}     # data_ptr -> slot of the output that last wrote there
         self._modules: list[str] = []
@@ -269,26 +246,20 @@ class NonFiniteProvenance:
                 return
         if not outs:
             return
+        log = self._log
         node = torch._C._current_autograd_node()
-        inputs, outputs = [], []
         if node is None:
             code, line = self._caller() if self.source_lines else (None, None)
-            op = _new_op((func, None, torch._C._autograd._get_sequence_nr() - 1,
-                          self._modules[-1] if self._modules else None, self._tap, code, line, inputs, outputs))
+            log.add_op(func, None, torch._C._autograd._get_sequence_nr() - 1,
+                       self._modules[-1] if self._modules else None, self._tap, code, line)
         else:
-            op = _new_op((func, node.name(), node._sequence_nr(), None, None, None, None, inputs, outputs))
+            log.add_op(func, node.name(), node._sequence_nr(), None, None, None, None)
         for t in _tensors(args if not kwargs else (*args, *kwargs.values())):
-            slot = producer.get(t.data_ptr())
-            inputs.append((slot, t.dtype, t.shape, None if slot is not None else weakref.ref(t)))
-        ranges = self._ranges
+            log.add_input(producer.get(t.data_ptr()), t)
         for t in outs:
-            slot = len(ranges)
-            ranges.append(kernels.min_max(t) or torch.aminmax(t))
-            producer[t.data_ptr()] = slot
-            outputs.append((slot, t.dtype, t.shape, weakref.ref(t)))
-        self._ops.append(op)
+            producer[t.data_ptr()] = log.add_output(t, kernels.min_max(t) or torch.aminmax(t))
         if self.sync == "op":
-            self._check_now(op)
+            self._check_now(len(log) - 1)
 
     def _caller(self) -> tuple[Any, Optional[int]]:
         """The innermost frame outside torch and this module: the line of user (or loss) code that ran the op."""
@@ -305,22 +276,26 @@ class NonFiniteProvenance:
         return None, None
 
     # ------------------------------------------------------------------ resolution
-    def _check_now(self, op: _Op) -> None:
+    def _check_now(self, index: int) -> None:
         """sync="op": read this op's ranges now; at a producer, report with live tensors and stop recording."""
-        self._host_ranges.extend(_read_back(self._ranges[op.outputs[0][0]:]))
-        if not all(self._slot_finite(out[0]) for out in op.outputs):
-            self._consider(op)
+        slots = self._log.slots(index)
+        self._host_ranges.extend(_read_back(self._log.ranges[2 * slots.start:]))
+        if not all(self._slot_finite(slot) for slot in slots):
+            self._consider(self._log.op(index))
             if self._produced is not None:
                 self._recording = False
 
     def _finish_step(self) -> Optional[ProvenanceReport]:
-        if self.sync == "step" and self._ranges:
-            self._host_ranges = _read_back(self._ranges)
-            for op in self._ops:
-                if not all(self._slot_finite(out[0]) for out in op.outputs):
-                    self._consider(op)
-                    if self._produced is not None:
-                        break
+        log = self._log
+        if self.sync == "step" and log.ranges:
+            self._host_ranges = _read_back(log.ranges)
+            if not all(map(math.isfinite, self._host_ranges)):
+                first = next(i for i, value in enumerate(self._host_ranges) if not math.isfinite(value)) // 2
+                for index in range(log.op_of_slot(first), len(log)):
+                    if not all(self._slot_finite(slot) for slot in log.slots(index)):
+                        self._consider(log.op(index))
+                        if self._produced is not None:
+                            break
         report = self._produced or self._received
         if report is not None:
             self.reports.append(report)
@@ -343,7 +318,7 @@ class NonFiniteProvenance:
         signs = [name for name, hit in (("+Inf", high == math.inf), ("-Inf", low == -math.inf)) if hit]
         return "holds " + " and ".join(signs) if signs else "finite"
 
-    def _consider(self, op: _Op) -> None:
+    def _consider(self, op: LoggedOp) -> None:
         """Judge an op with a non-finite output: a producer (all inputs finite), the first op to receive a
         non-finite value from outside the step (kept in case no producer follows), or a pass-through."""
         inputs, step_inputs_finite, outside_inputs_finite = [], True, True
@@ -384,22 +359,22 @@ class NonFiniteProvenance:
         else:
             self._received = report
 
-    def _forward_of(self, op: _Op) -> Optional[_Op]:
+    def _forward_of(self, op: LoggedOp) -> Optional[LoggedOp]:
         """The forward op that created the autograd node of a backward op.
 
         Forward ops record the autograd sequence number current when they ran; ops that made no node share it
         with the op before them, so among equal numbers the one whose name matches the node's is preferred.
         """
-        candidates = [f for f in self._ops if f.node is None and f.seq == op.seq]
+        log = self._log
+        candidates = [log.op(i) for i in range(len(log)) if log.node[i] is None and log.seq[i] == op.seq]
         stem = op.node.replace("_", "").lower()
         named = [f for f in candidates if stem.startswith(f.func.overloadpacket.__name__.replace("_", "").lower())]
         return (named or candidates or [None])[0]
 
-    def _writer_of(self, slot: int) -> _Op:
-        """The op whose output is ``slot`` (failure path only: a scan)."""
-        return next(op for op in self._ops if any(out[0] == slot for out in op.outputs))
+    def _writer_of(self, slot: int) -> LoggedOp:
+        return self._log.op(self._log.op_of_slot(slot))
 
-    def _origin_op(self, op: _Op) -> str:
+    def _origin_op(self, op: LoggedOp) -> str:
         return f"{op.func}" + (f" in {op.node}" if op.node else "")
 
     def _outside_origin(self, t: torch.Tensor) -> str:
@@ -407,16 +382,17 @@ class NonFiniteProvenance:
         return f"from outside the step: {name}" if name else "from outside the step"
 
 
-def _read_back(ranges: Sequence[tuple]) -> list[float]:
-    """All (min, max) pairs as floats min, max, ...: one device-to-host copy per device (normally one); pairs the
-    CPU kernel gave are floats already."""
-    flat = [value for pair in ranges for value in pair]
+def _read_back(ranges: Sequence) -> list[float]:
+    """The flat min, max, min, max, ... list as floats: one device-to-host copy per device (normally one); values
+    the CPU kernel gave are floats already."""
     by_device: dict[torch.device, list[int]] = {}
-    for index, value in enumerate(flat):
+    for index, value in enumerate(ranges):
         if isinstance(value, torch.Tensor):
             by_device.setdefault(value.device, []).append(index)
-    values = [value if not isinstance(value, torch.Tensor) else 0.0 for value in flat]
+    if not by_device:
+        return list(ranges)
+    values = [value if not isinstance(value, torch.Tensor) else 0.0 for value in ranges]
     for indices in by_device.values():
-        for index, value in zip(indices, torch.stack([flat[i] for i in indices]).tolist()):
+        for index, value in zip(indices, torch.stack([ranges[i] for i in indices]).tolist()):
             values[index] = value
     return values
