@@ -44,3 +44,33 @@ class SqrtStabilizer:
 
     def __str__(self) -> str:
         return f"{self.name}(eps={self.eps:g})"
+
+
+@dataclass(frozen=True)
+class StabilizersPerImage:
+    """Image ``i`` of a batch under ``stabilizers[i]``, as ``GeometricLoss.stabilizer``: a sweep evaluates every
+    setting on copies of one prediction in one batched call. Each image gets the values and the gradient its own
+    stabiliser gives it (the same fp32 eps, sqrt(eps) and clamp rule, elementwise)."""
+
+    stabilizers: tuple[SqrtStabilizer, ...]
+
+    def _per_image(self, values: list, like: torch.Tensor) -> torch.Tensor:
+        if like.shape[0] != len(self.stabilizers):
+            raise ValueError(f"{len(self.stabilizers)} stabilisers for a batch of {like.shape[0]}")
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+    def sqrt_input(self, s: torch.Tensor) -> torch.Tensor:
+        eps = self._per_image([st.eps for st in self.stabilizers], s)
+        clamped = self._per_image([float(st.name == "clamp") for st in self.stabilizers], s) > 0
+        floored = torch.clamp(s, min=eps)
+        # A clamp at a tensor bound passes the gradient at s == eps, one at a number does not (at eps = 0 that is
+        # sqrt's inf): the gradient goes through only where s > eps, as for a single stabiliser.
+        floored = torch.where(s > eps, floored, floored.detach())
+        return torch.where(clamped, floored, s + eps)
+
+    def finish(self, root: torch.Tensor) -> torch.Tensor:
+        return root - self._per_image([math.sqrt(st.eps) if st.name == "shifted" else 0.0
+                                       for st in self.stabilizers], root)
+
+    def __str__(self) -> str:
+        return "per image: " + ", ".join(map(str, self.stabilizers))

@@ -1,10 +1,15 @@
 """The clamp sweep on a tiny real checkpoint: columns, finiteness, the clamp's dead zone, the fp64 reference."""
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from geodiag.diagnostics.instruments.errors import GeodiagError
-from geodiag.diagnostics.tools.sweep import _reference, device_clock, parse_settings, run_sweep
+from geodiag.diagnostics.tools import sweep as sweep_module
+from geodiag.diagnostics.tools.sweep import (Setting, _reference, device_clock, evaluate_settings, parse_settings,
+                                             run_sweep)
+from geodiag.losses import GeometricLoss
 from geodiag.reports import schema, tables
 from shapes import disk, logits_from
 
@@ -119,3 +124,52 @@ def test_sweep_of_one_fold_of_a_results_folder_with_several(stock_run, tmp_path,
     assert "--fold" in capsys.readouterr().err
     assert main([*argv, "--fold", "1", "--out", str(tmp_path / "one")]) == 0
     assert len(tables.read_table(tmp_path / "one" / "sweep.csv", schema.SWEEP_COLUMNS)) == 1
+
+
+BATCHED = [Setting("clamp", 1e-4), Setting("clamp", 1e-2), Setting("additive", 1e-4), Setting("shifted", 1e-10),
+           Setting("shifted", 1e-2), Setting("additive", 0.0), Setting("clamp", 0.0)]
+
+
+def _alone(logits, label, setting, aspect_formula):
+    """One setting, one image: a GeometricLoss built with that stabiliser, and the statistics taken in numpy."""
+    loss = GeometricLoss((1,), softmax=True, stabilizer=setting.stabilizer, eps=setting.eps,
+                         aspect_formula=aspect_formula)
+    seen = {}
+    loss.register_tap(lambda name, t: seen.__setitem__(name, t.detach()))
+    leaf = logits.clone().requires_grad_(True)
+    value = loss(leaf, label)
+    value.backward()
+    grad = leaf.grad.double().numpy().ravel()
+    s = seen["compactness.grad_mag_squared"].double().numpy().ravel()
+    return seen, {"loss": float(value.detach()), "perimeter": float(seen["perimeter"].mean()),
+                  "compactness": float(seen["compactness"].mean()), "aspect": float(seen["aspect"].mean()),
+                  "grad_max": float(np.nanmax(np.abs(grad))), "grad_l2": float(np.sqrt(np.nansum(grad ** 2))),
+                  "frac_below_eps": float(np.mean(s < np.float32(setting.eps))),
+                  "nonfinite_grad": int((~np.isfinite(grad)).sum())}
+
+
+@pytest.mark.parametrize("ndim,aspect_formula", [(2, "seed"), (3, "anisotropy")])
+@pytest.mark.parametrize("batch_elements", [1 << 22, 1])
+def test_settings_evaluated_as_one_batch_equal_each_setting_evaluated_alone(ndim, aspect_formula, batch_elements,
+                                                                            monkeypatch):
+    """Image i of the batch under setting i gives what a loss built with that setting alone gives the single image
+    (values, descriptors, gradient, s); also when every setting runs in a batch of its own."""
+    monkeypatch.setattr(sweep_module, "SETTINGS_BATCH_ELEMENTS", batch_elements)
+    generator = torch.Generator().manual_seed(7)
+    size = 48 if ndim == 2 else 20
+    grids = torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * ndim, indexing="ij")
+    inside = sum((g - size * 0.45) ** 2 for g in grids) < (size * 0.3) ** 2
+    label = inside.long()[None, None]
+    noisy_half = grids[-1] < size / 2  # the other half keeps flat regions, where s = 0 exactly
+    foreground = (2.0 * inside.float() - 1.0) * 3.0 + torch.randn(inside.shape, generator=generator) * noisy_half
+    logits = torch.stack([-foreground, foreground])[None]
+    results = evaluate_settings(logits, label, (1,), BATCHED, aspect_formula)
+    assert len(results) == len(BATCHED)
+    for setting, (measured, s) in zip(BATCHED, results):
+        seen, alone = _alone(logits, label, setting, aspect_formula)
+        for key in ("loss", "perimeter", "compactness", "aspect", "grad_max", "grad_l2", "frac_below_eps"):
+            assert measured[key] == pytest.approx(alone[key], rel=1e-5, abs=1e-12), (setting, key)
+        assert measured["nonfinite_grad"] == alone["nonfinite_grad"], setting
+        torch.testing.assert_close(s, seen["compactness.grad_mag_squared"], rtol=1e-6, atol=0)
+    unstabilised = results[BATCHED.index(Setting("additive", 0.0))][0]
+    assert unstabilised["nonfinite_grad"] > 0  # a bare sqrt at s = 0: the failure the sweep must show, per image

@@ -8,8 +8,8 @@ tuples to a fixed set of lists allocates nothing the collector keeps tracking; t
 are the only tracked objects the log holds.
 
 Op ``i`` owns inputs ``first_input[i]`` up to ``first_input[i + 1]`` and output slots ``first_slot[i]`` up to
-``first_slot[i + 1]``; slot ``s`` has its (min, max) at ``ranges[2 s]`` and ``ranges[2 s + 1]`` (floats from the
-compiled kernel, 0-d tensors from ``torch.aminmax``). ``op(i)`` rebuilds one op as a tuple for the failure path.
+``first_slot[i + 1]``; each slot has its (min, max) at ``ranges[2 * slot]`` and ``ranges[2 * slot + 1]`` (floats
+from the compiled kernel, 0-d tensors from ``torch.aminmax``). ``op(i)`` rebuilds one op for the failure path.
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def evaluate_value(loss: UserLoss, logits: torch.Tensor, label: torch.Tensor, si
     magnitude = torch.where(finite, grad, 0.0).abs().double()
     loss_value, grad_max, grad_l2, grad_p999, nonfinite_grad = torch.stack([
         result_value.detach().double().reshape(()), magnitude.amax(), magnitude.square().sum().sqrt(),
-        _kth(magnitude, 0.999), (~finite).sum().double()]).tolist()
+        _kth(magnitude.reshape(1, -1), 0.999)[0], (~finite).sum().double()]).tolist()
     result = taps.result()
     clamps, roots = _site_rows(result, sites, "clamp"), _site_rows(result, sites, "sqrt")
     at_bound = {site: (rows[0]["at_bound_fraction"] if rows else math.nan) for site, rows in clamps.items()}

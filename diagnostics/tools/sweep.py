@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import pandas as pd
 import torch
 
-from geodiag.losses import STABILIZERS, GeometricLoss, SqrtStabilizer
+from geodiag.losses import STABILIZERS, GeometricLoss, SqrtStabilizer, StabilizersPerImage
 from geodiag.reports import schema, tables
 
 from ..nnunet.cases import Case, find_cases, predict_logits, preprocess
@@ -63,14 +63,13 @@ def parse_settings(stabilizers: Sequence[str], eps: Sequence[float]) -> list[Set
     return settings
 
 
-def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile (nearest rank) of a tensor's elements, as a 0-d tensor (no host read)."""
-    flat = x.flatten()
-    n = flat.numel()
+def _kth(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile (nearest rank) of each row of [N, M], as a tensor of N (no host read)."""
+    n = rows.shape[1]
     k = min(n, max(1, math.ceil(q * n)))
     if k > n // 2:  # the k-th smallest is the (n - k + 1)-th largest: a short top-k (kthvalue crawls on |gradients|)
-        return flat.topk(n - k + 1).values[-1]
-    return flat.kthvalue(k).values
+        return rows.topk(n - k + 1, dim=1).values[:, -1]
+    return rows.kthvalue(k, dim=1).values
 
 
 def _reference(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...],
@@ -91,47 +90,68 @@ def _capture(loss: GeometricLoss, names: Sequence[str]) -> dict[str, torch.Tenso
     return seen
 
 
-def evaluate_setting(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...], setting: Setting,
-                     aspect_formula: str) -> tuple[dict, torch.Tensor]:
-    """Loss, descriptors and gradient statistics of one case [1, C, *S] under one setting, and its s.
+# Elements of the settings' batch above which the settings of one case run in several batches (memory: a 3D case
+# of 128^3 takes two settings per batch).
+SETTINGS_BATCH_ELEMENTS = 1 << 22
 
-    The statistics are gathered on the device and read back at once. 1/(2 sqrt(x)) decreases, so the sqrt's
-    largest local derivative and its 99th percentile come from the minimum and 1st percentile of its input.
+
+def evaluate_settings(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...],
+                      settings: Sequence[Setting], aspect_formula: str) -> list[tuple[dict, torch.Tensor]]:
+    """Loss, descriptors and gradient statistics of one case [1, C, *S] under each setting, and its s.
+
+    The settings run as one batch, image i under setting i (``StabilizersPerImage``): each image's loss and
+    gradient are those of its setting alone, for one forward and backward of the loss instead of one per setting.
+    The statistics are gathered on the device and read back once per batch.
     """
-    leaf = logits.detach().requires_grad_(True)
-    loss_fn = GeometricLoss(classes, softmax=True, stabilizer=setting.stabilizer, eps=setting.eps,
-                            aspect_formula=aspect_formula)
+    per_batch = max(1, SETTINGS_BATCH_ELEMENTS // logits[0].numel())
+    return [result for start in range(0, len(settings), per_batch)
+            for result in _evaluate_batch(logits, label, classes, settings[start:start + per_batch], aspect_formula)]
+
+
+def _evaluate_batch(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...],
+                    settings: Sequence[Setting], aspect_formula: str) -> list[tuple[dict, torch.Tensor]]:
+    """1/(2 sqrt(x)) decreases, so the sqrt's largest local derivative and its 99th percentile come from the
+    minimum and 1st percentile of its input."""
+    n = len(settings)
+    leaf = logits.detach().expand(n, *logits.shape[1:]).clone().requires_grad_(True)
+    loss_fn = GeometricLoss(classes, softmax=True, aspect_formula=aspect_formula, reduction="none")
+    loss_fn.stabilizer = StabilizersPerImage(tuple(SqrtStabilizer(s.stabilizer, s.eps) for s in settings))
     seen = _capture(loss_fn, ("compactness.grad_mag_squared", "compactness.sqrt_input", "perimeter", "compactness",
                               "aspect"))
     s_grad: dict[str, torch.Tensor] = {}
     loss_fn.register_tap(lambda name, t: t.register_hook(lambda g: s_grad.__setitem__("s", g)),
                          names=("compactness.grad_mag_squared",))
-    value = loss_fn(leaf, label)
-    value.backward()
-    grad = leaf.grad.float()
+    value = loss_fn(leaf, label.expand(n, *label.shape[1:])).mean(dim=1)  # each setting's loss: mean over classes
+    value.sum().backward()
+    grad = leaf.grad.float().flatten(1)
     s = seen["compactness.grad_mag_squared"].detach()
-    sqrt_in = seen["compactness.sqrt_input"].detach()
-    s_gradient = s_grad.get("s")
+    s_rows = s.flatten(1)
+    sqrt_in = seen["compactness.sqrt_input"].detach().flatten(1)
+    eps = torch.tensor([setting.eps for setting in settings], dtype=s.dtype, device=s.device)[:, None]
     magnitude = grad.abs().nan_to_num_(nan=0.0, posinf=0.0)  # non-finite entries read as 0
-    stats = torch.stack([
-        value.detach().double(), seen["perimeter"].detach().mean().double(),
-        seen["compactness"].detach().mean().double(), seen["aspect"].detach().mean().double(),
-        magnitude.amax().double(), torch.linalg.vector_norm(magnitude, dtype=torch.float64),
-        _kth(magnitude, 0.999).double(), sqrt_in.amin().double(), _kth(sqrt_in, 0.01).double(),
-        (s < setting.eps).sum().double(), (s_gradient == 0).sum().double() if s_gradient is not None else
-        torch.full((), float(s.numel()), dtype=torch.float64, device=s.device),
-        grad.numel() - torch.isfinite(grad).sum().double(),
-    ]).tolist()
-    (loss, perimeter, compactness, aspect, grad_max, grad_l2, grad_p999, sqrt_min, sqrt_p01, below, zero_grad,
-     nonfinite_grad) = stats
-    below, zero_grad = below / s.numel(), zero_grad / s.numel()
-    return {
-        "loss": loss, "perimeter": perimeter, "compactness": compactness, "aspect": aspect,
-        "grad_max": grad_max, "grad_l2": grad_l2, "grad_p999": grad_p999,
-        "sqrt_deriv_max": _local_derivative(sqrt_min), "sqrt_deriv_p99": _local_derivative(sqrt_p01),
-        "frac_below_eps": below, "frac_zero_grad": zero_grad,
-        "nonfinite_loss": int(not math.isfinite(loss)), "nonfinite_grad": int(nonfinite_grad),
-    }, s
+    s_gradient = s_grad.get("s")
+    columns = torch.stack([
+        value.detach().double(), *(seen[name].detach().flatten(1).mean(dim=1).double()
+                                   for name in ("perimeter", "compactness", "aspect")),
+        magnitude.amax(dim=1).double(), torch.linalg.vector_norm(magnitude, dim=1, dtype=torch.float64),
+        _kth(magnitude, 0.999).double(), sqrt_in.amin(dim=1).double(), _kth(sqrt_in, 0.01).double(),
+        (s_rows < eps).sum(dim=1).double(),
+        (s_gradient.flatten(1) == 0).sum(dim=1).double() if s_gradient is not None else
+        torch.full((n,), float(s_rows.shape[1]), dtype=torch.float64, device=s.device),
+        grad.shape[1] - torch.isfinite(grad).sum(dim=1).double(),
+    ], dim=1).tolist()
+    results = []
+    for setting, row, s_image in zip(settings, columns, s):
+        (loss, perimeter, compactness, aspect, grad_max, grad_l2, grad_p999, sqrt_min, sqrt_p01, below, zero_grad,
+         nonfinite_grad) = row
+        results.append(({
+            "loss": loss, "perimeter": perimeter, "compactness": compactness, "aspect": aspect,
+            "grad_max": grad_max, "grad_l2": grad_l2, "grad_p999": grad_p999,
+            "sqrt_deriv_max": _local_derivative(sqrt_min), "sqrt_deriv_p99": _local_derivative(sqrt_p01),
+            "frac_below_eps": below / s_rows.shape[1], "frac_zero_grad": zero_grad / s_rows.shape[1],
+            "nonfinite_loss": int(not math.isfinite(loss)), "nonfinite_grad": int(nonfinite_grad),
+        }, s_image[None]))
+    return results
 
 
 def _local_derivative(x: float) -> float:
@@ -183,8 +203,8 @@ def sweep_case(item: CheckpointSweep, network, case: Case, patch_size, settings:
             logits = predict_logits(network, case.image, patch_size)
         timing.forward_s += device_clock(device) - start
         reference = _reference(logits, label, item.classes, aspect_formula)
-        for setting in settings:
-            measured, s = evaluate_setting(logits, label, item.classes, setting, aspect_formula)
+        for setting, (measured, s) in zip(settings, evaluate_settings(logits, label, item.classes, settings,
+                                                                       aspect_formula)):
             if precision == precisions[0] and setting == settings[0]:
                 histogram = LogHistogram()
                 histogram.update(s)
