@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from geodiag.reports.schema import BENCH_COLUMNS, write_text
 
@@ -59,12 +60,15 @@ def run_bench(device: str = "cpu", quick: bool = False, only: Optional[Iterable[
     if dev.type == "cpu":
         torch.set_num_threads(1)
     try:
-        results: list[Result] = []
-        for name in names:
-            if progress:
-                progress(f"bench {name} ({scale.name})")
-            results += BENCHMARKS[name](scale, dev, clock)
-        return results
+        # numpy's BLAS at one thread too: after TensorBoard's dot its idle workers spun on the other core and
+        # slowed whatever ran next (LogHistogram.update took up to twice its time, by chance, sample to sample).
+        with threadpool_limits(limits=1 if dev.type == "cpu" else None):
+            results: list[Result] = []
+            for name in names:
+                if progress:
+                    progress(f"bench {name} ({scale.name})")
+                results += BENCHMARKS[name](scale, dev, clock)
+            return results
     finally:
         torch.set_num_threads(threads)
 
@@ -73,7 +77,8 @@ def environment_line(device: str) -> str:
     """What the figures depend on besides the code: library versions, the device, the threads the run used."""
     dev = torch.device(device)
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-             f"CPU ({os.cpu_count()} cores; torch set to 1 thread, {torch.get_num_threads()} by default here)")
+             f"CPU ({os.cpu_count()} cores; torch and numpy's BLAS set to 1 thread, torch {torch.get_num_threads()} "
+             "by default here)")
     return f"torch {torch.__version__}, numpy {np.__version__}, Python {sys.version.split()[0]}; {where}"
 
 
