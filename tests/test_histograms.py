@@ -393,3 +393,27 @@ def test_kernel_and_torch_paths_give_the_same_state_bit_for_bit(update_path, mon
     below = {t: float(np.sum(values.numpy().astype(np.float64) < t)) / values.numel() for t in thresholds}
     h = LogHistogram(thresholds=thresholds)
     assert [h.summarize(kernel)[f"below_{t:g}"] for t in thresholds] == [below[t] for t in thresholds]
+
+
+def test_states_summarised_together_give_each_histogram_its_own_row():
+    """One numpy pass over many states (AutoTaps and the recorder read dozens back at once) is row by row the same
+    as each alone: empty, all-NaN, only zeros, signed values, and two threshold sets side by side; the single
+    rows are the ones the numpy-oracle tests above check."""
+    contents = [[], [math.nan] * 3, [0.0, -0.0], [-3.0, 1e-6, 2.5, math.inf], [5e-5, 2e-3, -7.0],
+                list(np.geomspace(1e-9, 1e3, 500))]
+    built = []
+    for index, values in enumerate(contents):
+        h = LogHistogram(thresholds=decade_grid() if index % 2 else ())
+        if values:
+            h.update(torch.tensor(values, dtype=torch.float32))
+        built.append(h)
+    states = [h.packed().numpy() for h in built]
+    together = histograms.summarize_states(built, states)
+    for h, state, row in zip(built, states, together):
+        alone = h.summarize(state)
+        assert row.keys() == alone.keys()
+        for key, value in alone.items():
+            assert row[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(row[key])), key
+    assert together[5]["count"] == 500 and together[5]["below_1e-08"] == pytest.approx(np.mean(
+        np.geomspace(1e-9, 1e3, 500).astype(np.float32) < np.float32(1e-8)))
+    assert together[1]["nan"] == 3 and math.isnan(together[1]["abs_p50"])

@@ -204,34 +204,42 @@ class LogHistogram:
     def summarize(self, packed: np.ndarray) -> dict:
         """A flat row from a host copy of ``packed()``: counts, fractions, signed extrema (min, max), extrema and
         quantiles of |x| (abs_min, abs_p50, ..., abs_max), mean, rms; all over the finite values."""
-        n_raw, n_bins = len(RAW_COUNTS), self.layout.n_bins
-        raw = dict(zip(RAW_COUNTS, packed[:n_raw].astype(np.int64).tolist()))
-        special = _named_counts(raw)
-        bins = packed[n_raw:n_raw + n_bins].copy()
-        bins[0] -= raw["zero"] + raw["nan"]
-        bins[-1] -= raw["infinite"]
-        buckets = packed[n_raw + n_bins:self._counts.numel()]
-        total_sum, total_sq, low, neg_high, abs_min = packed[self._counts.numel():].tolist()
-        count = special["count"]
-        finite = count - special["nan"] - special["posinf"] - special["neginf"]
-        row: dict = dict(special)
-        row["finite"] = finite
-        row["nonfinite_fraction"] = (count - finite) / count if count else math.nan
-        row["zero_fraction"] = special["zero"] / count if count else math.nan
-        row["min"] = self._extremum(low, special["zero"], abs_min) if finite else math.nan
-        row["max"] = -self._extremum(neg_high, special["zero"], abs_min) if finite else math.nan
-        row["mean"] = float(total_sum / finite) if finite else math.nan
-        row["rms"] = math.sqrt(float(total_sq) / finite) if finite else math.nan
-        row["sum"] = float(total_sum)
-        row["abs_min"] = abs_min if finite else math.nan
-        row["abs_max"] = max(abs(row["min"]), abs(row["max"])) if finite else math.nan
-        for q, value in zip(QUANTILES, self._quantiles(bins, special["zero"], abs_min, row["abs_max"])):
-            row[f"abs_p{q * 100:g}"] = value
-        below = np.cumsum(buckets)[:len(self.thresholds)]
-        for t, n in zip(self.thresholds, below):
-            row[f"below_{t:g}"] = float(n / count) if count else math.nan
-        row["bin_counts"] = bins.astype(np.int64).tolist()
-        return row
+        return self.summarize_many(packed[None])[0]
+
+    def summarize_many(self, packed: np.ndarray) -> list[dict]:
+        """``summarize`` of each row of [N, packed_size]: host copies of the states of N histograms with this one's
+        layout and thresholds (a recorder or AutoTaps reads dozens back at once), with one numpy pass for all."""
+        n_raw, n_bins, n_counts = len(RAW_COUNTS), self.layout.n_bins, self._counts.numel()
+        raw = dict(zip(RAW_COUNTS, packed[:, :n_raw].astype(np.int64).T))
+        bins = packed[:, n_raw:n_raw + n_bins].copy()
+        bins[:, 0] -= raw["zero"] + raw["nan"]
+        bins[:, -1] -= raw["infinite"]
+        below = np.cumsum(packed[:, n_raw + n_bins:n_counts], axis=1)[:, :len(self.thresholds)].tolist()
+        named = {name: column.tolist() for name, column in _named_counts(raw).items()}
+        rows = []
+        for r, (total_sum, total_sq, low, neg_high, abs_min) in enumerate(packed[:, n_counts:].tolist()):
+            row: dict = {name: column[r] for name, column in named.items()}
+            count, zeros = row["count"], row["zero"]
+            finite = row["finite"] = count - row["nan"] - row["posinf"] - row["neginf"]
+            row["nonfinite_fraction"] = (count - finite) / count if count else math.nan
+            row["zero_fraction"] = zeros / count if count else math.nan
+            row["min"] = self._extremum(low, zeros, abs_min) if finite else math.nan
+            row["max"] = -self._extremum(neg_high, zeros, abs_min) if finite else math.nan
+            row["mean"] = total_sum / finite if finite else math.nan
+            row["rms"] = math.sqrt(total_sq / finite) if finite else math.nan
+            row["sum"] = total_sum
+            row["abs_min"] = abs_min if finite else math.nan
+            row["abs_max"] = max(abs(row["min"]), abs(row["max"])) if finite else math.nan
+            for t, n in zip(self.thresholds, below[r]):
+                row[f"below_{t:g}"] = n / count if count else math.nan
+            rows.append(row)
+        quantiles = self._quantiles(bins, raw["zero"], packed[:, n_counts + 4].tolist(),
+                                    [row["abs_max"] for row in rows])
+        for row, values, counts in zip(rows, quantiles, bins.astype(np.int64).tolist()):
+            for q, value in zip(QUANTILES, values):
+                row[f"abs_p{q * 100:g}"] = value
+            row["bin_counts"] = counts
+        return rows
 
     @staticmethod
     def _extremum(low: float, zeros: int, abs_min: float) -> float:
@@ -239,28 +247,37 @@ class LogHistogram:
         means no finite value lies below 0, so the minimum is 0 if a finite 0 was seen, else the smallest |x|."""
         return low if low != 0 or zeros else abs_min
 
-    def _quantiles(self, bins: np.ndarray, zeros: int, abs_min: float, abs_max: float) -> list[float]:
-        """The ``QUANTILES`` of |x| over the finite values: for each q the value of rank floor(q (n - 1)) (numpy's
-        "lower" method), found in its bin and placed log-linearly inside it by its rank there, between the bin's
-        edges narrowed to the smallest and the largest |x| (so it never leaves [abs_min, abs_max] or the bin)."""
-        cumulative = zeros + np.cumsum(bins)
-        total = int(cumulative[-1])
-        if total == 0:
-            return [math.nan] * len(QUANTILES)
-        ranks = np.floor(np.array(QUANTILES) * (total - 1))  # 0-based
-        found = np.searchsorted(cumulative, ranks, side="right")  # first bin holding more than the rank's values
-        low_log = math.log10(abs_min) if abs_min > 0 else -math.inf
-        high_log = math.log10(abs_max) if abs_max > 0 else -math.inf
+    def _quantiles(self, bins: np.ndarray, zeros: np.ndarray, abs_min: list[float],
+                   abs_max: list[float]) -> list[list[float]]:
+        """Per row, the ``QUANTILES`` of |x| over the finite values: for each q the value of rank floor(q (n - 1))
+        (numpy's "lower" method), found in its bin and placed log-linearly inside it by its rank there, between the
+        bin's edges narrowed to the smallest and the largest |x| (so it never leaves [abs_min, abs_max] or the
+        bin)."""
+        cumulative = zeros[:, None] + np.cumsum(bins, axis=1)
+        totals = cumulative[:, -1]
+        ranks = np.floor(np.array(QUANTILES)[None, :] * (totals[:, None] - 1))  # 0-based
+        # the first bin holding more than the rank's values (searchsorted, side="right", row by row)
+        found = (cumulative[:, None, :] <= ranks[:, :, None]).sum(axis=2)
+        through = np.take_along_axis(cumulative, found, axis=1).tolist()
+        in_bin = np.take_along_axis(bins, found, axis=1).tolist()
         values = []
-        for rank, i in zip(ranks.tolist(), found.tolist()):
-            if rank < zeros:
-                values.append(0.0)
+        for r, (total, zero_count) in enumerate(zip(totals.tolist(), zeros.tolist())):
+            if total == 0:
+                values.append([math.nan] * len(QUANTILES))
                 continue
-            fraction = (rank - (cumulative[i] - bins[i]) + 0.5) / bins[i]
-            edge = self.layout.log10_min + i / self.layout.bins_per_decade
-            lo = max(low_log, edge)
-            hi = max(min(high_log, edge + 1 / self.layout.bins_per_decade), lo)
-            values.append(float(10.0 ** (lo + fraction * (hi - lo))))
+            low_log = math.log10(abs_min[r]) if abs_min[r] > 0 else -math.inf
+            high_log = math.log10(abs_max[r]) if abs_max[r] > 0 else -math.inf
+            row = []
+            for rank, i, upto, count in zip(ranks[r].tolist(), found[r].tolist(), through[r], in_bin[r]):
+                if rank < zero_count:
+                    row.append(0.0)
+                    continue
+                fraction = (rank - (upto - count) + 0.5) / count
+                edge = self.layout.log10_min + i / self.layout.bins_per_decade
+                lo = max(low_log, edge)
+                hi = max(min(high_log, edge + 1 / self.layout.bins_per_decade), lo)
+                row.append(float(10.0 ** (lo + fraction * (hi - lo))))
+            values.append(row)
         return values
 
     def to_dict(self) -> dict:
@@ -271,6 +288,20 @@ class LogHistogram:
         """Exact fraction of all elements (NaN included in the denominator) with x < t, per threshold."""
         row = self.to_dict()
         return {t: row[f"below_{t:g}"] for t in self.thresholds}
+
+
+def summarize_states(histograms: Sequence[LogHistogram], states: Sequence[np.ndarray]) -> list[dict]:
+    """``summarize`` of each histogram from a host copy of its ``packed()`` state, in one numpy pass per group of
+    histograms sharing a layout and thresholds."""
+    groups: dict[tuple, list[int]] = {}
+    for index, histogram in enumerate(histograms):
+        groups.setdefault((histogram.layout, histogram.thresholds), []).append(index)
+    rows: list[dict] = [{} for _ in histograms]
+    for indices in groups.values():
+        summaries = histograms[indices[0]].summarize_many(np.stack([states[i] for i in indices]))
+        for index, summary in zip(indices, summaries):
+            rows[index] = summary
+    return rows
 
 
 def decade_grid(first: int = -8, last: int = -1) -> tuple[float, ...]:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .histogram_bins import BinLayout
-from .histograms import LogHistogram, decade_grid
+from .histograms import LogHistogram, decade_grid, summarize_states
 
 KINDS = ("value", "grad", "local_derivative")
 # sqrt input tap -> the tap holding what the stabiliser acts on (s for the perimeter, tr^2 - 4 det for aspect).
@@ -184,8 +184,9 @@ class Recorder:
         for items in by_device.values():
             host = torch.cat([h.packed() for _, h in items]).cpu().numpy()
             offsets = np.cumsum([0] + [h.packed_size for _, h in items])
-            for ((name, kind), histogram), start, stop in zip(items, offsets[:-1], offsets[1:]):
-                summary = histogram.summarize(host[start:stop])
+            summaries = summarize_states([h for _, h in items],
+                                         [host[start:stop] for start, stop in zip(offsets[:-1], offsets[1:])])
+            for ((name, kind), _), summary in zip(items, summaries):
                 if summary["count"]:
                     rows.append({"name": name, "kind": kind, "step": self._step, **summary})
         rows.sort(key=lambda row: (row["name"], KINDS.index(row["kind"])))

@@ -26,7 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from geodiag.diagnostics.instruments import kernels
-from geodiag.diagnostics.instruments.histograms import LogHistogram
+from geodiag.diagnostics.instruments.histograms import LogHistogram, summarize_states
 from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
                                                  is_inplace, numeric)
@@ -364,15 +364,18 @@ class AutoTaps:
                 per_site.index_add_(0, indices, counts.double())
             parts.append(per_site)
         host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else None
-        histograms, counters, offset = {}, {}, 0
+        states, counters, offset = [], {}, 0
         for site, kind, hist in layout:
             size = hist.packed_size if hist is not None else 4
             chunk = host[offset:offset + size]
             offset += size
             if hist is not None:
-                histograms[(site.name, site.op, kind)] = hist.summarize(chunk)
+                states.append(chunk)
             else:
                 counters[site.index] = [int(v) for v in chunk]
+        tapped = [(site, kind, hist) for site, kind, hist in layout if hist is not None]
+        histograms = {(site.name, site.op, kind): summary for (site, kind, _), summary in
+                      zip(tapped, summarize_states([hist for _, _, hist in tapped], states))}
         if self._masked:
             masked = host[offset:offset + len(self._order)]
         return assemble(self._order, histograms, counters, masked)
