@@ -25,7 +25,6 @@ class LoggedOp(NamedTuple):
     tensor; an input's slot is that of the output that wrote it in this step, None if it came from outside (only
     then is its weakref kept)."""
 
-    index: int
     func: Any
     node: Optional[str]
     seq: int
@@ -104,5 +103,5 @@ class StepLog:
                   for j in range(self.first_input[index], end)]
         outputs = [(slot, self.output_dtype[slot], self.output_shape[slot], self.output_ref[slot])
                    for slot in self.slots(index)]
-        return LoggedOp(index, self.func[index], self.node[index], self.seq[index], self.module[index],
+        return LoggedOp(self.func[index], self.node[index], self.seq[index], self.module[index],
                         self.tap[index], self.code[index], self.line[index], inputs, outputs)

@@ -110,8 +110,8 @@ def evaluate_settings(logits: torch.Tensor, label: torch.Tensor, classes: tuple[
 
 def _evaluate_batch(logits: torch.Tensor, label: torch.Tensor, classes: tuple[int, ...],
                     settings: Sequence[Setting], aspect_formula: str) -> list[tuple[dict, torch.Tensor]]:
-    """1/(2 sqrt(x)) decreases, so the sqrt's largest local derivative and its 99th percentile come from the
-    minimum and 1st percentile of its input."""
+    """One batch of ``evaluate_settings``. 1/(2 sqrt(x)) decreases, so the sqrt's largest local derivative and its
+    99th percentile come from the minimum and 1st percentile of its input."""
     n = len(settings)
     leaf = logits.detach().expand(n, *logits.shape[1:]).clone().requires_grad_(True)
     loss_fn = GeometricLoss(classes, softmax=True, aspect_formula=aspect_formula, reduction="none")
