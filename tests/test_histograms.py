@@ -417,3 +417,25 @@ def test_states_summarised_together_give_each_histogram_its_own_row():
     assert together[5]["count"] == 500 and together[5]["below_1e-08"] == pytest.approx(np.mean(
         np.geomspace(1e-9, 1e3, 500).astype(np.float32) < np.float32(1e-8)))
     assert together[1]["nan"] == 3 and math.isnan(together[1]["abs_p50"])
+
+
+def test_a_tensor_counted_in_pieces_gives_the_counts_of_one_pass(update_path, monkeypatch):
+    """The kernel takes at most _KERNEL_PIECE values per call (its lane counts are 32-bit): pieces of 7 values,
+    each read at its own address, count and bound the same values as one call; a strided fp16 view too."""
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(1000, generator=generator) * 10.0 ** (torch.rand(1000, generator=generator) * 8 - 4)
+    values[::97] = math.nan
+    whole = LogHistogram(thresholds=decade_grid())
+    whole.update(values)
+    monkeypatch.setattr(histograms, "_KERNEL_PIECE", 7)
+    pieces = LogHistogram(thresholds=decade_grid())
+    pieces.update(values)
+    a, b = whole.to_dict(), pieces.to_dict()
+    for key in ("count", "nan", "zero", "negative", "bin_counts", "below_0.0001", "min", "max", "abs_min"):
+        assert a[key] == b[key], key
+    assert a["sum"] == pytest.approx(b["sum"], rel=1e-12)
+    strided = values.to(torch.float16).reshape(100, 10).t()  # non-contiguous, widened to fp32 first
+    view, copy = LogHistogram(), LogHistogram()
+    view.update(strided)
+    copy.update(strided.contiguous().reshape(-1))
+    assert view.to_dict()["bin_counts"] == copy.to_dict()["bin_counts"]

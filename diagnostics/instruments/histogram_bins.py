@@ -223,6 +223,12 @@ class KernelTables:
     source: torch.Tensor
     target: torch.Tensor
 
+    @functools.cached_property
+    def addresses(self) -> tuple:
+        """The kernel's table arguments after the values (offset .. n_fold): the tensors live in the cache."""
+        return (self.offset.data_ptr(), self.cuts.data_ptr(), self.n_positive, self.cuts.numel(), self.count,
+                self.source.data_ptr(), self.target.data_ptr(), self.source.numel())
+
 
 _CACHE: dict = {}
 

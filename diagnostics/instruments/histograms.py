@@ -66,6 +66,7 @@ def _named_counts(raw: dict[str, int]) -> dict[str, int]:
 _CHUNK = 1 << 16                   # elements per pass on the CPU: the scratch buffers stay in cache
 _CHUNK_DEVICE = 1 << 22            # elsewhere few large passes (each op is a kernel launch)
 _KERNEL_PIECE = 1 << 31            # values per kernel call: its per-lane uint32 counts cannot wrap
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class LogHistogram:
@@ -89,40 +90,37 @@ class LogHistogram:
         # One int64 buffer (raw counts | bins | threshold buckets) so merging is one add / one all_reduce.
         self._counts = torch.zeros(n_raw + layout.n_bins + len(thresholds) + 1, dtype=torch.int64,
                                    device=self.device)
-        self._raw = self._counts[:n_raw]
-        self._bins = self._counts[n_raw:n_raw + layout.n_bins]
-        self._buckets = self._counts[n_raw + layout.n_bins:]
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
         # min, -max, min |x| of the finite values: merged by minimum
         self._extrema = torch.full((_EXTREMA,), math.inf, dtype=torch.float64, device=self.device)
 
     # ------------------------------------------------------------------ accumulate (no host sync)
-    @torch.no_grad()
     def update(self, *tensors: torch.Tensor) -> None:
         """Add every element of each tensor (any shape, any float dtype, on this histogram's device) to this one
         histogram: several tensors (e.g. every parameter's gradient) in one call pay the fixed costs once."""
-        flat = [t.detach().reshape(-1) for t in tensors if t.numel()]
-        on_kernel = [x for x in flat if self._kernel_takes(x)]
-        on_torch = [x for x in flat if not self._kernel_takes(x)]
-        for count, add in ((on_kernel, self._update_on_kernel), (on_torch, self._update_with_torch)):
-            if count:
-                add(count)
+        on_torch = []
+        for t in tensors:
+            if not t.numel():
+                continue
+            if cpu_kernel is not None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
+                self._count_on_kernel(t)
+            else:
+                on_torch.append(t.detach().reshape(-1))
+        if on_torch:
+            self._update_with_torch(on_torch)
 
-    def _kernel_takes(self, x: torch.Tensor) -> bool:
-        return cpu_kernel is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16,
-                                                                                   torch.bfloat16)
-
-    def _update_on_kernel(self, flat: list[torch.Tensor]) -> None:
-        """Each piece counted, summed and folded into this histogram's buffers by one kernel call: no torch op."""
+    def _count_on_kernel(self, t: torch.Tensor) -> None:
+        """Counted, summed and folded into this histogram's buffers by one kernel call per piece, read in place
+        when it is contiguous fp32: no torch op, no view."""
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            t = t.detach().to(torch.float32).contiguous()  # fp16, bf16 widen exactly
         tables = kernel_tables(self.layout, self.thresholds)
-        for x in flat:
-            for start in range(0, x.numel(), _KERNEL_PIECE):
-                piece = x[start:start + _KERNEL_PIECE].to(torch.float32).contiguous()  # fp16, bf16 widen exactly
-                cpu_kernel.count_fp32(piece.data_ptr(), piece.numel(), tables.offset.data_ptr(),
-                                      tables.cuts.data_ptr(), tables.n_positive, tables.cuts.numel(), tables.count,
-                                      tables.source.data_ptr(), tables.target.data_ptr(), tables.source.numel(),
-                                      self._counts.data_ptr(), self._moments.data_ptr(), self._extrema.data_ptr())
+        address, n = t.data_ptr(), t.numel()
+        for start in range(0, n, _KERNEL_PIECE):
+            cpu_kernel.count_fp32(address + 4 * start, min(_KERNEL_PIECE, n - start), *tables.addresses,
+                                  self._counts.data_ptr(), self._moments.data_ptr(), self._extrema.data_ptr())
 
+    @torch.no_grad()
     def _update_with_torch(self, flat: list[torch.Tensor]) -> None:
         chunk = min(max(x.numel() for x in flat), _CHUNK if self.device.type == "cpu" else _CHUNK_DEVICE)
         lookup = segments(self.layout, self.thresholds, self.device)

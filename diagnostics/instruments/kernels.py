@@ -18,7 +18,7 @@ except ImportError:  # built without a C compiler
 def min_max(t: torch.Tensor) -> Optional[tuple[float, float]]:
     """(min, max) of an fp32 CPU tensor as floats, both NaN if it holds a NaN, read by the kernel (a strided view
     is copied first); None for other tensors or without the kernels (then use ``torch.aminmax``)."""
-    if compiled is None or t.dtype != torch.float32 or t.device.type != "cpu":
+    if compiled is None or t.dtype != torch.float32 or not t.is_cpu:
         return None
     t = t.contiguous()
     return compiled.min_max_fp32(t.data_ptr(), t.numel())

@@ -295,9 +295,8 @@ class AutoTaps:
     def _reduce_forward(self, site: _Site) -> None:
         records, site.pending = site.pending, []
         device = records[0][1].device
-        inputs = torch.cat([_flat(x, y) for x, y, _ in records])
-        outputs = torch.cat([y.reshape(-1).float() if y.dtype != torch.float64 else y.reshape(-1)
-                             for _, y, _ in records])
+        inputs = _joined([_flat(x, y) for x, y, _ in records])
+        outputs = _joined([y.reshape(-1).float() if y.dtype != torch.float64 else y.reshape(-1) for _, y, _ in records])
         site.histogram("input", device).update(inputs)
         site.histogram("output", device).update(outputs)
         counters = self._counters(site, device)
@@ -331,10 +330,9 @@ class AutoTaps:
             return
         device = (arriving or sent)[0].device
         if arriving:
-            site.histogram("grad", device).update(torch.cat([a.float() if a.dtype != torch.float64 else a
-                                                             for a in arriving]))
+            site.histogram("grad", device).update(*arriving)
         if sent:
-            sent = torch.cat([g.float() if g.dtype != torch.float64 else g for g in sent])
+            sent = _joined([g.float() if g.dtype != torch.float64 else g for g in sent])
             self._counters(site, device)[3] += sent.numel() - torch.isfinite(sent).sum()
 
     @staticmethod
@@ -379,6 +377,11 @@ class AutoTaps:
         if self._masked:
             masked = host[offset:offset + len(self._order)]
         return assemble(self._order, histograms, counters, masked)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One flat tensor of the parts, without a copy when there is one (a fresh AutoTaps per loss call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _flat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
