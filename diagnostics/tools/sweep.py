@@ -90,8 +90,8 @@ def _capture(loss: GeometricLoss, names: Sequence[str]) -> dict[str, torch.Tenso
     return seen
 
 
-# Elements of the settings' batch above which the settings of one case run in several batches (memory: a 3D case
-# of 128^3 takes two settings per batch).
+# Logit elements per batch of settings (memory): a two-channel case of 512^2 or 64^3 runs 8 settings per batch,
+# one of 128^3 a single setting.
 SETTINGS_BATCH_ELEMENTS = 1 << 22
 
 
