@@ -4,5 +4,5 @@ from .presets import PRESETS, preset_kwargs
 from .stabilizers import STABILIZERS, SqrtStabilizer, StabilizersPerImage
 from .taps import Tap, Tappable
 
-__all__ = ["GEOMETRIC_TERMS", "GeometricLoss", "PRESETS", "preset_kwargs", "STABILIZERS", "SqrtStabilizer", "StabilizersPerImage",
-           "Tap", "Tappable"]
+__all__ = ["GEOMETRIC_TERMS", "GeometricLoss", "PRESETS", "preset_kwargs", "STABILIZERS", "SqrtStabilizer",
+           "StabilizersPerImage", "Tap", "Tappable"]

@@ -36,6 +36,17 @@ def update_path(request, monkeypatch):
     return request.param
 
 
+def _with_fp32_neighbours(values: np.ndarray, steps: int) -> list[np.ndarray]:
+    """``values`` (fp32), then their ``steps`` nearest fp32 neighbours below, then above."""
+    found = [values]
+    for direction in (-np.inf, np.inf):
+        current = values
+        for _ in range(steps):
+            current = np.nextafter(current, np.float32(direction))
+            found.append(current)
+    return found
+
+
 def _histogram(values, dtype=torch.float32, thresholds=()) -> dict:
     h = LogHistogram(thresholds=thresholds)
     h.update(torch.tensor(values, dtype=dtype))
@@ -247,13 +258,7 @@ def test_update_matches_an_independent_numpy_computation_on_adversarial_values()
     boundaries = [2.0 ** -149, 2.0 ** -134, 2.0 ** -133, 2.0 ** -127, 2.0 ** -126 - 2.0 ** -134, 2.0 ** -126,
                   2.0 ** -25, 2.0 ** -24, 2.0 ** -14 - 2.0 ** -25, 2.0 ** -14, 65504.0, 65519.0, 65520.0,
                   (2 - 2.0 ** -8) * 2.0 ** 127, (2 - 2.0 ** -7) * 2.0 ** 127, *decade_grid(), 0.5, 1.0, 3.0]
-    base = np.array(boundaries, dtype=np.float32)
-    steps = [base]
-    for direction in (-np.inf, np.inf):
-        current = base
-        for _ in range(3):
-            current = np.nextafter(current, np.float32(direction))
-            steps.append(current)
+    steps = _with_fp32_neighbours(np.array(boundaries, dtype=np.float32), 3)
     rng = np.random.default_rng(7)
     random = (rng.standard_normal(20000) * 10.0 ** rng.uniform(-44, 38, 20000)).astype(np.float32)
     subnormal = np.arange(0, 4096, dtype=np.int32).view(np.float32)
@@ -370,15 +375,10 @@ def test_kernel_and_torch_paths_give_the_same_state_bit_for_bit(update_path, mon
     thresholds = tuple(sorted(thresholds))
     rng = np.random.default_rng(21)
     around = np.array([t for t in thresholds if t] + [1e-3, 1e-2, 3e-40], dtype=np.float32)
-    near = [around]
-    for direction in (-np.inf, np.inf):
-        current = around
-        for _ in range(4):
-            current = np.nextafter(current, np.float32(direction))
-            near.append(current)
-    values = np.concatenate(near + [(rng.standard_normal(50000) * 10.0 ** rng.uniform(-45, 38, 50000)).astype(np.float32),
-                                    np.arange(0, 70000, 7, dtype=np.int32).view(np.float32),
-                                    np.array([0x7F800000, 0x7FC00001], dtype=np.int32).view(np.float32)])
+    random = (rng.standard_normal(50000) * 10.0 ** rng.uniform(-45, 38, 50000)).astype(np.float32)
+    values = np.concatenate(_with_fp32_neighbours(around, 4) + [
+        random, np.arange(0, 70000, 7, dtype=np.int32).view(np.float32),
+        np.array([0x7F800000, 0x7FC00001], dtype=np.int32).view(np.float32)])
     values = torch.from_numpy(np.concatenate([values, -values]))
     kernel = _state(values, thresholds)
     monkeypatch.setattr(histograms, "cpu_kernel", None)

@@ -185,7 +185,7 @@ def _cuts(layout: BinLayout, thresholds: tuple, form: BitFormat) -> _Cuts:
 
 def _cells(cuts: _Cuts, form: BitFormat) -> tuple[np.ndarray, np.ndarray, dict[int, list[int]]]:
     """Per cell (sign bit first): the offset that places a value of a cell holding at most one cut, the cell's
-    first segment, and the cuts strictly inside each cell that holds any."""
+    lowest pattern, and the cuts strictly inside each cell that holds any."""
     half = form.cells_per_sign
     cell_start = (np.arange(2 * half, dtype=np.int64) % half) << form.cell_shift
     first = np.zeros(2 * half, dtype=np.int64)
@@ -200,7 +200,7 @@ def _cells(cuts: _Cuts, form: BitFormat) -> tuple[np.ndarray, np.ndarray, dict[i
     offsets = cell_start - (first << form.cell_shift)
     for cell, (cut, *_) in inside.items():
         offsets[cell] = cut - ((first[cell] + 1) << form.cell_shift)
-    return offsets, first, inside
+    return offsets, cell_start, inside
 
 
 @dataclass
@@ -258,8 +258,7 @@ def kernel_tables(layout: BinLayout, thresholds: tuple) -> KernelTables:
     if key in _CACHE:
         return _CACHE[key]
     cuts = _cuts(layout, thresholds, FP32)
-    offsets, _, inside = _cells(cuts, FP32)
-    cell_start = (np.arange(2 * FP32.cells_per_sign, dtype=np.int64) % FP32.cells_per_sign) << FP32.cell_shift
+    offsets, cell_start, inside = _cells(cuts, FP32)
     for cell, found in inside.items():
         if len(found) > 1:  # the kernel places these by search: send them to the spill segment, number `count`
             offsets[cell] = cell_start[cell] - (cuts.count << FP32.cell_shift)

@@ -145,13 +145,10 @@ class LogHistogram:
                     found.add_(torch.gt(mag, torch.index_select(below, 0, key, out=scratch[:m]), out=above[:m]))
                 counts.scatter_add_(0, found, ones[:m])  # a bincount into a fixed size (torch.bincount syncs on CUDA)
                 partials.append(torch.stack(self._statistics(value, mag)))
-        self._fold(lookup.target, counts.index_select(0, lookup.source), torch.stack(partials))
-
-    def _fold(self, target: torch.Tensor, counts: torch.Tensor, partials: torch.Tensor) -> None:
-        """Add segment counts (already in ``target`` order) and per-piece statistics into this histogram."""
-        self._counts.index_add_(0, target, counts)
-        self._moments += partials[:, :2].sum(dim=0)
-        torch.minimum(self._extrema, partials[:, 2:].amin(dim=0), out=self._extrema)
+        self._counts.index_add_(0, lookup.target, counts.index_select(0, lookup.source))
+        totals = torch.stack(partials)
+        self._moments += totals[:, :2].sum(dim=0)
+        torch.minimum(self._extrema, totals[:, 2:].amin(dim=0), out=self._extrema)
 
     @staticmethod
     def _statistics(value: torch.Tensor, mag: torch.Tensor) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ the user's line that raised it, stored like any other result; the other cases an
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -64,14 +65,10 @@ def _term_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch
     hooks see only the real backward). A user's loss has no named terms: its total only."""
     leaf = logits.detach().float().requires_grad_(True)
     seen: dict[str, torch.Tensor] = {}
-    if not own_loss.tappable(loss):
-        with own_loss.raising_as_finding():
-            geometric_total = loss(leaf, label)
-    else:
-        handle = loss.register_tap(lambda name, t: seen.__setitem__(name, t),
-                                   names=[f"{t}.term" for t in GEOMETRIC_TERMS])
-        with handle, own_loss.raising_as_finding():
-            geometric_total = loss(leaf, label)
+    handle = (loss.register_tap(lambda name, t: seen.__setitem__(name, t), names=[f"{t}.term" for t in GEOMETRIC_TERMS])
+              if own_loss.tappable(loss) else contextlib.nullcontext())
+    with handle, own_loss.raising_as_finding():
+        geometric_total = loss(leaf, label)
     terms = {"dc_ce": dice_ce(leaf, label)}
     weights = {term: getattr(loss, f"{term}_weight", 0.0) for term in GEOMETRIC_TERMS}
     for term in GEOMETRIC_TERMS:

@@ -113,8 +113,8 @@ def _probe_in_subprocess(subject: str, spatial: Sequence[int], device: torch.dev
     return int(done.stdout.strip().splitlines()[-1])
 
 
-# Bytes: twice the spread of the CPU peak of identical probes seen on the project's machine (the README gives it): a
-# smaller difference of two peaks is noise, either way.
+# Bytes: twice the largest spread of the CPU peak over five identical probes on the project's machine (160 KiB):
+# a smaller difference of two peaks is noise, either way.
 EXTRA_RESOLUTION = 320 * 1024
 
 

@@ -5,9 +5,10 @@ run folder (``geometric_settings.json``, read as data: a name found there is nev
 of geodiag's trainer class named by the checkpoint; else the production preset. The summary says which and why.
 How it is called: a user's loss as nnU-Net's ``train_step`` calls its loss, inside the autocast of the network
 forward; a loss that raises (e.g. a clamp bound that does not fit fp16) raises ``LossRaised``, naming the user's
-line, so that one case in one precision becomes a finding and the others still run. Sites: every pass of every case runs the loss under ``AutoTaps``; a case stores its rows with the
-element counts behind each fraction and the input histograms of its sqrt and clamp sites, so rows merge over
-cases (and over a resumed run) by adding counts.
+line, so that one case in one precision becomes a finding and the others still run. Sites: every pass of every
+case runs the loss under ``AutoTaps``; a case stores its rows with the element counts behind each fraction and
+the input histograms of its sqrt and clamp sites, so rows merge over cases (and over a resumed run) by adding
+counts.
 """
 from __future__ import annotations
 
