@@ -26,7 +26,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from .schema import FP16_MAX, FP16_SMALLEST_SUBNORMAL, ReportInputError, write_bytes
 from .tables import format_eps, setting_label
@@ -311,6 +311,8 @@ def epoch_evolution(by_epoch: pd.DataFrame, fraction_eps: Sequence[float]) -> Fi
     right.set_ylabel("max |dL/dlogit|")
     right.set_yscale("log")
     for ax, colours in ((left, eps_colours), (right, setting_colours)):
+        # epochs are whole: with one checkpoint the axis was ticked 1.975, 2.025
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         _colour_and_style_legend(ax, colours, dataset_styles)
     figure.tight_layout()
@@ -358,6 +360,7 @@ def training_curves(runs: pd.DataFrame) -> Figure:
             ax.axvline(frame["warmup"].iloc[0] - 0.5, color=line.get_color(), ls="--", lw=0.8)
         ax.set_title(f"dataset {dataset}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_ylabel("train loss (epoch mean)")
         ax.legend(fontsize=7)
     figure.tight_layout()

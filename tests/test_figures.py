@@ -139,6 +139,23 @@ def test_sweep_histogram_stairs_and_eps_lines_share_the_log10_axis(tmp_path, sav
     assert (edges[modal], edges[modal + 1]) == pytest.approx((np.log10(10 ** -3.75), -3.5))
 
 
+def test_epoch_axes_tick_whole_epochs_even_for_a_single_checkpoint(tmp_path, saved_figures):
+    """One checkpoint (one epoch) left matplotlib free to tick 1.975, 2.025: an epoch axis ticks whole epochs."""
+    by_epoch = pd.DataFrame([dict(dataset=502, epoch=2, stabilizer="clamp", eps=e, median_frac_below_eps=f,
+                                  max_grad_max=g) for e, f, g in ((1e-4, 0.05, 9e-3), (1e-2, 0.97, 1.2e-2))])
+    figures.epoch_evolution(by_epoch, [1e-4, 1e-2], tmp_path / "e.png")
+    runs = pd.DataFrame([dict(dataset=502, run="r", epoch=e, train_loss=1.0 / (e + 1), warmup=1) for e in (0, 1, 2)])
+    figures.training_curves(runs, tmp_path / "t.png")
+    axes = [ax for figure in saved_figures for ax in figure.axes if ax.get_xlabel() == "epoch"]
+    assert len(axes) == 3
+    for ax in axes:
+        ax.figure.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # the points themselves stay at their epochs
+    assert [list(line.get_xdata()) for line in axes[0].lines if len(line.get_xdata())][0] == [2]
+
+
 def _eps_table() -> pd.DataFrame:
     eps = [1e-6, 1e-4, 1e-2]
     rows = [dict(precision=p, tensor="compactness.grad_mag_squared", eps=e, fraction_below=f, zero_grad_fraction=0.5)
