@@ -108,7 +108,7 @@ def geometric_run(tiny_dataset_502: NnunetDataset) -> NnunetRun:
     The environment is what ``geodiag env`` exports; the quick trainer switches the geometric term on in epoch 2
     of 6 and saves every epoch.
     """
-    from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometricQuick
+    from geodiag.losses.nnunet.trainer import nnUNetTrainerGeometricQuick
 
     env = env_from_geodiag(dict(os.environ))
     command = [nnunet_tool("nnUNetv2_train"), "502", tiny_dataset_502.configuration, "0", "-tr", QUICK_TRAINER,

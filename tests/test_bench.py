@@ -88,7 +88,7 @@ def test_the_timed_step_is_built_by_the_trainers_own_methods():
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
     from geodiag.diagnostics.tools.bench_step import NnUNetStep
-    from geodiag.losses.nnunet_trainer import CLIP_NORM
+    from geodiag.losses.nnunet.trainer import CLIP_NORM
 
     scale = bench_common.SCALES["quick"]
     step = NnUNetStep(scale, torch.device("cpu"))

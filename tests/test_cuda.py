@@ -23,7 +23,7 @@ from geodiag.diagnostics.instruments.recorder import Recorder
 from geodiag.diagnostics.nonfinite.provenance import NonFiniteProvenance
 from geodiag.diagnostics.nonfinite.replay import replay
 from geodiag.losses import GeometricLoss
-from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
+from geodiag.losses.nnunet.guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
 
 from test_provenance import disk, pixel_unit_first_moments
 from test_replay import Gain, moments_step

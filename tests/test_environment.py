@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 
-import geodiag.losses.nnunet_trainer as trainer_module
+import geodiag.losses.nnunet.trainer as trainer_module
 from geodiag.losses import preset_kwargs
 from geodiag.diagnostics.nnunet import environment
 from geodiag.diagnostics.cli import main

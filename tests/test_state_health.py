@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from geodiag.diagnostics.instruments.training_state import checkpoint_health
-from geodiag.losses.state_health import nonfinite_flags, nonfinite_names, rot_event
+from geodiag.losses.nnunet.state_health import nonfinite_flags, nonfinite_names, rot_event
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

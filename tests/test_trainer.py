@@ -8,7 +8,7 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric
+from geodiag.losses.nnunet.trainer import nnUNetTrainerGeometric
 
 
 @pytest.fixture

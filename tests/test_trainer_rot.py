@@ -8,9 +8,9 @@ from typing import Callable
 import pytest
 import torch
 
-from geodiag.losses.nnunet_guard import TrainingStateCorrupted
-from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric
-from geodiag.losses.state_health import grad_scale_collapsed
+from geodiag.losses.nnunet.guard import TrainingStateCorrupted
+from geodiag.losses.nnunet.trainer import nnUNetTrainerGeometric
+from geodiag.losses.nnunet.state_health import grad_scale_collapsed
 
 FAULT_EPOCH = 1
 

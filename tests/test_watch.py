@@ -198,7 +198,7 @@ def test_watch_rejects_a_command_that_is_not_nnunet_training(command, message):
 def test_watch_records_geodiags_own_trainer_with_its_taps_and_terms(tiny_dataset_502, ext_folder, tmp_path):
     """nnUNetTrainerGeometricQuick brings its own guard: watch reuses it, records its loss taps every 2 iterations
     and the per-term values its train_step returns; a clean run exits 0 with nothing skipped."""
-    from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometricQuick as quick
+    from geodiag.losses.nnunet.trainer import nnUNetTrainerGeometricQuick as quick
 
     proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerGeometricQuick", "--every", "2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard
+from geodiag.losses.nnunet.guard import GUARD_ATTRIBUTE, StepGuard
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from geodiag.losses.state_health import (DEFAULT_SCALE_FLOOR, momentum_buffers, nonfinite_flags, nonfinite_names,
+from geodiag.losses.nnunet.state_health import (DEFAULT_SCALE_FLOOR, momentum_buffers, nonfinite_flags, nonfinite_names,
                                          rot_event)
 
 from .errors import GeodiagError

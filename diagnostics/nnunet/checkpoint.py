@@ -147,7 +147,7 @@ class Checkpoint:
 
 def geodiag_trainer(name: str) -> Optional[type]:
     """geodiag's nnU-Net trainer class of that name, or None."""
-    from geodiag.losses import nnunet_trainer
+    from geodiag.losses.nnunet import trainer as nnunet_trainer
 
     return getattr(nnunet_trainer, name, None)
 

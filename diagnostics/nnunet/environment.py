@@ -149,7 +149,7 @@ try:
     result["resolved"] = describe(recursive_find_trainer_class_by_name(name))
 except Exception as exc:
     result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-import geodiag.losses.nnunet_trainer as ours
+import geodiag.losses.nnunet.trainer as ours
 result["ours"] = describe(getattr(ours, name)) if hasattr(ours, name) else None
 print("GEODIAG_RESOLVED " + json.dumps(result))
 """

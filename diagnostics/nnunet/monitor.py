@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric, nnUNetTrainerGeometricQuick
+from geodiag.losses.nnunet.trainer import nnUNetTrainerGeometric, nnUNetTrainerGeometricQuick
 from geodiag.reports import schema
 
 from ..instruments.recorder import Attachment, Recorder

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from geodiag.losses import GeometricLoss
-from geodiag.losses.nnunet_guard import StepGuard
-from geodiag.losses.state_health import nonfinite_flags
+from geodiag.losses.nnunet.guard import StepGuard
+from geodiag.losses.nnunet.state_health import nonfinite_flags
 
 from ..nonfinite.provenance import NonFiniteProvenance
 from ..nonfinite.provenance_report import ProvenanceReport

@@ -32,8 +32,9 @@ from typing import Callable, Optional
 import torch
 
 from geodiag.losses import GeometricLoss
-from geodiag.losses.nnunet_guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
-from geodiag.losses.state_health import ROT_EVENTS
+from geodiag.losses.nnunet.guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
+from geodiag.losses.nnunet.patches import PatchGroup, patch
+from geodiag.losses.nnunet.state_health import ROT_EVENTS
 from geodiag.reports import schema
 
 from ..instruments.errors import GeodiagError
@@ -73,26 +74,30 @@ class Watch:
         self._handles: list = []
         self._replaying = False
         self._originals: dict = {}
-        self._keep_replacements = 0
+        self._patches = PatchGroup()
+        self._owns_guard = False
         self._epoch_start = 0
         self._writer = _tensorboard_writer(options.tensorboard)
 
     def attach(self) -> "Watch":
-        existing = getattr(self.trainer, GUARD_ATTRIBUTE, None)  # geodiag's trainers bring their own guard
-        self._keep_replacements = existing.replacements if isinstance(existing, StepGuard) else 0
-        self.guard = StepGuard.wrap(self.trainer, capture=True, check_state_every=self.options.every)
+        # geodiag's trainers bring their own guard: it stays when the watch goes
+        self._owns_guard = not isinstance(getattr(self.trainer, GUARD_ATTRIBUTE, None), StepGuard)
+        self.guard = StepGuard.wrap(self.trainer, check_state_every=self.options.every)
         self.guard.listeners.append(self)
-        self._originals = {name: self.guard.patch(self.trainer, name, getattr(self, f"_{name}"))
-                           for name in ("on_train_start", "on_train_epoch_end")}
+        self._patches.add(self.guard.start_capture())
+        for name in ("on_train_start", "on_train_epoch_end"):
+            self._originals[name] = self._patches.add(patch(self.trainer, name, getattr(self, f"_{name}"))).replaced
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self.recorder.detach()
+        self._patches.remove()
         if self.guard is not None:
             self.guard.listeners.remove(self)
-            self.guard.unwrap(keep=self._keep_replacements)
+            if self._owns_guard:
+                self.guard.unwrap()
         if self._writer is not None:
             self._writer.close()
 
@@ -301,18 +306,14 @@ def run_watched(train_args: list[str], options: WatchOptions, progress: Callable
         watches.append(Watch(trainer, options, progress).attach())
         return trainer
 
-    argv = sys.argv
-    entry.get_trainer_from_args = watched_trainer
-    sys.argv = ["nnUNetv2_train", *train_args]
     try:
-        entry.run_training_entry()
+        with patch(entry, "get_trainer_from_args", watched_trainer), patch(sys, "argv", ["nnUNetv2_train", *train_args]):
+            entry.run_training_entry()
     except TrainingStateCorrupted as stop:
         if not watches:
             raise
         watches[0].stopped = str(stop)
     finally:
-        entry.get_trainer_from_args = get_trainer
-        sys.argv = argv
         for watch in watches:
             watch.detach()
     if not watches:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from geodiag.losses.state_health import nonfinite_names
+from geodiag.losses.nnunet.state_health import nonfinite_names
 from geodiag.reports.schema import GRAD_SCALER_INITIAL_SCALE
 
 from ..instruments.devices import PRECISIONS

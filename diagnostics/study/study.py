@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
+from geodiag.losses.nnunet.patches import EnvironHandle, PatchHandle, patch, patch_environ
 from geodiag.reports import schema, tables
 
 from ..nnunet.datasets import dataset_spec, generator_settings, make_dataset
@@ -91,20 +92,13 @@ class Step:
     run: Callable[[Study], None]
 
 
-@contextlib.contextmanager
-def _nnunet_environment(study: Study):
+def _nnunet_environment(study: Study) -> EnvironHandle:
     """What ``nnunet_env`` gives nnU-Net's tools, with the study's folders and every user trainer folder of its
     runs, for in-process training (nnU-Net reads its variables lazily); torch.compile stays off so hooks see every
-    op. os.environ is restored afterwards."""
-    saved = dict(os.environ)
+    op. Each variable is restored when the handle is removed."""
     user_folders = [str(run.user.folder) for run in study.runs if run.user is not None]
-    os.environ.update(nnunet_env(study.dirs, nnUNet_compile="f"))
-    os.environ[EXT_TRAINER_VAR] = ext_trainer_value(os.pathsep.join(dict.fromkeys(user_folders)))
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return patch_environ({**nnunet_env(study.dirs, nnUNet_compile="f"),
+                          EXT_TRAINER_VAR: ext_trainer_value(os.pathsep.join(dict.fromkeys(user_folders)))})
 
 
 # ----------------------------------------------------------------------------------------------------- steps
@@ -142,8 +136,7 @@ def _finished(folder: Path) -> bool:
     return (folder / "checkpoint_final.pth").is_file() or (folder / WATCH_FOLDER / FIRST_NONFINITE).is_file()
 
 
-@contextlib.contextmanager
-def _schedule(run: RunSpec, advance: Callable[[], None]):
+def _schedule(run: RunSpec, advance: Callable[[], None]) -> PatchHandle:
     """The study's schedule on the trainer nnU-Net's entry point builds (any trainer class): epochs, iterations,
     the warm-up, a checkpoint after every epoch, no final validation (the study reads checkpoints)."""
     import nnunetv2.run.run_training as entry
@@ -167,11 +160,7 @@ def _schedule(run: RunSpec, advance: Callable[[], None]):
         trainer.perform_actual_validation = lambda *a, **k: trainer.print_to_log_file("final validation skipped")
         return trainer
 
-    entry.get_trainer_from_args = scheduled
-    try:
-        yield
-    finally:
-        entry.get_trainer_from_args = build
+    return patch(entry, "get_trainer_from_args", scheduled)
 
 
 def train(study: Study) -> None:

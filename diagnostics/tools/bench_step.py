@@ -26,7 +26,7 @@ NNUNET_WEIGHT_DECAY = 3e-5
 def trainer_settings(network: nn.Module, pool_op_kernel_sizes: list) -> SimpleNamespace:
     """The attributes of a 2D label-training nnU-Net trainer that ``_build_loss`` and ``configure_optimizers`` read
     (batch Dice, no ignore label, deep supervision, no DDP, no compile)."""
-    from geodiag.losses.nnunet_trainer import nnUNetTrainerGeometric
+    from geodiag.losses.nnunet.trainer import nnUNetTrainerGeometric
 
     settings = SimpleNamespace(
         network=network, initial_lr=NNUNET_INITIAL_LR, weight_decay=NNUNET_WEIGHT_DECAY, num_epochs=1000,
@@ -44,7 +44,7 @@ class NnUNetStep:
 
     def __init__(self, scale: Scale, device: torch.device, geometric: bool = True) -> None:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet
-        from geodiag.losses.nnunet_trainer import CLIP_NORM, nnUNetTrainerGeometric
+        from geodiag.losses.nnunet.trainer import CLIP_NORM, nnUNetTrainerGeometric
 
         generator = torch.Generator().manual_seed(0)
         torch.manual_seed(0)  # the network's initial weights

@@ -56,7 +56,7 @@ def choose_loss(checkpoint: Checkpoint, classes: tuple[int, ...], spec: Optional
         preset, why = settings.pop("geometric_preset"), f"recorded by the run folder's {SETTINGS_FILE}"
         kwargs.update(settings)
     else:
-        from geodiag.losses import nnunet_trainer
+        from geodiag.losses.nnunet import trainer as nnunet_trainer
 
         trainer = getattr(nnunet_trainer, checkpoint.trainer_name, None)
         if trainer is not None and hasattr(trainer, "geometric_preset"):

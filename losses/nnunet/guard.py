@@ -6,8 +6,8 @@ replaces, on one trainer *instance*, ``train_step``, ``on_train_start``, ``on_ep
 with thin wrappers around the class's own methods, and registers an optimizer step pre-hook.
 
 Per step the guard needs the loss and the gradient norm. A trainer that knows them hands them over with
-``observe`` (geodiag's trainers do); with ``capture=True`` (``geodiag watch``) the guard takes them itself for the
-duration of the run: ``torch.Tensor.backward`` records its root (the loss, scaled under a GradScaler) and
+``observe`` (geodiag's trainers do); while ``start_capture()``'s patches are in place (``geodiag watch``) the guard
+takes them itself: ``torch.Tensor.backward`` records its root (the loss, scaled under a GradScaler) and
 ``torch.nn.utils.clip_grad_norm_`` the norm it returns. Without a clip call the pre-hook computes the norm.
 
 The skip: the pre-hook stacks the step's numbers and reads them in one transfer (the only host read the guard
@@ -32,11 +32,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .patches import PatchGroup, patch
 from .state_health import (DEFAULT_SCALE_FLOOR, ROT_EVENTS, momentum_buffers, nonfinite_flags, nonfinite_names,
                            rot_event, state_tensors)
 
 GUARD_ATTRIBUTE = "step_guard"
-_MISSING = object()  # "the owner had no attribute of its own": unwrap deletes instead of restoring
 
 
 class TrainingStateCorrupted(RuntimeError):
@@ -68,11 +68,9 @@ class StepRecord:
 class StepGuard:
     """The guard of one trainer instance (see the module docstring). Use ``StepGuard.wrap(trainer)``."""
 
-    def __init__(self, trainer, *, scale_floor: float = DEFAULT_SCALE_FLOOR, capture: bool = False,
-                 check_state_every: int = 0) -> None:
+    def __init__(self, trainer, *, scale_floor: float = DEFAULT_SCALE_FLOOR, check_state_every: int = 0) -> None:
         self.trainer = trainer
         self.scale_floor = scale_floor
-        self.capture = capture
         self.check_state_every = check_state_every
         self.skipped_steps = 0
         self.iteration = 0
@@ -87,7 +85,7 @@ class StepGuard:
         self._read = False
         self._hooked_optimizer = None
         self._hook = None
-        self._restore: list[tuple[object, str, object]] = []
+        self._patches = PatchGroup()
         self._originals: dict[str, Callable] = {}
 
     @property
@@ -97,35 +95,26 @@ class StepGuard:
 
     # ------------------------------------------------------------------ installation
     @classmethod
-    def wrap(cls, trainer, **options) -> "StepGuard":
-        """The trainer's guard, created and installed on the instance if it has none."""
+    def wrap(cls, trainer, *, capture: bool = False, **options) -> "StepGuard":
+        """The trainer's guard, created and installed on the instance if it has none; with ``capture``, a new guard
+        also captures (``start_capture``) until ``unwrap``."""
         guard = getattr(trainer, GUARD_ATTRIBUTE, None)
         if isinstance(guard, cls):
-            if options.get("capture"):
-                guard._install_capture()
             if options.get("check_state_every"):
                 guard.check_state_every = options["check_state_every"]
             return guard
         guard = cls(trainer, **options)
         setattr(trainer, GUARD_ATTRIBUTE, guard)
-        guard._originals = {name: guard.patch(trainer, name, getattr(guard, f"_wrapped_{name}"))
-                            for name in ("train_step", "on_train_start", "on_epoch_end", "save_checkpoint")}
-        if guard.capture:
-            guard._install_capture()
+        for name in ("train_step", "on_train_start", "on_epoch_end", "save_checkpoint"):
+            handle = guard._patches.add(patch(trainer, name, getattr(guard, f"_wrapped_{name}")))
+            guard._originals[name] = handle.replaced
+        if capture:
+            guard._patches.add(guard.start_capture())
         return guard
 
-    def patch(self, owner, name: str, replacement):
-        """Replace ``owner.name`` until ``unwrap``; returns what it replaced (to call from the replacement)."""
-        replaced = getattr(owner, name)
-        self._restore.append((owner, name, owner.__dict__.get(name, _MISSING)))
-        setattr(owner, name, replacement)
-        return replaced
-
-    def _install_capture(self) -> None:
-        """For the duration of the run: the loss from ``Tensor.backward`` and the norm from ``clip_grad_norm_``."""
-        if self.capture and any(name == "backward" for _, name, _ in self._restore):
-            return
-        self.capture = True
+    def start_capture(self) -> PatchGroup:
+        """Until the returned group is removed: the loss from ``Tensor.backward`` and the norm from
+        ``clip_grad_norm_`` (process-wide replacements that act only inside this guard's steps)."""
         backward, clip = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
         guard = self
 
@@ -140,31 +129,17 @@ class StepGuard:
                 guard._norm = norm
             return norm
 
-        self.patch(torch.Tensor, "backward", capturing_backward)
-        self.patch(torch.nn.utils, "clip_grad_norm_", capturing_clip)
+        return PatchGroup([patch(torch.Tensor, "backward", capturing_backward),
+                           patch(torch.nn.utils, "clip_grad_norm_", capturing_clip)])
 
-    def unwrap(self, keep: int = 0) -> None:
-        """Put back what was replaced after the first ``keep`` replacements; with ``keep=0`` everything ``wrap``
-        replaced (instance methods, torch functions), and the optimizer hook and the trainer's guard go too."""
-        while len(self._restore) > keep:
-            owner, name, original = self._restore.pop()
-            if original is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
-        self.capture = any(name == "backward" for _, name, _ in self._restore)
-        if keep:
-            return
+    def unwrap(self) -> None:
+        """Put back the trainer's own methods; the optimizer hook and the trainer's guard go too."""
+        self._patches.remove()
         if self._hook is not None:
             self._hook.remove()
             self._hook = self._hooked_optimizer = None
         if getattr(self.trainer, GUARD_ATTRIBUTE, None) is self:
             delattr(self.trainer, GUARD_ATTRIBUTE)
-
-    @property
-    def replacements(self) -> int:
-        """How many replacements are in place (for ``unwrap(keep=...)``)."""
-        return len(self._restore)
 
     # ------------------------------------------------------------------ per step
     def observe(self, loss: Optional[torch.Tensor] = None, grad_norm: Optional[torch.Tensor] = None,

@@ -20,8 +20,8 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from .geometric_loss import GeometricLoss
-from .nnunet_guard import StepGuard
+from ..geometric_loss import GeometricLoss
+from .guard import StepGuard
 from .state_health import DEFAULT_SCALE_FLOOR
 
 CLIP_NORM = 12.0
@@ -76,7 +76,7 @@ class nnUNetTrainerGeometric(nnUNetTrainer):
     ``compactness_weight``, ``aspect_weight``, ``geometric_reference`` ("target" or "prior"), ``warmup_epochs``
     (epochs 0 .. warmup_epochs-1 are plain Dice+CE), ``save_every_epoch``.
 
-    Guard (``geodiag.losses.nnunet_guard.StepGuard``, the same wrapper ``geodiag watch`` puts on any trainer): a
+    Guard (``geodiag.losses.nnunet.guard.StepGuard``, the same wrapper ``geodiag watch`` puts on any trainer): a
     step whose loss or gradient norm (clip_grad_norm_'s return, after GradScaler.unscale_) is not finite gets no
     optimizer step (its gradients are dropped), the GradScaler is still updated (so it halves its scale on CUDA),
     and it is counted in ``self.skipped_steps``. Without it, nnU-Net's CPU path writes NaN into every weight and
