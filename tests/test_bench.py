@@ -17,7 +17,7 @@ def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_pa
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
     assert rows and tuple(rows[0]) == BENCH_COLUMNS
-    assert {r["benchmark"] for r in rows} >= {"monitor overhead", "provenance overhead", "loss share of a step",
+    assert {r["benchmark"] for r in rows} >= {"watch overhead", "provenance overhead", "loss share of a step",
                                               "vectorisation", "clamp sweep", "histogram", "host syncs",
                                               "peak memory"}
     for row in rows:

@@ -14,7 +14,7 @@ from geodiag.diagnostics.nnunet import environment
 from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.nnunet.environment import EXT_TRAINER_VAR, diagnose, ext_trainer_value, trainer_folders
 
-SHIM = Path(trainer_module.__file__).parent / "nnunet_ext"
+SHIM = Path(trainer_module.__file__).parent.parent / "nnunet_ext"  # losses/nnunet_ext
 
 
 def _env_lines(*args: str, env: dict | None = None) -> list[str]:

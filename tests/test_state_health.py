@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geodiag.diagnostics.instruments.training_state import checkpoint_health
+from geodiag.diagnostics.instruments.checkpoint_health import checkpoint_health
 from geodiag.losses.nnunet.state_health import nonfinite_flags, nonfinite_names, rot_event
 
 

@@ -22,7 +22,7 @@ import torch
 
 from geodiag.diagnostics.nnunet.checkpoint import load_checkpoint
 from geodiag.diagnostics.nnunet.environment import EXT_TRAINER_VAR, ext_trainer_value
-from geodiag.diagnostics.instruments.training_state import checkpoint_health
+from geodiag.diagnostics.instruments.checkpoint_health import checkpoint_health
 
 USER_TRAINERS = Path(__file__).parent / "user_trainers"
 SHAPE_PRIOR_FILE = "my_shape_prior_trainer.py"
@@ -214,8 +214,11 @@ def test_watch_records_geodiags_own_trainer_with_its_taps_and_terms(tiny_dataset
     histograms = json.loads((folder / f"histograms_epoch_{quick.warmup_epochs:04d}.json").read_text())
     table = {(r["name"], r["kind"]): r for r in histograms["rows"]}
     pixels = 2 * 64 * 64
-    assert table[("compactness.sqrt_input", "value")]["count"] == 2 * pixels  # 2 of the epoch's 4 iterations
-    assert table[("logits", "value")]["count"] == 2 * 2 * pixels
+    # 3 of the epoch's 4 iterations: the first of the epoch, the first after its terms were reported on, every 2nd
+    first = quick.warmup_epochs * 4
+    assert histograms["recorded_iterations"] == [first, first + 1, first + 2]
+    assert table[("compactness.sqrt_input", "value")]["count"] == 3 * pixels
+    assert table[("logits", "value")]["count"] == 3 * 2 * pixels
 
 
 _BLOCK_TENSORBOARD = ("import sys\n"
@@ -272,3 +275,48 @@ def test_watch_works_with_a_compiled_network_and_replays_it_uncompiled(tiny_data
     logits = {r["kind"]: r["count"] for r in histograms["rows"] if r["name"] == "logits"}
     assert logits == {"value": 3 * 2 * 2 * 64 * 64, "grad": 3 * 2 * 2 * 64 * 64}  # every step of epoch 0
     _assert_finite_nnunet_checkpoint(folder / "last_good.pth", tiny_dataset_502)
+
+
+GUARDED_FILE = "my_guarded_trainers.py"
+
+
+def test_watch_sees_a_nan_gradient_the_trainers_own_guard_hides_before_clip(tiny_dataset_502, ext_folder, tmp_path):
+    """The trainer zeroes a non-finite gradient and returns before clip and step: no clip norm, no optimizer hook;
+    watch still stops at the first such step and names the sqrt line."""
+    user_file = ext_folder / GUARDED_FILE
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerGuardBeforeClip")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((folder / "first_nonfinite.json").read_text())
+    assert (report["iteration"], report["trigger"], report["phase"], report["op"]) == (2, "gradient", "backward",
+                                                                                       "sqrt")
+    assert report["site"] == f"{GUARDED_FILE}:{_line_of(user_file, 'return torch.sqrt(')}"
+    rows = _rows(folder)
+    assert [r["skipped_by_trainer"] for r in rows] == ["0", "0", "1"] and rows[-1]["event"] == "gradient"
+
+
+def test_watch_skip_counts_the_steps_the_trainers_own_guard_abandoned(tiny_dataset_502, ext_folder, tmp_path):
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerGuardBeforeClip",
+                          "--on-nonfinite", "skip")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = _rows(folder)
+    abandoned = sum(int(r["skipped_by_trainer"]) for r in rows)
+    assert abandoned == sum(r["event"] == "gradient" for r in rows) >= 1
+    assert f"training finished; {abandoned} skipped steps (by the guard 0, the GradScaler 0, the trainer's own " \
+           f"code {abandoned})" in proc.stdout
+
+
+def test_watch_counts_a_trainers_own_skips_apart_and_raises_no_event(tiny_dataset_502, ext_folder, tmp_path):
+    """Every other step has no optimizer step by the trainer's own design: counted, and no false alarm."""
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerEveryOtherStep", "--every", "3")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (folder / "first_nonfinite.json").exists()
+    rows = _rows(folder)
+    assert [r["skipped_by_trainer"] for r in rows] == ["1", "0"] * 4 and all(r["event"] == "" for r in rows)
+    assert all(r["skipped"] == "0" for r in rows)
+    assert "training finished; 4 skipped steps (by the guard 0, the GradScaler 0, the trainer's own code 4)" \
+        in proc.stdout
+    assert "epoch 0: 2 of 4 steps skipped by the trainer's own code" in proc.stdout
+    # histograms: every 3rd iteration by the global numbering, plus the first of each epoch
+    recorded = [json.loads((folder / f"histograms_epoch_{e:04d}.json").read_text())["recorded_iterations"]
+                for e in (0, 1)]
+    assert recorded == [[0, 3], [4, 6]]

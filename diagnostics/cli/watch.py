@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..instruments.errors import GeodiagError
     from ..nnunet.first_nonfinite import JSON_FILE
-    from ..nnunet.watch import WatchOptions, run_watched
+    from ..nnunet.watch import WatchOptions, run_watched, skip_summary
 
     train = args.train[1:] if args.train[:1] == ["--"] else args.train
     if not train or os.path.basename(train[0]) != "nnUNetv2_train":
@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
                            "MyTrainer")
     options = WatchOptions(every=args.every, on_nonfinite=args.on_nonfinite, tensorboard=args.tensorboard)
     watch = run_watched(train[1:], options, progress=lambda message: print(message, flush=True))
-    skipped = watch.guard.skipped_steps if watch.guard is not None else 0
+    skipped = skip_summary(watch.guard.skips) if watch.guard is not None else "no steps run"
     if watch.first is not None:
         print(f"geodiag watch: first non-finite step explained in {watch.folder / JSON_FILE}")
     if watch.stopped:
         print(f"geodiag watch: {watch.stopped}")
         return 3
-    print(f"geodiag watch: training finished; {skipped} skipped steps")
+    print(f"geodiag watch: training finished; {skipped}")
     return 0

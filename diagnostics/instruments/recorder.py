@@ -56,7 +56,7 @@ class Attachment:
 
 
 class Recorder:
-    """Value / gradient histograms of named tensors, recorded on every ``every``-th step.
+    """Value / gradient histograms of named tensors, recorded on every ``every``-th step (or when its owner says).
 
     ``names`` is a whitelist over everything this recorder would record (loss tap names, names given to
     ``attach_tensor``, ``network.parameters`` or ``network.<module>``); None records all.
@@ -76,18 +76,16 @@ class Recorder:
         self.eps_grid = tuple(sorted(float(e) for e in eps_grid))
         self.layout = layout
         self._step = 0
+        self.recording = True  # whether the current step is recorded (step 0 is)
         self._histograms: dict[tuple[str, str], LogHistogram] = {}
         self._attachments: list[Attachment] = []
 
     # ------------------------------------------------------------------ schedule
-    @property
-    def recording(self) -> bool:
-        """Whether the current step is recorded."""
-        return self._step % self.every == 0
-
-    def step(self) -> None:
-        """Advance to the next step (call once per training iteration)."""
-        self._step += 1
+    def step(self, number: Optional[int] = None, record: Optional[bool] = None) -> None:
+        """Advance to the next step (call once per training iteration), or to step ``number`` (numbered as its owner
+        numbers them); it is recorded when ``record`` says so, else when it is an ``every``-th step."""
+        self._step = self._step + 1 if number is None else number
+        self.recording = self._step % self.every == 0 if record is None else record
 
     def wants(self, name: str) -> bool:
         return self.names is None or name in self.names
@@ -188,7 +186,7 @@ class Recorder:
                                          [host[start:stop] for start, stop in zip(offsets[:-1], offsets[1:])])
             for ((name, kind), _), summary in zip(items, summaries):
                 if summary["count"]:
-                    rows.append({"name": name, "kind": kind, "step": self._step, **summary})
+                    rows.append({"name": name, "kind": kind, **summary})
         rows.sort(key=lambda row: (row["name"], KINDS.index(row["kind"])))
         return rows
 

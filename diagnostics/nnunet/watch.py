@@ -9,9 +9,11 @@ duration of the run, so nnU-Net's own entry point parses the arguments, resolves
 
 Always on, per step: loss (the value ``train_step`` returns), the other scalars it returns (per-term values where
 the trainer exposes them), gradient norm, GradScaler scale, skip; read by the guard's one host read. Every
-``every`` steps: weight and momentum finiteness (in the same read), and the histograms of the network's output,
-its parameter gradients and the GeometricLoss taps (when the trainer has a ``geometric_loss``), recorded by
-``Recorder`` as ``TrainingMonitor`` records them. Written into ``<fold>/geodiag_watch/`` at each epoch end:
+``every`` steps, the first step of every epoch and the first after the loss's composition changed (a term turned on):
+the histograms of the network's output, its parameter gradients and the GeometricLoss taps (when the trainer has
+a ``geometric_loss``), recorded by ``Recorder``; every ``every`` steps the weight and momentum finiteness (in the
+same read). Steps that abandon the optimizer step in the trainer's own code are counted apart
+(``skipped_by_trainer``); a non-finite gradient left by any backward is an event even then. Written into ``<fold>/geodiag_watch/`` at each epoch end:
 ``iterations_epoch_XXXX.csv`` and ``histograms_epoch_XXXX.json`` (the rows of a stopped epoch are written too).
 
 On the first bad step (see ``StepGuard``): the step's batch and pre-step state go to ``step_<iteration>/`` and
@@ -46,15 +48,27 @@ WATCH_FOLDER = "geodiag_watch"
 LAST_GOOD = "last_good.pth"
 LOGITS = "logits"
 ON_NONFINITE = ("stop", "skip")
-ROW_FIELDS = ("epoch", "iteration", "loss", "grad_norm", "skipped", "event", "scale", "state_checked",
-              "nonfinite_weight_tensors", "nonfinite_momentum_tensors")
+ROW_FIELDS = ("epoch", "iteration", "loss", "grad_norm", "skipped", "skipped_by_trainer", "event", "scale",
+              "state_checked", "nonfinite_weight_tensors", "nonfinite_momentum_tensors")
 
 
 @dataclass(frozen=True)
 class WatchOptions:
+    """``every``: histograms and the weight/momentum scan every N iterations; ``per_parameter``: one gradient
+    histogram per parameter instead of one pooled; ``conv_outputs``: also every convolution's output and gradient."""
+
     every: int = 16
     on_nonfinite: str = "stop"
     tensorboard: Optional[str] = None
+    per_parameter: bool = False
+    conv_outputs: bool = False
+
+
+def skip_summary(skips: dict) -> str:
+    """'k skipped steps (guard g, GradScaler s, the trainer's own code t)': never 0 while any kind skipped."""
+    total = sum(skips.values())
+    return (f"{total} skipped steps (by the guard {skips['guard']}, the GradScaler {skips['scaler']}, the trainer's "
+            f"own code {skips['trainer']})")
 
 
 class Watch:
@@ -77,6 +91,8 @@ class Watch:
         self._patches = PatchGroup()
         self._owns_guard = False
         self._epoch_start = 0
+        self._recorded: list[int] = []  # iterations of this epoch whose histograms were recorded
+        self._composition: Optional[frozenset] = None  # the loss terms the last step reported as on
         self._writer = _tensorboard_writer(options.tensorboard)
 
     def attach(self) -> "Watch":
@@ -114,10 +130,12 @@ class Watch:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.guard.iteration = trainer.current_epoch * trainer.num_iterations_per_epoch
         self._epoch_start = self.guard.iteration
+        self.recorder.step(self.guard.iteration, record=True)
         loss = getattr(trainer, "geometric_loss", None)
         if isinstance(loss, GeometricLoss):
             self.recorder.attach_loss(loss)
-        self.recorder.attach_network(trainer.network)
+        self.recorder.attach_network(trainer.network, per_parameter=self.options.per_parameter,
+                                     conv_outputs=self.options.conv_outputs)
         self._handles.append(trainer.network.register_forward_hook(self._on_network_output))
         self.progress(f"geodiag watch: {type(trainer).__name__}, histograms every {self.options.every} iterations, "
                       f"non-finite steps: {self.options.on_nonfinite}; writing {self.folder}")
@@ -142,7 +160,8 @@ class Watch:
         record = guard.record
         row = {"epoch": self.trainer.current_epoch, "iteration": record.iteration,
                "loss": _scalar(result.get("loss")) if isinstance(result, dict) else None,
-               "grad_norm": record.grad_norm, "skipped": int(record.skipped), "event": record.event or "",
+               "grad_norm": record.grad_norm, "skipped": int(record.skipped),
+               "skipped_by_trainer": int(record.skipped_by == "trainer"), "event": record.event or "",
                "scale": record.scale, "state_checked": int(record.state_checked),
                "nonfinite_weight_tensors": record.nonfinite_weights if record.state_checked else "",
                "nonfinite_momentum_tensors": record.nonfinite_momentum if record.state_checked else ""}
@@ -153,10 +172,10 @@ class Watch:
                         if key not in row and _scalar(value) is not None})
         self.rows.append(row)
         self._to_tensorboard(row)
-        self.recorder.step()
+        self._schedule_histograms(record.iteration, row)
         if record.iteration % self.options.every == 0 or record.event:
             self.progress(f"geodiag watch: epoch {row['epoch']} iteration {row['iteration']} loss {row['loss']:.4g} "
-                          f"grad norm {row['grad_norm']:.4g} skipped {guard.skipped_steps}"
+                          f"grad norm {row['grad_norm']:.4g} {skip_summary(guard.skips)}"
                           + (f" NON-FINITE {record.event}" if record.event else ""))
         if record.event and self.first is None:
             self._explain(guard, batch)
@@ -165,6 +184,18 @@ class Watch:
             guard.stop(f"{guard.describe_event()}; see {self.folder / first_nonfinite.JSON_FILE}")
         if record.event in ROT_EVENTS:
             self.flush()
+
+    def _schedule_histograms(self, iteration: int, row: dict) -> None:
+        """Histograms of the next step when it is an ``every``-th step, or the first after a change of the loss's
+        composition (a term reported on or off: a warm-up ending); the first step of each epoch is always recorded
+        (``_start_epoch``)."""
+        if self.recorder.recording:
+            self._recorded.append(iteration)
+        composition = frozenset(key for key, value in row.items() if key not in ROW_FIELDS
+                                and isinstance(value, float) and math.isfinite(value) and value != 0.0)
+        changed = self._composition is not None and composition != self._composition
+        self._composition = composition
+        self.recorder.step(iteration + 1, record=True if changed else None)
 
     def _explain(self, guard: StepGuard, batch: dict) -> None:
         """Save the step and the last good state, replay the step, write first_nonfinite.json/.md.
@@ -212,9 +243,19 @@ class Watch:
     # ------------------------------------------------------------------ files
     def flush(self) -> None:
         """Write this epoch's rows and histograms (also for an epoch cut short by a stop), then start anew."""
-        if self.folder is None or self.trainer.local_rank != 0:
+        if self.folder is None:
+            return
+        if getattr(self.trainer, "is_ddp", False):  # every rank records the same names: reduce them in one order
+            for _, histogram in sorted(self.recorder.histograms().items(), key=lambda item: item[0]):
+                histogram.all_reduce()
+        if self.trainer.local_rank != 0:
+            self._start_epoch()
             return
         epoch = self.trainer.current_epoch
+        by_trainer = sum(row["skipped_by_trainer"] for row in self.rows)
+        if by_trainer:
+            self.progress(f"geodiag watch: epoch {epoch}: {by_trainer} of {len(self.rows)} steps skipped by the "
+                          "trainer's own code (it returned without an optimizer step)")
         if self.rows:
             columns = list(ROW_FIELDS) + sorted({key for row in self.rows for key in row} - set(ROW_FIELDS))
             buffer = io.StringIO()
@@ -226,14 +267,19 @@ class Watch:
         layout = self.recorder.layout
         schema.write_json(self.folder / f"histograms_epoch_{epoch:04d}.json", {
             "epoch": epoch, "iterations": [self._epoch_start, self.guard.iteration],
-            "recorded_every": self.recorder.every,
+            "recorded_every": self.recorder.every, "recorded_iterations": self._recorded,
             "layout": {"bins_per_decade": layout.bins_per_decade, "log10_min": layout.log10_min,
                        "log10_max": layout.log10_max},
             "eps_grid": list(self.recorder.eps_grid), "rows": rows})
         self._histograms_to_tensorboard(rows, self.guard.iteration)
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
         self.rows = []
+        self._recorded = []
         self.recorder.reset()
         self._epoch_start = self.guard.iteration
+        self.recorder.step(self.guard.iteration, record=True)  # the first step of every epoch
 
     def _to_tensorboard(self, row: dict) -> None:
         if self._writer is None:

@@ -1,5 +1,5 @@
 """Discovery shim: nnU-Net imports this folder's modules by top-level name (nnUNet_extTrainer), so only absolute imports."""
-from geodiag.diagnostics.nnunet.monitor import (  # noqa: F401 - re-exported for nnU-Net's trainer lookup
+from geodiag.diagnostics.nnunet.watched_trainers import (  # noqa: F401 - re-exported for nnU-Net's trainer lookup
     nnUNetTrainerGeometricMonitored,
     nnUNetTrainerGeometricMonitoredQuick,
 )

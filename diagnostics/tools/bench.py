@@ -1,7 +1,7 @@
 """`geodiag bench`: what geodiag costs, measured side by side with a plain nnU-Net step and the tools used today.
 
 This module is the runner and the table: which benchmarks exist (``BENCHMARKS``, one module per family:
-``bench_overheads``, ``bench_histogram``, ``bench_device``, ``bench_autotaps``; the shared sizes, row and clock in
+``bench_watch``, ``bench_overheads``, ``bench_histogram``, ``bench_device``, ``bench_autotaps``; the shared sizes, row and clock in
 ``bench_common``, the nnU-Net step they time in ``bench_step``), how a run selects them, and how the rows are
 written (CSV in ``BENCH_COLUMNS``, Markdown, the README's cost table) through the shared atomic writers.
 """
@@ -26,10 +26,11 @@ from .bench_autotaps import bench_autotaps
 from .bench_common import SCALES, Clock, Result, Scale
 from .bench_device import bench_host_syncs, bench_memory
 from .bench_histogram import bench_histogram
-from .bench_overheads import bench_loss_fraction, bench_monitor, bench_provenance, bench_sweep, bench_vectorised
+from .bench_overheads import bench_loss_fraction, bench_provenance, bench_sweep, bench_vectorised
+from .bench_watch import bench_watch
 
 BENCHMARKS: dict[str, Callable[[Scale, torch.device, Clock], list[Result]]] = {
-    "monitor": bench_monitor,
+    "watch": bench_watch,
     "provenance": bench_provenance,
     "loss-share": bench_loss_fraction,
     "vectorisation": bench_vectorised,

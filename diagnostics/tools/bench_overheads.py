@@ -15,24 +15,6 @@ SWEEP_SETTINGS = (("clamp", 1e-4), ("clamp", 1e-2), ("additive", 1e-4), ("additi
                   ("shifted", 1e-10), ("shifted", 1e-6), ("shifted", 1e-2))
 
 
-def bench_monitor(scale: Scale, device: torch.device, clock: Clock) -> list[Result]:
-    """The live monitor (every tap, the logits' and the parameters' gradients histogrammed) vs a plain step."""
-    from ..nnunet.monitor import TrainingMonitor
-
-    steps = {"plain": NnUNetStep(scale, device)}
-    for every in (1, 16):
-        step = steps[f"every {every}"] = NnUNetStep(scale, device)  # same seed: same weights and batch
-        step.monitor = TrainingMonitor(".", terms=("geometric",), every=every, write=False)
-        step.monitor.attach(step.network, step.geometric)
-
-    times = interleaved_medians(steps, clock, scale.repeats * 4, scale.inner)
-    method = f"{step_name(scale)}; {clock.name}; median of {scale.repeats * 4} interleaved repeats"
-    targets = {1: 1.15, 16: 1.05}
-    return [ratio_row("monitor overhead", f"TrainingMonitor every {every}", "plain step",
-                       times[f"every {every}"] / times["plain"], f"<= {targets[every]}x",
-                       times[f"every {every}"] / times["plain"] <= targets[every], method) for every in (1, 16)]
-
-
 def bench_provenance(scale: Scale, device: torch.device, clock: Clock) -> list[Result]:
     """NonFiniteProvenance (one host sync per step) vs a plain step and vs torch.autograd.detect_anomaly."""
     from ..nonfinite.provenance import NonFiniteProvenance

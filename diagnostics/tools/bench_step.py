@@ -40,7 +40,7 @@ def trainer_settings(network: nn.Module, pool_op_kernel_sizes: list) -> SimpleNa
 
 
 class NnUNetStep:
-    """One nnU-Net 2D training step on a fixed synthetic batch (disks in noise), optionally monitored."""
+    """One nnU-Net 2D training step on a fixed synthetic batch (disks in noise)."""
 
     def __init__(self, scale: Scale, device: torch.device, geometric: bool = True) -> None:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -63,23 +63,15 @@ class NnUNetStep:
         self.label = disk_labels(batch, (size, size), generator).to(device)
         self.image = (self.label.float() + 0.5 * torch.randn(self.label.shape, generator=generator)).to(device)
         self.targets = [self.label[:, :, ::2 ** i, ::2 ** i] for i in range(stages - 1)]
-        self.monitor = None
 
     def __call__(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         outputs = self.network(self.image)
         dc_ce = self.dc_ce(outputs, self.targets)
-        total = dc_ce
-        geometric = {}
-        if self.geometric is not None:
-            geometric["geometric"] = self.geometric(outputs[0], self.label)
-            total = total + geometric["geometric"]
+        total = dc_ce if self.geometric is None else dc_ce + self.geometric(outputs[0], self.label)
         total.backward()
-        norm = nn.utils.clip_grad_norm_(self.network.parameters(), self.clip_norm)
+        nn.utils.clip_grad_norm_(self.network.parameters(), self.clip_norm)
         self.optimizer.step()
-        if self.monitor is not None:
-            self.monitor.on_step_end({"loss": total.detach(), "dc_ce": dc_ce.detach(), "geometric": geometric,
-                                      "grad_norm": norm}, self.network, self.optimizer)
         return total
 
 

@@ -11,7 +11,7 @@ from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema
 from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 
-from ..instruments.training_state import checkpoint_health
+from ..instruments.checkpoint_health import checkpoint_health
 from ..nnunet.checkpoint import Checkpoint
 
 # The two inputs each case is evaluated on (keys of a case result).

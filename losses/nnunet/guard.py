@@ -46,23 +46,33 @@ class TrainingStateCorrupted(RuntimeError):
 
 @dataclass
 class StepRecord:
-    """What the guard knows about one guarded step, on the host after its read.
+    """What the guard knows about one guarded step, on the host after its read: the one record of a step that the
+    trainers, ``geodiag watch`` and its files share.
 
-    ``event``: None, or what made the step bad: "loss", "gradient" (a non-finite loss or gradient norm),
-    "scale" (a collapsed GradScaler), "weights" or "momentum" (non-finite state found by the pre-hook scan).
+    ``event``: None, or what made the step bad: "loss", "gradient" (a non-finite loss, gradient norm, or gradient
+    left by any backward of the step, even one the trainer never clipped or stepped), "scale" (a collapsed
+    GradScaler), "weights" or "momentum" (non-finite state found by the pre-hook scan).
+    ``skipped_by``: who kept the optimizer from stepping: "guard" (this guard, on an event), "scaler" (a GradScaler
+    that found inf and backed off its scale) or "trainer" (the trainer's own code returned without a step); "" when
+    the optimizer stepped.
     """
 
     iteration: int
     loss: float = math.nan
     grad_norm: float = math.nan
     scale: float = math.nan
-    skipped: bool = False
+    skipped_by: str = ""
     optimizer_stepped: bool = False
     state_checked: bool = False
     nonfinite_weights: int = 0
     nonfinite_momentum: int = 0
     event: Optional[str] = None
     extra: list = field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        """The guard or the GradScaler skipped the optimizer step (what a trainer's own skip is kept apart from)."""
+        return self.skipped_by in ("guard", "scaler")
 
 
 class StepGuard:
@@ -72,7 +82,7 @@ class StepGuard:
         self.trainer = trainer
         self.scale_floor = scale_floor
         self.check_state_every = check_state_every
-        self.skipped_steps = 0
+        self.skips = {"guard": 0, "scaler": 0, "trainer": 0}  # steps without an optimizer step, by who skipped
         self.iteration = 0
         self.last_good_checkpoint: Optional[str] = None
         self.listeners: list = []  # objects with before_step(guard, batch) and after_step(guard, batch, result)
@@ -81,12 +91,19 @@ class StepGuard:
         self._in_step = False
         self._loss: Optional[torch.Tensor] = None
         self._norm: Optional[torch.Tensor] = None
+        self._backward_norm: Optional[torch.Tensor] = None
+        self._scale_before: Optional[torch.Tensor] = None
         self._extra: Sequence[torch.Tensor] = ()
         self._read = False
         self._hooked_optimizer = None
         self._hook = None
         self._patches = PatchGroup()
         self._originals: dict[str, Callable] = {}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the guard or the GradScaler skipped (the trainer's own skips are ``skips["trainer"]``)."""
+        return self.skips["guard"] + self.skips["scaler"]
 
     @property
     def original_train_step(self) -> Callable[[dict], dict]:
@@ -121,7 +138,13 @@ class StepGuard:
         def capturing_backward(tensor, *args, **kwargs):
             if guard._in_step and tensor.numel() == 1:
                 guard._loss = tensor.detach()
-            return backward(tensor, *args, **kwargs)
+            result = backward(tensor, *args, **kwargs)
+            if guard._in_step:  # what this backward left in the gradients, before any clip, step or zero_grad
+                norm = _gradient_norm(guard._hooked_optimizer)
+                if norm is not None:
+                    guard._backward_norm = norm if guard._backward_norm is None \
+                        else torch.maximum(guard._backward_norm, norm)
+            return result
 
         def capturing_clip(*args, **kwargs):
             norm = clip(*args, **kwargs)
@@ -161,14 +184,16 @@ class StepGuard:
     def replaying(self):
         """Inside: a fresh step record, every optimizer step a no-op (gradients dropped), nothing counted; the
         live step's record is restored afterwards. For re-running a step's ``train_step`` code."""
-        saved = (self.record, self._read, self._loss, self._norm, self._extra)
+        saved = (self.record, self._read, self._loss, self._norm, self._backward_norm, self._scale_before,
+                 self._extra)
         self._begin_step()
         self.neutralise_all = True
         try:
             yield
         finally:
             self.neutralise_all = self._in_step = False
-            self.record, self._read, self._loss, self._norm, self._extra = saved
+            (self.record, self._read, self._loss, self._norm, self._backward_norm, self._scale_before,
+             self._extra) = saved
 
     def _begin_step(self) -> None:
         optimizer = getattr(self.trainer, "optimizer", None)
@@ -177,7 +202,14 @@ class StepGuard:
                 self._hook.remove()
             self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
             self._hooked_optimizer = optimizer
-        self._loss = self._norm = None
+        self._loss = self._norm = self._backward_norm = None
+        scale = self._scaler_scale()
+        if scale is not None:
+            self._scale_before = scale.detach().clone().reshape(())
+        else:  # a GradScaler creates its scale tensor at its first scale(): until then it is its initial scale
+            scaler = getattr(self.trainer, "grad_scaler", None)
+            enabled = scaler is not None and scaler.is_enabled()
+            self._scale_before = torch.tensor(float(scaler._init_scale)) if enabled else None
         self._extra = ()
         self._read = False
         self.record = StepRecord(self.iteration)
@@ -192,8 +224,8 @@ class StepGuard:
         finally:
             self._in_step = False
         self._read_now(pre_step=False)
-        if self.record.skipped:
-            self.skipped_steps += 1
+        if self.record.skipped_by:
+            self.skips[self.record.skipped_by] += 1
         for listener in self.listeners:
             listener.after_step(self, batch, result)
         self.iteration += 1
@@ -210,7 +242,7 @@ class StepGuard:
         self.record.optimizer_stepped = True
         self._read_now(pre_step=True)
         if self.record.event is not None:
-            self.record.skipped = True
+            self.record.skipped_by = "guard"
             self._drop_gradients(optimizer)
 
     @staticmethod
@@ -219,8 +251,13 @@ class StepGuard:
             for parameter in group["params"]:
                 parameter.grad = None
 
+    def _scaler_scale(self) -> Optional[torch.Tensor]:
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        return getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+
     def _read_now(self, pre_step: bool) -> None:
-        """The guard's one host read of the step: loss, norm, scale, optional state scan and ``extra``."""
+        """The guard's one host read of the step: loss, norms, scale (before and now), optional state scan and
+        ``extra``."""
         if self._read or self.record is None:
             return
         self._read = True
@@ -230,30 +267,35 @@ class StepGuard:
         norm = self._norm
         if norm is None and pre_step:
             norm = _gradient_norm(self._hooked_optimizer)
-        scaler = getattr(trainer, "grad_scaler", None)
-        scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        scale = self._scaler_scale()
         check_state = pre_step and self.check_state_every and self.iteration % self.check_state_every == 0
-        values = [self._loss if self._loss is not None else nan, norm if norm is not None else nan,
-                  scale.reshape(()) if scale is not None else nan, *self._extra]
+        optional = [self._loss, norm, scale, self._scale_before, self._backward_norm]
+        values = [v.reshape(()) if v is not None else nan for v in optional] + list(self._extra)
         if check_state:
             values += list(_state_flags(trainer.network, self._hooked_optimizer, device))
         host = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in values]).cpu().tolist()
-        record.loss, record.grad_norm, record.scale = host[:3]
-        record.extra = host[3:3 + len(self._extra)]
+        record.loss, record.grad_norm, record.scale, scale_before, backward_norm = host[:5]
+        record.extra = host[5:5 + len(self._extra)]
+        if norm is None and self._backward_norm is not None:
+            record.grad_norm = backward_norm  # never clipped nor stepped: the norm its backward left
         if check_state:
             record.state_checked = True
             record.nonfinite_weights, record.nonfinite_momentum = (int(v) for v in host[-2:])
-        self._classify(record, loss_known=self._loss is not None, norm_known=norm is not None,
-                       scaler_skipped=not pre_step and scale is not None and not record.optimizer_stepped)
+        if not pre_step:  # no optimizer step happened: the scaler backed off, or the trainer's code returned early
+            backed_off = scale is not None and record.scale < scale_before
+            record.skipped_by = "scaler" if backed_off else "trainer"
+        backward_bad = self._backward_norm is not None and not math.isfinite(backward_norm)
+        norm_bad = (norm is not None or self._backward_norm is not None) and not math.isfinite(record.grad_norm)
+        self._classify(record, loss_known=self._loss is not None, gradient_bad=backward_bad or norm_bad)
 
-    def _classify(self, record: StepRecord, loss_known: bool, norm_known: bool, scaler_skipped: bool) -> None:
+    def _classify(self, record: StepRecord, loss_known: bool, gradient_bad: bool) -> None:
         """What made the step bad. A step the GradScaler skipped is counted but is no event: skipping overflowing
         steps is its job; only when its scale collapses is the run in trouble."""
-        if scaler_skipped:  # GradScaler.step found inf and did not call optimizer.step
-            record.skipped = True
+        if record.skipped_by == "scaler":
+            pass
         elif loss_known and not math.isfinite(record.loss):
             record.event = "loss"
-        elif norm_known and not math.isfinite(record.grad_norm):
+        elif gradient_bad:
             record.event = "gradient"
         scale = None if math.isnan(record.scale) else record.scale  # NaN: no scaler enabled
         rot = rot_event(scale, self.scale_floor, record.nonfinite_weights, record.nonfinite_momentum)

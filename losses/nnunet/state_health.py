@@ -1,11 +1,10 @@
 """Whether a training state can still give a good model: the one finiteness scan of weights, momentum buffers and
 gradients, and the one rot rule (a collapsed GradScaler, NaN/Inf in any weight or momentum buffer).
 
-Defined once here because the trainer wrapper (``nnunet_guard.StepGuard``, which stops training on rot) and the
-diagnostics that record and explain it (the state recorder and checkpoint check of
-``geodiag.diagnostics.instruments.training_state``, watch's step replay, ``replay``) must agree on what "rotten"
-means. It lives in ``geodiag.losses`` because the guard needs it and ``geodiag.losses`` never imports
-``geodiag.diagnostics``; torch and numpy only.
+Defined once here because the trainer wrapper (``guard.StepGuard``, which stops training on rot) and the
+diagnostics that explain it (``geodiag.diagnostics.instruments.checkpoint_health``, watch's step replay,
+``replay``) must agree on what "rotten" means. It lives in ``geodiag.losses`` because the guard needs it and
+``geodiag.losses`` never imports ``geodiag.diagnostics``; torch and numpy only.
 """
 from __future__ import annotations
 
