@@ -16,9 +16,9 @@ touched), the batch's floating tensors in that dtype, the same RNG state, and a 
 The classification is a name of ``reports.schema.REPLAY_CLASSIFICATIONS``: non-finite in fp64 -> maths; finite
 in fp64, not in fp32 or not under autocast at scale 1 -> precision; finite at scale 1, non-finite as run -> scaler;
 finite as run -> not-reproduced; NaN/Inf already in the batch or the weights -> non-finite-input (nothing runs: a
-replay would only pass them on); a step that raises -> replay-failed (a replay never ends the run it explains). Each run also says
-whether a non-finite value reached the parameters' gradients (checked as each gradient is accumulated, before any
-clipping mixes them) or was absorbed on the way (a masked NaN: finite gradients).
+replay would only pass them on); a step that raises -> replay-failed (a replay never ends the run it explains).
+Each run also says whether a non-finite value reached the parameters' gradients (checked as each gradient is
+accumulated, before any clipping mixes them) or was absorbed on the way (a masked NaN: finite gradients).
 """
 from __future__ import annotations
 
