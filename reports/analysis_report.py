@@ -237,9 +237,14 @@ def _provenance_section(summary: dict) -> Section:
     if not entries:
         return Section("Provenance", "No non-finite value was produced during the replay, so there is no first op "
                                      "to name.")
-    table = pd.DataFrame(entries).reindex(columns=["phase", "op", "node", "module", "tap", "message"])
-    return Section("Provenance", "The first non-finite values, in the order they were produced:\n\n"
-                   + markdown_table(table.astype(object).where(table.notna(), None)))
+    table = pd.DataFrame(entries).reindex(columns=["phase", "op", "node", "module", "tap", "message",
+                                                  "classification"])
+    legend = "\n".join(f"- **{name}**: {meaning}" for name, meaning in schema.REPLAY_CLASSIFICATIONS.items()
+                       if name in set(table["classification"]))
+    return Section("Provenance", "The first non-finite values, in the order they were produced; each failing pass "
+                   "was replayed in its precision and at fp32 and fp64 to classify it:\n\n"
+                   + markdown_table(table.astype(object).where(table.notna(), None))
+                   + (f"\n\n{legend}" if legend else ""))
 
 
 def _raised_section(summary: dict) -> Optional[Section]:

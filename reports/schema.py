@@ -1,5 +1,6 @@
 """The contract between the producer (geodiag.diagnostics) and the renderers (geodiag.reports): the column names of
-every table diagnostics write, the analysis verdicts, and the atomic writers both sides write files with.
+every table diagnostics write, the analysis verdicts, the replay classifications, and the atomic writers both sides
+write files with.
 
 Standard library only (no pandas, no numpy, no torch), so the producer can depend on it without depending on the
 renderers, and the CLI can catch ``ReportInputError`` without loading pandas.
@@ -78,6 +79,27 @@ NON_FINITE_LOSS = "non_finite_loss"
 NON_FINITE_GRADIENT = "non_finite_gradient"
 VERDICTS = (HEALTHY, NON_FINITE_WEIGHTS, NON_FINITE_OPTIMIZER_STATE, GRAD_SCALER_COLLAPSED, LOSS_RAISED,
             NON_FINITE_LOSS, NON_FINITE_GRADIENT)
+
+# Why a replayed step went non-finite (the "classification" of first_nonfinite.json, of replay_<device>.json and of
+# an analysis's provenance entries): each name with its meaning, which opens the replay's explanation.
+REPLAY_MATHS = "maths"
+REPLAY_PRECISION = "precision"
+REPLAY_SCALER = "scaler"
+REPLAY_NOT_REPRODUCED = "not-reproduced"
+REPLAY_NON_FINITE_INPUT = "non-finite-input"
+REPLAY_FAILED = "replay-failed"
+REPLAY_CLASSIFICATIONS = {
+    REPLAY_MATHS: "non-finite even in fp64 at loss scale 1: the formula itself fails; no change of precision fixes it",
+    REPLAY_PRECISION: "finite in fp64 but non-finite in fp32, or under fp16/bf16 autocast, at loss scale 1: the dtype "
+                      "lacks range or precision, the formula holds",
+    REPLAY_SCALER: "finite at loss scale 1, non-finite with the GradScaler's scale: the scaled loss or gradients "
+                   "overflow",
+    REPLAY_NOT_REPRODUCED: "finite when replayed as run: the batch and weights alone do not fail; look at what the "
+                           "replay does not restore (data pipeline, other side effects)",
+    REPLAY_NON_FINITE_INPUT: "NaN/Inf in the batch or the weights before any op ran: fix the data or the checkpoint "
+                             "(nothing was replayed)",
+    REPLAY_FAILED: "the replayed step raised (the explanation is its exception): nothing is classified",
+}
 
 
 class ReportInputError(ValueError):

@@ -77,6 +77,9 @@ def test_unprotected_sqrt_gives_a_non_finite_gradient_named_at_its_producer(stoc
     summary = _analyze(flat, tmp_path / "out", max_cases=1, stabilizer="additive", eps=0.0)
     assert summary["verdict"] == "non_finite_gradient"
     assert any("sqrt" in (p["node"] or p["op"]).lower() for p in summary["provenance"])
+    # s is exactly 0 in fp64 too (exp(-2e4) underflows there as well): the replay blames the formula
+    assert {p["classification"] for p in summary["provenance"]} == {"maths"}
+    assert "replayed: maths" in summary["verdict_reason"]
 
 
 def test_geometric_fraction_of_pixels_below_eps_matches_an_independent_count(geometric_run, tmp_path):

@@ -26,7 +26,7 @@ from geodiag.losses import GeometricLoss
 from geodiag.losses.nnunet.guard import GUARD_ATTRIBUTE, StepGuard, TrainingStateCorrupted
 
 from test_provenance import disk, pixel_unit_first_moments
-from test_replay import Gain, moments_step
+from test_replay import Gain, backward, moments_step
 from test_watch_guard import _batch, _state
 
 CUDA_ONLY = [pytest.mark.cuda,
@@ -201,17 +201,23 @@ def test_provenance_names_the_fp16_einsum_under_the_devices_autocast(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_replay_tells_fp16_overflow_from_maths_on_the_device(device):
     model = Gain().to(device)
-    result = replay(moments_step, disk(256, 80.0, 128.0)[None, None].to(device), model=model, original="fp16")
-    assert result.verdict == "low-precision"
-    assert result.run("fp32").finite and result.run("fp64").finite
-    assert result.reports["fp16"].outputs[0].dtype == torch.float16
+    result = replay(moments_step, model, {"probs": disk(256, 80.0, 128.0)[None, None].to(device)}, autocast=True)
+    assert result.classification == "precision"
+    as_run, fp32, fp64 = result.runs
+    assert not fp32.nonfinite and not fp64.nonfinite
+    assert as_run.report.outputs[0].dtype == torch.float16
     assert model.gain.device.type == torch.device(device).type and model.gain.grad is None
 
     loss = GeometricLoss(stabilizer="additive", eps=0.0, aspect_weight=0.0)  # a bare sqrt: NaN at s = 0
     foreground = disk(64, 12.0, 30.0)
     batch = {"probs": torch.stack([1 - foreground, foreground])[None].to(device),
              "target": disk(64, 14.0, 32.0)[None, None].long().to(device)}
-    maths = replay(lambda m, b, p: loss(m(b["probs"]), b["target"]), batch, model=Gain().to(device),
-                   original="fp16", loss=loss)
-    assert maths.verdict == "maths"
-    assert maths.reports["fp64"].node == "SqrtBackward0" and maths.reports["fp64"].tap == "compactness.sqrt_input"
+
+    def step(m, b, setting):
+        with torch.autocast(device, dtype=torch.float16):
+            return backward(loss(m(b["probs"]), b["target"]))
+
+    maths = replay(step, Gain().to(device), batch, autocast=True, loss_module=loss)
+    assert maths.classification == "maths"
+    fp64_report = maths.runs[-1].report
+    assert fp64_report.node == "SqrtBackward0" and fp64_report.tap == "compactness.sqrt_input"

@@ -1,5 +1,6 @@
 """`geodiag replay STEP_FOLDER`: re-run a step saved by `geodiag watch` under provenance, in its own setting and at
-loss scale 1 in fp32 and fp64, on this machine's CPU or GPU."""
+loss scale 1 in fp32 and fp64, on this machine's CPU or GPU. Exit 3 when the non-finite value is reproduced (or
+already in the step's batch), 0 when it is not, 1 when the step's own code raised."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..instruments.devices import resolve_device
     from ..nnunet.saved_step import build_trainer, load_step
-    from ..nnunet.step_replay import replay_train_step
+    from ..nonfinite.replay import replay_train_step
 
     step = load_step(args.step)
     device = torch.device(resolve_device(args.device))
@@ -33,4 +34,6 @@ def run(args: argparse.Namespace) -> int:
               f"non-finite parameter gradients {run['nonfinite_parameter_gradients']}")
     print(f"classification: {result['classification']} — {result['explanation']}")
     print(f"written {path}")
-    return 3 if result["classification"] != "not-reproduced" else 0
+    if result["classification"] == schema.REPLAY_FAILED:
+        return 1
+    return 0 if result["classification"] == schema.REPLAY_NOT_REPRODUCED else 3

@@ -42,7 +42,7 @@ from geodiag.reports import schema
 from ..instruments.errors import GeodiagError
 from ..instruments.recorder import Recorder
 from . import first_nonfinite, saved_step
-from .step_replay import replay_train_step
+from ..nonfinite.replay import replay_train_step
 
 WATCH_FOLDER = "geodiag_watch"
 LAST_GOOD = "last_good.pth"

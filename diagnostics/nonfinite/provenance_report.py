@@ -1,8 +1,8 @@
 """What ``NonFiniteProvenance`` reports about the op it blames: the op and its context (``ProvenanceReport``), and
 what is known about each tensor that went in or came out (``TensorSummary``), with the text a user reads.
 
-Kept apart from the dispatch mode that finds the op: replay, watch's step replay and first_nonfinite.json read
-these reports without ever running the mode.
+Kept apart from the dispatch mode that finds the op: the replay's results and first_nonfinite.json read these
+reports without ever running the mode.
 """
 from __future__ import annotations
 

@@ -1,202 +1,325 @@
-"""Replay one failing batch in fp32, fp64 and its original setting to tell broken maths from fp16 overflow.
+"""Re-run one failing step under NaN provenance, as it ran and at loss scale 1 in fp32 and fp64, to name the op and
+source line that produced the first non-finite value and to tell maths from precision from the GradScaler.
 
-The batch is re-run with full provenance checks (``NonFiniteProvenance(sync="op")``: a host sync per op,
-live tensors in the report) once per precision, each on a fresh copy of the model:
+Why the step's own code: the researcher's loss, masking, clipping and scaler handling live there; a replay through a
+re-implementation would test something else. ``replay_train_step`` re-runs a trainer's own ``train_step`` (``geodiag
+watch`` after a bad step, ``geodiag replay STEP_FOLDER``); ``replay`` re-runs any step function (``analyze-checkpoint``
+its failing pass). Each run uses an uncompiled copy of the network in the run's dtype (the live weights are never
+touched), the batch's floating tensors in that dtype, the same RNG state, and a host sync per op
+(``NonFiniteProvenance(sync="op")``, so the producer's tensors are alive for the report). Runs, in this order:
 
-- still non-finite in fp64 at loss scale 1          -> ``maths``: the formula itself (e.g. sqrt at 0);
-- finite in fp64 but not in fp32                    -> ``fp32-range``: needs more range/precision than fp32;
-- finite in fp32 and fp64, not in the original run  -> ``low-precision``: fp16/bf16 overflow or underflow, or
-  the loss scale (benign for the maths, but the fp16 path needs a fix such as fp32 moments);
-- finite everywhere                                 -> ``not-reproduced``: look at the weights, optimizer state
-  or the data pipeline instead (the batch alone does not fail);
-- NaN/Inf already in the batch or the weights       -> ``non-finite-input`` (nothing is run).
+- ``as-run``: the step's own setting (its GradScaler, its autocast);
+- ``autocast at loss scale 1`` (only when the step had both): separates the scale from fp16/bf16 range;
+- ``fp32 at loss scale 1`` (when it had either) and ``fp64 at loss scale 1``: no GradScaler, and every
+  ``torch.autocast`` the step enters is forced off.
 
-``step_fn(model, batch, precision) -> loss`` runs the forward pass and the loss and returns a scalar tensor;
-the replay owns everything else: it casts a copy of the model and the batch's floating tensors to
-``precision.dtype``, enters autocast when ``precision.autocast`` is set, multiplies the loss by
-``precision.loss_scale`` and calls ``backward()``. ``step_fn`` may read ``precision`` (e.g. to cast a tensor it
-builds itself) but must not call backward or an optimizer. For nnU-Net::
-
-    def step_fn(network, batch, precision):
-        output = network(batch["data"])
-        return dice_ce(output, batch["target"]) + geometric(output.softmax(1), batch["target"])
+The classification is a name of ``reports.schema.REPLAY_CLASSIFICATIONS``: non-finite in fp64 -> maths; finite
+in fp64, not in fp32 or not under autocast at scale 1 -> precision; finite at scale 1, non-finite as run -> scaler;
+finite as run -> not-reproduced; NaN/Inf already in the batch or the weights -> non-finite-input (nothing runs: a
+replay would only pass them on); a step that raises -> replay-failed (a replay never ends the run it explains).
+Each run also says whether a non-finite value reached the parameters' gradients (checked as each gradient is
+accumulated, before any clipping mixes them) or was absorbed on the way (a masked NaN: finite gradients).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-from geodiag.losses.nnunet.state_health import nonfinite_names
-from geodiag.reports.schema import GRAD_SCALER_INITIAL_SCALE
+from geodiag.losses import GeometricLoss
+from geodiag.losses.nnunet.guard import StepGuard
+from geodiag.losses.nnunet.state_health import nonfinite_flags, nonfinite_names
+from geodiag.reports.schema import (REPLAY_CLASSIFICATIONS, REPLAY_FAILED, REPLAY_MATHS, REPLAY_NON_FINITE_INPUT,
+                                    REPLAY_NOT_REPRODUCED, REPLAY_PRECISION, REPLAY_SCALER)
 
-from ..instruments.devices import PRECISIONS
 from ..instruments.errors import GeodiagError
 from .provenance import NonFiniteProvenance
 from .provenance_report import ProvenanceReport
 
-VERDICTS = ("maths", "fp32-range", "low-precision", "not-reproduced", "non-finite-input")
-
-# The autocast vocabulary (fp32, bf16, fp16), plus fp64: a replay may also run the whole model in fp64.
-_NAMES = ("fp64", *PRECISIONS)
+AS_RUN = "as-run"
+# How many tensor or parameter names a replay lists before counting the rest.
+NAMES_SHOWN = 5
+_SOURCE = re.compile(r"^(?P<file>.*?):(?P<line>\d+) in (?P<function>[^:]*): ?(?P<code>.*)$")
 
 
 @dataclass(frozen=True)
-class Precision:
-    """How to run one replay: model/batch dtype, optional autocast dtype, loss scale."""
+class Setting:
+    """One run: the network and batch dtype, whether the step's autocast stays on, whether its GradScaler is used."""
 
     name: str
-    dtype: torch.dtype = torch.float32
-    autocast: Optional[torch.dtype] = None
-    loss_scale: float = 1.0
-
-    @classmethod
-    def parse(cls, spec: Union[str, "Precision"]) -> "Precision":
-        """``fp64``, ``fp32``: model and batch in that dtype, no autocast; ``fp16`` / ``bf16``: an fp32 model under
-        autocast to that dtype (nnU-Net's CUDA setting); an optional ``@SCALE`` sets the loss scale, e.g.
-        ``fp16@65536`` (GradScaler's initial scale, ``GRAD_SCALER_INITIAL_SCALE``)."""
-        if isinstance(spec, Precision):
-            return spec
-        name, _, scale_text = str(spec).partition("@")
-        if name not in _NAMES:
-            raise GeodiagError(f"unknown precision {spec!r}; use {', '.join(_NAMES)}, optionally "
-                               f"@SCALE (e.g. fp16@{GRAD_SCALER_INITIAL_SCALE:g})")
-        try:
-            scale = float(scale_text) if scale_text else 1.0
-        except ValueError:
-            raise GeodiagError(f"bad loss scale in precision {spec!r}: {scale_text!r} is not a number") from None
-        if not (math.isfinite(scale) and scale > 0):
-            raise GeodiagError(f"loss scale in precision {spec!r} must be a finite number > 0")
-        if PRECISIONS.get(name) is not None:
-            return cls(str(spec), torch.float32, PRECISIONS[name], scale)
-        return cls(str(spec), torch.float64 if name == "fp64" else torch.float32, None, scale)
+    dtype: torch.dtype
+    autocast: bool
+    scaler: bool
 
 
 @dataclass(frozen=True)
 class ReplayRun:
-    """One replay: the loss value (NaN/Inf kept) and the provenance report (None when everything was finite)."""
+    """One run: the loss (NaN/Inf kept), the provenance report (None when no op was flagged) and the parameters whose
+    gradient went non-finite."""
 
-    precision: Precision
+    setting: Setting
     loss: float
     report: Optional[ProvenanceReport]
+    nonfinite_gradients: tuple[str, ...]
 
     @property
-    def finite(self) -> bool:
-        return self.report is None and math.isfinite(self.loss)
+    def nonfinite(self) -> bool:
+        return self.report is not None or not math.isfinite(self.loss)
+
+    def as_json(self) -> dict:
+        return {"setting": self.setting.name, "loss": self.loss, "nonfinite": self.nonfinite, **describe(self.report),
+                "reaches_parameter_gradients": bool(self.nonfinite_gradients),
+                "nonfinite_parameter_gradients": len(self.nonfinite_gradients),
+                "first_nonfinite_parameter_gradients": list(self.nonfinite_gradients[:NAMES_SHOWN])}
 
 
 @dataclass(frozen=True)
-class ReplayResult:
-    """The verdict, why, and each run's report."""
+class Replay:
+    """The classification (a name of ``REPLAY_CLASSIFICATIONS``), why, and the runs (none when none ran)."""
 
-    verdict: str
+    classification: str
     explanation: str
-    runs: tuple[ReplayRun, ...]
+    runs: tuple[ReplayRun, ...] = ()
 
-    @property
-    def reports(self) -> dict[str, Optional[ProvenanceReport]]:
-        return {run.precision.name: run.report for run in self.runs}
-
-    def run(self, name: str) -> ReplayRun:
-        return next(r for r in self.runs if r.precision.name == name)
-
-
-StepFn = Callable[[Optional[nn.Module], Any, Precision], torch.Tensor]
+    def as_json(self) -> dict:
+        """As first_nonfinite.json's "replay" and replay_<device>.json hold it."""
+        first = next((run for run in self.runs if run.nonfinite), None)
+        reaches = bool(first and first.nonfinite_gradients) if self.runs else None
+        return {"classification": self.classification, "explanation": self.explanation,
+                "reaches_parameter_gradients": reaches, "runs": [run.as_json() for run in self.runs]}
 
 
-def replay(step_fn: StepFn, batch: Any, *, model: Optional[nn.Module] = None,
-           precisions: Sequence[Union[str, Precision]] = ("fp32", "fp64"),
-           original: Union[str, Precision, None] = None, loss: Optional[nn.Module] = None,
-           allow: Iterable[str] = (), seed: int = 0) -> ReplayResult:
-    """Re-run ``batch`` in each precision (and ``original``, if given) with full checks; classify the failure.
-
-    ``model`` is deep-copied per run (the caller's weights and buffers are untouched); ``loss`` (a module with
-    taps, e.g. GeometricLoss) gives the reports their tap context; ``allow`` is passed to the provenance;
-    every run starts from the same RNG ``seed`` (dropout, augmentation inside ``step_fn``).
-    """
-    runs_wanted = [Precision.parse(p) for p in ([original] if original is not None else []) + list(precisions)]
-    if not runs_wanted:
-        raise GeodiagError("nothing to replay: give at least one precision")
-    bad_inputs = _non_finite_inputs(model, batch)
-    if bad_inputs:
-        return ReplayResult("non-finite-input", f"NaN/Inf before any op ran, in {bad_inputs}: fix the data or the "
-                            "checkpoint first (a replay would only pass them on)", ())
-    allow = tuple(allow)
-    runs = tuple(_run_once(step_fn, batch, model, p, loss, allow, seed) for p in runs_wanted)
-    original_run = runs[0] if original is not None else None
-    verdict, explanation = _classify(original_run, runs[1:] if original is not None else runs)
-    return ReplayResult(verdict, explanation, runs)
+StepFn = Callable[[nn.Module, dict, Setting], Any]
 
 
-def _run_once(step_fn: StepFn, batch: Any, model: Optional[nn.Module], precision: Precision,
-              loss: Optional[nn.Module], allow: tuple[str, ...], seed: int) -> ReplayRun:
-    device = _device_of(model, batch)
-    replica = copy.deepcopy(model).to(precision.dtype) if model is not None else None
-    cast_batch = tree_map(lambda v: v.detach().to(precision.dtype)
-                          if isinstance(v, torch.Tensor) and v.is_floating_point() else v, batch)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.enable_grad(), NonFiniteProvenance(replica, loss, allow=allow, sync="op") as prov:
-            autocast = (torch.autocast(device.type, dtype=precision.autocast) if precision.autocast is not None
-                        else contextlib.nullcontext())
-            with autocast:
-                value = step_fn(replica, cast_batch, precision)
-            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
-                raise GeodiagError(f"step_fn must return the loss as a one-element tensor, got {type(value).__name__}"
-                                   + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
-            if value.requires_grad:
-                (value * precision.loss_scale).backward()
-            loss_value = float(value.detach())
-    return ReplayRun(precision, loss_value, prov.report())
+def replay(step: StepFn, network: nn.Module, batch: dict, *, autocast: bool, scaler: bool = False,
+           loss_module: Optional[nn.Module] = None, rng_state: Optional[torch.Tensor] = None) -> Replay:
+    """Run ``step(network copy, batch copy, setting)`` once per setting; classify. The step is a training step's
+    code: it runs forward and backward (the optimizer, if any, is the caller's to neutralise) and returns the loss.
+
+    ``autocast`` and ``scaler`` say how the step ran (its own code enters autocast and uses the scaler; the runs at
+    loss scale 1 switch them off); ``loss_module`` (a module with taps, e.g. GeometricLoss) gives the reports their
+    tap context; every run starts from ``rng_state`` (else from the current CPU RNG state)."""
+    inputs = _nonfinite_inputs(network, batch)
+    if inputs:
+        return Replay(REPLAY_NON_FINITE_INPUT, _explained(REPLAY_NON_FINITE_INPUT, f"in {inputs}"))
+    try:
+        runs = tuple(_run(step, network, batch, setting, loss_module, rng_state)
+                     for setting in _settings(autocast, scaler))
+    except Exception as exc:  # noqa: BLE001 - the user's step may fail in ways nobody can foresee
+        return Replay(REPLAY_FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return Replay(*_classify(runs), runs)
 
 
-def _classify(original: Optional[ReplayRun], runs: Sequence[ReplayRun]) -> tuple[str, str]:
-    def failing(dtype: torch.dtype) -> list[ReplayRun]:
-        return [r for r in runs if r.precision.dtype == dtype and r.precision.autocast is None
-                and r.precision.loss_scale == 1.0 and not r.finite]
-
-    def names(selected: Iterable[ReplayRun]) -> str:
-        return ", ".join(r.precision.name for r in selected)
-
-    fp64, fp32 = failing(torch.float64), failing(torch.float32)
-    checked = [r for r in runs if r.precision.autocast is None and r.precision.loss_scale == 1.0]
-    if fp64:
-        return "maths", (f"non-finite even in fp64 at loss scale 1: the formula itself fails "
-                         f"({_first_op(fp64)}); no change of precision fixes it")
-    if fp32:
-        return "fp32-range", f"finite in fp64, non-finite in fp32 ({_first_op(fp32)}): fp32 lacks range or precision"
-    others = [r for r in runs if r not in checked and not r.finite]
-    failed = ([original] if original is not None and not original.finite else []) + others
-    if failed:
-        basis = f"finite in {names(checked)}" if checked else "no fp32/fp64 run to compare with"
-        return "low-precision", (f"{basis} but non-finite in {names(failed)} ({_first_op(failed)}): "
-                                 "fp16/bf16 overflow or underflow or the loss scale, not the maths")
-    return "not-reproduced", "finite in every run: the batch alone does not fail; check weights, optimizer state and data"
+def replay_train_step(trainer, train_step: Callable[[dict], dict], batch: dict, *,
+                      rng_state: Optional[torch.Tensor] = None, scaler_state: Optional[dict] = None) -> dict:
+    """Replay ``train_step(batch)`` of an nnU-Net trainer (nnU-Net's autocast on CUDA, the trainer's GradScaler in
+    its pre-step ``scaler_state`` when it has one); the runs and the classification, as JSON."""
+    geometric = getattr(trainer, "geometric_loss", None)
+    return replay(_trainer_step(trainer, train_step, scaler_state), trainer.network, batch,
+                  autocast=trainer.device.type == "cuda", scaler=getattr(trainer, "grad_scaler", None) is not None,
+                  loss_module=geometric if isinstance(geometric, GeometricLoss) else None,
+                  rng_state=rng_state).as_json()
 
 
-def _first_op(runs: Sequence[ReplayRun]) -> str:
-    report = next((r.report for r in runs if r.report is not None), None)
-    if report is None:
-        return "non-finite loss, no op flagged"
-    return f"{report.phase} {report.op}" + (f" in {report.node}" if report.node else "")
+def _settings(autocast: bool, scaler: bool) -> list[Setting]:
+    runs = [Setting(AS_RUN, torch.float32, autocast, scaler)]
+    if scaler and autocast:
+        runs.append(Setting("autocast at loss scale 1", torch.float32, True, False))
+    if scaler or autocast:
+        runs.append(Setting("fp32 at loss scale 1", torch.float32, False, False))
+    runs.append(Setting("fp64 at loss scale 1", torch.float64, False, False))
+    return runs
 
 
-def _non_finite_inputs(model: Optional[nn.Module], batch: Any) -> str:
-    """Names of the batch entries and model tensors holding NaN/Inf, comma-separated ('' when all finite)."""
-    named = [(f"batch[{i}]", v) for i, v in enumerate(tree_flatten(batch)[0])]
-    if model is not None:
-        named += list(model.named_parameters()) + list(model.named_buffers())
-    return ", ".join(nonfinite_names([(name, v) for name, v in named if isinstance(v, torch.Tensor)]))
+def _trainer_step(trainer, train_step: Callable[[dict], dict], scaler_state: Optional[dict]) -> StepFn:
+    """``train_step`` with the replica swapped into the trainer, an optimizer over it whose steps the guard makes
+    no-ops (GradScaler.unscale_/step must see the replica's gradients), and the GradScaler if the setting uses it."""
+    def step(replica: nn.Module, batch: dict, setting: Setting):
+        saved = trainer.network, trainer.optimizer, trainer.grad_scaler
+        trainer.network = replica
+        trainer.optimizer = torch.optim.SGD(replica.parameters(), lr=0.0)
+        trainer.grad_scaler = _scaler(saved[2], trainer.device, scaler_state) if setting.scaler else None
+        try:
+            with StepGuard.wrap(trainer).replaying():
+                result = train_step(batch)
+        finally:
+            trainer.network, trainer.optimizer, trainer.grad_scaler = saved
+        if not (isinstance(result, dict) and "loss" in result):
+            raise GeodiagError("train_step returned no 'loss' (nnU-Net's train_step returns {'loss': ...})")
+        return result["loss"]
+    return step
 
 
-def _device_of(model: Optional[nn.Module], batch: Any) -> torch.device:
-    for value in (list(model.parameters()) if model is not None else []) + tree_flatten(batch)[0]:
+def _run(step: StepFn, network: nn.Module, batch: dict, setting: Setting, loss_module: Optional[nn.Module],
+         rng_state: Optional[torch.Tensor]) -> ReplayRun:
+    replica = _replica(_plain_network(network), setting.dtype)
+    gradient_flags: dict[str, torch.Tensor] = {}
+    handles = [p.register_post_accumulate_grad_hook(_flag_gradient(gradient_flags, name))
+               for name, p in replica.named_parameters() if p.requires_grad]
+    cast = {key: _cast(value, setting.dtype) for key, value in batch.items()}
+    device = next(replica.parameters(), torch.empty(0)).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                _autocast_disabled(not setting.autocast):
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
+            with NonFiniteProvenance(replica, loss_module, sync="op") as provenance:
+                value = step(replica, cast, setting)
+            report = provenance.report()
+    finally:
+        for handle in handles:
+            handle.remove()
+    bad = tuple(name for name, flag in gradient_flags.items() if bool(flag))
+    return ReplayRun(setting, _loss_value(value), report, bad)
+
+
+def _loss_value(value) -> float:
+    """The step's loss as a float: a number, or a one-element tensor or array."""
+    try:
+        return float(value.detach() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        raise GeodiagError(f"the replayed step must return its loss as a number or a one-element tensor, got "
+                           f"{type(value).__name__}" + (f" of shape {tuple(value.shape)}" if hasattr(value, "shape")
+                                                        else "")) from None
+
+
+def _plain_network(network: nn.Module) -> nn.Module:
+    """The module under DDP and torch.compile wrappers: replays run uncompiled."""
+    network = getattr(network, "module", network) if type(network).__name__ == "DistributedDataParallel" else network
+    return getattr(network, "_orig_mod", network)
+
+
+def _replica(network: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of ``network`` in ``dtype`` whose hooks are the original hook callables, not copies of them (a
+    hook bound to a trainer would copy the trainer; a fault-injecting hook must act on the replay too)."""
+    memo: dict[int, object] = {}
+    for module in network.modules():
+        for name, hooks in vars(module).items():
+            if name.endswith("hooks") and isinstance(hooks, dict):
+                memo.update((id(hook), hook) for hook in hooks.values())
+    for parameter in network.parameters():
+        memo.update((id(hook), hook) for hook in (parameter._backward_hooks or {}).values())
+    return copy.deepcopy(network, memo).to(dtype)
+
+
+def _flag_gradient(flags: dict, name: str):
+    def hook(parameter: torch.Tensor) -> None:
+        flags[name] = nonfinite_flags([parameter.grad], parameter.grad.device)[0]
+    return hook
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    return value
+
+
+def _scaler(live, device: torch.device, state: Optional[dict]):
+    """A GradScaler in the step's pre-step state (else a copy of the live one): the replay must not move its scale."""
+    if state is None:
+        return copy.deepcopy(live)
+    scaler = torch.amp.GradScaler(device.type)
+    scaler.load_state_dict(state)
+    return scaler
+
+
+@contextlib.contextmanager
+def _autocast_disabled(disabled: bool):
+    """Force every ``torch.autocast(...)`` entered inside to ``enabled=False`` (nnU-Net enables it on CUDA)."""
+    if not disabled:
+        yield
+        return
+    autocast = torch.amp.autocast_mode.autocast
+    original = autocast.__init__
+
+    def init(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        original(self, device_type, dtype=dtype, enabled=False, cache_enabled=cache_enabled)
+
+    autocast.__init__ = init
+    try:
+        yield
+    finally:
+        autocast.__init__ = original
+
+
+def _nonfinite_inputs(network: nn.Module, batch: dict) -> str:
+    """The batch entries and network tensors holding NaN/Inf, comma-separated ('' when all are finite)."""
+    network = _plain_network(network)
+    names = nonfinite_names([*_named_tensors(batch), *network.named_parameters(), *network.named_buffers()])
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN]) + more
+
+
+def _named_tensors(batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """The batch's tensors by key (``target[0]`` for the first of a list, as nnU-Net's deep-supervision targets)."""
+    for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
+            yield str(key), value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, torch.Tensor))
+
+
+def _classify(runs: tuple[ReplayRun, ...]) -> tuple[str, str]:
+    """The first of fp64, fp32, autocast (each at loss scale 1) that fails names the cause; none: the scale does.
+    The as-run setting is one of them when the step had no GradScaler, so ``scaler`` needs one."""
+    as_run, fp64 = runs[0], runs[-1]
+    if not as_run.nonfinite:
+        return REPLAY_NOT_REPRODUCED, REPLAY_CLASSIFICATIONS[REPLAY_NOT_REPRODUCED]
+    if fp64.nonfinite:
+        return REPLAY_MATHS, _explained(REPLAY_MATHS, _where(fp64))
+    at_scale_1 = [run for run in runs if not run.setting.scaler and run.setting.dtype == torch.float32]
+    ordered = sorted(at_scale_1, key=lambda run: run.setting.autocast)  # fp32 first, then autocast
+    failing = next((run for run in ordered if run.nonfinite), None)
+    if failing is not None:
+        return REPLAY_PRECISION, _explained(REPLAY_PRECISION, _where(failing))
+    return REPLAY_SCALER, _explained(REPLAY_SCALER, _where(as_run))
+
+
+def _explained(classification: str, detail: str) -> str:
+    return f"{REPLAY_CLASSIFICATIONS[classification]}; {detail}"
+
+
+def _where(run: ReplayRun) -> str:
+    report = run.report
+    if report is None:
+        return f"in {run.setting.name}, a non-finite loss, no op flagged"
+    fields = describe(report)
+    site = f" at {fields['site']}" if fields["site"] else ""
+    outside = "" if report.produced else " (received NaN/Inf from outside the step)"
+    return f"in {run.setting.name}, {report.phase} {fields['op']}{site}{outside}"
+
+
+def describe(report: Optional[ProvenanceReport]) -> dict:
+    """A provenance report as the JSON fields of first_nonfinite.json (all None when nothing was flagged)."""
+    if report is None:
+        return {"phase": None, "op": None, "aten_op": None, "node": None, "module": None, "site": None,
+                "source": None, "dtype": None, "inputs": [], "outputs": [], "produced": None}
+    forward = report.forward_op or report.op
+    match = _SOURCE.match(report.source or "")
+    site = f"{match['file'].rsplit('/', 1)[-1]}:{match['line']}" if match else None
+    return {"phase": report.phase, "op": _short(forward), "aten_op": report.op, "node": report.node,
+            "module": report.module, "site": site, "source": report.source,
+            "dtype": str(report.outputs[0].dtype).replace("torch.", "") if report.outputs else None,
+            "inputs": [_tensor(t) for t in report.inputs], "outputs": [_tensor(t) for t in report.outputs],
+            "produced": report.produced}
+
+
+def _short(op: str) -> str:
+    """aten.sqrt.default -> sqrt."""
+    parts = op.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "aten" else op
+
+
+def _tensor(summary) -> dict:
+    return {"dtype": str(summary.dtype).replace("torch.", ""), "shape": list(summary.shape),
+            "origin": summary.origin, "max_abs_finite": summary.max_abs_finite,
+            "nan": summary.nan, "posinf": summary.posinf, "neginf": summary.neginf}

@@ -4,8 +4,9 @@ For each precision and each real case, two inputs. Training patches drawn by nnU
 the network with autograd on, as in a training step: Dice+CE and the geometric loss are back-propagated into the
 network, and a Recorder histograms every tap of the loss, the logits and the parameter gradients. The whole case,
 predicted as nnU-Net predicts it (no gradient into the network, which a sliding window over a case larger than
-the patch cannot give), yields the per-image loss terms. The provenance mode replays a pass that went non-finite
-and names the first op that produced NaN/Inf. The checkpoint's own state (weights, momentum, GradScaler scale) is
+the patch cannot give), yields the per-image loss terms. A pass that went non-finite is replayed (``nonfinite.replay``:
+in its precision, then at fp32 and fp64) to name the first op that produced NaN/Inf and to classify it (maths,
+precision...). The checkpoint's own state (weights, momentum, GradScaler scale) is
 checked too. The loss is the user's ``--loss`` or the one the run folder records (``own_loss.choose_loss``); on
 both inputs it runs under automatic taps, whose sites (risky ops by source line) each case stores. Each case's
 results are written as soon as they are measured (DIR/cases/<precision>/<case>.npz + .json, atomically), so
@@ -37,8 +38,8 @@ from ..instruments.histograms import LogHistogram, decade_grid
 from ..instruments.recorder import THRESHOLDED, Recorder
 from ..nnunet.cases import CaseFiles, find_cases, predict_logits, preprocess
 from ..nnunet.checkpoint import Checkpoint, find_checkpoints, load_checkpoint
-from ..nnunet.patches import PatchBatch, training_patches
-from ..nonfinite.provenance import NonFiniteProvenance
+from ..nnunet.patches import training_patches
+from ..nonfinite.replay import replay
 from ..progress import Progress, progress_over
 from . import run_record
 from ..nonfinite.autotaps import AutoTaps
@@ -103,17 +104,17 @@ def _loss_backward(logits: torch.Tensor, label: torch.Tensor, loss, dice_ce, tap
     return geometric, total
 
 
-def _patch_pass(network, batch: PatchBatch, loss, dice_ce, dtype: Optional[torch.dtype],
+def _patch_pass(network, image: torch.Tensor, label: torch.Tensor, loss, dice_ce, dtype: Optional[torch.dtype],
                 device: torch.device, recorder: Optional[Recorder], taps: Optional[AutoTaps] = None):
-    """Training's step on the patches without the optimizer: forward (autocast in ``dtype``), loss, backward
-    through the network; returns (logits, geometric, total)."""
+    """Training's step on the patches (a PatchBatch's image and label) without the optimizer: forward (autocast in
+    ``dtype``), loss, backward through the network; returns (logits, geometric, total)."""
     network.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = network(batch.image.to(device))
+        logits = network(image.to(device))
     logits.retain_grad()
     if recorder is not None:
         recorder.attach_tensor("logits", logits)
-    geometric, total = _loss_backward(logits, batch.label.to(device), loss, dice_ce, taps)
+    geometric, total = _loss_backward(logits, label.to(device), loss, dice_ce, taps)
     return logits, geometric, total
 
 
@@ -123,7 +124,7 @@ def _image_pass(network, image: torch.Tensor, label: torch.Tensor, loss, dice_ce
     returns (logits leaf, geometric, total)."""
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = predict_logits(network, image, patch_size)
-    leaf = logits.detach().requires_grad_(True)
+    leaf = logits.detach().to(image.dtype).requires_grad_(True)  # fp32 logits, fp64 in a replay's fp64 run
     geometric, total = _loss_backward(leaf, label, loss, dice_ce, taps)
     return leaf, geometric, total
 
@@ -148,8 +149,8 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_lo
 
     ``patches`` training patches go through the network with gradients as in a training step: they give the
     histograms and the network's gradients. The whole image, predicted as nnU-Net predicts it, gives the
-    per-image loss terms. A pass whose loss or gradient is non-finite is replayed under the provenance mode with
-    a check after every op (fairseq's pattern: full checks only on the failing batch), which names the op.
+    per-image loss terms. A pass whose loss or gradient is non-finite is replayed with a check after every op
+    (fairseq's pattern: full checks only on the failing batch), which names the op and classifies it.
     """
     case = preprocess(checkpoint, files)
     if case.label is None:
@@ -161,8 +162,8 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_lo
     call = own_loss.trainer_call(loss, dtype, device)
     taps = {name: AutoTaps() for name in PASSES}
     with own_loss.attach_named(recorder, loss), recorder.attach_network(network):
-        logits, geometric, total = _patch_pass(network, batch, call, dice_ce, dtype, device, recorder,
-                                               taps["patches"])
+        logits, geometric, total = _patch_pass(network, batch.image, batch.label, call, dice_ce, dtype, device,
+                                               recorder, taps["patches"])
     packed = {f"{name}|{kind}": h.packed().cpu().numpy() for (name, kind), h in recorder.histograms().items()}
     patch_result = {"count": patches, "patch_size": [int(p) for p in patch_size], "bboxes": batch.bboxes,
                     "forced_foreground": batch.forced_foreground,
@@ -177,18 +178,30 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_lo
               "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None,
               "sites": {name: own_loss.case_sites(t.result()) for name, t in taps.items()}}
     if failed(patch_result) or failed(image_result):
-        with NonFiniteProvenance(network, own_loss.loss_module(loss), sync="op") as provenance:
-            if failed(patch_result):
-                _patch_pass(network, batch, call, dice_ce, dtype, device, None)
-            else:
-                _image_pass(network, case.image, label, call, dice_ce, dtype, patch_size, device)
-        report = provenance.report()
-        if report is not None:
-            result["provenance"] = {"pass": "patches" if failed(patch_result) else "whole_image",
-                                    "phase": report.phase, "op": report.op, "node": report.node,
-                                    "module": report.module, "tap": report.tap, "message": report.message}
+        inputs = (batch.image, batch.label) if failed(patch_result) else (case.image, label)
+        result["provenance"] = _replayed(network, inputs, failed(patch_result), loss, call, dice_ce, dtype,
+                                         patch_size, device)
     network.zero_grad(set_to_none=True)
     return packed, result
+
+
+def _replayed(network, inputs: tuple[torch.Tensor, torch.Tensor], on_patches: bool, loss: own_loss.AnalysedLoss,
+              call, dice_ce, dtype: Optional[torch.dtype], patch_size, device: torch.device) -> dict:
+    """The failing pass (the patches' or the whole image's) replayed: the op that produced its first non-finite
+    value (as the pass ran) and the replay's classification."""
+    def step(replica, batch: dict, setting):
+        if on_patches:
+            return _patch_pass(replica, batch["image"], batch["label"], call, dice_ce, dtype, device, None)[2]
+        return _image_pass(replica, batch["image"], batch["label"], call, dice_ce, dtype, patch_size, device)[2]
+
+    replayed = replay(step, network, {"image": inputs[0], "label": inputs[1]}, autocast=dtype is not None,
+                      loss_module=own_loss.loss_module(loss))
+    report = replayed.runs[0].report if replayed.runs else None
+    found = ({"phase": report.phase, "op": report.op, "node": report.node, "module": report.module,
+              "tap": report.tap, "message": report.message} if report is not None else
+             dict.fromkeys(("phase", "op", "node", "module", "tap", "message")))
+    return {"pass": "patches" if on_patches else "whole_image", **found,
+            "classification": replayed.classification, "explanation": replayed.explanation}
 
 
 def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

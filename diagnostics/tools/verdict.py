@@ -91,7 +91,11 @@ def _verdict(health: dict, results: list[dict], raised: list[dict]) -> tuple[str
 
 
 def _evaluation(result: dict, name: str) -> str:
+    """Which case, precision and pass; with the replay's classification when this pass is the one replayed."""
     where = "training patches" if name == "patches" else "whole image"
+    replayed = result.get("provenance") or {}
+    if replayed.get("pass") == name and replayed.get("classification"):
+        where += f", replayed: {replayed['classification']}"
     return f"{result['case']} in {result['precision']}, {where}"
 
 
