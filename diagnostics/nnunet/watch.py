@@ -17,7 +17,7 @@ same read). Steps that abandon the optimizer step in the trainer's own code are 
 ``iterations_epoch_XXXX.csv`` and ``histograms_epoch_XXXX.json`` (the rows of a stopped epoch are written too).
 
 On the first bad step (see ``StepGuard``): the step's batch and pre-step state go to ``step_<iteration>/`` and
-``last_good.pth``; after ``train_step`` has returned, the step is replayed (``step_replay``) and
+``last_good.pth``; after ``train_step`` has returned, the step is replayed (``nonfinite.replay``) and
 ``first_nonfinite.json``/``.md`` are written; then training stops (``TrainingStateCorrupted``) or, with
 ``on_nonfinite="skip"``, the step stays skipped and training goes on.
 """
@@ -228,15 +228,13 @@ class Watch:
                       f"{replay['classification'] if replay else 'not replayed'}; {path}")
 
     def _replay(self, guard: StepGuard, batch: dict, scaler_state: Optional[dict]) -> dict:
-        """The replay of the step; a replay that fails is reported as such, it never ends the run."""
+        """The replay of the step (a replay that fails is classified replay-failed by the replay itself: it never
+        ends the run)."""
         self.progress(f"geodiag watch: replaying iteration {guard.record.iteration} under provenance")
         self._replaying = True
         try:
             return replay_train_step(self.trainer, guard.original_train_step, batch,
                                      rng_state=self._pre_step["rng"], scaler_state=scaler_state)
-        except Exception as exc:  # noqa: BLE001 - the user's train_step may fail in ways we cannot foresee
-            return {"classification": "replay-failed", "explanation": f"{type(exc).__name__}: {exc}".splitlines()[0],
-                    "reaches_parameter_gradients": None, "runs": []}
         finally:
             self._replaying = False
 
