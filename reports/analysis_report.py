@@ -12,9 +12,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from . import figures, sites_report
+from . import figures, schema, seed, sites_report
 from .html import Figure, RenderedReport, Section, write_report
-from . import schema
 from .schema import (EPS_FRACTION_COLUMNS, GRAD_SCALER_INITIAL_SCALE, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS,
                      ReportInputError, read_json)
 from .tables import format_eps, format_number, markdown_table, read_optional_table, read_table
@@ -24,7 +23,10 @@ TITLE = "geodiag checkpoint analysis"
 HEADROOM_WARN_DECADES = 1.0
 # eps values named in the eps-fraction sentences: the values of the seed's V2.3 and V2.4 clamps; its clamps
 # themselves only when the loss analysed computes s as the seed does (sobel "seed"; see _eps_units).
-SEED_EPS = (1e-4, 1e-2)
+SEED_EPS = tuple(version.eps for version in seed.VERSIONS)
+# How the sentences name the seed's eps and versions.
+_SEED_EPS_NAMED = "eps " + " and ".join(format_eps(eps) for eps in SEED_EPS)
+_SEED_VERSIONS_NAMED = " and ".join(version.name for version in seed.VERSIONS)
 
 # verdict (one of schema.VERDICTS) -> (tone, what it means, what to do next)
 VERDICT_TEXT: dict[str, tuple[str, str, str]] = {
@@ -205,10 +207,12 @@ def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optiona
 def _eps_units(summary: dict) -> str:
     sobel = _field(summary, "settings").get("sobel")
     if sobel == "seed":
-        return "s in the seed's units (raw Sobel, zero padding): eps 1e-4 and 1e-2 are the seed's V2.3 and V2.4 clamps"
+        return (f"s in the seed's units (raw Sobel, zero padding): {_SEED_EPS_NAMED} are the seed's "
+                f"{_SEED_VERSIONS_NAMED} clamps")
     if sobel == "normalised":
-        return ("s in geodiag's normalised units (Sobel divided by 8), 1/64 of the seed's: eps 1e-4 and 1e-2 here "
-                "are not the seed's clamps, which sit at 1.6e-6 and 1.6e-4 in these units")
+        moved = " and ".join(format_eps(eps / seed.UNITS_FACTOR, digits=2) for eps in SEED_EPS)
+        return (f"s in geodiag's normalised units (Sobel divided by {seed.SOBEL_GAIN}), 1/{seed.UNITS_FACTOR:g} of the "
+                f"seed's: {_SEED_EPS_NAMED} here are not the seed's clamps, which sit at {moved} in these units")
     return "units of s not recorded"
 
 
@@ -221,7 +225,7 @@ def _eps_section(directory: Path, fractions: Optional[pd.DataFrame], summary: di
                  for row in group.itertuples(index=False)
                  if any(math.isclose(row.eps, e, rel_tol=1e-9) for e in SEED_EPS)]
         zero = float(group["zero_grad_fraction"].iloc[0])
-        lines.append(f"- {precision}, `{tensor}`: {', '.join(named) or 'eps 1e-4 and 1e-2 not measured'}; exactly "
+        lines.append(f"- {precision}, `{tensor}`: {', '.join(named) or _SEED_EPS_NAMED + ' not measured'}; exactly "
                      f"zero gradient arriving at it: {100 * zero:.3g}% of its elements")
     path = figures.eps_fractions(fractions, directory / "figures" / "eps_fractions.png")
     body = ("Fraction of the elements of each clamped tensor below each eps: a clamp at that eps passes them zero "

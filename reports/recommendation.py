@@ -1,13 +1,14 @@
-"""The rule that picks a sqrt stabiliser setting from a clamp sweep, and the verdict on the seed's clamp 1e-2.
+"""The rule that picks a sqrt stabiliser setting from a clamp sweep, and the verdict on the seed's V2.4 clamp.
 
-Why a written rule: the seed raised a clamp from 1e-4 to 1e-2 on an argument, not a measurement. Here the
-choice is a function of the sweep table, its parameters are printed in the report, and every sentence about
-clamp 1e-2 (and clamp 1e-4) is formatted from the numbers it compares, whichever way they fall.
+Why a written rule: the seed raised its sqrt clamp from V2.3's eps to V2.4's (``seed.VERSIONS``) on an argument,
+not a measurement. Here the choice is a function of the sweep table, its parameters are printed in the report,
+and every sentence about the two clamps is formatted from the numbers it compares, whichever way they fall.
 
 Units: an eps is only the seed's V2.3 / V2.4 clamp when it acts on the seed's quantity. The built-in sweep's eps
-act on geodiag's normalised s, 1/64 of the seed's raw-Sobel s, so there clamp 1e-2 is not the seed's V2.4 (that
-clamp sits at 1e-2 / 64 = 1.6e-4); a counterfactual sweep of the user's own clamp is in the loss's own units,
-and on the seed's loss its clamp 1e-4 / 1e-2 are V2.3 / V2.4. ``EpsUnits`` carries which, into every sentence.
+act on geodiag's normalised s, 1/``seed.UNITS_FACTOR`` of the seed's raw-Sobel s, so there the same eps is not the
+seed's clamp (that sits at eps / ``seed.UNITS_FACTOR``); a counterfactual sweep of the user's own clamp is in the
+loss's own units, and on the seed's loss its two eps are V2.3 / V2.4. ``EpsUnits`` carries which, into every
+sentence.
 """
 from __future__ import annotations
 
@@ -18,19 +19,21 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from . import seed
 from .schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 from .tables import format_eps, setting_label
 
 SETTING_KEYS = ("stabilizer", "eps")
-SEED_V24 = ("clamp", 1e-2)  # the seed's "fix", in the seed's units
-SEED_V23 = ("clamp", 1e-4)  # the setting the seed blamed, in the seed's units
-# The seed's s (raw Sobel, gain 8 per axis) over geodiag's normalised s, inside the image (2D).
-SEED_OVER_NORMALISED_S = 64.0
+# summary.json's keys: the verdict on V2.4's clamp, and inside it that setting's numbers ("clamp_1e-2").
+CLAMP_KEY = setting_label(*seed.V24.setting).replace(" ", "_")
+VERDICT_KEY = f"verdict_{CLAMP_KEY}"
+# The title of the verdict's section in the sweep reports.
+VERDICT_TITLE = f"Verdict on {setting_label(*seed.V24.setting)}"
 
 
 @dataclass(frozen=True)
 class EpsUnits:
-    """What the swept eps act on, and whether clamp 1e-4 / 1e-2 there are the seed's V2.3 / V2.4."""
+    """What the swept eps act on, and whether the seed's two clamp settings there are its V2.3 / V2.4."""
 
     description: str
     seed_units: Optional[bool]  # None: the loss's own units, which only its author can map to the seed's
@@ -38,19 +41,22 @@ class EpsUnits:
     def name(self, setting: tuple[str, float]) -> str:
         """A setting's label, saying whether it is the seed's own clamp."""
         label = setting_label(*setting)
-        seed = {SEED_V23: "V2.3", SEED_V24: "V2.4"}.get(setting)
-        if seed is None:
+        version = seed.version_of(setting)
+        if version is None:
             return label
         if self.seed_units is None:
-            return f"{label} (in the loss's own units; the seed's {seed} if the loss computes what the seed's did)"
+            return (f"{label} (in the loss's own units; the seed's {version.name} if the loss computes what the "
+                    "seed's did)")
         if self.seed_units:
-            return f"{label} (the seed's {seed})"
-        return (f"{label} on normalised s (not the seed's {seed}, whose clamp is "
-                f"{format_eps(setting[1] / SEED_OVER_NORMALISED_S)} in these units)")
+            return f"{label} (the seed's {version.name})"
+        return (f"{label} on normalised s (not the seed's {version.name}, whose clamp is "
+                f"{format_eps(version.eps / seed.UNITS_FACTOR)} in these units)")
 
 
-NORMALISED_S = EpsUnits("eps acts on geodiag's normalised s = gx² + gy² (Sobel divided by 8), 1/64 of the seed's "
-                        "raw-Sobel s: the seed's clamps 1e-4 / 1e-2 are 1.6e-6 / 1.6e-4 here", seed_units=False)
+NORMALISED_S = EpsUnits(
+    f"eps acts on geodiag's normalised s = gx² + gy² (Sobel divided by {seed.SOBEL_GAIN}), 1/{seed.UNITS_FACTOR:g} "
+    "of the seed's raw-Sobel s: the seed's clamps " + " / ".join(format_eps(v.eps) for v in seed.VERSIONS) + " are "
+    + " / ".join(format_eps(v.eps / seed.UNITS_FACTOR, digits=2) for v in seed.VERSIONS) + " here", seed_units=False)
 
 
 def _nonfinite_rows(sweep: pd.DataFrame) -> pd.Series:
@@ -115,7 +121,8 @@ class RecommendationRule:
     tie_tolerance: median |bias| values within this absolute distance of the smallest are ties
         (default 1e-4, i.e. 0.01 percentage points); ties go to the larger eps (more headroom near zero).
     material_gradient_ratio: a change of max grad_max smaller than this factor is called "no material change"
-        when clamp 1e-2 is compared with clamp 1e-4 (the seed expected a factor of 10 from 1/(2 sqrt(eps))).
+        when V2.4's clamp is compared with V2.3's (the seed expected 1/(2 sqrt(eps)) to scale the gradient by the
+        square root of the ratio of their eps).
     """
 
     grad_factor: float = 10.0
@@ -189,7 +196,7 @@ class Recommendation:
             "rule": {"text": self.rule.describe(), **asdict(self.rule), "grad_bound_used": self.grad_bound},
             "eps_units": {"description": self.units.description, "seed_units": self.units.seed_units},
             "recommended": self.recommended,
-            "verdict_clamp_1e-2": {"status": self.clamp_1e2.status, "sentence": self.clamp_1e2.sentence,
+            VERDICT_KEY: {"status": self.clamp_1e2.status, "sentence": self.clamp_1e2.sentence,
                                    **self.clamp_1e2.numbers},
             "seed_comparison": self.seed_comparison,
             "settings_measured": int(len(self.candidates)),
@@ -237,15 +244,15 @@ def _pick(candidates: pd.DataFrame, tolerance: float, bias: str) -> Optional[pd.
 def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bound: Optional[float],
                        rule: RecommendationRule, units: EpsUnits) -> Verdict:
     tolerance, bias, bias_name = rule.tie_tolerance, rule.bias_column, rule.bias_name
-    row = _find(candidates, SEED_V24)
-    name = units.name(SEED_V24)
+    row = _find(candidates, seed.V24.setting)
+    name = units.name(seed.V24.setting)
     if row is None:
         return Verdict("not_measured", f"{name} was not part of this sweep, so the table says nothing about it.", {})
-    numbers = {"clamp_1e-2": _row_numbers(row), "recommended": None if chosen is None else _row_numbers(chosen),
+    numbers = {CLAMP_KEY: _row_numbers(row), "recommended": None if chosen is None else _row_numbers(chosen),
                "grad_bound": bound}
     own = (f"median |{bias_name}| {_percent(row[bias])}, "
            f"max |dL/dlogit| {_number(row['max_grad_max'])}, non-finite values {int(row['nonfinite'])}")
-    if chosen is not None and chosen["stabilizer"] == SEED_V24[0] and np.isclose(chosen["eps"], SEED_V24[1]):
+    if chosen is not None and chosen["stabilizer"] == seed.STABILIZER and np.isclose(chosen["eps"], seed.V24.eps):
         return Verdict("justified", f"{name} is justified by this sweep: the rule picks it ({own}).", numbers)
     reasons = []
     if not row["finite"]:
@@ -271,22 +278,25 @@ def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bo
 
 
 def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule, units: EpsUnits) -> list[str]:
-    """Sentences testing the seed's story (clamp 1e-4 -> NaN, clamp 1e-2 -> 10x smaller gradients) on the table."""
-    v23, v24 = _find(candidates, SEED_V23), _find(candidates, SEED_V24)
-    name23, name24 = setting_label(*SEED_V23), setting_label(*SEED_V24)
+    """Sentences testing the seed's story (V2.3's clamp -> NaN, V2.4's -> smaller gradients) on the table."""
+    old, new = seed.V23, seed.V24
+    v23, v24 = _find(candidates, old.setting), _find(candidates, new.setting)
+    name23, name24 = setting_label(*old.setting), setting_label(*new.setting)
     bias, bias_name = rule.bias_column, rule.bias_name
     sentences = [f"Units: {units.description}."]
     if v23 is not None:
-        blamed = ": the NaN the seed attributes to its V2.3 is not reproduced by this sweep" if units.seed_units else ""
+        blamed = (f": the NaN the seed attributes to its {old.name} is not reproduced by this sweep"
+                  if units.seed_units else "")
         if v23["finite"]:
-            sentences.append(f"{units.name(SEED_V23)} produced no non-finite loss or gradient in any measured "
+            sentences.append(f"{units.name(old.setting)} produced no non-finite loss or gradient in any measured "
                              f"precision and case{blamed}.")
         else:
-            sentences.append(f"{units.name(SEED_V23)} produced {int(v23['nonfinite'])} non-finite values "
+            sentences.append(f"{units.name(old.setting)} produced {int(v23['nonfinite'])} non-finite values "
                              f"(precisions: {v23['nonfinite_precisions'] or 'n/a'}).")
     if v23 is None or v24 is None:
         missing = ", ".join(n for n, r in ((name23, v23), (name24, v24)) if r is None)
-        sentences.append(f"Not in the sweep: {missing}; the seed's 1e-4 → 1e-2 comparison cannot be made.")
+        sentences.append(f"Not in the sweep: {missing}; the seed's {format_eps(old.eps)} → {format_eps(new.eps)} "
+                         "comparison cannot be made.")
         return sentences
     deriv_ratio = v24["max_sqrt_deriv_max"] / v23["max_sqrt_deriv_max"]
     grad_ratio = v24["max_grad_max"] / v23["max_grad_max"]
@@ -296,9 +306,10 @@ def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule, units: 
     change = (f"a material {direction}" if material else
               f"no material change (threshold: a factor of {rule.material_gradient_ratio:g} either way)")
     sentences.append(
-        f"Raising the clamp from 1e-4 to 1e-2 changes the largest local sqrt derivative from "
-        f"{_number(v23['max_sqrt_deriv_max'])} to {_number(v24['max_sqrt_deriv_max'])} (×{_number(deriv_ratio)}; "
-        f"the seed's 1/(2√eps) predicts ×0.1), and the largest |dL/dlogit| that training sees from "
+        f"Raising the clamp from {format_eps(old.eps)} to {format_eps(new.eps)} changes the largest local sqrt "
+        f"derivative from {_number(v23['max_sqrt_deriv_max'])} to {_number(v24['max_sqrt_deriv_max'])} "
+        f"(×{_number(deriv_ratio)}; the seed's 1/(2√eps) predicts ×{math.sqrt(old.eps / new.eps):g}), and the "
+        "largest |dL/dlogit| that training sees from "
         f"{_number(v23['max_grad_max'])} to {_number(v24['max_grad_max'])} (×{_number(grad_ratio)}): {change}.")
     sentences.append(
         f"Elements with zero gradient at the clamped quantity (median): {_percent(v23['median_frac_zero_grad'])} at "
@@ -312,7 +323,7 @@ def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule, units: 
 
 def recommend(headline: pd.DataFrame, rule: RecommendationRule = RecommendationRule(),
               units: EpsUnits = NORMALISED_S) -> Recommendation:
-    """Apply ``rule`` to a headline table (``headline_table`` without ``by``) and judge clamp 1e-2, named in
+    """Apply ``rule`` to a headline table (``headline_table`` without ``by``) and judge V2.4's clamp, named in
     ``units`` (the built-in sweep's normalised s by default)."""
     candidates = headline.copy()
     candidates["finite"] = (candidates["nonfinite"] == 0) & (candidates["nonfinite_rows"] == 0)

@@ -41,6 +41,12 @@ SWEEP_HIST_COLUMNS = ("checkpoint", "dataset", "epoch", "bin_low", "bin_high", "
 RUN_COLUMNS = ("run", "dataset", "trainer", "code", "warmup", "epoch", "geometric_active", "train_loss", "val_loss",
                "pseudo_dice", "watched_steps", "grad_norm_max", "nonfinite_steps", "skipped_steps", "train_dc_ce",
                "train_geometric", "train_compactness", "train_aspect", "train_boundary")
+# DIR/study.json: the study's settings and one record per run with these fields (and, for a run watch stopped, its
+# first_nonfinite.json). Run kinds are fields, never parsed from the run's name: ``code`` is "user" for a user's
+# trainer and loss (the seed replica) or "geodiag"; ``seed_version`` names the version of the seed the run replays
+# (``seed.VERSIONS``), null for geodiag's runs.
+STUDY_RUN_FIELDS = ("run", "dataset", "trainer", "epochs", "iterations", "warmup", "patch_size", "batch_size",
+                    "watched", "code", "loss", "seed_version", "first_nonfinite")
 # DIR/switch_on_s.csv: per run, checkpoint, case, units ("seed" or "normalised") and threshold, the share below it.
 SWITCH_ON_S_COLUMNS = ("run", "dataset", "checkpoint", "case", "units", "eps", "fraction_below", "pixels")
 # DIR/term_gradients.csv: per run's switch-on checkpoint, training batch and term (dice_ce or a geometric term,

@@ -1,8 +1,8 @@
 """The report of a counterfactual sweep of a user's own bound (``clamp-sweep --loss --site``).
 
 Reads DIR/site_sweep.csv; writes DIR/headline.csv, DIR/summary.json, DIR/report.md and DIR/report.html. The
-recommendation rule and the verdict on clamp 1e-2 are the built-in sweep's (``recommendation``), applied to the
-loss's own value: the bias is the relative change of the loss against the fp64 loss at the smallest swept
+recommendation rule and the verdict on the seed's V2.4 clamp are the built-in sweep's (``recommendation``), applied
+to the loss's own value: the bias is the relative change of the loss against the fp64 loss at the smallest swept
 value, and the share of elements a clamp holds at its bound stands for the share with zero gradient there
 (a clamped element passes none). The loss has no perimeter/compactness/aspect of geodiag's, so those are absent.
 Rows where the loss raised (``raised`` set) have nothing to measure: the rule runs without them and the report
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .html import RenderedReport, Section, write_report
-from .recommendation import EpsUnits, RecommendationRule, headline_table, recommend
+from .recommendation import VERDICT_TITLE, EpsUnits, RecommendationRule, headline_table, recommend
 from .schema import ReportInputError, write_json
 from .tables import markdown_table, read_table, setting_label, write_table
 
@@ -67,7 +67,7 @@ def render(directory: str | Path) -> RenderedReport:
     per_site = rows.groupby(["precision", "eps"])[at_bound + ["masked_nonfinite"]].median().reset_index()
     recommended = rec.recommended_setting
     sections = [
-        Section("Verdict on clamp 1e-2", "\n\n".join([rec.clamp_1e2.sentence, "\n".join(
+        Section(VERDICT_TITLE, "\n\n".join([rec.clamp_1e2.sentence, "\n".join(
             f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
         Section("Recommended value", (f"Recommended: {setting_label(*recommended)}" if recommended else
                                       "No swept value passed the rule.") + "\n\nRule: " + RULE.describe()),

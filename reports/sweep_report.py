@@ -1,4 +1,5 @@
-"""The clamp-sweep report: headline table, recommended setting, verdict on clamp 1e-2, and the figures behind them.
+"""The clamp-sweep report: headline table, recommended setting, verdict on the seed's V2.4 clamp, and the figures
+behind them.
 
 Reads DIR/sweep.csv (required) and DIR/sweep_hist.csv (optional); writes DIR/headline.csv (+ .parquet),
 DIR/summary.json, DIR/figures/*.png, DIR/report.md and DIR/report.html. Every finding in the text is formatted
@@ -11,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import figures
+from . import figures, seed
 from .html import Figure, RenderedReport, Section, write_report
-from .recommendation import Recommendation, RecommendationRule, headline_table, recommend
+from .recommendation import VERDICT_TITLE, Recommendation, RecommendationRule, headline_table, recommend
 from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, write_json
 from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
@@ -21,8 +22,8 @@ TITLE = "geodiag clamp sweep"
 # Precisions nnU-Net trains in under CUDA autocast; a sweep without them says nothing about fp16/bf16 overflow.
 AUTOCAST_PRECISIONS = ("fp16", "bf16")
 # The eps values the seed compared, as numbers; the epoch figure follows the fraction of pixels below them. The
-# sweep's eps act on geodiag's normalised s (1/64 of the seed's), so these are not the seed's clamps themselves.
-SEED_EPS = (1e-4, 1e-2)
+# sweep's eps act on geodiag's normalised s, so these are not the seed's clamps themselves.
+SEED_EPS = tuple(version.eps for version in seed.VERSIONS)
 _TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
 
 
@@ -107,7 +108,8 @@ def _per_dataset_text(sweep: pd.DataFrame, rule: RecommendationRule) -> str:
     for dataset, subset in sweep.groupby("dataset", sort=False):
         rec = recommend(headline_table(subset), rule)
         pick = "nothing" if rec.recommended_setting is None else setting_label(*rec.recommended_setting)
-        lines.append(f"- dataset {dataset}: the rule alone on this dataset picks {pick}; clamp 1e-2: "
+        lines.append(f"- dataset {dataset}: the rule alone on this dataset picks {pick}; "
+                     f"{setting_label(*seed.V24.setting)}: "
                      f"{rec.clamp_1e2.status.replace('_', ' ')}; non-finite values in any setting: "
                      f"{int(rec.candidates['nonfinite'].sum())}")
     return "\n".join(lines)
@@ -134,8 +136,9 @@ def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, re
     by_epoch = headline_table(sweep, by=("dataset", "epoch"))
     path = figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png")
     sections.append(Section("Over epochs", figures=[Figure(
-        path, f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/64 of the seed's) below eps "
-              f"{', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one line style per dataset.")]))
+        path, f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/{seed.UNITS_FACTOR:g} of the "
+              f"seed's) below eps {', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one "
+              "line style per dataset.")]))
     if sweep["dataset"].nunique() >= 2:
         path = figures.dataset_comparison(headline_table(sweep, by=("dataset",)), out / "datasets.png")
         sections.append(Section("Datasets compared", figures=[Figure(
@@ -153,7 +156,7 @@ def render(directory: str | Path, rule: RecommendationRule = RecommendationRule(
     tables = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts})
     sections = [
-        Section("Verdict on clamp 1e-2", "\n\n".join([rec.clamp_1e2.sentence] + ["\n".join(
+        Section(VERDICT_TITLE, "\n\n".join([rec.clamp_1e2.sentence] + ["\n".join(
             f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
         Section("Recommended setting", _recommendation_text(rec)),
         Section("What was measured", coverage),

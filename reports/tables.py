@@ -55,11 +55,11 @@ def read_optional_table(path: str | Path, required: Sequence[str] = ()) -> pd.Da
     return read_table(path, required) if Path(path).exists() else None
 
 
-def format_eps(eps: float) -> str:
-    """An eps the way the seed and the presets write it: 1e-4, 2.5e-3, 0."""
+def format_eps(eps: float, digits: int = 4) -> str:
+    """An eps the way the seed and the presets write it, to ``digits`` significant digits: 1e-4, 2.5e-3, 0."""
     if eps == 0:
         return "0"
-    mantissa, exponent = f"{eps:.3e}".split("e")
+    mantissa, exponent = f"{eps:.{digits - 1}e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
 
@@ -80,6 +80,13 @@ def format_number(value: Any, digits: int = 3) -> str:
     if isinstance(value, numbers.Real):
         return f"{float(value):.{digits}g}"
     return str(value)
+
+
+def format_percent(value: Any) -> str:
+    """A share as a percentage with 3 significant digits (0.125 -> 12.5%); a missing value as an en dash."""
+    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.3g}%"
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:

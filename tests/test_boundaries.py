@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The reports' standard-library modules that the producer (diagnostics) imports too: the tables' contract and the
+# seed's facts.
+SHARED = ("geodiag.reports.schema", "geodiag.reports.seed")
 # Importing any of these names (or a submodule) raises ImportError in the child interpreter.
 BLOCKER = """
 import importlib.abc, sys
@@ -87,7 +90,7 @@ def test_device_side_rooms_import_without_nnunet(room):
     ("study", ("geodiag.diagnostics.cli",)),
 ])
 def test_rooms_never_import_what_their_docstring_forbids(room, forbidden):
-    shared = ("geodiag.reports.schema",)  # the standard-library contract every room may use
+    shared = SHARED  # the standard-library modules every room may use
     assert _offending(f"diagnostics/{room}", f"geodiag.diagnostics.{room}", forbidden, shared) == []
 
 
@@ -105,9 +108,9 @@ def test_reports_never_import_torch_or_diagnostics():
     assert _offending("reports", "geodiag.reports", ("torch", "geodiag.diagnostics", "geodiag.losses")) == []
 
 
-def test_the_schema_shared_by_both_sides_is_standard_library_only():
-    assert _import_with_blocked(["geodiag.reports.schema"], ("numpy", "pandas", "torch", "matplotlib"),
-                                ("numpy", "pandas")) == []
+@pytest.mark.parametrize("module", SHARED)
+def test_the_modules_shared_by_both_sides_are_standard_library_only(module):
+    assert _import_with_blocked([module], ("numpy", "pandas", "torch", "matplotlib"), ("numpy", "pandas")) == []
 
 
 def test_the_shared_fp16_limits_are_torchs():

@@ -15,7 +15,10 @@ SOURCES = sorted(p for folder in ("losses", "diagnostics", "reports") for p in (
 
 # A duration (129 us, 53 ms, 2.5 s) or a measured ratio with decimals (2.16x, 1.02×); "64x" (a units factor) is not.
 TIMING = re.compile(r"\b\d+(\.\d+)?\s?(us|µs|ms|s)\b(?![-\w])|\b\d+\.\d+\s?[x×](?!\w)")
-OUTSIDE = re.compile(r"notes/|numerics\.md|\bnumerics\b|issue note")
+# A document outside the repository: the notes folder or a file of it, an issue note, or a section of "the notes"
+# ("notes §4", "notes, §4.2", "§4 of the notes", "the notes' §4").
+OUTSIDE = re.compile(r"notes/|numerics\.md|\bnumerics\b|issue note|\bnotes'?\W{0,3}§\s*\d"
+                     r"|§\s*\d+(\.\d+)*\s+(of|in)\s+(the\s+)?(\w+\s+)?notes\b")
 
 
 def _prose(path: Path) -> list[tuple[int, str]]:
@@ -29,6 +32,17 @@ def _prose(path: Path) -> list[tuple[int, str]]:
             if doc:
                 found.append((node.body[0].lineno, doc))
     return found
+
+
+@pytest.mark.parametrize("citation", ["notes §4", "the notes' §4", "(notes, §4.2)", "§4 of the notes",
+                                      "see §2.1 in the design notes", "notes/numerics.md"])
+def test_the_outside_citation_pattern_catches_each_spelling(citation):
+    assert OUTSIDE.search(citation)
+
+
+@pytest.mark.parametrize("prose", ["the report's §4", "section 4 of the report", "footnotes", "§1 (the answers)"])
+def test_the_outside_citation_pattern_leaves_the_repositorys_own_sections(prose):
+    assert not OUTSIDE.search(prose)
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

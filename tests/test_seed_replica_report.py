@@ -7,16 +7,20 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from geodiag.reports import study_report
+from geodiag.reports.schema import ReportInputError
+from geodiag.reports.study_answers import shares_section
+from geodiag.reports.study_tables import DOMINANT_SHARE, INERT_SHARE
 
 REPLICA = "/somewhere/nnUNetTrainerSeedReplica.py"
 
 
-def _run(name, dataset, trainer, code, first=None, loss=None, sites=None):
+def _run(name, dataset, trainer, code, first=None, loss=None, sites=None, version=None):
     return {"run": name, "dataset": dataset, "trainer": trainer, "code": code, "epochs": 3, "iterations": 4,
             "warmup": 1, "patch_size": [64, 64], "batch_size": 8, "watched": True, "samples": 4,
-            "loss": loss, "sqrt_clamp_sites": sites or {}, "first_nonfinite": first}
+            "loss": loss, "sqrt_clamp_sites": sites or {}, "seed_version": version, "first_nonfinite": first}
 
 
 def write_study(directory: Path, first_nonfinite: dict | None = None) -> dict:
@@ -24,9 +28,9 @@ def write_study(directory: Path, first_nonfinite: dict | None = None) -> dict:
     tiny, its boundary share 0.3; the production compactness dominates; 502's replica sits in the seed's regime."""
     sites = {"compactness": "nnUNetTrainerSeedReplica.py:48", "aspect": "nnUNetTrainerSeedReplica.py:67"}
     runs = [_run("501-ReplicaV23", 501, "nnUNetTrainerSeedReplicaV23", "user", loss=f"{REPLICA}:loss_v23",
-                 sites=sites),
+                 sites=sites, version="V2.3"),
             _run("502-ReplicaV23", 502, "nnUNetTrainerSeedReplicaV23", "user", first=first_nonfinite,
-                 loss=f"{REPLICA}:loss_v23", sites=sites),
+                 loss=f"{REPLICA}:loss_v23", sites=sites, version="V2.3"),
             _run("502-Production", 502, "nnUNetTrainerGeometric", "geodiag",
                  loss={"geometric_preset": "production", "stabilizer": "shifted", "eps": 1e-10})]
     (directory / "study.json").write_text(json.dumps({
@@ -42,10 +46,11 @@ def write_study(directory: Path, first_nonfinite: dict | None = None) -> dict:
                          + epoch, "nonfinite_steps": 0, "skipped_steps": 0, "train_dc_ce": 0.5, "train_geometric": 0.1,
                          "train_compactness": 0.99, "train_aspect": 0.01, "train_boundary": 0.02})
     pd.DataFrame(rows).to_csv(directory / "runs.csv", index=False)
+    dataset = {run["run"]: run["dataset"] for run in runs}
     shares = {("501-ReplicaV23", "checkpoint_epoch_0001.pth"): (0.0005, 0.05),
               ("502-ReplicaV23", "checkpoint_epoch_0001.pth"): (0.002, 0.25),
               ("502-Production", "checkpoint_epoch_0001.pth"): (0.01, 0.6)}
-    small = [{"run": run, "dataset": int(run[:3]), "checkpoint": checkpoint, "case": f"c{i}", "units": "seed",
+    small = [{"run": run, "dataset": dataset[run], "checkpoint": checkpoint, "case": f"c{i}", "units": "seed",
               "eps": eps, "fraction_below": value * (1 + 0.1 * i), "pixels": 4096}
              for (run, checkpoint), values in shares.items() for i in range(3) for eps, value in zip((1e-4, 1e-2), values)]
     pd.DataFrame(small).to_csv(directory / "switch_on_s.csv", index=False)
@@ -56,7 +61,7 @@ def write_study(directory: Path, first_nonfinite: dict | None = None) -> dict:
     for run, by_term in terms.items():
         for batch in range(2):
             for term, share in by_term.items():
-                grads.append({"run": run, "dataset": int(run[:3]), "checkpoint": "checkpoint_epoch_0001.pth",
+                grads.append({"run": run, "dataset": dataset[run], "checkpoint": "checkpoint_epoch_0001.pth",
                               "batch": batch, "term": term, "value": 0.1, "max_abs_grad_logits": 1e-4 * (batch + 1),
                               "grad_norm_network": 0.5 + batch, "share_of_step": share * (1 + 0.2 * batch),
                               "norm_ratio": abs(share), "step_grad_norm": 2.0, "nonfinite_grad_logits": 0,
@@ -99,8 +104,45 @@ def test_the_answers_are_computed_from_the_tables(tmp_path):
     assert "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
     assert "compactness share (median) (501: 0.22, 502: 0.00044)" in datasets
     assert "dice_ce share" not in datasets.split("\n- ")[-1]  # equal on both datasets: not called different
+    assert "\n- V2.3: " in datasets  # the version is the run record's seed_version
     numbered = re.findall(r"^## (\d+)\. ", markdown, flags=re.M)
     assert numbered == [str(n) for n in range(1, len(numbered) + 1)] and len(numbered) == 6
+
+
+def _rename(directory: Path, names: dict[str, str]) -> None:
+    """Replace every run and trainer name in the study's files (and the analysis folders' names)."""
+    for path in [*directory.glob("*.json"), *directory.glob("*.csv"), *directory.glob("*/*/*.json")]:
+        text = path.read_text()
+        for old, new in names.items():
+            text = text.replace(old, new)
+        path.write_text(text)
+    for old, new in names.items():
+        if (directory / "analysis" / old).is_dir():
+            (directory / "analysis" / old).rename(directory / "analysis" / new)
+
+
+def test_run_kinds_are_the_records_fields_not_the_names(tmp_path):
+    """Runs and trainers renamed to names that say nothing: the replica runs are still the ones whose code is
+    "user", grouped by their seed_version."""
+    write_study(tmp_path)
+    _rename(tmp_path, {"501-ReplicaV23": "alpha", "502-ReplicaV23": "beta", "502-Production": "gamma",
+                       "nnUNetTrainerSeedReplicaV23": "TrainerOne", "nnUNetTrainerGeometric": "TrainerTwo"})
+    markdown = study_report.render(tmp_path, "study").markdown.read_text()
+    [answer] = [line for line in _section(markdown, "## Answers").splitlines() if line.startswith("3. ")]
+    assert answer.startswith("3. alpha (switch-on epoch 1): ") and "; beta (switch-on epoch 1): " in answer
+    assert "gamma (switch-on" not in answer  # geodiag's run: in the section's table, not in the replica's answer
+    datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
+    assert "\n- V2.3: " in datasets and "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
+
+
+def test_a_study_without_the_run_kind_fields_is_a_one_line_error(tmp_path):
+    write_study(tmp_path)
+    study = json.loads((tmp_path / "study.json").read_text())
+    del study["runs"][1]["seed_version"]
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    with pytest.raises(ReportInputError, match="run 502-ReplicaV23 lacks field") as raised:
+        study_report.render(tmp_path, "study")
+    assert "\n" not in str(raised.value)
 
 
 def test_a_first_nonfinite_step_is_named_with_its_line_phase_and_replay(tmp_path):
@@ -118,10 +160,9 @@ def test_shares_section_words_follow_the_printed_thresholds():
                            "max_abs_grad_logits": 1.0, "grad_norm_network": 1.0, "share_of_step": share,
                            "norm_ratio": 1.0, "step_grad_norm": 1.0, "nonfinite_grad_logits": 0,
                            "nonfinite_grad_network": 0}
-                          for term, share in (("a", study_report.INERT_SHARE * 0.99),
-                                              ("b", study_report.INERT_SHARE),
-                                              ("c", study_report.DOMINANT_SHARE * 1.01))])
-    _, answer = study_report.shares_section(frame, pd.DataFrame())
+                          for term, share in (("a", INERT_SHARE * 0.99), ("b", INERT_SHARE),
+                                              ("c", DOMINANT_SHARE * 1.01))])
+    _, answer = shares_section(frame, pd.DataFrame())
     assert "a inert" in answer and "b contributes" in answer and "c dominant" in answer
 
 
@@ -129,12 +170,13 @@ def test_clamp_answer_reads_the_replica_sweep_at_1e4_and_1e2(tmp_path):
     write_study(tmp_path)
     folder = tmp_path / "replica_sweep"
     folder.mkdir()
-    rows = [{"checkpoint": f"{run}-e1", "dataset": int(run[:3]), "case": f"c{i}", "precision": precision, "eps": eps,
+    rows = [{"checkpoint": f"{run}-e1", "dataset": dataset, "case": f"c{i}", "precision": precision, "eps": eps,
              "loss": 1.0, "bias_loss": bias * (i + 1), "grad_max": grad * (i + 1), "frac_below_eps": below / 2,
              "at_bound_fraction[nnUNetTrainerSeedReplica.py:48]": below,
              "at_bound_fraction[nnUNetTrainerSeedReplica.py:67]": 0.0,
              "nonfinite_loss": 0, "nonfinite_grad": 0, "masked_nonfinite": 0}
-            for run in ("501-ReplicaV23", "502-ReplicaV23") for i in range(3) for precision in ("fp32", "fp16")
+            for run, dataset in (("501-ReplicaV23", 501), ("502-ReplicaV23", 502)) for i in range(3)
+            for precision in ("fp32", "fp16")
             for eps, bias, grad, below in ((1e-8, 0.0, 1e-3, 0.0), (1e-4, -0.001, 1e-3, 0.01),
                                            (1e-2, 0.02, 2e-3, 0.4))]
     pd.DataFrame(rows).to_csv(folder / "site_sweep.csv", index=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from geodiag.reports import study_report
+from geodiag.reports.seed import BELOW_AT_SWITCH_ON
 from sobel_reference import sobel_squared_magnitude
 
 
@@ -30,7 +30,7 @@ def test_study_measures_the_shares_with_the_seeds_arithmetic(geometric_run):
     foreground = torch.softmax(logits, dim=1)[0, 1].numpy()
     for units, raw, padding in (("seed", True, "constant"), ("normalised", False, "edge")):
         s = sobel_squared_magnitude(foreground, raw=raw, padding=padding)
-        for eps in study_report.SEED_BELOW:
+        for eps in BELOW_AT_SWITCH_ON:
             measured = rows[(rows.units == units) & (rows.eps == eps)].fraction_below.item()
             # fp32 (measured) against fp64 (here): a pixel whose s sits within rounding of eps may fall either side
             assert measured == pytest.approx((s < eps).mean(), abs=3 / s.size), (units, eps)

@@ -12,6 +12,8 @@ from geodiag.diagnostics.tools.sweep import (Setting, _reference, device_clock, 
 from geodiag.losses import GeometricLoss
 from geodiag.reports import schema, tables
 from shapes import disk, logits_from
+from sobel_reference import sobel_perimeter
+from test_geometry_reference import STAIRCASE_EXCESS
 
 SETTINGS = parse_settings(["clamp", "shifted", "additive"], [1e-4, 1e-2])
 
@@ -69,8 +71,14 @@ def test_fp64_reference_agrees_with_geometry_on_a_disk():
     r = 30
     logits = logits_from(disk(r, n=128, centre=(64.3, 63.8)), 30.0)
     ref = _reference(logits, (disk(r, n=128, centre=(64.3, 63.8)) > 0.5).double(), (1,), "seed")
-    assert 1.00 <= ref["compactness"] <= 1.06
-    assert ref["perimeter"] / (2 * math.pi * r) == pytest.approx(1.02, abs=0.015)
+    # numpy, fp64: the softmax's foreground of the two logits, its Sobel perimeter and P^2 / (4 pi A), exactly
+    foreground = 1 / (1 + np.exp(-(logits[0, 1] - logits[0, 0]).numpy()))
+    perimeter = sobel_perimeter(foreground)
+    assert ref["perimeter"] == pytest.approx(perimeter, rel=1e-9)
+    assert ref["compactness"] == pytest.approx(perimeter ** 2 / (4 * math.pi * foreground.sum()), rel=1e-9)
+    # geometry: 2 pi r and compactness 1, within what a staircase boundary adds (the prediction is binary to 1e-13)
+    assert 1.0 <= ref["perimeter"] / (2 * math.pi * r) <= 1.0 + STAIRCASE_EXCESS
+    assert 1.0 <= ref["compactness"] <= (1.0 + STAIRCASE_EXCESS) ** 2 * (1 + 0.01)
     assert ref["aspect"] == pytest.approx(1.0, abs=0.01)  # the seed's elongation of a disk
 
 

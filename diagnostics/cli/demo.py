@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from geodiag.reports import seed
+
 from . import options
 
-HELP = ("make dataset 502, train the seed replica (a user's trainer, V2.3) and geodiag's production trainer under "
-        "geodiag watch (geometric term on after a warm-up), measure, analyse and sweep their switch-on checkpoints, "
-        "write a report")
+HELP = (f"make dataset 502, train the seed replica (a user's trainer, {seed.V23.name}) and geodiag's production "
+        "trainer under geodiag watch (geometric term on after a warm-up), measure, analyse and sweep their switch-on "
+        "checkpoints, write a report")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

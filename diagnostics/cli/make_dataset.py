@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from geodiag.reports import seed
+
 HELP = "write the synthetic raw dataset 501 (2-5 circles) or 502 (one circle) in nnU-Net's format"
 
 
@@ -10,7 +12,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset_id", type=int, help="501 (Shapes_Multi) or 502 (Shapes_One)")
     parser.add_argument("--out", required=True, help="nnUNet_raw folder to write DatasetXXX_* into")
     parser.add_argument("--num", type=int, default=100, help="training cases (default 100)")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512, as in the seed)")
+    parser.add_argument("--size", type=int, default=seed.IMAGE_SIZE,
+                        help="image side in pixels (default %(default)s, as in the seed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--num-test", type=int, default=0, help="test cases in imagesTs/labelsTs (default 0)")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from geodiag.reports import seed
+
 from . import options
 
-HELP = ("regenerate the reference report: the seed replica (V2.3, V2.4) and production on datasets 501/502 under "
-        "geodiag watch (the README gives its measured time)")
+HELP = (f"regenerate the reference report: the seed replica ({', '.join(v.name for v in seed.VERSIONS)}) and "
+        "production on datasets 501/502 under geodiag watch (the README gives its measured time)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from geodiag.reports import seed
+
 from .replica import seed_replica
 from .study import Log, RunSpec, Study, run_study
 
-RUNS = (RunSpec(502, "nnUNetTrainerSeedReplicaV23", epochs=3, iterations=4, warmup=2, user=seed_replica("V2.3")),
+RUNS = (RunSpec(502, "nnUNetTrainerSeedReplicaV23", epochs=3, iterations=4, warmup=2, user=seed_replica(seed.V23)),
         RunSpec(502, "nnUNetTrainerGeometric", epochs=3, iterations=4, warmup=2))
 
 
@@ -28,4 +30,4 @@ def run_demo(out: str | Path, log: Log = print, **settings) -> Path:
 
     study = demo_study(out, log=log, **settings)
     return run_study(study, report=lambda s: study_report.render(
-        s.out, "geodiag demo: the seed replica (V2.3) beside production on dataset 502").markdown)
+        s.out, f"geodiag demo: the seed replica ({seed.V23.name}) beside production on dataset 502").markdown)

@@ -1,8 +1,8 @@
-"""The reference study behind reports/reference/: the seed's design (the replica at V2.3 and V2.4, a user's code
-to geodiag) and geodiag's production loss for contrast, on datasets 501 and 502, under geodiag watch.
+"""The reference study behind reports/reference/: the seed's design (the replica at each of its versions, a user's
+code to geodiag) and geodiag's production loss for contrast, on datasets 501 and 502, under geodiag watch.
 
-The seed trained 512² images, batch 8, 250 iterations per epoch, the geometric term from epoch 5; here images of
-``IMAGE_SIZE``², batch 8, ``ITERATIONS`` per epoch with the same warm-up of 5 epochs, on the CPU (the size
+The seed's run (``geodiag.reports.seed``: its image size, batch, iterations per epoch and warm-up) does not fit on
+the CPU; here images of ``IMAGE_SIZE``², the seed's batch, ``ITERATIONS`` per epoch and the seed's warm-up (the size
 ``geodiag reference-report`` can afford; the README gives its measured time). Each run's first and switch-on
 checkpoints are measured; the switch-on checkpoints are analysed and swept.
 """
@@ -11,17 +11,21 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from geodiag.reports import seed
+
 from .replica import seed_replica
 from .study import Log, RunSpec, Study, run_study
 
 IMAGE_SIZE = 256
 IMAGES = 40
 ITERATIONS = 20
-WARMUP = 5
+WARMUP = seed.WARMUP
 EPOCHS = WARMUP + 2
-TRAINERS = (("nnUNetTrainerSeedReplicaV23", seed_replica("V2.3")),
-            ("nnUNetTrainerSeedReplicaV24", seed_replica("V2.4")),
+TRAINERS = (("nnUNetTrainerSeedReplicaV23", seed_replica(seed.V23)),
+            ("nnUNetTrainerSeedReplicaV24", seed_replica(seed.V24)),
             ("nnUNetTrainerGeometric", None))
+TITLE = (f"geodiag reference study: the seed's design (replica {', '.join(v.name for v in seed.VERSIONS)}) and "
+         "production on 501 and 502")
 RUNS = tuple(RunSpec(dataset, trainer, epochs=EPOCHS, iterations=ITERATIONS, warmup=WARMUP, user=user)
              for dataset in (501, 502) for trainer, user in TRAINERS)
 # What is committed: Markdown, PNG figures and tables; never checkpoints, data or per-case files, and not the HTML
@@ -32,7 +36,7 @@ EXCLUDED_SUFFIXES = (".parquet", ".html", ".log")
 
 def reference_study(work: str | Path, device: str = "cpu", log: Log = print) -> Study:
     return Study(out=Path(work).absolute(), datasets=(501, 502), runs=RUNS, num_images=IMAGES,
-                 image_size=IMAGE_SIZE, batch_size=8, cases=8, term_batches=4, device=device, log=log)
+                 image_size=IMAGE_SIZE, batch_size=seed.BATCH_SIZE, cases=8, term_batches=4, device=device, log=log)
 
 
 def publish(work: Path, report_dir: Path) -> list[Path]:
@@ -54,9 +58,7 @@ def run_reference(work: str | Path, report_dir: str | Path, device: str = "cpu",
     from geodiag.reports import study_report
 
     study = reference_study(work, device=device, log=log)
-    run_study(study, report=lambda s: study_report.render(
-        s.out, "geodiag reference study: the seed's design (replica V2.3, V2.4) and production on 501 and 502"
-    ).markdown)
+    run_study(study, report=lambda s: study_report.render(s.out, TITLE).markdown)
     report_dir = Path(report_dir)
     if report_dir.exists():
         shutil.rmtree(report_dir)

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from geodiag.reports import seed
 
 FOLDER = Path(__file__).parent / "seed_replica"
 FILE = FOLDER / "nnUNetTrainerSeedReplica.py"
 # The replica's terms and the attributes holding their weights (0.1, 0.15, 0.05 in the seed's copy that ran).
 TERM_WEIGHTS = (("compactness", "w_compactness"), ("aspect", "w_aspect"), ("boundary", "w_boundary"))
-# Its trainer feeds the loss the first 4 samples of the batch.
-SAMPLES = 4
+# Its trainer feeds the loss the first samples of the batch, as the seed's did.
+SAMPLES = seed.LOSS_SAMPLES
+# The loss factory of each version of the seed, in the replica's file.
+FACTORIES = {seed.V23: "loss_v23", seed.V24: "loss_v24"}
 # What marks the two sqrt clamps (the only clamps whose min is the eps the seed changed between V2.3 and V2.4).
 SQRT_CLAMP_MARKERS = {"compactness": "torch.clamp(grad_mag_squared, min=self.eps)",
                       "aspect": "torch.clamp(discriminant, min=self.eps"}
@@ -23,13 +28,15 @@ SQRT_CLAMP_MARKERS = {"compactness": "torch.clamp(grad_mag_squared, min=self.eps
 @dataclass(frozen=True)
 class UserCode:
     """A trainer that is not geodiag's: the folder nnU-Net searches, its loss SPEC, the terms' weight attributes,
-    how many samples the trainer feeds its loss, and the clamp sites ("file.py:LINE") to sweep."""
+    how many samples the trainer feeds its loss, the clamp sites ("file.py:LINE") to sweep, and the name of the
+    seed's version it replays (the study's run records carry it), if any."""
 
     folder: Path
     loss: str
     term_weights: tuple[tuple[str, str], ...]
     samples: int
     sites: tuple[str, ...]
+    seed_version: Optional[str] = None
 
 
 def sqrt_clamp_sites() -> dict[str, str]:
@@ -44,7 +51,7 @@ def sqrt_clamp_sites() -> dict[str, str]:
     return sites
 
 
-def seed_replica(version: str) -> UserCode:
-    """The replica at the seed's "V2.3" (eps 1e-4) or "V2.4" (eps 1e-2)."""
-    factory = {"V2.3": "loss_v23", "V2.4": "loss_v24"}[version]
-    return UserCode(FOLDER, f"{FILE}:{factory}", TERM_WEIGHTS, SAMPLES, tuple(sqrt_clamp_sites().values()))
+def seed_replica(version: seed.Version) -> UserCode:
+    """The replica at one of the seed's versions (``seed.V23``, ``seed.V24``)."""
+    return UserCode(FOLDER, f"{FILE}:{FACTORIES[version]}", TERM_WEIGHTS, SAMPLES, tuple(sqrt_clamp_sites().values()),
+                    seed_version=version.name)

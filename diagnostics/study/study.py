@@ -125,7 +125,7 @@ def plan(study: Study) -> None:
         plans = schema.read_json(plans_file)
         tiny = plans["configurations"][TINY_CONFIGURATION]
         if study.batch_size is not None and tiny.get("batch_size") != study.batch_size:
-            tiny["batch_size"] = study.batch_size  # the seed trained with batch 8
+            tiny["batch_size"] = study.batch_size  # the seed's batch (the reference study sets it)
             plans_file.write_text(json.dumps(plans, indent=4) + "\n")
         study.log(f"  {plans_file}: {TINY_CONFIGURATION}, batch size "
                   f"{tiny.get('batch_size') or plans['configurations']['2d']['batch_size']}")
@@ -223,9 +223,11 @@ def _describe(study: Study, run: RunSpec, checkpoint) -> dict:
         from .replica import sqrt_clamp_sites
 
         described.update(code="user", loss=run.user.loss, samples=run.user.samples,
-                         sqrt_clamp_sites=sqrt_clamp_sites() if run.user.sites else {})
+                         sqrt_clamp_sites=sqrt_clamp_sites() if run.user.sites else {},
+                         seed_version=run.user.seed_version)
     else:
-        described.update(code="geodiag", loss=schema.read_json(settings) if settings.is_file() else None)
+        described.update(code="geodiag", loss=schema.read_json(settings) if settings.is_file() else None,
+                         seed_version=None)
     first = folder / WATCH_FOLDER / FIRST_NONFINITE
     described["first_nonfinite"] = schema.read_json(first) if first.is_file() else None
     return described
@@ -298,10 +300,11 @@ def switch_on_checkpoint(study: Study, run: RunSpec) -> Path:
 
 def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict]:
     """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
-    (``SEED_BELOW``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
-    geodiag's normalised units (the ``production`` preset's, 1/64 of it in 2D). Whole-image fp32 predictions."""
+    (``seed.BELOW_AT_SWITCH_ON``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
+    geodiag's normalised units (the ``production`` preset's, 1/``seed.UNITS_FACTOR`` of it in 2D). Whole-image fp32
+    predictions."""
     from geodiag.losses import GeometricLoss
-    from geodiag.reports.study_report import SEED_BELOW
+    from geodiag.reports.seed import BELOW_AT_SWITCH_ON
 
     from ..nnunet.cases import find_cases, predict_logits, preprocess
     from ..nnunet.checkpoint import load_checkpoint
@@ -324,9 +327,9 @@ def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict
                                        names=("compactness.grad_mag_squared",)):
                     loss(logits)
                 s = seen["compactness.grad_mag_squared"]
-                shares = torch.stack([(s < eps).double().mean() for eps in SEED_BELOW]).tolist()
+                shares = torch.stack([(s < eps).double().mean() for eps in BELOW_AT_SWITCH_ON]).tolist()
                 rows += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
-                          "pixels": s.numel()} for eps, share in zip(SEED_BELOW, shares)]
+                          "pixels": s.numel()} for eps, share in zip(BELOW_AT_SWITCH_ON, shares)]
     return rows
 
 

@@ -19,7 +19,7 @@ import torch
 @dataclass(frozen=True)
 class Scale:
     """How big and how often: ``quick`` checks that everything runs, ``full`` is what the CPU figures are taken at,
-    ``gpu`` the sizes where a GPU matters (the seed's 2D batch of 12 at 512^2, 3D up to 128^3)."""
+    ``gpu`` the sizes where a GPU matters (2D at the seed's 512^2, batch 12; 3D up to 128^3)."""
 
     name: str
     step_size: int                 # 2D nnU-Net step: image side
