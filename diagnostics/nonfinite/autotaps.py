@@ -18,6 +18,7 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -29,7 +30,7 @@ from geodiag.diagnostics.instruments import kernels
 from geodiag.diagnostics.instruments.histograms import LogHistogram, summarize_states
 from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
-                                                 is_inplace, numeric)
+                                                 is_inplace, made_by_geodiag, numeric)
 
 HISTOGRAM_KINDS = ("input", "output", "grad", "local_derivative")
 # Calls passed straight through: attribute access, shape queries, and views and copies, whose values are those of
@@ -78,6 +79,8 @@ class _TapMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if made_by_geodiag(sys._getframe(1)):
+            return func(*args, **kwargs)
         kind = _KINDS.get(func)
         if kind is None:
             kind = _KINDS[func] = _kind(func)

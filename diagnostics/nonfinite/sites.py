@@ -63,8 +63,6 @@ def func_name(func) -> str:
 
 
 _TORCH, _NNUNET, _GEODIAG, _USER = range(4)
-
-
 # nnU-Net and the packages of its own that run inside its training step (network, padding, augmentation).
 _NNUNET_PACKAGES = ("nnunetv2", "dynamic_network_architectures", "acvl_utils", "batchgenerators", "batchgeneratorsv2")
 
@@ -81,11 +79,12 @@ _LIBRARIES = tuple((folder, kind) for name, kind in (("torch", _TORCH), *((n, _N
 _GEODIAG_MACHINERY = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ""),
                       os.path.join(os.path.dirname(os.path.abspath(trainer_side.__file__)), ""),
                       os.path.abspath(loss_taps.__file__))
-_kind_of_file: dict[str, int] = {}
-Located = TypeVar("Located")
+Located = TypeVar("Located")  # where in a frame: the frame itself, or a traceback entry's line
 
 
+@functools.lru_cache(maxsize=None)
 def _kind(filename: str) -> int:
+    """Whose code a source file is: torch's, nnU-Net's, geodiag's machinery or the user's."""
     path = os.path.abspath(filename)
     for folder, kind in _LIBRARIES:
         if path.startswith(folder):
@@ -101,12 +100,8 @@ def user_frame(frames: Iterable[tuple[CodeType, Located]]) -> Optional[tuple[Cod
     replay of its train_step, an analysis's forward): no user code made the call, and nnU-Net's innermost line is
     named instead. None when neither exists."""
     nnunet = None
-    kinds = _kind_of_file
     for entry in frames:
-        filename = entry[0].co_filename
-        kind = kinds.get(filename)
-        if kind is None:
-            kind = kinds[filename] = _kind(filename)
+        kind = _kind(entry[0].co_filename)
         if kind == _USER:
             return entry
         if kind == _NNUNET:
@@ -116,7 +111,16 @@ def user_frame(frames: Iterable[tuple[CodeType, Located]]) -> Optional[tuple[Cod
     return nnunet
 
 
+def made_by_geodiag(frame) -> bool:
+    """Whether geodiag's machinery itself made the call in ``frame`` (an instrument's arithmetic in a tap
+    callback, the softmax geodiag feeds a user's loss): such a call belongs to geodiag, not to the loss being
+    measured. A mode passing on a call it intercepted (``BoundOverride``'s ``__torch_function__``) did not make it."""
+    code = frame.f_code
+    return code.co_name != "__torch_function__" and _kind(code.co_filename) == _GEODIAG
+
+
 def _stack(frame) -> Iterator[tuple[CodeType, object]]:
+    """``frame`` and its callers, innermost first, as ``user_frame`` takes them."""
     while frame is not None:
         yield frame.f_code, frame
         frame = frame.f_back
