@@ -27,7 +27,7 @@ from geodiag.diagnostics.study.replica import FILE as SEED_REPLICA
 from geodiag.diagnostics.tools.own_loss import LossRaised, raising_as_finding
 from geodiag.losses.nnunet.guard import StepGuard
 
-USER_CODE = '''"""A researcher's helpers: unit directions for a shape loss, the network call and the clip of a train_step."""
+USER_CODE = '''"""A researcher's helpers: unit directions for a shape loss, the network call, a train_step's clip."""
 import torch
 import torch.nn.functional as F
 
