@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Iterable, Iterator, Optional, TypeVar
 
+import torch
+
 import geodiag.losses.nnunet as trainer_side
 import geodiag.losses.taps as loss_taps
 from geodiag.diagnostics.instruments.errors import GeodiagError
@@ -200,3 +202,46 @@ def numeric(value: object) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def risky_operands(op: str, name: str, args: tuple, kwargs: dict):
+    """(input watched, extra) for a risky call, or None when this call is not risky after all (x ** 2, a / 3)."""
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("exponent"))
+    if op == "pow":
+        if name == "__rpow__":                # c ** x: exponential in x
+            return (first, None)
+        exponent = numeric(second)
+        if exponent is not None and (exponent >= 0 and exponent == int(exponent)):
+            return None                        # x ** 2: polynomial, nothing singular
+        if not isinstance(first, torch.Tensor):
+            return (second, None) if isinstance(second, torch.Tensor) else None
+        return (first, exponent)
+    if op == "div":
+        if name in ("__rdiv__", "__rtruediv__"):  # c / x
+            return (first, None)
+        if isinstance(second, torch.Tensor):
+            return (second, None)
+        return None if numeric(second) not in (None, 0.0) else (first, None)
+    if op in ("atan2", "hypot"):
+        return (second, None) if isinstance(second, torch.Tensor) else (first, None)
+    return (first, None) if isinstance(first, torch.Tensor) else None
+
+
+def boolean_index(args: tuple) -> bool:
+    """Indexing with a mask needs the mask's count on the host."""
+    if len(args) < 2:
+        return False
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+
+
+def clamp_bounds(name: str, args: tuple, kwargs: dict) -> tuple:
+    """The numeric (min, max) of a clamp call; None for a missing or tensor bound."""
+    if name.startswith("clamp_min"):
+        return numeric(args[1] if len(args) > 1 else kwargs.get("min")), None
+    if name.startswith("clamp_max"):
+        return None, numeric(args[1] if len(args) > 1 else kwargs.get("max"))
+    low = args[1] if len(args) > 1 else kwargs.get("min")
+    high = args[2] if len(args) > 2 else kwargs.get("max")
+    return numeric(low), numeric(high)
