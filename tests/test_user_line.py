@@ -1,17 +1,18 @@
 """The user's line: automatic taps, bound overrides, NaN provenance and the record of a raising call all name a call
 by the same frame, the innermost that is neither torch's, nnU-Net's nor geodiag's machinery.
 
-The calls come from a researcher's file (written here) straight into a torch function (``F.normalize``, whose
-Python code clamps and divides) and through a geodiag wrapper (``clip_grad_norm_`` as the step guard captures it
-under ``geodiag watch``). Expected lines are found in the files' text; overflow values are chosen by arithmetic
-(1e20 squared is above fp32's 3.4e38; nine products of 1e38 sum above it).
+The calls come from a researcher's file (written here) through torch's Python code (``F.normalize``,
+``clip_grad_norm_``), through a geodiag wrapper too (``clip_grad_norm_`` as the step guard captures it under
+``geodiag watch``), and through nnU-Net's network code, which is named only when geodiag itself ran it. The seed
+replica, user code shipped inside geodiag's tree, is a user's to every consumer. Expected lines are found in the
+files' text; overflow values are chosen by arithmetic (1e20 squared is above fp32's 3.4e38; nine products of 1e38
+sum above it).
 """
 import importlib.util
 import inspect
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -158,8 +159,10 @@ def test_the_seed_replica_inside_geodiags_tree_is_a_users_code_to_every_consumer
     probabilities[:, 1, 4:12, 4:12] = 1.0                      # area 64, above the replica's cut of 50
     probabilities[:, 0] = 1.0 - probabilities[:, 1]
     taps = AutoTaps()
-    taps.run(loss.call, probabilities, None)
-    assert {os.path.abspath(row["site"].rsplit(":", 1)[0]) for row in taps.result().sites} == {str(SEED_REPLICA)}
+    assert math.isfinite(float(taps.run(loss.call, probabilities, None)))
+    sites = taps.result().sites
+    assert {os.path.abspath(row["site"].rsplit(":", 1)[0]) for row in sites} == {str(SEED_REPLICA)}
+    assert all(row["nonfinite_forward"] == 0 for row in sites)  # this input is healthy
     overflowing = probabilities.clone()
     overflowing[0, 1, 8, 8] = 1e37                             # its Sobel response squared is above 3.4e38
     with NonFiniteProvenance(sync="op") as provenance:
@@ -171,4 +174,3 @@ def test_the_seed_replica_inside_geodiags_tree_is_a_users_code_to_every_consumer
             loss.call(probabilities, None)
     assert exception_site(error.value).endswith(
         f"{SEED_REPLICA.name}:{line_of(SEED_REPLICA, 'perimeter = torch.clamp(grad_mag.sum(dim=(1, 2, 3)), 10.0')}")
-    assert math.isfinite(float(loss.call(probabilities, None)))

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .replica import seed_replica
-from .study import Log, RunSpec, Study, run_study
+from .definition import Log, RunSpec, Study
+from .study import run_study
 
 RUNS = (RunSpec(502, "nnUNetTrainerSeedReplicaV23", epochs=3, iterations=4, warmup=2, user=seed_replica("V2.3")),
         RunSpec(502, "nnUNetTrainerGeometric", epochs=3, iterations=4, warmup=2))

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from .replica import seed_replica
-from .study import Log, RunSpec, Study, run_study
+from .definition import Log, RunSpec, Study
+from .study import run_study
 
 IMAGE_SIZE = 256
 IMAGES = 40
