@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from geodiag.diagnostics.instruments.errors import GeodiagError
+from geodiag.diagnostics.instruments.recorder import Recorder
 from geodiag.diagnostics.nonfinite.autotaps import AutoTaps
 from geodiag.diagnostics.tools.bench_autotaps import autotap_overhead
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 from geodiag.diagnostics.nonfinite.override import BoundOverride
 from geodiag.diagnostics.nonfinite.sites import exception_site
+from geodiag.losses import GeometricLoss
 
 LOSS_FILE = os.path.join(os.path.dirname(__file__), "seed_style_loss.py")
 SIZE = 64
@@ -107,6 +109,21 @@ def test_sites_are_named_at_the_users_sqrt_and_clamp_lines(v23):
     assert sqrt_row["max_abs_grad"] > 0 and sqrt_row["nonfinite_forward"] == sqrt_row["nonfinite_backward"] == 0
     assert result.masked_nonfinite == []
     assert torch._C._len_torch_function_stack() == 0  # nothing stays attached after the call
+
+
+def test_geodiags_own_instruments_on_the_losss_taps_add_no_site():
+    """The recorder that analyze attaches to GeometricLoss's taps takes 0.5 * rsqrt(s) of each sqrt input inside
+    the loss call; that arithmetic is geodiag's, so the sites are those of the loss alone (no rsqrt: the loss
+    has none)."""
+    loss = GeometricLoss.from_preset("v2.3", classes=(1,), softmax=True)
+    target = (two_shapes_logits()[:, 1:] > 0).float()
+    alone, _, _ = tapped(lambda x, _: loss(x, target), two_shapes_logits())
+    recorder = Recorder()
+    with recorder.attach_loss(loss):
+        recorded, _, _ = tapped(lambda x, _: loss(x, target), two_shapes_logits())
+    assert any(kind == "local_derivative" for _, kind in recorder.histograms())
+    assert {(row["site"], row["op"]) for row in recorded.sites} == {(row["site"], row["op"]) for row in alone.sites}
+    assert "rsqrt" not in {row["op"] for row in recorded.sites}
 
 
 def test_at_bound_fractions_match_a_numpy_recount(v23):

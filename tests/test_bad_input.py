@@ -1,9 +1,12 @@
 """Bad input through the real CLI: one line that names the problem, exit status 2, never a traceback."""
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,6 +260,60 @@ def test_sweep_output_folder_that_is_a_file(capsys, tmp_path, checkpoint):
 def test_sweep_output_folder_under_a_file(capsys, tmp_path, checkpoint):
     (tmp_path / "file").touch()
     _one_line_error(capsys, ["clamp-sweep", checkpoint, "--out", tmp_path / "file" / "out"], "cannot write to --out")
+
+
+# ---------------------------------------------------------------------- library errors name arguments, the CLI flags
+LIBRARY_ROOTS = ("diagnostics", "losses", "reports")
+ERROR_TYPES = {"GeodiagError", "ArgumentError", "ReportInputError"}
+
+
+def test_no_library_error_message_spells_a_flag():
+    """Flags are the CLI's (diagnostics/cli/); everywhere else an error names the argument and the CLI maps it."""
+    root = Path(__file__).parent.parent
+    spelled = []
+    for path in sorted(p for name in LIBRARY_ROOTS for p in (root / name).rglob("*.py")):
+        if path.relative_to(root).parts[:2] == ("diagnostics", "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and getattr(called, "id", getattr(called, "attr", None)) in ERROR_TYPES:
+                text = "".join(c.value for c in ast.walk(node)
+                               if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                if re.search(r"(?<![\w-])--[a-z]", text):
+                    spelled.append(f"{path.relative_to(root)}:{node.lineno}: {text[:60]!r}")
+    assert not spelled, spelled
+
+
+def test_own_loss_and_site_sweep_errors_name_arguments_for_a_library_caller(tmp_path):
+    from geodiag.diagnostics.tools.own_loss import choose_loss
+    from geodiag.diagnostics.tools.site_sweep import run_site_sweep
+
+    (tmp_path / "my_loss.py").write_text("def area(pred):\n    return pred[:, 1].clamp(min=1e-4).sum()\n")
+    loss = f"{tmp_path / 'my_loss.py'}:area"
+    with pytest.raises(ArgumentError) as error:
+        choose_loss(None, (1,), loss, stabilizer="clamp")
+    assert str(error.value) == "stabilizer and eps set GeometricLoss's settings; a loss_spec is analysed as it is"
+    assert error.value.spelled(flag) == \
+        "--stabilizer and --eps set GeometricLoss's settings; a --loss is analysed as it is"
+    for sites, eps, message in (([], [1e-2], "sites needs at least one FILE:LINE"),
+                                (["my_loss.py:2"], [float("nan")], "eps must be finite numbers")):
+        with pytest.raises(ArgumentError) as error:
+            run_site_sweep(["unused.pth"], tmp_path / "out", loss, sites, eps)
+        assert str(error.value) == message
+    (tmp_path / "file").touch()
+    with pytest.raises(ArgumentError) as error:
+        run_site_sweep(["unused.pth"], tmp_path / "file" / "out", loss, ["my_loss.py:2"], [1e-2])
+    assert str(error.value).startswith(f"cannot write to out {tmp_path / 'file' / 'out'}")
+
+
+@pytest.mark.parametrize("options,needle", [(["--eps", "nan"], "--eps must be finite numbers"),
+                                            (["--out", "file/out"], "cannot write to --out")])
+def test_site_sweep_errors_name_the_flag(capsys, tmp_path, monkeypatch, options, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").touch()
+    (tmp_path / "my_loss.py").write_text("def area(pred):\n    return pred[:, 1].clamp(min=1e-4).sum()\n")
+    _one_line_error(capsys, ["clamp-sweep", "unused.pth", "--loss", "my_loss.py:area", "--site", "my_loss.py:2",
+                             "--out", "out", "--eps", "1e-2", *options], needle)
 
 
 # ---------------------------------------------------------------------- settings

@@ -236,6 +236,18 @@ def test_a_loss_raising_in_fp16_is_a_finding_and_fp32_still_runs(geometric_run, 
     assert f"edge_dice.py:{line}" in markdown and "c10::Half without overflow" in markdown
 
 
+def test_the_studys_precision_probe_names_the_users_line_where_fp16_raises(geometric_run, tmp_path):
+    from geodiag.diagnostics.study.precision_probe import probe
+
+    loss_file = tmp_path / "edge_dice.py"
+    loss_file.write_text(FP16_RAISING_LOSS)
+    line = FP16_RAISING_LOSS.splitlines().index(RAISING_LINE) + 1
+    fp32, fp16 = probe(geometric_run.final_checkpoint, f"{loss_file}:edge_dice", ("fp32", "fp16"))
+    assert fp32 == {"precision": "fp32", "runs": True, "error": "", "site": ""}
+    assert (fp16["precision"], fp16["runs"], fp16["site"]) == ("fp16", False, f"{loss_file}:{line}")
+    assert fp16["error"].startswith("RuntimeError: ") and "c10::Half without overflow" in fp16["error"]
+
+
 # A researcher's edge term: the sigmoid's output is clamped in place for the log, but autograd saved it for the
 # sigmoid's backward, so backward raises ("modified by an inplace operation") on every input.
 INPLACE_LOSS = '''import torch

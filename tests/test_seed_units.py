@@ -18,7 +18,7 @@ def test_study_measures_the_shares_with_the_seeds_arithmetic(geometric_run):
 
     from geodiag.diagnostics.nnunet.cases import find_cases, predict_logits, preprocess
     from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
-    from geodiag.diagnostics.study.study import small_s_shares
+    from geodiag.diagnostics.study.measurements import small_s_shares
 
     path = geometric_run.checkpoints[geometric_run.switch_on_epoch]
     rows = pd.DataFrame(small_s_shares(path, max_cases=1))

@@ -6,7 +6,8 @@ import argparse
 from typing import Sequence
 
 # Library parameters whose flag is not simply ``--`` + the name with dashes.
-FLAGS = {"trust": "--trust-checkpoint", "precisions": "--precision", "count": "--patches"}
+FLAGS = {"trust": "--trust-checkpoint", "precisions": "--precision", "count": "--patches", "loss_spec": "--loss",
+         "sites": "--site"}
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda (default auto)"
 
 

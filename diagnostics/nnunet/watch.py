@@ -39,7 +39,7 @@ from geodiag.losses.nnunet.patches import PatchGroup, patch
 from geodiag.losses.nnunet.state_health import ROT_EVENTS
 from geodiag.reports import schema
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.recorder import Recorder
 from . import first_nonfinite, saved_step
 from ..nonfinite.replay import replay_train_step
@@ -314,7 +314,8 @@ def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise GeodiagError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        raise ArgumentError("{tensorboard} needs the tensorboard package (pip install tensorboard)",
+                            "tensorboard") from None
     return SummaryWriter
 
 
@@ -323,11 +324,11 @@ def _tensorboard_writer(folder: Optional[str]):
 
 
 def check_options(options: WatchOptions) -> None:
-    """Refuse bad options before nnU-Net starts (a one-line GeodiagError)."""
+    """Refuse bad options before nnU-Net starts (a one-line error naming the option)."""
     if options.every < 1:
-        raise GeodiagError("--every must be at least 1")
+        raise ArgumentError("{every} must be at least 1", "every")
     if options.on_nonfinite not in ON_NONFINITE:
-        raise GeodiagError(f"--on-nonfinite must be one of {', '.join(ON_NONFINITE)}")
+        raise ArgumentError(f"{{on_nonfinite}} must be one of {', '.join(ON_NONFINITE)}", "on_nonfinite")
     if options.tensorboard is not None:
         _summary_writer_class()
 

@@ -18,6 +18,7 @@ op is about to overwrite is checked first. Nothing is installed outside ``run``/
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -28,8 +29,8 @@ from torch.overrides import TorchFunctionMode
 from geodiag.diagnostics.instruments import kernels
 from geodiag.diagnostics.instruments.histograms import LogHistogram, summarize_states
 from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
-from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, caller_location, format_site, func_name,
-                                                 is_inplace, numeric)
+from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, boolean_index, caller_location, clamp_bounds,
+                                                 format_site, func_name, is_inplace, made_by_geodiag, risky_operands)
 
 HISTOGRAM_KINDS = ("input", "output", "grad", "local_derivative")
 # Calls passed straight through: attribute access, shape queries, and views and copies, whose values are those of
@@ -78,21 +79,23 @@ class _TapMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if made_by_geodiag(sys._getframe(1)):
+            return func(*args, **kwargs)
         kind = _KINDS.get(func)
         if kind is None:
             kind = _KINDS[func] = _kind(func)
         name, op, sync, inplace = kind
         if name in _PASS_THROUGH:
-            if name == "__getitem__" and _boolean_index(args):
+            if name == "__getitem__" and boolean_index(args):
                 self.taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
             return func(*args, **kwargs)
         taps = self.taps
-        operands = _risky_operands(op, name, args, kwargs) if op is not None else None
+        operands = risky_operands(op, name, args, kwargs) if op is not None else None
         if inplace:
             taps._before_overwrite(args[0] if args else None)
             if operands is not None:
                 operands = (operands[0].detach().clone(),) + operands[1:]
-            if name == "__setitem__" and _boolean_index(args):
+            if name == "__setitem__" and boolean_index(args):
                 taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
         out = func(*args, **kwargs)
         if sync is not None:
@@ -118,38 +121,6 @@ _KINDS: dict = {}  # torch function -> (name, risky op or None, host sync or Non
 def _kind(func) -> tuple:
     name = func_name(func)
     return name, RISKY_OPS.get(name), HOST_SYNCS.get(name), is_inplace(name) if name else False
-
-
-def _risky_operands(op: str, name: str, args: tuple, kwargs: dict):
-    """(input watched, extra) for a risky call, or None when this call is not risky after all (x ** 2, a / 3)."""
-    first = args[0] if args else kwargs.get("input")
-    second = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("exponent"))
-    if op == "pow":
-        if name == "__rpow__":                # c ** x: exponential in x
-            return (first, None)
-        exponent = numeric(second)
-        if exponent is not None and (exponent >= 0 and exponent == int(exponent)):
-            return None                        # x ** 2: polynomial, nothing singular
-        if not isinstance(first, torch.Tensor):
-            return (second, None) if isinstance(second, torch.Tensor) else None
-        return (first, exponent)
-    if op == "div":
-        if name in ("__rdiv__", "__rtruediv__"):  # c / x
-            return (first, None)
-        if isinstance(second, torch.Tensor):
-            return (second, None)
-        return None if numeric(second) not in (None, 0.0) else (first, None)
-    if op in ("atan2", "hypot"):
-        return (second, None) if isinstance(second, torch.Tensor) else (first, None)
-    return (first, None) if isinstance(first, torch.Tensor) else None
-
-
-def _boolean_index(args: tuple) -> bool:
-    """Indexing with a mask needs the mask's count on the host."""
-    if len(args) < 2:
-        return False
-    index = args[1] if isinstance(args[1], tuple) else (args[1],)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
 
 
 class AutoTaps:
@@ -230,7 +201,7 @@ class AutoTaps:
         watched, extra = operands
         if site.op == "clamp":
             extra = None
-            site.bounds.add(_clamp_bounds(name, args, kwargs))
+            site.bounds.add(clamp_bounds(name, args, kwargs))
         elif site.op == "div" and isinstance(watched, torch.Tensor) and watched.shape != out.shape:
             watched = watched.expand_as(out)
         site.pending.append((watched.detach(), out.detach(), extra))
@@ -392,14 +363,3 @@ def _flat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             pass
     return x.reshape(-1).float() if x.dtype != torch.float64 else x.reshape(-1)
-
-
-def _clamp_bounds(name: str, args: tuple, kwargs: dict) -> tuple:
-    """The numeric (min, max) of a clamp call; None for a missing or tensor bound."""
-    if name.startswith("clamp_min"):
-        return numeric(args[1] if len(args) > 1 else kwargs.get("min")), None
-    if name.startswith("clamp_max"):
-        return None, numeric(args[1] if len(args) > 1 else kwargs.get("max"))
-    low = args[1] if len(args) > 1 else kwargs.get("min")
-    high = args[2] if len(args) > 2 else kwargs.get("max")
-    return numeric(low), numeric(high)

@@ -35,8 +35,6 @@ usually freed by then: its location, dtypes, shapes and input ranges are exact, 
 from __future__ import annotations
 
 import math
-import os
-import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -46,12 +44,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..instruments import kernels
 from ..instruments.errors import GeodiagError
 from .provenance_report import ProvenanceReport, TensorSummary, source_line, summarize
+from .sites import caller_code
 from .step_log import LoggedOp, StepLog
 
 SYNC_MODES = ("step", "op")
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_THIS_FILE = __file__
 
 
 def _tensors(values: Iterable[Any]) -> list[torch.Tensor]:
@@ -136,7 +132,6 @@ class NonFiniteProvenance:
         self._handles: list = []
         self._param_names: dict[int, str] = {}
         self._kinds: dict[Any, int] = {}
-        self._internal_code: dict[Any, bool] = {}
         self._recording = False
         self._reset_step()
 
@@ -249,7 +244,7 @@ class NonFiniteProvenance:
         log = self._log
         node = torch._C._current_autograd_node()
         if node is None:
-            code, line = self._caller() if self.source_lines else (None, None)
+            code, line = caller_code(3) if self.source_lines else (None, None)
             log.add_op(func, None, torch._C._autograd._get_sequence_nr() - 1,
                        self._modules[-1] if self._modules else None, self._tap, code, line)
         else:
@@ -260,20 +255,6 @@ class NonFiniteProvenance:
             producer[t.data_ptr()] = log.add_output(t, kernels.min_max(t) or torch.aminmax(t))
         if self.sync == "op":
             self._check_now(len(log) - 1)
-
-    def _caller(self) -> tuple[Any, Optional[int]]:
-        """The innermost frame outside torch and this module: the line of user (or loss) code that ran the op."""
-        frame = sys._getframe(3)
-        internal = self._internal_code
-        while frame is not None:
-            code = frame.f_code
-            inside = internal.get(code)
-            if inside is None:
-                inside = internal[code] = code.co_filename.startswith(_TORCH_DIR) or code.co_filename == _THIS_FILE
-            if not inside:
-                return code, frame.f_lineno
-            frame = frame.f_back
-        return None, None
 
     # ------------------------------------------------------------------ resolution
     def _check_now(self, index: int) -> None:

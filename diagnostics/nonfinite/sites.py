@@ -1,24 +1,27 @@
 """Where a torch call comes from (the user's ``file:line``) and what kind of call it is.
 
-Why: automatic taps and bound overrides see every torch call a loss makes through a ``TorchFunctionMode``; a
-call is only useful to a researcher named by the line of *their* file that made it, so the stack is walked
-past torch's own Python code (``torch.nn.functional``, ``torch._tensor``) and past geodiag's diagnostics.
+Why: automatic taps, bound overrides, NaN provenance and the record of a loss that raised all name a call by the
+line of *the user's* file that made it, and they must agree on which line that is. ``user_frame`` is the one rule:
+the innermost frame that is neither torch's, nor nnU-Net's, nor geodiag's own machinery (``diagnostics`` and the
+trainer side of ``losses``; user code shipped inside geodiag as data, in a folder without ``__init__.py`` such as
+the study's seed replica, is a user's, as it is to nnU-Net). geodiag's geometric loss is the subject of its own
+analyses, not machinery: its lines are named.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from types import CodeType
+from typing import Iterable, Iterator, Optional, TypeVar
 
 import torch
 
+import geodiag.losses.nnunet as trainer_side
+import geodiag.losses.taps as loss_taps
 from geodiag.diagnostics.instruments.errors import GeodiagError
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_DIAGNOSTICS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_skipped_file: dict[str, bool] = {}
 
 # Canonical op per torch function name (Tensor methods, their in-place forms, operators, torch.* and linalg).
 RISKY_OPS = {
@@ -61,15 +64,80 @@ def func_name(func) -> str:
     return getattr(func, "__name__", "")
 
 
-def _skipped(filename: str) -> bool:
-    """torch's files and geodiag's diagnostics modules; not user code shipped inside diagnostics as data (a folder
-    without __init__.py, such as the study's seed replica, is a user's folder to nnU-Net and to the sites)."""
-    skipped = _skipped_file.get(filename)
-    if skipped is None:
-        path = os.path.abspath(filename)
-        skipped = _skipped_file[filename] = path.startswith(_TORCH_DIR) or (
-            path.startswith(_DIAGNOSTICS_DIR) and os.path.isfile(os.path.join(os.path.dirname(path), "__init__.py")))
-    return skipped
+_TORCH, _NNUNET, _GEODIAG, _USER = range(4)
+# nnU-Net and the packages of its own that run inside its training step (network, padding, augmentation).
+_NNUNET_PACKAGES = ("nnunetv2", "dynamic_network_architectures", "acvl_utils", "batchgenerators", "batchgeneratorsv2")
+
+
+def _package_dir(name: str) -> Optional[str]:
+    """Where an installed package's code lives, found without importing it (None when it is not installed)."""
+    spec = importlib.util.find_spec(name)
+    locations = list(spec.submodule_search_locations or ()) if spec else []
+    return os.path.join(os.path.abspath(locations[0]), "") if locations else None
+
+
+_LIBRARIES = tuple((folder, kind) for name, kind in (("torch", _TORCH), *((n, _NNUNET) for n in _NNUNET_PACKAGES))
+                   if (folder := _package_dir(name)) is not None)
+_GEODIAG_MACHINERY = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ""),
+                      os.path.join(os.path.dirname(os.path.abspath(trainer_side.__file__)), ""),
+                      os.path.abspath(loss_taps.__file__))
+Located = TypeVar("Located")  # where in a frame: the frame itself, or a traceback entry's line
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(filename: str) -> int:
+    """Whose code a source file is: torch's, nnU-Net's, geodiag's machinery or the user's."""
+    path = os.path.abspath(filename)
+    for folder, kind in _LIBRARIES:
+        if path.startswith(folder):
+            return kind
+    if path.startswith(_GEODIAG_MACHINERY) and os.path.isfile(os.path.join(os.path.dirname(path), "__init__.py")):
+        return _GEODIAG
+    return _USER
+
+
+def user_frame(frames: Iterable[tuple[CodeType, Located]]) -> Optional[tuple[CodeType, Located]]:
+    """The user's entry among ``frames`` (code and where in it, innermost first): the first that is not torch's,
+    nnU-Net's or geodiag's machinery. geodiag met after nnU-Net's code means geodiag ran nnU-Net's own code (a
+    replay of its train_step, an analysis's forward): no user code made the call, and nnU-Net's innermost line is
+    named instead. None when neither exists."""
+    nnunet = None
+    for entry in frames:
+        kind = _kind(entry[0].co_filename)
+        if kind == _USER:
+            return entry
+        if kind == _NNUNET:
+            nnunet = nnunet or entry
+        elif kind == _GEODIAG and nnunet is not None:
+            break
+    return nnunet
+
+
+def made_by_geodiag(frame) -> bool:
+    """Whether geodiag's machinery itself made the call in ``frame`` (an instrument's arithmetic in a tap
+    callback, the softmax geodiag feeds a user's loss): such a call belongs to geodiag, not to the loss being
+    measured. A mode passing on a call it intercepted (``BoundOverride``'s ``__torch_function__``) did not make it."""
+    code = frame.f_code
+    return code.co_name != "__torch_function__" and _kind(code.co_filename) == _GEODIAG
+
+
+def _stack(frame) -> Iterator[tuple[CodeType, object]]:
+    """``frame`` and its callers, innermost first, as ``user_frame`` takes them."""
+    while frame is not None:
+        yield frame.f_code, frame
+        frame = frame.f_back
+
+
+def caller_code(depth: int = 2) -> tuple[Optional[CodeType], Optional[int]]:
+    """(code, line) of the user's frame (``user_frame``), starting ``depth`` frames up; (None, None) if none."""
+    found = user_frame(_stack(sys._getframe(depth)))
+    return (found[0], found[1].f_lineno) if found else (None, None)
+
+
+def caller_location(depth: int = 2) -> tuple[str, int]:
+    """(file, line) of the user's frame (``user_frame``), starting ``depth`` frames up."""
+    found = user_frame(_stack(sys._getframe(depth)))
+    return (found[0].co_filename, found[1].f_lineno) if found else ("<unknown>", 0)
 
 
 def display_path(filename: str) -> str:
@@ -84,34 +152,16 @@ def _display_path(filename: str, cwd: str) -> str:
     return absolute if relative.startswith("..") else relative
 
 
-def caller_location(depth: int = 2) -> tuple[str, int]:
-    """(file, line) of the first frame outside torch and geodiag's diagnostics, starting ``depth`` frames up."""
-    frame = sys._getframe(depth)
-    skipped = _skipped_file.get
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        is_skipped = skipped(filename)
-        if is_skipped is None:
-            is_skipped = _skipped(filename)
-        if not is_skipped:
-            break
-        frame = frame.f_back
-    if frame is None:
-        return "<torch>", 0
-    return frame.f_code.co_filename, frame.f_lineno
-
-
 def exception_site(exc: BaseException) -> str:
-    """``file:line`` of the innermost frame of ``exc``'s traceback outside torch and geodiag's diagnostics: the
-    user's line that made the failing call ("<unknown>" when every frame is torch's or geodiag's)."""
-    found = "<unknown>"
+    """``file:line`` of the user's frame (``user_frame``) in ``exc``'s traceback: the user's line that made the
+    failing call ("<unknown>" when there is none)."""
+    entries = []
     tb = exc.__traceback__
     while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        if not _skipped(filename):
-            found = format_site(filename, tb.tb_lineno)
+        entries.append((tb.tb_frame.f_code, tb.tb_lineno))
         tb = tb.tb_next
-    return found
+    found = user_frame(reversed(entries))
+    return format_site(found[0].co_filename, found[1]) if found else "<unknown>"
 
 
 @dataclass(frozen=True)
@@ -152,3 +202,46 @@ def numeric(value: object) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def risky_operands(op: str, name: str, args: tuple, kwargs: dict):
+    """(input watched, extra) for a risky call, or None when this call is not risky after all (x ** 2, a / 3)."""
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("exponent"))
+    if op == "pow":
+        if name == "__rpow__":                # c ** x: exponential in x
+            return (first, None)
+        exponent = numeric(second)
+        if exponent is not None and (exponent >= 0 and exponent == int(exponent)):
+            return None                        # x ** 2: polynomial, nothing singular
+        if not isinstance(first, torch.Tensor):
+            return (second, None) if isinstance(second, torch.Tensor) else None
+        return (first, exponent)
+    if op == "div":
+        if name in ("__rdiv__", "__rtruediv__"):  # c / x
+            return (first, None)
+        if isinstance(second, torch.Tensor):
+            return (second, None)
+        return None if numeric(second) not in (None, 0.0) else (first, None)
+    if op in ("atan2", "hypot"):
+        return (second, None) if isinstance(second, torch.Tensor) else (first, None)
+    return (first, None) if isinstance(first, torch.Tensor) else None
+
+
+def boolean_index(args: tuple) -> bool:
+    """Indexing with a mask needs the mask's count on the host."""
+    if len(args) < 2:
+        return False
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+
+
+def clamp_bounds(name: str, args: tuple, kwargs: dict) -> tuple:
+    """The numeric (min, max) of a clamp call; None for a missing or tensor bound."""
+    if name.startswith("clamp_min"):
+        return numeric(args[1] if len(args) > 1 else kwargs.get("min")), None
+    if name.startswith("clamp_max"):
+        return None, numeric(args[1] if len(args) > 1 else kwargs.get("max"))
+    low = args[1] if len(args) > 1 else kwargs.get("min")
+    high = args[2] if len(args) > 2 else kwargs.get("max")
+    return numeric(low), numeric(high)

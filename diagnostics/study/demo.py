@@ -11,7 +11,8 @@ from pathlib import Path
 from geodiag.reports import seed
 
 from .replica import seed_replica
-from .study import Log, RunSpec, Study, run_study
+from .definition import Log, RunSpec, Study
+from .study import run_study
 
 RUNS = (RunSpec(502, "nnUNetTrainerSeedReplicaV23", epochs=3, iterations=4, warmup=2, user=seed_replica(seed.V23)),
         RunSpec(502, "nnUNetTrainerGeometric", epochs=3, iterations=4, warmup=2))

@@ -8,7 +8,6 @@ the study analyses the precisions that run and reports the others as findings.
 """
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -17,27 +16,19 @@ import torch
 from ..instruments.devices import PRECISIONS
 
 
-def _user_line(exc: BaseException, user_file: Path) -> str:
-    """``file.py:LINE`` of the innermost frame in the user's file, else of the innermost frame."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    mine = [f for f in frames if Path(f.filename).resolve() == user_file.resolve()] or frames[-1:]
-    return f"{Path(mine[-1].filename).name}:{mine[-1].lineno}" if mine else ""
-
-
 def probe(checkpoint_path: Path, loss_spec: str, precisions: Sequence[str], device: str = "cpu") -> list[dict]:
     """Rows (LOSS_PRECISION_COLUMNS of reports/schema.py without ``run``): per precision, whether the loss ran
     forward and backward, else why and where."""
     from ..nnunet.cases import find_cases, predict_logits, preprocess
     from ..nnunet.checkpoint import load_checkpoint
     from ..nonfinite.loss_spec import load_loss
-    from ..tools.own_loss import trainer_call
+    from ..tools.own_loss import LossRaised, raising_as_finding, trainer_call
 
     dev = torch.device(device)
     checkpoint = load_checkpoint(checkpoint_path)
     case = preprocess(checkpoint, find_cases(checkpoint)[0])
     network = checkpoint.network().to(dev)
     loss = load_loss(loss_spec)
-    user_file = Path(loss_spec.rsplit(":", 1)[0])
     rows = []
     for precision in precisions:
         dtype = PRECISIONS[precision]
@@ -46,10 +37,9 @@ def probe(checkpoint_path: Path, loss_spec: str, precisions: Sequence[str], devi
         leaf = logits.detach().requires_grad_(True)
         label = case.label[None].to(dev) if case.label is not None else None
         try:
-            trainer_call(loss, dtype, dev)(leaf, label).backward()
+            with raising_as_finding(unknown_site="the backward pass (autograd)"):
+                trainer_call(loss, dtype, dev)(leaf, label).backward()
             rows.append({"precision": precision, "runs": True, "error": "", "site": ""})
-        except Exception as exc:  # noqa: BLE001 - a user's loss may raise anything; the row names it
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            rows.append({"precision": precision, "runs": False, "error": message,
-                         "site": _user_line(exc, user_file)})
+        except LossRaised as raised:
+            rows.append({"precision": precision, "runs": False, "error": raised.message, "site": raised.site})
     return rows

@@ -14,7 +14,8 @@ from pathlib import Path
 from geodiag.reports import seed
 
 from .replica import seed_replica
-from .study import Log, RunSpec, Study, run_study
+from .definition import Log, RunSpec, Study
+from .study import run_study
 
 IMAGE_SIZE = 256
 IMAGES = 40

@@ -24,7 +24,7 @@ from torch import nn
 from geodiag.losses import GEOMETRIC_TERMS, GeometricLoss
 from geodiag.reports.sites_report import SITE_HISTOGRAM_COLUMNS
 
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histogram_bins import BinLayout
 from ..nnunet.checkpoint import Checkpoint
 from ..nonfinite.autotap_result import AutoTapResult
@@ -46,7 +46,8 @@ def choose_loss(checkpoint: Checkpoint, classes: tuple[int, ...], spec: Optional
     """(loss, ``{spec, input, why}``) for the summary; ``stabilizer``/``eps`` override a GeometricLoss."""
     if spec is not None:
         if stabilizer is not None or eps is not None:
-            raise GeodiagError("--stabilizer and --eps set GeometricLoss's settings; a --loss is analysed as it is")
+            raise ArgumentError("{stabilizer} and {eps} set GeometricLoss's settings; a {loss_spec} is analysed as "
+                                "it is", "stabilizer", "eps", "loss_spec")
         return load_loss(spec, input_kind), {"spec": spec, "input": input_kind, "why": "--loss"}
     kwargs = dict(classes=classes, softmax=True)
     recorded = checkpoint.path.parent / SETTINGS_FILE

@@ -21,7 +21,7 @@ from geodiag.reports import schema, tables
 from geodiag.reports.site_sweep_report import RAISED_COLUMNS, REQUIRED, ROWS_FILE
 
 from ..instruments.devices import PRECISIONS
-from ..instruments.errors import GeodiagError
+from ..instruments.errors import ArgumentError
 from ..nnunet.cases import predict_logits, preprocess
 from ..nnunet.checkpoint import build_network
 from ..nonfinite.autotaps import AutoTaps
@@ -34,10 +34,10 @@ from .sweep import _kth, _slug, cases_to_do, load_sweep_items
 
 
 def parse_sites(text: Sequence[str]) -> list[str]:
-    """Validated FILE:LINE sites (a GeodiagError names a malformed one)."""
+    """Validated FILE:LINE sites (a GeodiagError names a malformed one, an ArgumentError their absence)."""
     sites = [s for s in text if s.strip()]
     if not sites:
-        raise GeodiagError("--site needs at least one FILE:LINE")
+        raise ArgumentError("{sites} needs at least one FILE:LINE", "sites")
     for site in sites:
         SiteSpec.parse(site)
     return sites
@@ -101,20 +101,13 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
                    progress: Optional[Progress] = None) -> pd.DataFrame:
     """Sweep every checkpoint x case x precision x value; write DIR/site_sweep.csv (rows per case under
     DIR/cases/, so a resumed sweep recomputes nothing)."""
-    out = Path(out)
+    out = run_record.check_out(out)
     sites = parse_sites(sites)
     eps = sorted({float(e) for e in eps})
     if not eps or not all(math.isfinite(e) for e in eps):
-        raise GeodiagError("--eps must be finite numbers")
+        raise ArgumentError("{eps} must be finite numbers", "eps")
     loss = load_loss(loss_spec, loss_input)
-    case_dir = out / "cases"
-    try:
-        case_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GeodiagError(f"cannot write to --out {out}: {exc.strerror}") from None
-    has_results = any(case_dir.glob("*/*.csv"))
-    if not resume and has_results:
-        raise GeodiagError(f"{out} already holds sweep results; pass --resume to continue them or use a new --out")
+    case_dir, has_results = run_record.open_cases(out, "*/*.csv", "sweep results", resume)
     items = load_sweep_items(specs, trust, fold)
     run_record.check_and_record(out, {"loss": loss_spec, "loss_input": loss_input, "sites": list(sites),
                                       "eps": eps, "precisions": list(precisions)}, resume, has_results)

@@ -1,0 +1,192 @@
+"""What the study measures on its runs' checkpoints: the shares of small s, each term's gradient, the precisions
+a user's loss runs in; then geodiag's tools on them (analyze-checkpoint, clamp-sweep, the sweep of the user's own
+clamps), each writing its folder under the study's."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from geodiag.reports import schema, tables
+
+from .definition import RunSpec, Study, epoch_checkpoint, nnunet_environment, switch_on_checkpoint
+
+
+def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict]:
+    """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
+    (``seed.BELOW_AT_SWITCH_ON``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
+    geodiag's normalised units (the ``production`` preset's, 1/``seed.UNITS_FACTOR`` of it in 2D). Whole-image fp32
+    predictions."""
+    from geodiag.losses import GeometricLoss
+    from geodiag.reports.seed import BELOW_AT_SWITCH_ON
+
+    from ..nnunet.cases import find_cases, predict_logits, preprocess
+    from ..nnunet.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    classes = checkpoint.foreground_classes
+    patch_size = checkpoint.patch_size
+    network = checkpoint.network().to(device)
+    losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
+                                               aspect_weight=0)
+              for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
+    rows = []
+    for files in find_cases(checkpoint)[:max_cases]:
+        case = preprocess(checkpoint, files)
+        with torch.no_grad():
+            logits = predict_logits(network, case.image, patch_size).float()
+            for units, loss in losses.items():
+                seen = {}
+                with loss.register_tap(lambda name, t: seen.__setitem__(name, t),
+                                       names=("compactness.grad_mag_squared",)):
+                    loss(logits)
+                s = seen["compactness.grad_mag_squared"]
+                shares = torch.stack([(s < eps).double().mean() for eps in BELOW_AT_SWITCH_ON]).tolist()
+                rows += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
+                          "pixels": s.numel()} for eps, share in zip(BELOW_AT_SWITCH_ON, shares)]
+    return rows
+
+
+def small_s(study: Study) -> None:
+    """switch_on_s.csv: the shares of small s at each run's first (epoch 0) and switch-on checkpoints, in the
+    seed's units and ours."""
+    from geodiag.reports.schema import SWITCH_ON_S_COLUMNS
+
+    rows = []
+    for run in study.runs:
+        for path in dict.fromkeys((epoch_checkpoint(study, run, 0), switch_on_checkpoint(study, run))):
+            with nnunet_environment(study):
+                shares = small_s_shares(path, study.cases, study.device)
+            rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in shares]
+            seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
+            means = seed.groupby("eps")["fraction_below"].mean()
+            study.log(f"  {run.name} {path.name}: " + ", ".join(
+                f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items())
+                + " (mean over cases, seed's units)")
+    tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
+
+
+def term_gradients(study: Study) -> None:
+    """term_gradients.csv: at each run's switch-on checkpoint, on training batches, what Dice+CE and each geometric
+    term send to the logits and to the network, and their shares of the step's gradient."""
+    from geodiag.reports.schema import TERM_GRADIENT_COLUMNS
+
+    from . import term_gradients as measured
+
+    rows = []
+    for run in study.runs:
+        path = switch_on_checkpoint(study, run)
+        with nnunet_environment(study), open(study.out / "term_gradients.log", "a") as log, \
+                contextlib.redirect_stdout(log):  # nnU-Net's trainer prints its banner and split
+            if run.user is not None:
+                terms = measured.user_loss_terms(run.user.loss, dict(run.user.term_weights), run.user.samples)
+            else:
+                terms = measured.geometric_loss_terms(
+                    schema.read_json(study.fold_folder(run) / "geometric_settings.json"))
+            found = measured.measure(path, terms, study.term_batches, study.device, study.seed)
+        rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in found]
+        frame = pd.DataFrame(found)
+        shares = frame.groupby("term", sort=False)["share_of_step"].median()
+        study.log(f"  {run.name} {path.name}: median share of the step's gradient " + ", ".join(
+            f"{term} {share:.3g}" for term, share in shares.items()))
+    tables.write_table(pd.DataFrame(rows, columns=TERM_GRADIENT_COLUMNS), study.out / "term_gradients.csv")
+
+
+def loss_precisions(study: Study) -> None:
+    """loss_precisions.csv: in which precisions each user run's loss runs at all under nnU-Net's autocast; the
+    analysis and the replica sweep take those (a loss that raises in one precision would abort every other)."""
+    from geodiag.reports.schema import LOSS_PRECISION_COLUMNS
+
+    from .precision_probe import probe
+
+    rows, running = [], {}
+    for run in study.runs:
+        if run.user is None:
+            running[run.name] = study.precisions
+            continue
+        with nnunet_environment(study):
+            found = probe(switch_on_checkpoint(study, run), run.user.loss, study.precisions, study.device)
+        rows += [{"run": run.name, **row} for row in found]
+        running[run.name] = tuple(row["precision"] for row in found if row["runs"])
+        for row in found:
+            if not row["runs"]:
+                study.log(f"  {run.name}: the loss raises under {row['precision']} autocast at {row['site']}: "
+                          f"{row['error']}")
+    tables.write_table(pd.DataFrame(rows, columns=LOSS_PRECISION_COLUMNS), study.out / "loss_precisions.csv")
+    study.products["precisions"] = running
+
+
+def _precisions(study: Study, run: RunSpec) -> tuple[str, ...]:
+    return study.products.get("precisions", {}).get(run.name, study.precisions)
+
+
+def analyze(study: Study) -> None:
+    """Each run's switch-on checkpoint: a user's loss through its SPEC (its sites table), geodiag's as recorded."""
+    from geodiag.reports import analysis_report
+
+    from ..tools.analyze import analyze_checkpoint
+
+    summaries = {}
+    for run in study.runs:
+        path = switch_on_checkpoint(study, run)
+        out = study.out / "analysis" / run.name
+        study.log(f"  {run.name} {path.name}" + (f" --loss {run.user.loss}" if run.user else ""))
+        with nnunet_environment(study):
+            summary = analyze_checkpoint(str(path), out, max_cases=study.cases, precisions=_precisions(study, run),
+                                         device=study.device, resume=(out / "cases").is_dir(),
+                                         **({"loss_spec": run.user.loss} if run.user else {}))
+        analysis_report.render(out)
+        study.log(f"    verdict {summary['verdict']}: {summary['verdict_reason']}")
+        summaries[out.name] = summary
+    study.products["analyses"] = summaries
+
+
+def sweep(study: Study) -> None:
+    """geodiag's loss at every clamp eps on the checkpoints around its runs' switch-on (sweep/)."""
+    from geodiag.reports import sweep_report
+
+    from ..tools.sweep import parse_settings, run_sweep
+
+    specs = []
+    for run in study.runs:
+        if run.user is not None:
+            continue
+        for offset in study.sweep_epochs:
+            epoch = run.warmup + offset
+            if 0 <= epoch < run.epochs and epoch_checkpoint(study, run, epoch).is_file():
+                specs.append(f"{run.name}-e{epoch}={epoch_checkpoint(study, run, epoch)}")
+    if not specs:
+        study.log("  no geodiag run to sweep")
+        return
+    out = study.out / "sweep"
+    with nnunet_environment(study):
+        frame, timing = run_sweep(specs, out, cases=None, settings=parse_settings(("clamp",), study.sweep_eps),
+                                  precisions=study.precisions, device=study.device,
+                                  resume=(out / "cases").is_dir(), max_cases=study.cases,
+                                  progress=lambda message: study.log("  " + message))
+    sweep_report.render(out)
+    study.log(f"  {len(frame)} rows; network forward {timing.forward_s:.1f} s of {timing.total_s:.1f} s")
+
+
+def replica_sweep(study: Study) -> None:
+    """The user runs' own sqrt clamps replaced at their lines by each eps (``clamp-sweep --loss SPEC --site
+    FILE:LINE,FILE:LINE --eps …``) on their switch-on checkpoints (replica_sweep/): one loss serves every version,
+    since the swept value replaces the only setting the versions differ in."""
+    from geodiag.reports import site_sweep_report
+
+    from ..tools.site_sweep import run_site_sweep
+
+    users = [run for run in study.runs if run.user is not None]
+    if not users:
+        return
+    specs = [f"{run.name}-e{run.warmup}={switch_on_checkpoint(study, run)}" for run in users]
+    precisions = [p for p in study.precisions if all(p in _precisions(study, run) for run in users)]
+    out = study.out / "replica_sweep"
+    with nnunet_environment(study):
+        frame = run_site_sweep(specs, out, users[0].user.loss, list(users[0].user.sites), study.sweep_eps,
+                               precisions=precisions, device=study.device, resume=(out / "cases").is_dir(),
+                               max_cases=study.cases, progress=lambda message: study.log("  " + message))
+    site_sweep_report.render(out)
+    study.log(f"  {len(frame)} rows at {', '.join(users[0].user.sites)}")
