@@ -6,7 +6,7 @@
  * count_fp32:
  * Why compiled: the same work in torch ops is a chain of full passes (shift, mask, gather, bincount, nan_to_num,
  * sum, dot, min, max), each reading and writing the whole tensor; here each value is read once and the counts stay
- * in L1. The tables come from histogram_bins.fp32_segments, which builds them from the numpy definition that the
+ * in L1. The tables come from histogram_bins.kernel_tables, which builds them from the numpy definition that the
  * torch path (any device, any dtype) follows too; the tests hold both to that definition.
  *
  * A value's bits u name its cell u >> 16 (sign, exponent, 7 mantissa bits). For a cell holding at most one cut,
@@ -15,9 +15,17 @@
  * extra "spill" segment, n_segments; a block that spilled is read again and its spilled values are placed by binary
  * search among the cuts of their sign. The hot loop has no branch.
  *
- * The module takes addresses, not objects: the caller (histograms.py) owns every buffer as a contiguous CPU torch
- * tensor and keeps it alive for the call. No numpy or torch headers are needed to build it.
+ * Memory safety: every buffer arrives through the buffer protocol, so its length, item format and contiguity are
+ * checked here before any value is read (kernels.py checks what C cannot see: that a tensor is on the CPU). The
+ * tables are checked once, by make_tables, which copies them into memory of its own: every segment a cell can send
+ * a value to, every fold index and the lane allocation are in range by construction, whatever the caller does
+ * with its arrays afterwards. No numpy or torch headers are needed to build it.
+ *
+ * VERSION: kernels.py loads this module only if it equals kernels.KERNEL_VERSION (a stale build after an edit here
+ * is not used); bump both with any change to this file.
  */
+#define GEODIAG_KERNEL_VERSION 2
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -176,27 +184,142 @@ __attribute__((target("avx2,fma"))) static void count_and_stats_block_avx2(const
 }
 #endif
 
-static PyObject *count_fp32(PyObject *self, PyObject *args) {
-    unsigned long long values, offset, cuts, source, target, counts, moments, extrema;
-    long long n, n_positive, n_cuts, n_segments, n_fold;
-    int portable = 0;
-    if (!PyArg_ParseTuple(args, "KLKKLLLKKLKKK|p", &values, &n, &offset, &cuts, &n_positive, &n_cuts, &n_segments,
-                          &source, &target, &n_fold, &counts, &moments, &extrema, &portable))
-        return NULL;
-    /* LANES count arrays (+ the spill each), then the segment totals */
-    uint32_t *lanes = PyMem_RawCalloc((size_t)(LANES * (n_segments + 1)), sizeof(uint32_t));
-    int64_t *segment_total = PyMem_RawCalloc((size_t)n_segments, sizeof(int64_t));
-    if (lanes == NULL || segment_total == NULL) {
-        PyMem_RawFree(lanes);
-        PyMem_RawFree(segment_total);
-        return PyErr_NoMemory();
+/* ------------------------------------------------------------------ arguments, checked */
+#define CELLS (1L << 16)            /* u >> CELL_SHIFT of every 32-bit pattern: the offset table has one per cell */
+#define MAX_VALUES (1LL << 31)      /* per count_fp32 call: no uint32 lane count wraps */
+#define TABLES_NAME "geodiag._cpu_kernels.tables"
+
+/* A C-contiguous buffer of one item format (one of `formats`, `itemsize` bytes each), writable if asked; its number of
+ * items in *count. On failure a one-line TypeError naming the argument, and nothing is held. */
+static int get_buffer(PyObject *object, const char *name, const char *formats, Py_ssize_t itemsize, int writable,
+                      Py_buffer *view, Py_ssize_t *count) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(object, view, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a C-contiguous%s buffer, got %.80s", name,
+                     writable ? ", writable" : "", Py_TYPE(object)->tp_name);
+        return -1;
     }
-    Tables t = {(const uint32_t *)(uintptr_t)offset, (const uint32_t *)(uintptr_t)cuts, n_positive, n_cuts, n_segments,
-                {NULL}};
-    for (int k = 0; k < LANES; k++) t.lane[k] = lanes + k * (n_segments + 1);
-    const uint32_t *x = (const uint32_t *)(uintptr_t)values;
-    Stats stats = {0.0, 0.0, INFINITY, -INFINITY, UINT32_MAX};
-    Py_BEGIN_ALLOW_THREADS
+    const char *format = view->format ? view->format : "B";
+    const char *code = format + (format[0] == '@' || format[0] == '=' || (PY_LITTLE_ENDIAN && format[0] == '<'));
+    if (view->itemsize != itemsize || code[0] == '\0' || code[1] != '\0' || strchr(formats, code[0]) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: expected items of format '%s' (%zd bytes), got '%s' (%zd bytes)", name,
+                     formats, itemsize, format, view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    *count = view->len / itemsize;
+    return 0;
+}
+
+typedef struct {
+    uint32_t offset[CELLS];
+    uint32_t *cuts;            /* the positive side's n_positive, then the negative side's */
+    int64_t *source, *target;  /* the fold: segment source[j] adds its count to counts[target[j]] */
+    int64_t n_positive, n_cuts, n_segments, n_fold;
+    int64_t n_counts;          /* the counts buffer must hold at least this many: the largest target + 1 */
+} OwnedTables;
+
+static void free_tables(PyObject *capsule) {
+    OwnedTables *owned = PyCapsule_GetPointer(capsule, TABLES_NAME);
+    if (owned == NULL) return;
+    PyMem_RawFree(owned->cuts);
+    PyMem_RawFree(owned->source);
+    PyMem_RawFree(owned->target);
+    PyMem_RawFree(owned);
+}
+
+/* The first cell (or -1) whose values could be sent outside segments 0 .. n_segments (the last is the spill):
+ * a cell's patterns give (u - offset) mod 2^32 over 2^16 consecutive numbers, which must not wrap. */
+static int64_t cell_out_of_range(const OwnedTables *t) {
+    for (int64_t cell = 0; cell < CELLS; cell++) {
+        uint32_t low = (uint32_t)(cell << CELL_SHIFT) - t->offset[cell];
+        if (low > UINT32_MAX - 0xffffu || (int64_t)((low + 0xffffu) >> CELL_SHIFT) > t->n_segments) return cell;
+    }
+    return -1;
+}
+
+/* The fold's first bad index (or -1): a source outside the segments or a negative target; sets n_counts. */
+static int64_t fold_out_of_range(OwnedTables *t) {
+    t->n_counts = 0;
+    for (int64_t j = 0; j < t->n_fold; j++) {
+        if (t->source[j] < 0 || t->source[j] >= t->n_segments || t->target[j] < 0) return j;
+        if (t->target[j] >= t->n_counts) t->n_counts = t->target[j] + 1;
+    }
+    return -1;
+}
+
+static int copy_into(void **to, const Py_buffer *view) {
+    *to = PyMem_RawMalloc(view->len ? (size_t)view->len : 1);
+    if (*to == NULL) return -1;
+    memcpy(*to, view->buf, (size_t)view->len);
+    return 0;
+}
+
+/* Each sign has one segment more than its cuts; the copies are checked, not the caller's arrays. */
+static PyObject *checked_tables(OwnedTables *t, Py_buffer *views, Py_ssize_t n_fold) {
+    memcpy(t->offset, views[0].buf, sizeof t->offset);
+    t->n_cuts = views[1].len / 4;
+    t->n_segments = t->n_cuts + 2;
+    t->n_fold = n_fold;
+    if (copy_into((void **)&t->cuts, &views[1]) < 0 || copy_into((void **)&t->source, &views[2]) < 0 ||
+        copy_into((void **)&t->target, &views[3]) < 0)
+        return PyErr_NoMemory();
+    int64_t cell = cell_out_of_range(t), j = fold_out_of_range(t);
+    if (cell >= 0)
+        return PyErr_Format(PyExc_ValueError, "offset: cell %lld sends values beyond the %lld segments", (long long)cell,
+                            (long long)t->n_segments);
+    if (j >= 0)
+        return PyErr_Format(PyExc_ValueError, "source/target: entry %lld maps segment %lld to count %lld; the "
+                            "segments are 0..%lld, the counts from 0", (long long)j, (long long)t->source[j],
+                            (long long)t->target[j], (long long)t->n_segments - 1);
+    return PyCapsule_New(t, TABLES_NAME, free_tables);
+}
+
+static PyObject *make_tables(PyObject *self, PyObject *args) {
+    PyObject *objects[4];
+    long long n_positive;
+    if (!PyArg_ParseTuple(args, "OOLOO", &objects[0], &objects[1], &n_positive, &objects[2], &objects[3]))
+        return NULL;
+    static const char *names[4] = {"offset", "cuts", "source", "target"}, *formats[4] = {"I", "I", "lq", "lq"};
+    static const Py_ssize_t sizes[4] = {4, 4, 8, 8};
+    Py_buffer views[4];
+    Py_ssize_t counts[4];
+    int held = 0;
+    PyObject *result = NULL;
+    OwnedTables *owned = NULL;
+    for (; held < 4; held++)
+        if (get_buffer(objects[held], names[held], formats[held], sizes[held], 0, &views[held], &counts[held]) < 0)
+            goto done;
+    if (counts[0] != CELLS) {
+        PyErr_Format(PyExc_ValueError, "offset: %zd cells, expected %ld", counts[0], CELLS);
+    } else if (n_positive < 0 || n_positive > counts[1] || counts[1] > (Py_ssize_t)UINT32_MAX - 2) {
+        PyErr_Format(PyExc_ValueError, "n_positive: %lld is not within the %zd cuts", n_positive, counts[1]);
+    } else if (counts[2] != counts[3]) {
+        PyErr_Format(PyExc_ValueError, "source and target: %zd and %zd entries, expected as many", counts[2],
+                     counts[3]);
+    } else if ((owned = PyMem_RawCalloc(1, sizeof *owned)) == NULL) {
+        PyErr_NoMemory();
+    } else {
+        owned->n_positive = n_positive;
+        result = checked_tables(owned, views, counts[2]);
+    }
+done:
+    if (result == NULL && owned != NULL) {
+        PyMem_RawFree(owned->cuts);
+        PyMem_RawFree(owned->source);
+        PyMem_RawFree(owned->target);
+        PyMem_RawFree(owned);
+    }
+    while (held > 0) PyBuffer_Release(&views[--held]);
+    return result;
+}
+
+/* ------------------------------------------------------------------ the calls */
+static void count_values(const uint32_t *x, int64_t n, const OwnedTables *owned, uint32_t *lanes,
+                         int64_t *segment_total, Stats *stats, int portable) {
+    Tables t = {owned->offset, owned->cuts, owned->n_positive, owned->n_cuts, owned->n_segments, {NULL}};
+    for (int k = 0; k < LANES; k++) t.lane[k] = lanes + k * (owned->n_segments + 1);
 #ifdef HAVE_AVX2_PATH
     int avx2 = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -204,43 +327,90 @@ static PyObject *count_fp32(PyObject *self, PyObject *args) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
 #ifdef HAVE_AVX2_PATH
         if (avx2) {
-            count_and_stats_block_avx2(x + start, m, &t, &stats);
+            count_and_stats_block_avx2(x + start, m, &t, stats);
         } else
 #endif
         {
             count_block(x + start, m, &t);
-            stats_block_portable(x + start, m, &stats);
+            stats_block_portable(x + start, m, stats);
         }
         place_spilled(x + start, m, &t);
     }
-    for (int k = 0; k < LANES; k++) /* the caller passes fewer than 2^32 values: no lane count wraps */
-        for (int64_t j = 0; j < n_segments; j++) segment_total[j] += t.lane[k][j];
-    /* the fold: segment source[j] adds its count to the histogram's count target[j] */
-    const int64_t *from = (const int64_t *)(uintptr_t)source, *to = (const int64_t *)(uintptr_t)target;
-    int64_t *total = (int64_t *)(uintptr_t)counts;
-    for (int64_t j = 0; j < n_fold; j++) total[to[j]] += segment_total[from[j]];
-    Py_END_ALLOW_THREADS
-    PyMem_RawFree(lanes);
-    PyMem_RawFree(segment_total);
-    if (n) { /* moments: sum, sum of squares (added); extrema: min, -max, min |x| (each the minimum) */
-        double *moment = (double *)(uintptr_t)moments, *extremum = (double *)(uintptr_t)extrema;
-        float min_abs;
-        uint32_t min_mag = stats.min_mag > INF_BITS ? INF_BITS : stats.min_mag;
-        memcpy(&min_abs, &min_mag, sizeof min_abs);
-        double seen[3] = {(double)stats.min, -(double)stats.max, (double)min_abs};
-        moment[0] += stats.sum;
-        moment[1] += stats.sum_sq;
-        for (int k = 0; k < 3; k++) extremum[k] = seen[k] < extremum[k] ? seen[k] : extremum[k];
+    for (int k = 0; k < LANES; k++) /* at most MAX_VALUES values: no lane count wraps */
+        for (int64_t j = 0; j < owned->n_segments; j++) segment_total[j] += t.lane[k][j];
+}
+
+/* moments: sum, sum of squares (added); extrema: min, -max, min |x| (each the minimum) */
+static void fold_into(const OwnedTables *owned, const int64_t *segment_total, const Stats *stats, int64_t n,
+                      int64_t *counts, double *moment, double *extremum) {
+    for (int64_t j = 0; j < owned->n_fold; j++) counts[owned->target[j]] += segment_total[owned->source[j]];
+    if (!n) return;
+    float min_abs;
+    uint32_t min_mag = stats->min_mag > INF_BITS ? INF_BITS : stats->min_mag;
+    memcpy(&min_abs, &min_mag, sizeof min_abs);
+    double seen[3] = {(double)stats->min, -(double)stats->max, (double)min_abs};
+    moment[0] += stats->sum;
+    moment[1] += stats->sum_sq;
+    for (int k = 0; k < 3; k++) extremum[k] = seen[k] < extremum[k] ? seen[k] : extremum[k];
+}
+
+static PyObject *count_fp32(PyObject *self, PyObject *args) {
+    PyObject *values, *tables, *outputs[3];
+    int portable = 0;
+    if (!PyArg_ParseTuple(args, "OOOOO|p", &values, &tables, &outputs[0], &outputs[1], &outputs[2], &portable))
+        return NULL;
+    const OwnedTables *owned = PyCapsule_GetPointer(tables, TABLES_NAME);
+    if (owned == NULL) {
+        PyErr_Clear();
+        return PyErr_Format(PyExc_TypeError, "tables: expected what make_tables returns, got %.80s",
+                            Py_TYPE(tables)->tp_name);
     }
-    Py_RETURN_NONE;
+    static const char *names[4] = {"values", "counts", "moments", "extrema"}, *formats[4] = {"f", "lq", "d", "d"};
+    static const Py_ssize_t sizes[4] = {4, 8, 8, 8};
+    PyObject *objects[4] = {values, outputs[0], outputs[1], outputs[2]};
+    Py_buffer views[4];
+    Py_ssize_t counts[4];
+    int held = 0;
+    PyObject *result = NULL;
+    for (; held < 4; held++)
+        if (get_buffer(objects[held], names[held], formats[held], sizes[held], held > 0, &views[held],
+                       &counts[held]) < 0)
+            goto done;
+    if (counts[0] > MAX_VALUES) {
+        PyErr_Format(PyExc_ValueError, "values: %zd in one call, at most %lld", counts[0], MAX_VALUES);
+    } else if (counts[1] < owned->n_counts || counts[2] != 2 || counts[3] != 3) {
+        PyErr_Format(PyExc_ValueError, "counts, moments, extrema: %zd, %zd and %zd entries, expected at least %lld, "
+                     "2 and 3", counts[1], counts[2], counts[3], (long long)owned->n_counts);
+    } else {
+        /* LANES count arrays (+ the spill each), then the segment totals */
+        uint32_t *lanes = PyMem_RawCalloc((size_t)(LANES * (owned->n_segments + 1)), sizeof(uint32_t));
+        int64_t *segment_total = PyMem_RawCalloc((size_t)owned->n_segments, sizeof(int64_t));
+        if (lanes == NULL || segment_total == NULL) {
+            PyErr_NoMemory();
+        } else {
+            Stats stats = {0.0, 0.0, INFINITY, -INFINITY, UINT32_MAX};
+            Py_BEGIN_ALLOW_THREADS
+            count_values(views[0].buf, counts[0], owned, lanes, segment_total, &stats, portable);
+            fold_into(owned, segment_total, &stats, counts[0], views[1].buf, views[2].buf, views[3].buf);
+            Py_END_ALLOW_THREADS
+            result = Py_NewRef(Py_None);
+        }
+        PyMem_RawFree(lanes);
+        PyMem_RawFree(segment_total);
+    }
+done:
+    while (held > 0) PyBuffer_Release(&views[--held]);
+    return result;
 }
 
 static PyObject *min_max_fp32(PyObject *self, PyObject *args) {
-    unsigned long long values;
-    long long n;
+    PyObject *values;
     int portable = 0;
-    if (!PyArg_ParseTuple(args, "KL|p", &values, &n, &portable)) return NULL;
-    const float *x = (const float *)(uintptr_t)values;
+    if (!PyArg_ParseTuple(args, "O|p", &values, &portable)) return NULL;
+    Py_buffer view;
+    Py_ssize_t n;
+    if (get_buffer(values, "values", "f", 4, 0, &view, &n) < 0) return NULL;
+    const float *x = view.buf;
     float min = INFINITY, max = -INFINITY;
     int nan = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -253,22 +423,43 @@ static PyObject *min_max_fp32(PyObject *self, PyObject *args) {
         nan |= x[i] != x[i];
     }
     Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (!n) Py_RETURN_NONE; /* no values, no extrema */
     return nan ? Py_BuildValue("(dd)", NAN, NAN) : Py_BuildValue("(dd)", (double)min, (double)max);
 }
 
 static PyMethodDef methods[] = {
+    {"make_tables", make_tables, METH_VARARGS,
+     "make_tables(offset, cuts, n_positive, source, target) -> tables for count_fp32: uint32 cell offsets (65536, the "
+     "sign folded in), uint32 cuts (the positive side's n_positive first), the int64 fold map source -> target. "
+     "Copied and checked: ValueError if a cell or the fold could index out of range."},
     {"count_fp32", count_fp32, METH_VARARGS,
-     "count_fp32(values, n, offset, cuts, n_positive, n_cuts, n_segments, source, target, n_fold, counts, moments, "
-     "extrema, portable=False): addresses of contiguous CPU buffers: n fp32 values; the tables (uint32 cell offsets, "
-     "the sign folded in; uint32 cuts, the positive side's first; int64 fold map source -> target); a LogHistogram's "
-     "int64 counts and float64 moments (added to) and extrema (minimum taken). portable=True: the plain C loops even "
-     "where the AVX2 one would run (for the tests)."},
+     "count_fp32(values, tables, counts, moments, extrema, portable=False): contiguous buffers: at most MAX_VALUES "
+     "float32 values; a LogHistogram's int64 counts (at least as many as the tables fold into) and float64 moments (2, "
+     "added to) and extrema (3, minimum taken). portable=True: the plain C loops even where the AVX2 one would run "
+     "(for the tests)."},
     {"min_max_fp32", min_max_fp32, METH_VARARGS,
-     "min_max_fp32(values, n, portable=False) -> (min, max) of n contiguous fp32 values, both NaN if any is NaN "
-     "(as torch.aminmax)."},
+     "min_max_fp32(values, portable=False) -> (min, max) of a contiguous float32 buffer, both NaN if any is NaN (as "
+     "torch.aminmax); None if it is empty."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }
+static int add_long_long(PyObject *to, const char *name, long long value) {
+    PyObject *number = PyLong_FromLongLong(value);
+    int status = number == NULL ? -1 : PyModule_AddObjectRef(to, name, number);
+    Py_XDECREF(number);
+    return status;
+}
+
+PyMODINIT_FUNC PyInit__cpu_kernels(void) {
+    PyObject *created = PyModule_Create(&module);
+    if (created == NULL) return NULL;
+    if (PyModule_AddIntConstant(created, "VERSION", GEODIAG_KERNEL_VERSION) < 0 ||
+        add_long_long(created, "MAX_VALUES", MAX_VALUES) < 0) {
+        Py_DECREF(created);
+        return NULL;
+    }
+    return created;
+}

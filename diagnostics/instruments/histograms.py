@@ -17,6 +17,7 @@ the moments. (fp64 input is counted by its exact rounding; torch casts fp64 to b
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import kernels
 from .histogram_bins import CELL_MASK, CELL_SHIFT, INF_BITS, MAGNITUDE, RAW_COUNTS, BinLayout, kernel_tables, segments
-from .kernels import compiled as cpu_kernel
 
 # The named counts of a summary row.
 SPECIAL_COUNTS = (
@@ -65,8 +66,14 @@ def _named_counts(raw: dict[str, int]) -> dict[str, int]:
 
 _CHUNK = 1 << 16                   # elements per pass on the CPU: the scratch buffers stay in cache
 _CHUNK_DEVICE = 1 << 22            # elsewhere few large passes (each op is a kernel launch)
-_KERNEL_PIECE = 1 << 31            # values per kernel call: its per-lane uint32 counts cannot wrap
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_tables(layout: BinLayout, thresholds: tuple, module) -> object:
+    """The kernel's own checked copy of the tables (built once per layout, thresholds and compiled module)."""
+    tables = kernel_tables(layout, thresholds)
+    return module.make_tables(tables.offset, tables.cuts, tables.n_positive, tables.source, tables.target)
 
 
 class LogHistogram:
@@ -96,13 +103,20 @@ class LogHistogram:
 
     # ------------------------------------------------------------------ accumulate (no host sync)
     def update(self, *tensors: torch.Tensor) -> None:
-        """Add every element of each tensor (any shape, any float dtype, on this histogram's device) to this one
-        histogram: several tensors (e.g. every parameter's gradient) in one call pay the fixed costs once."""
+        """Add every element of each tensor (any shape, any float dtype) to this one histogram: several tensors
+        (e.g. every parameter's gradient) in one call pay the fixed costs once. A tensor on another device than
+        this histogram is copied over piece by piece (a transfer: keep them together); meta tensors (no values,
+        shapes only) go only into a histogram on meta, the others never."""
+        buffers = self._counts.device
+        for t in tensors:
+            if (t.device.type == "meta") != (buffers.type == "meta"):
+                raise ValueError(f"LogHistogram on {buffers} cannot count a tensor on {t.device}: a meta tensor holds "
+                                 "no values, a meta histogram no counts")
         on_torch = []
         for t in tensors:
             if not t.numel():
                 continue
-            if cpu_kernel is not None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
+            if kernels.compiled is not None and t.is_cpu and buffers.type == "cpu" and t.dtype in _KERNEL_DTYPES:
                 self._count_on_kernel(t)
             else:
                 on_torch.append(t.detach().reshape(-1))
@@ -110,15 +124,12 @@ class LogHistogram:
             self._update_with_torch(on_torch)
 
     def _count_on_kernel(self, t: torch.Tensor) -> None:
-        """Counted, summed and folded into this histogram's buffers by one kernel call per piece, read in place
-        when it is contiguous fp32: no torch op, no view."""
+        """Counted, summed and folded into this histogram's buffers by the kernel, read in place when it is
+        contiguous fp32: no torch op, no view."""
         if t.dtype != torch.float32 or not t.is_contiguous():
             t = t.detach().to(torch.float32).contiguous()  # fp16, bf16 widen exactly
-        tables = kernel_tables(self.layout, self.thresholds)
-        address, n = t.data_ptr(), t.numel()
-        for start in range(0, n, _KERNEL_PIECE):
-            cpu_kernel.count_fp32(address + 4 * start, min(_KERNEL_PIECE, n - start), *tables.addresses,
-                                  self._counts.data_ptr(), self._moments.data_ptr(), self._extrema.data_ptr())
+        tables = _kernel_tables(self.layout, self.thresholds, kernels.compiled)
+        kernels.count_fp32(t, tables, self._counts, self._moments, self._extrema)
 
     @torch.no_grad()
     def _update_with_torch(self, flat: list[torch.Tensor]) -> None:
