@@ -59,8 +59,8 @@ def test_empty_input_has_no_extrema_and_counts_nothing():
     assert kernels.min_max(torch.empty(0)) is None and kernels.min_max(torch.empty(3, 0)) is None
     assert kernels.compiled.min_max_fp32(np.empty(0, dtype=np.float32)) is None
     h = LogHistogram()
-    kernels.compiled.count_fp32(*_buffers(values=np.empty(0, dtype=np.float32), counts=h._counts.numpy(),
-                                          moments=h._moments.numpy(), extrema=h._extrema.numpy()))
+    kernels.compiled.count_fp32(*_buffers(values=np.empty(0, dtype=np.float32), counts=h._host_buffers[0],
+                                          moments=h._host_buffers[1], extrema=h._host_buffers[2]))
     assert not h._counts.any() and not h._moments.any() and torch.isinf(h._extrema).all()
     h.update(torch.empty(0), torch.empty(2, 0))
     assert h.to_dict()["count"] == 0
@@ -76,11 +76,14 @@ MISMATCHES = {
     "tensor_on_meta": ("LogHistogram().update(torch.randn(1000, device='meta'))",
                        "ValueError: LogHistogram on cpu cannot count a tensor on meta: a meta tensor holds no "
                        "values, a meta histogram no counts"),
-    "kernel_given_a_meta_buffer": (
-        "h = LogHistogram(device='meta'); "
-        "kernels.count_fp32(torch.randn(1000), histograms._kernel_tables(h.layout, (), kernels.compiled), "
-        "h._counts, h._moments, h._extrema)",
-        "ValueError: the CPU kernel cannot use counts on meta: its buffers must all be on the CPU"),
+    "kernel_given_meta_values": (
+        "kernels.count_fp32(torch.randn(1000, device='meta'), "
+        "histograms._kernel_tables(BinLayout(), (), kernels.compiled), *LogHistogram()._host_buffers)",
+        "ValueError: the CPU kernel cannot read values on meta: its buffers must all be on the CPU"),
+    "kernel_given_a_meta_histograms_tensors": (
+        "h = LogHistogram(device='meta'); kernels.count_fp32(torch.randn(1000), "
+        "histograms._kernel_tables(h.layout, (), kernels.compiled), h._counts, h._moments, h._extrema)",
+        "TypeError: counts: expected a C-contiguous, writable buffer, got Tensor"),
 }
 
 
@@ -88,6 +91,7 @@ MISMATCHES = {
 def test_a_buffer_on_another_device_is_a_one_line_error_not_a_crash(name):
     statement, message = MISMATCHES[name]
     script = ("import torch\nfrom geodiag.diagnostics.instruments import histograms, kernels\n"
+              "from geodiag.diagnostics.instruments.histogram_bins import BinLayout\n"
               "from geodiag.diagnostics.instruments.histograms import LogHistogram\n" + statement)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr  # an exception, not a signal (-11) or 139
@@ -108,9 +112,9 @@ def _tables(**changed):
 
 def _buffers(**changed) -> list:
     """count_fp32's arguments on a default histogram's buffers (as numpy views), with ``changed`` replaced."""
-    h = LogHistogram()
-    buffers = {"values": np.linspace(-3, 3, 100, dtype=np.float32), "tables": _tables(), "counts": h._counts.numpy(),
-               "moments": h._moments.numpy(), "extrema": h._extrema.numpy()}
+    counts, moments, extrema = LogHistogram()._host_buffers
+    buffers = {"values": np.linspace(-3, 3, 100, dtype=np.float32), "tables": _tables(), "counts": counts,
+               "moments": moments, "extrema": extrema}
     return list({**buffers, **changed}.values())
 
 
@@ -130,7 +134,7 @@ def test_count_buffers_of_the_wrong_length_type_or_layout_are_rejected():
     h = LogHistogram()
     needed = int(kernel_tables(BinLayout(), ()).target.max()) + 1  # the counts the tables fold into
     with pytest.raises(ValueError, match=re.escape(f"{needed - 1}, 2 and 3 entries, expected at least {needed}")):
-        kernels.compiled.count_fp32(*_buffers(counts=h._counts.numpy()[:needed - 1]))
+        kernels.compiled.count_fp32(*_buffers(counts=h._host_buffers[0][:needed - 1]))
     with pytest.raises(ValueError, match=re.escape(f"{len(h._counts)}, 1 and 3 entries")):
         kernels.compiled.count_fp32(*_buffers(moments=np.zeros(1)))
     with pytest.raises(TypeError, match=re.escape("values: expected items of format 'f' (4 bytes), got 'd'")):
@@ -141,10 +145,10 @@ def test_count_buffers_of_the_wrong_length_type_or_layout_are_rejected():
     read_only.flags.writeable = False
     with pytest.raises(TypeError, match="extrema: expected a C-contiguous, writable buffer"):
         kernels.compiled.count_fp32(*_buffers(extrema=read_only))
-    with pytest.raises(TypeError, match="tables: expected what make_tables returns, got dict"):
+    with pytest.raises(TypeError, match="argument 2 must be PyCapsule, not dict"):
         kernels.compiled.count_fp32(*_buffers(tables=_arrays()))
     assert not h._counts.any()  # nothing was written
-    kernels.compiled.count_fp32(*_buffers(counts=h._counts.numpy()[:needed]))  # exactly as many: counted
+    kernels.compiled.count_fp32(*_buffers(counts=h._host_buffers[0][:needed]))  # exactly as many: counted
     assert h._counts[0] == 100
 
 
@@ -190,11 +194,10 @@ def test_the_kernel_counts_with_its_own_copy_of_the_tables():
     tables = kernels.compiled.make_tables(*arrays.values())
     values = np.geomspace(1e-30, 1e30, 999, dtype=np.float32)
     kept, overwritten = LogHistogram(), LogHistogram()
-    kernels.compiled.count_fp32(values, tables, kept._counts.numpy(), kept._moments.numpy(), kept._extrema.numpy())
+    kernels.compiled.count_fp32(values, tables, *kept._host_buffers)
     for name in ("offset", "source", "target"):
         arrays[name][:] = np.iinfo(arrays[name].dtype).max  # every index far out of range
-    kernels.compiled.count_fp32(values, tables, overwritten._counts.numpy(), overwritten._moments.numpy(),
-                                overwritten._extrema.numpy())
+    kernels.compiled.count_fp32(values, tables, *overwritten._host_buffers)
     assert torch.equal(kept.packed(), overwritten.packed()) and kept.to_dict()["count"] == 999
 
 

@@ -100,6 +100,9 @@ class LogHistogram:
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
         # min, -max, min |x| of the finite values: merged by minimum
         self._extrema = torch.full((_EXTREMA,), math.inf, dtype=torch.float64, device=self.device)
+        # The kernel's view of the three (host memory, shared with the tensors, which are only ever changed in place).
+        self._host_buffers = (tuple(b.numpy() for b in (self._counts, self._moments, self._extrema))
+                              if self.device.type == "cpu" else None)
 
     # ------------------------------------------------------------------ accumulate (no host sync)
     def update(self, *tensors: torch.Tensor) -> None:
@@ -107,16 +110,16 @@ class LogHistogram:
         (e.g. every parameter's gradient) in one call pay the fixed costs once. A tensor on another device than
         this histogram is copied over piece by piece (a transfer: keep them together); meta tensors (no values,
         shapes only) go only into a histogram on meta, the others never."""
-        buffers = self._counts.device
+        on_meta = self._counts.is_meta
         for t in tensors:
-            if (t.device.type == "meta") != (buffers.type == "meta"):
-                raise ValueError(f"LogHistogram on {buffers} cannot count a tensor on {t.device}: a meta tensor holds "
-                                 "no values, a meta histogram no counts")
+            if t.is_meta != on_meta:
+                raise ValueError(f"LogHistogram on {self._counts.device} cannot count a tensor on {t.device}: a meta "
+                                 "tensor holds no values, a meta histogram no counts")
         on_torch = []
         for t in tensors:
             if not t.numel():
                 continue
-            if kernels.compiled is not None and t.is_cpu and buffers.type == "cpu" and t.dtype in _KERNEL_DTYPES:
+            if kernels.compiled is not None and t.is_cpu and self._host_buffers is not None and t.dtype in _KERNEL_DTYPES:
                 self._count_on_kernel(t)
             else:
                 on_torch.append(t.detach().reshape(-1))
@@ -129,7 +132,7 @@ class LogHistogram:
         if t.dtype != torch.float32 or not t.is_contiguous():
             t = t.detach().to(torch.float32).contiguous()  # fp16, bf16 widen exactly
         tables = _kernel_tables(self.layout, self.thresholds, kernels.compiled)
-        kernels.count_fp32(t, tables, self._counts, self._moments, self._extrema)
+        kernels.count_fp32(t, tables, *self._host_buffers)
 
     @torch.no_grad()
     def _update_with_torch(self, flat: list[torch.Tensor]) -> None:

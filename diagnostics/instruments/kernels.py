@@ -2,9 +2,9 @@
 
 Why a module of its own: the histogram and the provenance checks both use them, and both fall back to torch ops
 without them; this is the one place that loads them (only a build whose ``VERSION`` is this source's: a stale one
-is not used, and ``geodiag doctor`` says why), that checks what C cannot see before a call (every buffer on the
-CPU: a CUDA or meta tensor's address is no host memory), and that says which path is in use. The C side checks
-the rest (item types, contiguity, lengths, the tables' indexes).
+is not used, and ``geodiag doctor`` says why), that checks what C cannot see before a call (the values on the CPU;
+the histogram's buffers arrive as numpy views, host memory by construction), and that says which path is in use.
+The C side checks the rest (item types, contiguity, lengths, the tables' indexes).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import contextlib
 from types import ModuleType
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 # GEODIAG_KERNEL_VERSION in _cpu_kernels.c (tests/test_cpu_kernels.py holds the two equal): bump both with any change
@@ -53,22 +54,21 @@ def unused() -> Iterator[None]:
         compiled = kept
 
 
-def _require_cpu(**buffers: torch.Tensor) -> None:
-    for name, t in buffers.items():
-        if t.device.type != "cpu":
-            raise ValueError(f"the CPU kernel cannot use {name} on {t.device}: its buffers must all be on the CPU")
-
-
-def count_fp32(values: torch.Tensor, tables: object, counts: torch.Tensor, moments: torch.Tensor,
-               extrema: torch.Tensor) -> None:
-    """Count contiguous fp32 ``values`` into a LogHistogram's buffers (``tables`` from ``compiled.make_tables``),
-    in pieces of at most ``compiled.MAX_VALUES`` (its per-lane counts are 32-bit)."""
-    _require_cpu(values=values, counts=counts, moments=moments, extrema=extrema)
-    flat = values.detach().reshape(-1).numpy()
-    outputs = counts.numpy(), moments.numpy(), extrema.numpy()
+def count_fp32(values: torch.Tensor, tables: object, counts: np.ndarray, moments: np.ndarray,
+               extrema: np.ndarray) -> None:
+    """Count fp32 CPU ``values`` (``tables`` from ``compiled.make_tables``) into a LogHistogram's buffers, given as
+    numpy views of its CPU tensors (host memory by construction: a CUDA or meta tensor has none), in pieces of at
+    most ``compiled.MAX_VALUES`` (its per-lane counts are 32-bit)."""
+    if not values.is_cpu:
+        raise ValueError(f"the CPU kernel cannot read values on {values.device}: its buffers must all be on the CPU")
+    array = (values.detach() if values.requires_grad else values).numpy()
     piece = compiled.MAX_VALUES
+    if array.size <= piece:
+        compiled.count_fp32(array, tables, counts, moments, extrema)
+        return
+    flat = array.reshape(-1)
     for start in range(0, flat.size, piece):
-        compiled.count_fp32(flat[start:start + piece], tables, *outputs)
+        compiled.count_fp32(flat[start:start + piece], tables, counts, moments, extrema)
 
 
 def min_max(t: torch.Tensor) -> Optional[tuple[float, float]]:
@@ -77,5 +77,6 @@ def min_max(t: torch.Tensor) -> Optional[tuple[float, float]]:
     devices or without the kernel (then use ``torch.aminmax``)."""
     if compiled is None or t.dtype != torch.float32 or not t.is_cpu:
         return None
-    t = t.contiguous()
-    return compiled.min_max_fp32((t.detach() if t.requires_grad else t).numpy())
+    if t.requires_grad or not t.is_contiguous():
+        t = t.detach().contiguous()
+    return compiled.min_max_fp32(t.numpy())
