@@ -67,8 +67,9 @@ def test_empty_input_has_no_extrema_and_counts_nothing():
 
 
 # ---------------------------------------------------------------------------------------------- device mismatch
-# Each runs in a fresh interpreter: before the checks these wrote through a device address and killed the process
-# (exit 139, a segmentation fault) instead of raising.
+# Each runs in a fresh interpreter, as what they guard against kills it: before the checks the first handed the kernel
+# the meta buffers' address (exit 139, a segmentation fault). Meta stands for any device whose memory the host cannot
+# address (CUDA alike): the kernel is chosen, and given buffers, only when everything is on the CPU.
 MISMATCHES = {
     "histogram_on_meta": ("LogHistogram(device='meta').update(torch.randn(1000))",
                           "ValueError: LogHistogram on meta cannot count a tensor on cpu: a meta tensor holds no "
@@ -78,11 +79,11 @@ MISMATCHES = {
                        "values, a meta histogram no counts"),
     "kernel_given_meta_values": (
         "kernels.count_fp32(torch.randn(1000, device='meta'), "
-        "histograms._kernel_tables(BinLayout(), (), kernels.compiled), *LogHistogram()._host_buffers)",
+        "histograms._kernel_tables(BinLayout(), ()), *LogHistogram()._host_buffers)",
         "ValueError: the CPU kernel cannot read values on meta: its buffers must all be on the CPU"),
     "kernel_given_a_meta_histograms_tensors": (
         "h = LogHistogram(device='meta'); kernels.count_fp32(torch.randn(1000), "
-        "histograms._kernel_tables(h.layout, (), kernels.compiled), h._counts, h._moments, h._extrema)",
+        "histograms._kernel_tables(h.layout, ()), h._counts, h._moments, h._extrema)",
         "TypeError: counts: expected a C-contiguous, writable buffer, got Tensor"),
 }
 

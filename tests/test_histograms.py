@@ -14,8 +14,8 @@ from geodiag.diagnostics.instruments.histograms import LogHistogram, decade_grid
 
 F32_TINY = 2.0 ** -126
 # The kernel's variants exist where it is built, and where CI requires it (there a missing build fails them).
-KERNEL_PATHS = (("kernel", "kernel_portable") if kernels.compiled is not None or os.environ.get("GEODIAG_REQUIRE_KERNEL")
-                else ())
+REQUIRED = os.environ.get("GEODIAG_REQUIRE_KERNEL")
+KERNEL_PATHS = ("kernel", "kernel_portable") if kernels.compiled is not None or REQUIRED else ()
 
 
 class _Kernel:

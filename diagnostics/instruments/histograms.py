@@ -2,12 +2,12 @@
 
 Why: a NaN hunt needs the shape of a distribution over many steps (how many pixels sit near zero, how close
 values come to the fp16 range) without the host sync per step that makes Cockpit or TensorBoard histograms
-expensive. ``LogHistogram.update`` finds each value's count positions from its bits (``histogram_bins``): on the
-CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each value once (``_cpu_kernels.c``);
-elsewhere, and for fp64, a few integer torch ops and one bincount (a ``scatter_add_`` into a fixed-size buffer:
-torch.bincount on CUDA reads its maximum back), with no ``.item()`` and no boolean indexing, so it can run every
-step. ``packed()`` gives
-the whole state as one float64 vector for a single transfer, ``summarize`` turns that host copy into a row.
+expensive. ``LogHistogram.update`` finds each value's count positions from its bits (``histogram_bins``): when the
+values and the histogram are both on the CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each
+value once (``_cpu_kernels.c``); elsewhere, and for fp64, a few integer torch ops and one bincount (a
+``scatter_add_`` into a fixed-size buffer: torch.bincount on CUDA reads its maximum back), with no ``.item()`` and
+no boolean indexing, so it can run every step. ``packed()`` gives the whole state as one float64 vector for a
+single transfer, ``summarize`` turns that host copy into a row.
 
 Counts are exact: NaN, +Inf, -Inf, exact zeros, negatives, fp32 subnormals, and what a cast to fp16 / bf16
 would do (overflow to inf, underflow to zero, land in the subnormal range), counted against the exact
@@ -70,10 +70,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_tables(layout: BinLayout, thresholds: tuple, module) -> object:
-    """The kernel's own checked copy of the tables (built once per layout, thresholds and compiled module)."""
+def _kernel_tables(layout: BinLayout, thresholds: tuple) -> object:
+    """The kernel's own checked copy of the tables (made once per layout and thresholds)."""
     tables = kernel_tables(layout, thresholds)
-    return module.make_tables(tables.offset, tables.cuts, tables.n_positive, tables.source, tables.target)
+    return kernels.compiled.make_tables(tables.offset, tables.cuts, tables.n_positive, tables.source, tables.target)
 
 
 class LogHistogram:
@@ -116,10 +116,11 @@ class LogHistogram:
                 raise ValueError(f"LogHistogram on {self._counts.device} cannot count a tensor on {t.device}: a meta "
                                  "tensor holds no values, a meta histogram no counts")
         on_torch = []
+        kernel = kernels.compiled is not None and self._host_buffers is not None  # both on the CPU
         for t in tensors:
             if not t.numel():
                 continue
-            if kernels.compiled is not None and t.is_cpu and self._host_buffers is not None and t.dtype in _KERNEL_DTYPES:
+            if kernel and t.is_cpu and t.dtype in _KERNEL_DTYPES:
                 self._count_on_kernel(t)
             else:
                 on_torch.append(t.detach().reshape(-1))
@@ -131,7 +132,7 @@ class LogHistogram:
         contiguous fp32: no torch op, no view."""
         if t.dtype != torch.float32 or not t.is_contiguous():
             t = t.detach().to(torch.float32).contiguous()  # fp16, bf16 widen exactly
-        tables = _kernel_tables(self.layout, self.thresholds, kernels.compiled)
+        tables = _kernel_tables(self.layout, self.thresholds)
         kernels.count_fp32(t, tables, *self._host_buffers)
 
     @torch.no_grad()

@@ -64,10 +64,10 @@ def _on_torch(run: Callable[[], object]) -> Callable[[], None]:
 
 
 def bench_kernel(scale: Scale, device: torch.device, clock: Clock) -> list[Result]:
-    """The compiled kernel vs geodiag's torch path (forced with ``kernels.unused``) on the same work: LogHistogram.update
-    of the histogram benchmark's values, and an nnU-Net step under TrainingMonitor every step (the logits', the
-    loss taps' and every parameter's gradient histogrammed), beside the plain step. CPU only (the kernel's
-    device); no rows where the kernel is not in use."""
+    """The compiled kernel vs geodiag's torch path (forced with ``kernels.unused``) on the same work:
+    LogHistogram.update of the histogram benchmark's values, and an nnU-Net step under TrainingMonitor every step
+    (the logits', the loss taps' and every parameter's gradient histogrammed), beside the plain step. CPU only (the
+    kernel's device); no rows where the kernel is not in use."""
     from ..nnunet.monitor import TrainingMonitor
 
     if device.type != "cpu" or kernels.compiled is None:
