@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from geodiag.diagnostics.instruments import kernels
 from geodiag.diagnostics.instruments.errors import ArgumentError
 from geodiag.diagnostics.instruments.host_sync import count_host_syncs
 from geodiag.diagnostics.tools import bench, bench_common, bench_device, bench_histogram
@@ -20,12 +21,27 @@ def test_quick_bench_writes_one_csv_row_per_printed_row_with_every_column(tmp_pa
     assert {r["benchmark"] for r in rows} >= {"watch overhead", "provenance overhead", "loss share of a step",
                                               "vectorisation", "clamp sweep", "histogram", "host syncs",
                                               "peak memory"}
+    assert ("kernel vs torch path" in {r["benchmark"] for r in rows}) == (kernels.compiled is not None)
     for row in rows:
         assert math.isfinite(float(row["value"])) and row["met"] in ("true", "false", "")
     markdown = (tmp_path / "bench.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == len(rows) + 1  # header + one line per CSV row
     assert markdown in capsys.readouterr().out
+
+
+@pytest.mark.skipif(kernels.compiled is None, reason="the CPU kernel is not built here: the family has no rows")
+def test_only_kernel_runs_the_kernel_against_the_torch_path_alone(tmp_path):
+    assert main(["bench", "--quick", "--device", "cpu", "--only", "kernel", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    torch_path = "geodiag's torch path (kernel unused)"
+    assert {r["benchmark"] for r in rows} == {"kernel vs torch path"}
+    assert [(r["subject"], r["baseline"], r["target"]) for r in rows] == [
+        ("LogHistogram.update, 1.04858M values", torch_path, ">= 3x"),
+        ("watched nnU-Net step", torch_path, ">= 1.05x"),
+        ("watched step, kernel", "plain step", ""), ("watched step, torch path", "plain step", "")]
+    assert all(float(r["value"]) > 0 for r in rows)  # ratios of times: no timed assertion
+    assert kernels.compiled is not None  # kernels.unused() gave it back
 
 
 def test_loss_forward_and_backward_read_nothing_back_to_the_host():

@@ -21,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "512^2, memory up to 1024^2 and 128^3) or quick (same as --quick)")
     parser.add_argument("--only", type=options.names, metavar="NAMES",
                         help="comma-separated benchmarks: watch, provenance, loss-share, vectorisation, sweep, "
-                             "histogram, host-syncs, memory, autotaps (default: all)")
+                             "histogram, kernel, host-syncs, memory, autotaps (default: all)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (one line each on stderr), e.g. to gate CI on it")
 

@@ -215,19 +215,12 @@ class _Segments:
 
 @dataclass
 class KernelTables:
-    """The fp32 lookup of one (layout, thresholds) for the CPU kernel: contiguous CPU tensors it reads by address."""
-    offset: torch.Tensor       # uint32 per cell as int32, the sign folded in; cells holding several cuts -> spill
-    cuts: torch.Tensor         # uint32 patterns as int32: the positive side's cuts, then the negative side's
+    """The fp32 lookup of one (layout, thresholds) for the CPU kernel, the arguments of its ``make_tables``."""
+    offset: np.ndarray         # uint32 per cell, the sign folded in; cells holding several cuts -> the spill
+    cuts: np.ndarray           # uint32 patterns: the positive side's cuts, then the negative side's
     n_positive: int
-    count: int
-    source: torch.Tensor
-    target: torch.Tensor
-
-    @functools.cached_property
-    def addresses(self) -> tuple:
-        """The kernel's table arguments after the values (offset .. n_fold): the tensors live in the cache."""
-        return (self.offset.data_ptr(), self.cuts.data_ptr(), self.n_positive, self.cuts.numel(), self.count,
-                self.source.data_ptr(), self.target.data_ptr(), self.source.numel())
+    source: np.ndarray         # int64: segment ...
+    target: np.ndarray         # ... adds its count into this position of LogHistogram._counts
 
 
 _CACHE: dict = {}
@@ -264,11 +257,8 @@ def kernel_tables(layout: BinLayout, thresholds: tuple) -> KernelTables:
             offsets[cell] = cell_start[cell] - (cuts.count << FP32.cell_shift)
     # the kernel subtracts from the whole pattern, sign bit included: (u - offset) mod 2^32
     signed = offsets + (np.arange(2 * FP32.cells_per_sign) >= FP32.cells_per_sign).astype(np.int64) * (1 << 31)
-    patterns = np.concatenate(cuts.by_sign).astype(np.uint32).view(np.int32)
-    built = KernelTables(offset=torch.from_numpy((signed % (1 << 32)).astype(np.uint32).view(np.int32)),
-                         cuts=torch.from_numpy(patterns.copy()),
-                         n_positive=len(cuts.by_sign[0]), count=cuts.count,
-                         source=torch.tensor(cuts.source, dtype=torch.int64),
-                         target=torch.tensor(cuts.target, dtype=torch.int64))
+    built = KernelTables(offset=(signed % (1 << 32)).astype(np.uint32),
+                         cuts=np.concatenate(cuts.by_sign).astype(np.uint32), n_positive=len(cuts.by_sign[0]),
+                         source=np.array(cuts.source, dtype=np.int64), target=np.array(cuts.target, dtype=np.int64))
     _CACHE[key] = built
     return built

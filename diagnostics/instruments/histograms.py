@@ -2,12 +2,12 @@
 
 Why: a NaN hunt needs the shape of a distribution over many steps (how many pixels sit near zero, how close
 values come to the fp16 range) without the host sync per step that makes Cockpit or TensorBoard histograms
-expensive. ``LogHistogram.update`` finds each value's count positions from its bits (``histogram_bins``): on the
-CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each value once (``_cpu_kernels.c``);
-elsewhere, and for fp64, a few integer torch ops and one bincount (a ``scatter_add_`` into a fixed-size buffer:
-torch.bincount on CUDA reads its maximum back), with no ``.item()`` and no boolean indexing, so it can run every
-step. ``packed()`` gives
-the whole state as one float64 vector for a single transfer, ``summarize`` turns that host copy into a row.
+expensive. ``LogHistogram.update`` finds each value's count positions from its bits (``histogram_bins``): when the
+values and the histogram are both on the CPU, fp32/fp16/bf16 values go through a compiled kernel that reads each
+value once (``_cpu_kernels.c``); elsewhere, and for fp64, a few integer torch ops and one bincount (a
+``scatter_add_`` into a fixed-size buffer: torch.bincount on CUDA reads its maximum back), with no ``.item()`` and
+no boolean indexing, so it can run every step. ``packed()`` gives the whole state as one float64 vector for a
+single transfer, ``summarize`` turns that host copy into a row.
 
 Counts are exact: NaN, +Inf, -Inf, exact zeros, negatives, fp32 subnormals, and what a cast to fp16 / bf16
 would do (overflow to inf, underflow to zero, land in the subnormal range), counted against the exact
@@ -17,6 +17,7 @@ the moments. (fp64 input is counted by its exact rounding; torch casts fp64 to b
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import kernels
 from .histogram_bins import CELL_MASK, CELL_SHIFT, INF_BITS, MAGNITUDE, RAW_COUNTS, BinLayout, kernel_tables, segments
-from .kernels import compiled as cpu_kernel
 
 # The named counts of a summary row.
 SPECIAL_COUNTS = (
@@ -65,8 +66,14 @@ def _named_counts(raw: dict[str, int]) -> dict[str, int]:
 
 _CHUNK = 1 << 16                   # elements per pass on the CPU: the scratch buffers stay in cache
 _CHUNK_DEVICE = 1 << 22            # elsewhere few large passes (each op is a kernel launch)
-_KERNEL_PIECE = 1 << 31            # values per kernel call: its per-lane uint32 counts cannot wrap
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_tables(layout: BinLayout, thresholds: tuple) -> object:
+    """The kernel's own checked copy of the tables (made once per layout and thresholds)."""
+    tables = kernel_tables(layout, thresholds)
+    return kernels.compiled.make_tables(tables.offset, tables.cuts, tables.n_positive, tables.source, tables.target)
 
 
 class LogHistogram:
@@ -93,16 +100,27 @@ class LogHistogram:
         self._moments = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, sum of squares
         # min, -max, min |x| of the finite values: merged by minimum
         self._extrema = torch.full((_EXTREMA,), math.inf, dtype=torch.float64, device=self.device)
+        # The kernel's view of the three (host memory, shared with the tensors, which are only ever changed in place).
+        self._host_buffers = (tuple(b.numpy() for b in (self._counts, self._moments, self._extrema))
+                              if self.device.type == "cpu" else None)
 
     # ------------------------------------------------------------------ accumulate (no host sync)
     def update(self, *tensors: torch.Tensor) -> None:
-        """Add every element of each tensor (any shape, any float dtype, on this histogram's device) to this one
-        histogram: several tensors (e.g. every parameter's gradient) in one call pay the fixed costs once."""
+        """Add every element of each tensor (any shape, any float dtype) to this one histogram: several tensors
+        (e.g. every parameter's gradient) in one call pay the fixed costs once. A tensor on another device than
+        this histogram is copied over piece by piece (a transfer: keep them together); meta tensors (no values,
+        shapes only) go only into a histogram on meta, the others never."""
+        on_meta = self._counts.is_meta
+        for t in tensors:
+            if t.is_meta != on_meta:
+                raise ValueError(f"LogHistogram on {self._counts.device} cannot count a tensor on {t.device}: a meta "
+                                 "tensor holds no values, a meta histogram no counts")
         on_torch = []
+        kernel = kernels.compiled is not None and self._host_buffers is not None  # both on the CPU
         for t in tensors:
             if not t.numel():
                 continue
-            if cpu_kernel is not None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
+            if kernel and t.is_cpu and t.dtype in _KERNEL_DTYPES:
                 self._count_on_kernel(t)
             else:
                 on_torch.append(t.detach().reshape(-1))
@@ -110,15 +128,12 @@ class LogHistogram:
             self._update_with_torch(on_torch)
 
     def _count_on_kernel(self, t: torch.Tensor) -> None:
-        """Counted, summed and folded into this histogram's buffers by one kernel call per piece, read in place
-        when it is contiguous fp32: no torch op, no view."""
+        """Counted, summed and folded into this histogram's buffers by the kernel, read in place when it is
+        contiguous fp32: no torch op, no view."""
         if t.dtype != torch.float32 or not t.is_contiguous():
             t = t.detach().to(torch.float32).contiguous()  # fp16, bf16 widen exactly
-        tables = kernel_tables(self.layout, self.thresholds)
-        address, n = t.data_ptr(), t.numel()
-        for start in range(0, n, _KERNEL_PIECE):
-            cpu_kernel.count_fp32(address + 4 * start, min(_KERNEL_PIECE, n - start), *tables.addresses,
-                                  self._counts.data_ptr(), self._moments.data_ptr(), self._extrema.data_ptr())
+        tables = _kernel_tables(self.layout, self.thresholds)
+        kernels.count_fp32(t, tables, *self._host_buffers)
 
     @torch.no_grad()
     def _update_with_torch(self, flat: list[torch.Tensor]) -> None:

@@ -1,9 +1,10 @@
 """`geodiag bench`: what geodiag costs, measured side by side with a plain nnU-Net step and the tools used today.
 
 This module is the runner and the table: which benchmarks exist (``BENCHMARKS``, one module per family:
-``bench_watch``, ``bench_overheads``, ``bench_histogram``, ``bench_device``, ``bench_autotaps``; the shared sizes, row and clock in
-``bench_common``, the nnU-Net step they time in ``bench_step``), how a run selects them, and how the rows are
-written (CSV in ``BENCH_COLUMNS``, Markdown, the README's cost table) through the shared atomic writers.
+``bench_watch``, ``bench_overheads``, ``bench_histogram`` (with the CPU kernel against the torch path),
+``bench_device``, ``bench_autotaps``; the shared sizes, row and clock in ``bench_common``, the nnU-Net step they
+time in ``bench_step``), how a run selects them (``only``: e.g. just "kernel"), and how the rows are written (CSV in
+``BENCH_COLUMNS``, Markdown, the README's cost table) through the shared atomic writers.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..instruments.errors import ArgumentError, GeodiagError
 from .bench_autotaps import bench_autotaps
 from .bench_common import SCALES, Clock, Result, Scale
 from .bench_device import bench_host_syncs, bench_memory
-from .bench_histogram import bench_histogram
+from .bench_histogram import bench_histogram, bench_kernel
 from .bench_overheads import bench_loss_fraction, bench_provenance, bench_sweep, bench_vectorised
 from .bench_watch import bench_watch
 
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[Scale, torch.device, Clock], list[Result]]] = {
     "vectorisation": bench_vectorised,
     "sweep": bench_sweep,
     "histogram": bench_histogram,
+    "kernel": bench_kernel,
     "host-syncs": bench_host_syncs,
     "memory": bench_memory,
     "autotaps": bench_autotaps,
