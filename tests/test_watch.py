@@ -320,3 +320,73 @@ def test_watch_counts_a_trainers_own_skips_apart_and_raises_no_event(tiny_datase
     recorded = [json.loads((folder / f"histograms_epoch_{e:04d}.json").read_text())["recorded_iterations"]
                 for e in (0, 1)]
     assert recorded == [[0, 3], [4, 6]]
+
+
+PRIOR_FILE = "my_prior_trainers.py"
+
+
+def test_watch_reports_a_nan_the_trainer_masks_to_zero_at_its_sqrt_line(tiny_dataset_502, ext_folder, tmp_path):
+    """The seed's NaN -> 0 masking keeps the loss and the weights finite; watch names the masked sqrt, goes on."""
+    user_file = ext_folder / PRIOR_FILE
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerMaskedEccentricity", "--every", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    masked = json.loads((folder / "masked_nonfinite.json").read_text())["masked_nonfinite"]
+    sqrt_line = f"{PRIOR_FILE}:{_line_of(user_file, 'ecc = torch.sqrt(')}"
+    assert masked and {Path(m["site"]).name for m in masked} == {sqrt_line} and "sqrt" in {m["op"] for m in masked}
+    rows = _rows(folder)
+    assert all(math.isfinite(float(r["loss"])) and r["event"] == "" for r in rows)
+    assert {m["iteration"] for m in masked} == {int(r["iteration"]) for r in rows if int(r["masked_nonfinite"])}
+    assert f"non-finite values hidden from a finite loss at {ext_folder / sqrt_line}" in proc.stdout
+    assert not (folder / "first_nonfinite.json").exists()
+
+    stopped, folder = _watch(tiny_dataset_502, ext_folder, tmp_path / "stop", "nnUNetTrainerMaskedEccentricity",
+                             "--every", "1", "--on-masked", "stop")
+    assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    first = json.loads((folder / "masked_nonfinite.json").read_text())["masked_nonfinite"][0]["iteration"]
+    assert max(int(r["iteration"]) for r in _rows(folder)) == first
+
+
+def test_watch_counts_an_error_the_trainers_try_except_swallowed(tiny_dataset_502, ext_folder, tmp_path):
+    """A clamp bound above fp16's range under CPU autocast raises on every step; the trainer's except drops the
+    term; watch records the message and the clamp's line."""
+    user_file = ext_folder / PRIOR_FILE
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerSwallowingPrior", "--every", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    swallowed = json.loads((folder / "swallowed_errors.json").read_text())["swallowed_errors"]
+    clamp_line = f"{PRIOR_FILE}:{_line_of(user_file, 'torch.clamp(m, 10.0, 1e6)')}"
+    assert {(Path(e["site"]).name, e["op"]) for e in swallowed} == {(clamp_line, "clamp")}
+    assert all("Half" in e["message"] and "overflow" in e["message"] for e in swallowed)
+    rows = _rows(folder)
+    sampled = [int(r["iteration"]) for r in rows if r["swallowed_errors"] != ""]
+    assert sorted(e["iteration"] for e in swallowed) == sampled and len(sampled) >= 3  # every sampled step
+    assert f"{len(swallowed)} errors caught by the trainer's code in sampled steps" in proc.stdout
+
+
+@pytest.mark.parametrize("trainer,prior,inert", [("nnUNetTrainerWeightedPrior", "WeightedPrior", True),
+                                                 ("nnUNetTrainerStrongPrior", "StrongPrior", False)],
+                         ids=["tiny-weight", "carrying"])
+def test_watch_says_when_the_users_prior_is_inert_and_only_then(tiny_dataset_502, ext_folder, tmp_path, trainer,
+                                                                  prior, inert):
+    spec = f"{ext_folder / PRIOR_FILE}:{prior}"
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, trainer, "--every", "1", "--loss", spec)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = _rows(folder)
+    shares = [float(r["prior_share"]) for r in rows]
+    assert all(r["prior_ran"] == "1" for r in rows) and all(math.isfinite(s) for s in shares)
+    said = [line for line in proc.stdout.splitlines() if line.endswith(": inert")]
+    if inert:
+        assert all(abs(s) < 0.01 for s in shares) and len(said) == 2  # one line per epoch
+        assert f"the loss at {spec} carried" in said[0]
+    else:
+        assert min(shares) > 0.01 and said == []
+
+
+def test_watch_is_silent_on_a_healthy_trainer_behind_all_four_guards(tiny_dataset_502, ext_folder, tmp_path):
+    proc, folder = _watch(tiny_dataset_502, ext_folder, tmp_path, "nnUNetTrainerAllGuards", "--every", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = _rows(folder)
+    assert all(r["event"] == "" and r["skipped"] == "0" and r["skipped_by_trainer"] == "0" for r in rows)
+    assert all(r["masked_nonfinite"] == "0" and r["swallowed_errors"] == "0" for r in rows)
+    assert not any((folder / name).exists() for name in ("masked_nonfinite.json", "swallowed_errors.json",
+                                                           "first_nonfinite.json"))
+    assert "training finished; 0 skipped steps" in proc.stdout and "masked" not in proc.stdout

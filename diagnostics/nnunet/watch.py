@@ -41,13 +41,18 @@ from geodiag.reports import schema
 
 from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.recorder import Recorder
-from . import first_nonfinite, saved_step
+from ..nonfinite.loss_spec import UserLoss, load_loss
 from ..nonfinite.replay import replay_train_step
+from . import first_nonfinite, saved_step
+from .step_checks import INERT_SHARE, StepChecks, inert_epoch
 
 WATCH_FOLDER = "geodiag_watch"
 LAST_GOOD = "last_good.pth"
 LOGITS = "logits"
 ON_NONFINITE = ("stop", "skip")
+ON_MASKED = ("report", "stop")
+MASKED_FILE = "masked_nonfinite.json"
+SWALLOWED_FILE = "swallowed_errors.json"
 ROW_FIELDS = ("epoch", "iteration", "loss", "grad_norm", "skipped", "skipped_by_trainer", "event", "scale",
               "state_checked", "nonfinite_weight_tensors", "nonfinite_momentum_tensors")
 
@@ -59,9 +64,12 @@ class WatchOptions:
 
     every: int = 16
     on_nonfinite: str = "stop"
+    on_masked: str = "report"
     tensorboard: Optional[str] = None
     per_parameter: bool = False
     conv_outputs: bool = False
+    loss: Optional[str] = None
+    loss_input: str = "probabilities"
 
 
 def skip_summary(skips: dict) -> str:
@@ -74,7 +82,8 @@ def skip_summary(skips: dict) -> str:
 class Watch:
     """Attached to one trainer instance by ``attach``; a listener of its StepGuard."""
 
-    def __init__(self, trainer, options: WatchOptions, progress: Callable[[str], None] = print) -> None:
+    def __init__(self, trainer, options: WatchOptions, progress: Callable[[str], None] = print,
+                 prior: Optional[UserLoss] = None) -> None:
         self.trainer = trainer
         self.options = options
         self.progress = progress
@@ -84,6 +93,10 @@ class Watch:
         self.first: Optional[dict] = None  # first_nonfinite.json's document, once written
         self.rows: list[dict] = []
         self.stopped: Optional[str] = None  # the stop message, when training was stopped
+        self.checks = StepChecks(prior)
+        self.masked: list[dict] = []  # masked non-finite values found on sampled steps, run-long
+        self.swallowed: list[dict] = []  # exceptions the user's code caught on sampled steps, run-long
+        self.inert_epochs: list[dict] = []  # epochs in which the --loss prior sent next to nothing
         self._pre_step: dict = {}
         self._handles: list = []
         self._replaying = False
@@ -142,7 +155,10 @@ class Watch:
 
     def _on_network_output(self, module, inputs, output) -> None:
         if module.training and not self._replaying:  # a replay's forward is not a training step
-            self.recorder.attach_tensor(LOGITS, output[0] if isinstance(output, (list, tuple)) else output)
+            full = output[0] if isinstance(output, (list, tuple)) else output
+            self.recorder.attach_tensor(LOGITS, full)
+            if self.checks.active:
+                self.checks.on_output(full)
 
     def _on_train_epoch_end(self, outputs) -> None:
         self._originals["on_train_epoch_end"](outputs)
@@ -155,6 +171,12 @@ class Watch:
         self._pre_step = {"rng": torch.get_rng_state(),
                           "scale": scaler._scale.clone() if enabled else None,
                           "growth": scaler._growth_tracker.clone() if enabled else None}
+        if self.recorder.recording:
+            self.checks.begin()
+
+    def step_aborted(self, guard: StepGuard) -> None:
+        """The trainer's train_step raised: leave the sampled step's taps."""
+        self.checks.abort()
 
     def after_step(self, guard: StepGuard, batch: dict, result) -> None:
         record = guard.record
@@ -167,12 +189,14 @@ class Watch:
                "nonfinite_momentum_tensors": record.nonfinite_momentum if record.state_checked else ""}
         if row["loss"] is None:  # a train_step that returns no loss: the root of its backward (scaled under a scaler)
             row["loss"] = record.loss
-        if isinstance(result, dict):
-            row.update({key: _scalar(value) for key, value in result.items()
-                        if key not in row and _scalar(value) is not None})
+        returned = {key: _scalar(value) for key, value in result.items() if key not in row
+                    and _scalar(value) is not None} if isinstance(result, dict) else {}
+        row.update(returned)
+        if self.checks.active:
+            row.update(self._sampled_findings(record, batch))
         self.rows.append(row)
         self._to_tensorboard(row)
-        self._schedule_histograms(record.iteration, row)
+        self._schedule_histograms(record.iteration, returned)
         if record.iteration % self.options.every == 0 or record.event:
             self.progress(f"geodiag watch: epoch {row['epoch']} iteration {row['iteration']} loss {row['loss']:.4g} "
                           f"grad norm {row['grad_norm']:.4g} {skip_summary(guard.skips)}"
@@ -184,15 +208,39 @@ class Watch:
             guard.stop(f"{guard.describe_event()}; see {self.folder / first_nonfinite.JSON_FILE}")
         if record.event in ROT_EVENTS:
             self.flush()
+        if row.get("masked_nonfinite") and self.options.on_masked == "stop" and self.stopped is None:
+            self.flush()
+            guard.stop(f"non-finite values hidden from the loss in step {record.iteration} "
+                       f"({self.masked[-1]['op']} at {self.masked[-1]['site']}); see {self.folder / MASKED_FILE}")
 
-    def _schedule_histograms(self, iteration: int, row: dict) -> None:
+    def _sampled_findings(self, record, batch: dict) -> dict:
+        """The sampled step's masked values, swallowed errors and prior share, as row columns; each masked value
+        and swallowed error is also kept for its file and said on the console."""
+        found = self.checks.end(torch.tensor(record.loss), batch)
+        where = {"iteration": record.iteration, "epoch": self.trainer.current_epoch}
+        for masked in found["masked"]:
+            self.masked.append({**where, **masked})
+            self.progress(f"geodiag watch: iteration {record.iteration}: non-finite values hidden from a finite "
+                          f"loss at {masked['site']} ({masked['op']}, {masked['calls']} outputs): masked")
+        for raised in found["raised"]:
+            self.swallowed.append({**where, **raised})
+            self.progress(f"geodiag watch: iteration {record.iteration}: an error in {raised['op']} at "
+                          f"{raised['site']} was caught by the trainer's code and training went on: "
+                          f"{raised['message']}")
+        columns = {"masked_nonfinite": sum(m["calls"] for m in found["masked"]),
+                   "swallowed_errors": len(found["raised"])}
+        if self.checks.prior is not None:
+            columns.update(prior_value=found["prior_value"], prior_share=found["prior_share"],
+                           prior_ran=int(found["prior_ran"]))
+        return columns
+
+    def _schedule_histograms(self, iteration: int, returned: dict) -> None:
         """Histograms of the next step when it is an ``every``-th step, or the first after a change of the loss's
         composition (a term reported on or off: a warm-up ending); the first step of each epoch is always recorded
         (``_start_epoch``)."""
         if self.recorder.recording:
             self._recorded.append(iteration)
-        composition = frozenset(key for key, value in row.items() if key not in ROW_FIELDS
-                                and isinstance(value, float) and math.isfinite(value) and value != 0.0)
+        composition = frozenset(key for key, value in returned.items() if math.isfinite(value) and value != 0.0)
         changed = self._composition is not None and composition != self._composition
         self._composition = composition
         self.recorder.step(iteration + 1, record=True if changed else None)
@@ -250,10 +298,7 @@ class Watch:
             self._start_epoch()
             return
         epoch = self.trainer.current_epoch
-        by_trainer = sum(row["skipped_by_trainer"] for row in self.rows)
-        if by_trainer:
-            self.progress(f"geodiag watch: epoch {epoch}: {by_trainer} of {len(self.rows)} steps skipped by the "
-                          "trainer's own code (it returned without an optimizer step)")
+        self._epoch_lines(epoch)
         if self.rows:
             columns = list(ROW_FIELDS) + sorted({key for row in self.rows for key in row} - set(ROW_FIELDS))
             buffer = io.StringIO()
@@ -272,6 +317,38 @@ class Watch:
         self._histograms_to_tensorboard(rows, self.guard.iteration)
         self._start_epoch()
 
+    def _epoch_lines(self, epoch: int) -> None:
+        """The epoch's console lines (steps the trainer skipped, an inert prior) and the run-long findings' files."""
+        by_trainer = sum(row["skipped_by_trainer"] for row in self.rows)
+        if by_trainer:
+            self.progress(f"geodiag watch: epoch {epoch}: {by_trainer} of {len(self.rows)} steps skipped by the "
+                          "trainer's own code (it returned without an optimizer step)")
+        share = inert_epoch(self.rows) if self.checks.prior is not None else None
+        if share is not None:
+            self.inert_epochs.append({"epoch": epoch, "median_share": share})
+            self.progress(f"geodiag watch: the loss at {self.checks.prior.spec} carried {100 * share:.3g}% of the "
+                          f"gradient at the network's output this epoch (epoch {epoch}): inert")
+        if self.masked:
+            schema.write_json(self.folder / MASKED_FILE, {"masked_nonfinite": self.masked})
+        if self.swallowed:
+            schema.write_json(self.folder / SWALLOWED_FILE, {"swallowed_errors": self.swallowed})
+
+    def summary_lines(self) -> list[str]:
+        """The end-of-run findings of the sampled checks (nothing when there were none)."""
+        lines = []
+        if self.masked:
+            sites = sorted({f"{m['site']} ({m['op']})" for m in self.masked})
+            lines.append(f"non-finite values hidden from a finite loss in {len(self.masked)} sampled steps at "
+                         f"{', '.join(sites)}: see {self.folder / MASKED_FILE}")
+        if self.swallowed:
+            sites = sorted({f"{e['site']} ({e['message']})" for e in self.swallowed})
+            lines.append(f"{len(self.swallowed)} errors caught by the trainer's code in sampled steps: "
+                         f"{'; '.join(sites)}: see {self.folder / SWALLOWED_FILE}")
+        if self.inert_epochs:
+            lines.append(f"the loss at {self.checks.prior.spec} was inert in epochs "
+                         f"{', '.join(str(e['epoch']) for e in self.inert_epochs)} (|share| < {INERT_SHARE})")
+        return lines
+
     def _start_epoch(self) -> None:
         self.rows = []
         self._recorded = []
@@ -282,8 +359,8 @@ class Watch:
     def _to_tensorboard(self, row: dict) -> None:
         if self._writer is None:
             return
-        for key in ("loss", "grad_norm", "scale", "skipped"):
-            value = row[key]
+        for key in ("loss", "grad_norm", "scale", "skipped", "prior_share"):
+            value = row.get(key)
             if isinstance(value, (int, float)) and not math.isnan(value):
                 self._writer.add_scalar(f"watch/{key}", value, row["iteration"])
 
@@ -327,6 +404,8 @@ def check_options(options: WatchOptions) -> None:
     """Refuse bad options before nnU-Net starts (a one-line error naming the option)."""
     if options.every < 1:
         raise ArgumentError("{every} must be at least 1", "every")
+    if options.on_masked not in ON_MASKED:
+        raise ArgumentError(f"{{on_masked}} must be one of {', '.join(ON_MASKED)}", "on_masked")
     if options.on_nonfinite not in ON_NONFINITE:
         raise ArgumentError(f"{{on_nonfinite}} must be one of {', '.join(ON_NONFINITE)}", "on_nonfinite")
     if options.tensorboard is not None:
@@ -346,9 +425,11 @@ def run_watched(train_args: list[str], options: WatchOptions, progress: Callable
     get_trainer = entry.get_trainer_from_args
     watches: list[Watch] = []
 
+    prior = load_loss(options.loss, options.loss_input) if options.loss else None
+
     def watched_trainer(*args, **kwargs):
         trainer = get_trainer(*args, **kwargs)
-        watches.append(Watch(trainer, options, progress).attach())
+        watches.append(Watch(trainer, options, progress, prior=prior).attach())
         return trainer
 
     try:

@@ -30,7 +30,8 @@ from geodiag.diagnostics.instruments import kernels
 from geodiag.diagnostics.instruments.histograms import LogHistogram, summarize_states
 from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, boolean_index, caller_location, clamp_bounds,
-                                                 format_site, func_name, is_inplace, made_by_geodiag, risky_operands)
+                                                 format_site, func_name, is_inplace, made_by_geodiag, made_by_user,
+                                                 risky_operands, runs_inside)
 
 HISTOGRAM_KINDS = ("input", "output", "grad", "local_derivative")
 # Calls passed straight through: attribute access, shape queries, and views and copies, whose values are those of
@@ -79,8 +80,11 @@ class _TapMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if made_by_geodiag(sys._getframe(1)):
+        caller = sys._getframe(1)
+        if made_by_geodiag(caller) or (self.taps.user_calls_only and not made_by_user(caller)):
             return func(*args, **kwargs)
+        if self.taps.codes is not None and not self.taps.codes_ran:
+            self.taps.codes_ran = runs_inside(caller, self.taps.codes)
         kind = _KINDS.get(func)
         if kind is None:
             kind = _KINDS[func] = _kind(func)
@@ -97,7 +101,12 @@ class _TapMode(TorchFunctionMode):
                 operands = (operands[0].detach().clone(),) + operands[1:]
             if name == "__setitem__" and boolean_index(args):
                 taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:
+            taps.raised.append({"site": format_site(*caller_location(2)), "op": name.strip("_"),
+                                "message": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+            raise
         if sync is not None:
             taps._site(*caller_location(2), sync, "host_sync").calls += 1
             return out
@@ -126,12 +135,21 @@ def _kind(func) -> tuple:
 class AutoTaps:
     """Collects the risky calls, masked non-finite values and host syncs of every loss call made through it.
 
-    ``value = taps.run(loss, *args)`` (or ``with taps: ...`` for code that is not one loss call; masked values
-    are then not judged), ``value.backward()``, then ``taps.result()``: one read-back of everything.
+    ``value = taps.run(loss, *args)`` (or ``with taps: ...`` for code that is not one loss call, with
+    ``taps.judge(final)`` before leaving it to judge masked values against that code's final value),
+    ``value.backward()``, then ``taps.result()``: one read-back of everything. With ``user_calls_only`` only the
+    calls the user's own code makes are tapped (a training step's network and nnU-Net's loss pass through); a call
+    that raises is listed in ``raised`` and its exception goes on unchanged; ``codes_ran`` says whether a call was
+    made inside one of the functions ``codes`` names.
     """
 
-    def __init__(self, budget: int = 1 << 22) -> None:
+    def __init__(self, budget: int = 1 << 22, user_calls_only: bool = False,
+                 codes: Optional[frozenset] = None) -> None:
         self.budget = budget               # pending elements held before reducing on the device
+        self.user_calls_only = user_calls_only  # tap only calls the user's own code makes (not nnU-Net's, torch's)
+        self.codes = codes                 # (file, first line) of functions to notice running (``codes_ran``)
+        self.codes_ran = False
+        self.raised: list[dict] = []       # calls that raised: site, op, one-line message (re-raised unchanged)
         self._sites: dict = {}
         self._order: list[_Site] = []
         self._outputs: list = []           # (site index, output) of the current loss call, not yet checked
@@ -168,14 +186,21 @@ class AutoTaps:
             raise
         finally:
             self._detach()
+        if isinstance(value, torch.Tensor):
+            self.judge(value)
+        self._checked = []
+        return value
+
+    def judge(self, final: torch.Tensor) -> None:
+        """The outputs seen since the last judgment held NaN/Inf while ``final`` (the value they led to) is finite:
+        count them as masked. No sync: the counts stay on the device until ``result()``."""
         self._check_outputs()
-        if isinstance(value, torch.Tensor) and self._checked:
-            final_finite = torch.isfinite(value.detach()).all()
+        if self._checked:
             flags = torch.cat([f for _, f in self._checked])
+            final_finite = torch.isfinite(final.detach().to(flags.device)).all()
             indices = tuple(i for site_indices, _ in self._checked for i in site_indices)
             self._masked_counts(indices, flags.device)[1].add_(flags & final_finite)
         self._checked = []
-        return value
 
     def _masked_counts(self, indices: tuple, device: torch.device) -> tuple:
         """(site index per output, masked count per output) for one sequence of outputs. A loss makes the same

@@ -71,7 +71,10 @@ _NNUNET_PACKAGES = ("nnunetv2", "dynamic_network_architectures", "acvl_utils", "
 
 def _package_dir(name: str) -> Optional[str]:
     """Where an installed package's code lives, found without importing it (None when it is not installed)."""
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a finder that refuses the name: as good as not installed
+        spec = None
     locations = list(spec.submodule_search_locations or ()) if spec else []
     return os.path.join(os.path.abspath(locations[0]), "") if locations else None
 
@@ -119,6 +122,25 @@ def made_by_geodiag(frame) -> bool:
     measured. A mode passing on a call it intercepted (``BoundOverride``'s ``__torch_function__``) did not make it."""
     code = frame.f_code
     return code.co_name != "__torch_function__" and _kind(code.co_filename) == _GEODIAG
+
+
+def made_by_user(frame) -> bool:
+    """Whether the call in ``frame`` comes from the user's own code, directly or through torch's Python wrappers
+    (``x ** 2`` passes through ``torch/_tensor.py``); not from nnU-Net's or geodiag's code."""
+    while frame is not None and _kind(frame.f_code.co_filename) == _TORCH:
+        frame = frame.f_back
+    return frame is not None and _kind(frame.f_code.co_filename) == _USER
+
+
+def runs_inside(frame, codes: frozenset, depth: int = 32) -> bool:
+    """Whether ``frame`` or one of its ``depth`` callers runs a function named in ``codes`` by (file, first line):
+    the identity of a function across two imports of its file (a user's loss loaded by geodiag and by nnU-Net)."""
+    while frame is not None and depth:
+        code = frame.f_code
+        if (os.path.abspath(code.co_filename), code.co_firstlineno) in codes:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
 
 
 def _stack(frame) -> Iterator[tuple[CodeType, object]]:

@@ -85,7 +85,9 @@ class StepGuard:
         self.skips = {"guard": 0, "scaler": 0, "trainer": 0}  # steps without an optimizer step, by who skipped
         self.iteration = 0
         self.last_good_checkpoint: Optional[str] = None
-        self.listeners: list = []  # objects with before_step(guard, batch) and after_step(guard, batch, result)
+        # objects with before_step(guard, batch), after_step(guard, batch, result) and step_aborted(guard) (the
+        # trainer's train_step raised)
+        self.listeners: list = []
         self.record: Optional[StepRecord] = None
         self.neutralise_all = False  # inside replaying(): every optimizer step becomes a no-op
         self._in_step = False
@@ -221,6 +223,10 @@ class StepGuard:
             listener.before_step(self, batch)
         try:
             result = self._originals["train_step"](batch)
+        except BaseException:
+            for listener in self.listeners:
+                listener.step_aborted(self)
+            raise
         finally:
             self._in_step = False
         self._read_now(pre_step=False)
