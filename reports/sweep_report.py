@@ -1,6 +1,7 @@
 """The clamp-sweep report: headline table, recommended setting, verdict on clamp 1e-2, and the figures behind them.
 
-Reads DIR/sweep.csv (required) and DIR/sweep_hist.csv (optional); writes DIR/headline.csv (+ .parquet),
+Reads DIR/sweep.csv (required), DIR/sweep_hist.csv and DIR/settings.json (optional: the aspect formula the sweep
+used and why); writes DIR/headline.csv (+ .parquet),
 DIR/summary.json, DIR/figures/*.png, DIR/report.md and DIR/report.html. Every finding in the text is formatted
 from the tables (see ``recommendation``); the only fixed prose says what a column or figure shows.
 """
@@ -14,7 +15,7 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import Recommendation, RecommendationRule, headline_table, recommend
-from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, write_json
+from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, read_json, write_json
 from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
 TITLE = "geodiag clamp sweep"
@@ -24,6 +25,8 @@ AUTOCAST_PRECISIONS = ("fp16", "bf16")
 # sweep's eps act on geodiag's normalised s (1/64 of the seed's), so these are not the seed's clamps themselves.
 SEED_EPS = (1e-4, 1e-2)
 _TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
+# What the sweep recorded it ran with, beside its tables (diagnostics' run record).
+RUN_SETTINGS = "settings.json"
 
 
 def load_sweep(directory: Path) -> pd.DataFrame:
@@ -59,6 +62,15 @@ def _headline_for_display(candidates: pd.DataFrame) -> pd.DataFrame:
         "non-finite in": candidates["nonfinite_precisions"].replace("", "–"),
         "eligible": candidates["eligible"],
     })
+
+
+def _aspect_formula_line(directory: Path) -> list[str]:
+    """Which aspect formula the bias of the aspect term was measured with, and why (absent without settings.json)."""
+    path = directory / RUN_SETTINGS
+    recorded = read_json(path) if path.exists() else {}
+    if "aspect_formula" not in recorded:
+        return []
+    return [f"- aspect formula: {recorded['aspect_formula']} ({recorded.get('aspect_formula_why') or 'why not recorded'})"]
 
 
 def _coverage(sweep: pd.DataFrame) -> tuple[str, dict]:
@@ -150,6 +162,7 @@ def render(directory: str | Path, rule: RecommendationRule = RecommendationRule(
     hist = read_optional_table(directory / "sweep_hist.csv", SWEEP_HIST_COLUMNS)
     rec = recommend(headline_table(sweep), rule)
     coverage, facts = _coverage(sweep)
+    coverage = "\n".join([coverage, *_aspect_formula_line(directory)])
     tables = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts})
     sections = [
