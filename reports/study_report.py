@@ -23,8 +23,8 @@ import pandas as pd
 from . import figures
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import SEED_V23, SEED_V24
-from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS,
-                     TERM_GRADIENT_COLUMNS, read_json)
+from .schema import (DOMINANT_SHARE, INERT_SHARE, LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS,
+                     SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS, read_json, share_role)
 from .tables import format_number, markdown_table, read_optional_table, read_table, setting_label
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.
@@ -37,9 +37,6 @@ SEED_BELOW = {1e-4: 0.003, 1e-2: 0.283}
 SEED_RUN = {"image_size": 512, "batch_size": 8, "iterations": 250, "epochs": 100, "warmup": 5}
 # The seed's s over geodiag's normalised s, inside the image (2D): the raw Sobel kernel's gain 8, squared.
 SEED_UNITS_FACTOR = 64.0
-# A term is "inert" when the median of its share of the step's gradient is below this, "dominant" above DOMINANT.
-INERT_SHARE = 0.01
-DOMINANT_SHARE = 0.5
 # Two datasets "differ" in a quantity when the larger value is at least this factor above the smaller.
 DIFFER_FACTOR = 1.5
 # A share of pixels below a clamp within this factor of the seed's is "the seed's regime".
@@ -218,8 +215,7 @@ def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Secti
     table = gradients.groupby(["run", "term"], sort=False).agg(
         batches=("batch", "count"), value=("value", "median"), share=("share_of_step", "median"),
         norm_ratio=("norm_ratio", "median"), max_grad_logits=("max_abs_grad_logits", "max")).reset_index()
-    table["role"] = table["share"].map(lambda s: "dominant" if s > DOMINANT_SHARE
-                                       else "inert" if abs(s) < INERT_SHARE else "contributes")
+    table["role"] = table["share"].map(share_role)
     body = ("On training batches of each run's switch-on checkpoint (nnU-Net's own data loader), the gradient each "
             "term sends to the network, as a share of the step's gradient g: <g_term, g>/|g|² (the shares of "
             f"Dice+CE and the terms sum to 1; medians over batches). \"Inert\": |share| < {INERT_SHARE:g}; "

@@ -70,7 +70,8 @@ def _aspect_formula_line(directory: Path) -> list[str]:
     recorded = read_json(path) if path.exists() else {}
     if "aspect_formula" not in recorded:
         return []
-    return [f"- aspect formula: {recorded['aspect_formula']} ({recorded.get('aspect_formula_why') or 'why not recorded'})"]
+    why = recorded.get("aspect_formula_why") or "why not recorded"
+    return [f"- aspect formula: {recorded['aspect_formula']} ({why})"]
 
 
 def _coverage(sweep: pd.DataFrame) -> tuple[str, dict]:

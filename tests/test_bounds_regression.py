@@ -38,7 +38,7 @@ def edge_length_loss(pred, target):
 '''
 ENDINGS = {"plain": "    return ((length - reference).abs() / (reference + 1.0)).mean()",
            "quarter_gradient": "    value = ((length - reference).abs() / (reference + 1.0)).mean()\n"
-                               "    return 0.25 * value + 0.75 * value.detach()  # the value, a quarter of the gradient"}
+                               "    return 0.25 * value + 0.75 * value.detach()  # same value, 1/4 of the gradient"}
 CLAMP_LINE = "    length = torch.sqrt(torch.clamp(edges(pred[:, 1:2]), min=EPS)).flatten(1).sum(1)"
 CASES = ("uncertain", "tiny_disk")
 REGRESSION = re.compile(r"^REGRESSION (\S+) / (\S+) / (\S+): (.+?) = (\S+) \(baseline (\S+); bound (.+); "

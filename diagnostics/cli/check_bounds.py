@@ -25,8 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "tolerances in effect")
     parser.add_argument("--tolerance", action="append", default=[], metavar="NAME=VALUE",
                         help="set a tolerance of the comparison with the baseline (repeatable; VALUE a fraction: "
-                             "0.1 is 10%% or 10 points); defaults: " + "; ".join(
-                                 describe_tolerance(name, t) for name, t in DEFAULT_TOLERANCES.items()).replace("%", "%%"))
+                             "0.1 is 10%% or 10 points); defaults: " + _escaped("; ".join(
+                                 describe_tolerance(name, t) for name, t in DEFAULT_TOLERANCES.items())))
     parser.add_argument("--junit", metavar="FILE", type=Path, help="also write JUnit XML, one testcase per run")
     parser.add_argument("--cases", metavar="NAMES", type=options.names, help="comma-separated case names (default: all)")
     parser.add_argument("--settings", metavar="NAMES", type=options.names,
@@ -34,6 +34,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     options.add_precision(parser, None, "precisions", old_spelling=True)
     options.add_device(parser)
     parser.add_argument("--list", action="store_true", help="list the cases and settings, then exit")
+
+
+def _escaped(text: str) -> str:
+    """Help text with argparse's %-formatting escaped."""
+    return text.replace("%", "%%")
 
 
 def run(args: argparse.Namespace) -> int:

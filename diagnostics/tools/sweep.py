@@ -261,7 +261,8 @@ def choose_aspect_formula(items: Sequence[CheckpointSweep], asked: Optional[str]
     dims = sorted({len(item.checkpoint.patch_size) for item in items})
     if asked is not None:
         if asked not in ASPECT_FORMULAS:
-            raise ArgumentError(f"{{aspect_formula}} {asked!r}: choose {' or '.join(ASPECT_FORMULAS)}", "aspect_formula")
+            raise ArgumentError(f"{{aspect_formula}} {asked!r}: choose {' or '.join(ASPECT_FORMULAS)}",
+                                "aspect_formula")
         if asked == "seed" and dims != [2]:
             three_d = next(item.label for item in items if len(item.checkpoint.patch_size) != 2)
             raise ArgumentError(f"{three_d} is a 3D checkpoint and the seed's aspect formula is 2D only: pass "
