@@ -129,8 +129,9 @@ def _loss_role_line(summary: dict) -> Optional[str]:
         line += "; its terms: " + ", ".join(f"{name} {term_role}" for name, term_role in terms.items())
     explained = role.get("explained_by") or {}
     if explained:
-        line += (f". Why: the clamp at {explained['site']} holds {100 * explained['at_bound_fraction']:.3g}% of its "
-                 "elements at its bound, where it passes zero gradient")
+        line += (f". {'Why: t' if role['role'] == 'inert' else 'T'}he clamp at {explained['site']} holds "
+                 f"{100 * explained['at_bound_fraction']:.3g}% of its elements at its bound, where it passes zero "
+                 "gradient")
     return line + "."
 
 

@@ -152,3 +152,33 @@ def test_terms_of_geodiags_own_loss_or_of_a_plain_function_by_weight_are_refused
         loss_share.parse_terms(GeometricLoss(), ["compactness=compactness_weight"])
     with pytest.raises(ArgumentError, match="no numeric attribute"):
         loss_share.parse_terms(as_user_loss(lambda p, t: p.sum()), ["area=w_area"])
+
+
+def _summary(loss_share_median: float, term_share_median: float, samples: int = 8) -> dict:
+    def stats(share):
+        return {"samples": samples, "share_params": {"median": share, "min": share, "max": share},
+                "role": share_role(share)}
+    return {"fp32": {"patches": {"dice_ce": stats(1 - loss_share_median), "loss": stats(loss_share_median),
+                                 "compactness": stats(term_share_median)}}}
+
+
+def _clamp(site, fraction, elements):
+    return {"precision": "fp32", "pass": "patches", "op": "clamp", "site": site, "at_bound_fraction": fraction,
+            "elements": elements}
+
+
+def test_only_a_per_pixel_clamp_holding_most_elements_explains_an_inert_part():
+    """8 patches of 64^2: a per-image gate at its bound in every image is no explanation; the pixel clamp is."""
+    pixels = 64 * 64
+    gate, pixel_clamp = _clamp("loss.py:10", 1.0, 8), _clamp("loss.py:27", 0.97, 8 * pixels)
+    role = loss_share.headline(_summary(0.002, 0.0001), [gate, pixel_clamp], "loss.py:f", pixels)
+    assert role["role"] == "inert" and role["explained_by"] == {"site": "loss.py:27", "op": "clamp",
+                                                                "at_bound_fraction": 0.97}
+    assert loss_share.headline(_summary(0.002, 0.0001), [gate], "loss.py:f", pixels)["explained_by"] is None
+    half_held = _clamp("loss.py:27", 0.3, 8 * pixels)
+    assert loss_share.headline(_summary(0.002, 0.0001), [half_held], "loss.py:f", pixels)["explained_by"] is None
+    # nothing inert, nothing to explain; an inert term alone is explained too
+    assert loss_share.headline(_summary(0.2, 0.2), [pixel_clamp], "loss.py:f", pixels)["explained_by"] is None
+    contributing = loss_share.headline(_summary(0.2, 0.001), [pixel_clamp], "loss.py:f", pixels)
+    assert contributing["role"] == "contributes" and contributing["terms"] == {"compactness": "inert"}
+    assert contributing["explained_by"]["site"] == "loss.py:27"

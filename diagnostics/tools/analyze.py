@@ -286,7 +286,8 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                         dev, patches, augment, len(case_files))
     share_summary = loss_share.summarize(shares)
     summary.update(loss=loss_info, sites=sites, masked_nonfinite=masked, loss_share=share_summary,
-                   loss_role=loss_share.headline(share_summary, sites, loss_info["spec"]))
+                   loss_role=loss_share.headline(share_summary, sites, loss_info["spec"],
+                                                 math.prod(checkpoint.patch_size)))
     summary["statistics_from"].update({"sites": "each row's pass", "loss_share.csv": "each row's pass",
                                        "loss_share": "each entry's pass", "loss_role": "patches"})
     schema.write_json(out / "summary.json", summary)

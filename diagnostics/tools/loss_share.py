@@ -207,18 +207,20 @@ def summarize(frame: pd.DataFrame) -> dict:
     return summary
 
 
-def headline(summary: dict, sites: Sequence[dict], loss_spec: str) -> dict:
+def headline(summary: dict, sites: Sequence[dict], loss_spec: str, patch_pixels: int) -> dict:
     """summary.json's ``loss_role``: the loss's role at this checkpoint (training patches, at the parameters, in
     fp32 when measured), its share's median and range, its terms' roles, and, when the loss or a term is inert,
-    the clamp that holds the most elements at its bound if it holds at least ``CLAMP_EXPLAINS`` of them."""
+    the per-pixel clamp (one that saw at least half as many elements as the patches hold pixels, ``patch_pixels``
+    each: not a per-image scalar's) holding the most elements at its bound, if it holds ``CLAMP_EXPLAINS`` of them."""
     precision = "fp32" if "fp32" in summary else next(iter(summary), None)
     patches = summary.get(precision, {}).get("patches", {})
     if LOSS not in patches:
         return {}
     stats = patches[LOSS]
     clamps = [row for row in sites if (row["precision"], row["pass"], row["op"]) == (precision, "patches", "clamp")
-              and row.get("at_bound_fraction") is not None]
-    widest = max(clamps, key=lambda row: row["at_bound_fraction"] * row.get("elements", 0), default=None)
+              and row.get("at_bound_fraction") is not None
+              and row.get("elements", 0) >= stats["samples"] * patch_pixels / 2]
+    widest = max(clamps, key=lambda row: row["at_bound_fraction"] * row["elements"], default=None)
     inert = [piece for piece, s in patches.items() if piece != DICE_CE and s["role"] == "inert"]
     explains = bool(inert) and widest is not None and widest["at_bound_fraction"] >= CLAMP_EXPLAINS
     return {"loss": loss_spec, "role": stats["role"], "precision": precision, "pass": "patches",
