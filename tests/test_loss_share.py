@@ -182,3 +182,20 @@ def test_only_a_per_pixel_clamp_holding_most_elements_explains_an_inert_part():
     contributing = loss_share.headline(_summary(0.2, 0.001), [pixel_clamp], "loss.py:f", pixels)
     assert contributing["role"] == "contributes" and contributing["terms"] == {"compactness": "inert"}
     assert contributing["explained_by"]["site"] == "loss.py:27"
+
+
+def test_a_dict_term_that_sends_no_gradient_has_share_0_and_a_non_scalar_one_is_refused():
+    from geodiag.diagnostics.instruments.errors import GeodiagError
+
+    def logged(pred, target):  # a researcher logs a metric beside the term that trains
+        p = pred[:, 1]
+        return {"fg": p.mean(), "dice_metric": (p > 0.5).float().mean(), "weight": 0.0}
+
+    logits = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    label = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    values = _values(as_user_loss(logged), {}, logits, label)
+    rows = loss_share.gradient_shares(values, logits, [], loss_share.STEP)
+    assert rows["dice_metric"]["share_logits"] == rows["weight"]["share_logits"] == 0.0
+    assert rows["fg"]["share_logits"] == pytest.approx(rows["loss"]["share_logits"], rel=1e-6)
+    with pytest.raises(GeodiagError, match=r"'per_image' as \(2,\); each term must be a scalar tensor"):
+        _values(as_user_loss(lambda p, t: {"per_image": p[:, 1].flatten(1).mean(1).repeat(2)}), {}, logits, label)

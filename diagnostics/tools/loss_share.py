@@ -24,7 +24,7 @@ import torch
 from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports.schema import DOMINANT_SHARE, INERT_SHARE, share_role
 
-from ..instruments.errors import ArgumentError
+from ..instruments.errors import ArgumentError, GeodiagError
 from ..nonfinite.loss_spec import UserLoss, load_loss
 from . import own_loss
 
@@ -34,6 +34,9 @@ STEP = (DICE_CE, LOSS)
 
 
 def _grads(value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """d value / d each input; zeros where it does not depend on one (or on anything: a constant term)."""
+    if not value.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
     found = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs)]
 
@@ -66,7 +69,7 @@ def gradient_shares(values: Mapping[str, torch.Tensor], logits: torch.Tensor, pa
         for side, part in (("logits", slice(0, 1)), ("params", slice(1, None))):
             if grads[part]:
                 statistics = _side_statistics(grads[part], step_grads[part])
-                row.update({f"{key}_{side}": value for key, value in statistics.items()})
+                row.update({f"{key}_{side}": number for key, number in statistics.items()})
         found[name] = row
     keys = [(name, key) for name, row in found.items() for key in row]
     read = torch.stack([found[name][key].to(logits.device) for name, key in keys]).tolist()
@@ -154,8 +157,18 @@ def loss_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch.
     for name, term in terms.items():
         values[name] = own_loss.trainer_call(term, dtype, logits.device)(logits, label)
     if not terms and isinstance(kept.returned, Mapping):
-        values.update({str(name): value for name, value in kept.returned.items()})
+        values.update({str(name): _scalar(name, value, logits) for name, value in kept.returned.items()})
     return values
+
+
+def _scalar(name: object, value: object, like: torch.Tensor) -> torch.Tensor:
+    """A term the loss returned in its dict, as a 0-dim tensor; a GeodiagError for one that is not a scalar."""
+    if isinstance(value, numbers.Real):
+        return torch.tensor(float(value), device=like.device)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise GeodiagError(f"the loss returned its term {name!r} as {shape}; each term must be a scalar tensor")
+    return value.reshape(())
 
 
 # ---------------------------------------------------------------------------------------------- analyze's passes
