@@ -3,6 +3,8 @@
 Reads DIR/summary.json and DIR/tensors.csv (required), DIR/histograms.csv, DIR/eps_fractions.csv and
 DIR/terms.csv (optional); writes DIR/figures/*.png, DIR/report.md and DIR/report.html. What each verdict means
 and what to do next is fixed text per verdict; every statement about this checkpoint is formatted from the tables.
+The gradient shares (the loss's role on the first screen, the share table) come from summary.json's loss_share
+and loss_role.
 """
 from __future__ import annotations
 
@@ -101,7 +103,38 @@ def _verdict_section(summary: dict) -> Section:
     tone, meaning, next_step = VERDICT_TEXT[verdict]
     reason = summary.get("verdict_reason") or "no reason recorded"
     body = f"**{verdict.replace('_', ' ')}**: {reason}\n\n{meaning}\n\n**Next:** {next_step}"
-    return Section("Verdict", body, tone=tone)
+    role = _loss_role_line(summary)
+    return Section("Verdict", body + (f"\n\n{role}" if role else ""), tone=tone)
+
+
+def _range(stats: dict) -> str:
+    low, high = format_number(stats.get("min")), format_number(stats.get("max"))
+    return "–" if low == high == "–" else f"{low} to {high}"
+
+
+def _loss_role_line(summary: dict) -> Optional[str]:
+    """One line: whether the loss is inert, contributes or dominates the step at this checkpoint, and why when a
+    clamp explains it (summary.json's loss_role)."""
+    role = _field(summary, "loss_role")
+    if not role.get("role"):
+        return None
+    verb = {"inert": "is **inert**", "contributes": "**contributes**", "dominant": "**dominates** the step"}
+    line = (f"**Gradient share:** the loss analysed (`{role.get('loss')}`) {verb.get(role['role'], role['role'])} at "
+            f"this checkpoint: its share of the step's gradient at the network's parameters, <g_loss, g>/|g|² with "
+            f"g = g_Dice+CE + g_loss, is {format_number(role.get('share'))} (median over {role.get('samples')} "
+            f"training patches in {role.get('precision')}; range {format_number(role.get('share_min'))} to "
+            f"{format_number(role.get('share_max'))}; "
+            f"inert below {format_number(role.get('inert_below'))} in magnitude, dominant above "
+            f"{format_number(role.get('dominant_above'))})")
+    terms = role.get("terms") or {}
+    if terms:
+        line += "; its terms: " + ", ".join(f"{name} {term_role}" for name, term_role in terms.items())
+    explained = role.get("explained_by") or {}
+    if explained:
+        line += (f". {'Why: t' if role['role'] == 'inert' else 'T'}he clamp at {explained['site']} holds "
+                 f"{100 * explained['at_bound_fraction']:.3g}% of its elements at its bound, where it passes zero "
+                 "gradient")
+    return line + "."
 
 
 def _key_value_table(pairs: list[tuple[str, Any]]) -> str:
@@ -155,9 +188,33 @@ def _closest_section(summary: dict) -> Section:
     return Section("Closest to trouble", sentence)
 
 
+def _share_table(summary: dict) -> Optional[str]:
+    """summary.json's loss_share as a table: per precision, pass and value, its shares' medians and range."""
+    shares = _field(summary, "loss_share")
+    rows = [{"precision": precision, "pass": pass_name, "value": piece, "samples": stats.get("samples"),
+             "share, params (median)": stats.get("share_params", {}).get("median"),
+             "share, params (range)": _range(stats.get("share_params", {})),
+             "share, logits (median)": stats.get("share_logits", {}).get("median"),
+             "|g_x|/|g|, params (median)": stats.get("norm_ratio_params", {}).get("median"),
+             "role": stats.get("role")}
+            for precision, passes in shares.items() for pass_name, pieces in passes.items()
+            for piece, stats in pieces.items()]
+    if not rows:
+        return None
+    return ("Each value's share of the step's gradient g = g_Dice+CE + g_loss, <g_x, g>/|g|², and |g_x|/|g|: on "
+            "each training patch alone (at the network's parameters and at the logits) and on each whole image (at "
+            "its logits only); the role is judged on the median share at the parameters for patches, at the logits "
+            "for whole images (loss_share.csv holds every patch).\n\n" + markdown_table(pd.DataFrame(rows)))
+
+
+def gradient_share_text(summary: dict) -> str:
+    """The loss's role and the share table, as the console shows them after the verdict ("" when not measured)."""
+    return "\n\n".join(part for part in (_loss_role_line(summary), _share_table(summary)) if part)
+
+
 def _gradient_section(summary: dict, terms: Optional[pd.DataFrame]) -> Section:
     dominant = _field(summary, "dominant_gradient")
-    parts = []
+    parts = [table for table in [_share_table(summary)] if table]
     if dominant.get("term") is not None and dominant.get("share") is not None:
         parts.append(f"`{dominant['term']}` carries {100 * dominant['share']:.3g}% of the L2 norm of the "
                      "geometric gradient dL/dlogits.")

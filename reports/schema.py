@@ -64,6 +64,13 @@ LOSS_PRECISION_COLUMNS = ("run", "precision", "runs", "error", "site")
 # max |dL/dlogit|, the clamps' mean at-bound share and non-finite counts.
 REPLICA_SWEEP_COLUMNS = ("checkpoint", "dataset", "case", "precision", "eps", "loss", "bias_loss", "grad_max",
                          "frac_below_eps", "nonfinite_loss", "nonfinite_grad", "masked_nonfinite")
+# DIR/loss_share.csv of analyze-checkpoint: per case, precision, pass (patches: each training patch alone as a step
+# of one, at the logits and at the parameters; whole_image: at the logits only), sample (the patch) and piece
+# (dice_ce, loss, or a term of the loss): its value, max |g| at the logits, and at each side |g_piece|, its share of
+# the step's gradient g = g_dice_ce + g_loss (<g_piece, g>/|g|^2) and |g_piece|/|g|, and non-finite counts.
+LOSS_SHARE_COLUMNS = ("case", "precision", "pass", "sample", "piece", "value", "max_abs_grad_logits",
+                      "grad_norm_logits", "share_logits", "norm_ratio_logits", "grad_norm_params", "share_params",
+                      "norm_ratio_params", "nonfinite_grad_logits", "nonfinite_grad_params")
 # DIR/bench.csv of ``geodiag bench``: one measured ratio, count or size per row, with its target and method.
 BENCH_COLUMNS = ("benchmark", "subject", "baseline", "value", "unit", "target", "met", "method")
 
@@ -106,6 +113,18 @@ REPLAY_CLASSIFICATIONS = {
                              "(nothing was replayed)",
     REPLAY_FAILED: "the replayed step raised (the explanation is its exception): nothing is classified",
 }
+
+# A loss or term's part in a step's gradient, from its share <g_x, g>/|g|^2: "inert" below INERT_SHARE in
+# magnitude, "dominant" above DOMINANT_SHARE, "contributes" between (analyze-checkpoint and the study alike).
+INERT_SHARE = 0.01
+DOMINANT_SHARE = 0.5
+
+
+def share_role(share: float | None) -> str:
+    """inert, contributes or dominant; "not measured" for a missing share."""
+    if share is None or math.isnan(share):
+        return "not measured"
+    return "dominant" if share > DOMINANT_SHARE else "inert" if abs(share) < INERT_SHARE else "contributes"
 
 
 class ReportInputError(ValueError):

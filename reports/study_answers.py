@@ -15,7 +15,8 @@ import pandas as pd
 from . import seed
 from .html import Section
 from .recommendation import VERDICT_KEY
-from .study_tables import (DOMINANT_SHARE, INERT_SHARE, StudyTables, below_median_column, clamp_at_bound,
+from .schema import DOMINANT_SHARE, INERT_SHARE
+from .study_tables import (StudyTables, below_median_column, clamp_at_bound,
                            dataset_table, gradient_bounds, headline_rows, nonfinite_per_precision, replica_sweep_table,
                            rows_at, seed_unit_shares, term_shares, user_run_names, user_runs)
 from .tables import format_eps, format_number, format_percent, markdown_table, setting_label

@@ -17,15 +17,12 @@ import pandas as pd
 
 from . import seed
 from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, STUDY_RUN_FIELDS, SWEEP_COLUMNS,
-                     SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError, read_json)
+                     SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError, read_json, share_role)
 from .tables import format_eps, format_percent, read_optional_table, read_table
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.
 HEADLINE_COLUMNS = ("stabilizer", "eps", "median_abs_bias_perimeter", "median_abs_bias_compactness", "max_grad_max",
                     "median_frac_zero_grad")
-# A term is "inert" when the median of its share of the step's gradient is below this, "dominant" above DOMINANT.
-INERT_SHARE = 0.01
-DOMINANT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -160,8 +157,7 @@ def term_shares(gradients: pd.DataFrame) -> pd.DataFrame:
     table = gradients.groupby(["run", "term"], sort=False).agg(
         batches=("batch", "count"), value=("value", "median"), share=("share_of_step", "median"),
         norm_ratio=("norm_ratio", "median"), max_grad_logits=("max_abs_grad_logits", "max")).reset_index()
-    table["role"] = table["share"].map(lambda s: "dominant" if s > DOMINANT_SHARE
-                                       else "inert" if abs(s) < INERT_SHARE else "contributes")
+    table["role"] = table["share"].map(share_role)
     return table
 
 

@@ -1,7 +1,8 @@
 """The clamp-sweep report: headline table, recommended setting, verdict on the seed's V2.4 clamp, and the figures
 behind them.
 
-Reads DIR/sweep.csv (required) and DIR/sweep_hist.csv (optional); writes DIR/headline.csv (+ .parquet),
+Reads DIR/sweep.csv (required), DIR/sweep_hist.csv and DIR/settings.json (optional: the aspect formula the sweep
+used and why); writes DIR/headline.csv (+ .parquet),
 DIR/summary.json, DIR/figures/*.png, DIR/report.md and DIR/report.html. Every finding in the text is formatted
 from the tables (see ``recommendation``); the only fixed prose says what a column or figure shows.
 """
@@ -15,7 +16,7 @@ import pandas as pd
 from . import figures, seed
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import VERDICT_TITLE, Recommendation, RecommendationRule, headline_table, recommend
-from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, write_json
+from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, read_json, write_json
 from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
 TITLE = "geodiag clamp sweep"
@@ -25,6 +26,8 @@ AUTOCAST_PRECISIONS = ("fp16", "bf16")
 # sweep's eps act on geodiag's normalised s, so these are not the seed's clamps themselves.
 SEED_EPS = tuple(version.eps for version in seed.VERSIONS)
 _TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
+# What the sweep recorded it ran with, beside its tables (diagnostics' run record).
+RUN_SETTINGS = "settings.json"
 
 
 def load_sweep(directory: Path) -> pd.DataFrame:
@@ -60,6 +63,16 @@ def _headline_for_display(candidates: pd.DataFrame) -> pd.DataFrame:
         "non-finite in": candidates["nonfinite_precisions"].replace("", "–"),
         "eligible": candidates["eligible"],
     })
+
+
+def _aspect_formula_line(directory: Path) -> list[str]:
+    """Which aspect formula the bias of the aspect term was measured with, and why (absent without settings.json)."""
+    path = directory / RUN_SETTINGS
+    recorded = read_json(path) if path.exists() else {}
+    if "aspect_formula" not in recorded:
+        return []
+    why = recorded.get("aspect_formula_why") or "why not recorded"
+    return [f"- aspect formula: {recorded['aspect_formula']} ({why})"]
 
 
 def _coverage(sweep: pd.DataFrame) -> tuple[str, dict]:
@@ -153,6 +166,7 @@ def render(directory: str | Path, rule: RecommendationRule = RecommendationRule(
     hist = read_optional_table(directory / "sweep_hist.csv", SWEEP_HIST_COLUMNS)
     rec = recommend(headline_table(sweep), rule)
     coverage, facts = _coverage(sweep)
+    coverage = "\n".join([coverage, *_aspect_formula_line(directory)])
     tables = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts})
     sections = [

@@ -144,7 +144,7 @@ def test_clamp_sweep_runs_on_a_3d_checkpoint_against_a_reference_of_its_own_aspe
 def test_clamp_sweep_with_the_seeds_2d_aspect_formula_on_a_3d_checkpoint_is_a_one_line_error(checkpoint_3d,
                                                                                               tmp_path, capsys):
     code = main(["clamp-sweep", str(checkpoint_3d), "--out", str(tmp_path / "sweep"), "--precision", "fp32",
-                 "--device", "cpu"])
+                 "--aspect-formula", "seed", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--aspect-formula anisotropy" in err[0], err
 

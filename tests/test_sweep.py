@@ -181,3 +181,52 @@ def test_settings_evaluated_as_one_batch_equal_each_setting_evaluated_alone(ndim
         torch.testing.assert_close(s, seen["compactness.grad_mag_squared"], rtol=1e-6, atol=0)
     unstabilised = results[BATCHED.index(Setting("additive", 0.0))][0]
     assert unstabilised["nonfinite_grad"] > 0  # a bare sqrt at s = 0: the failure the sweep must show, per image
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with ``prefix``, as words (its comment dropped)."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith(prefix))
+    return shlex.split(line, comments=True)
+
+
+def test_clamp_sweep_as_the_readme_writes_it_on_a_3d_results_folder_picks_anisotropy_and_says_why(
+        checkpoint_3d, tmp_path, capsys, monkeypatch):
+    """The planned 3D dataset's cases are larger than the 48^3 patch along one axis and shorter along another; no
+    aspect flag is given. The seed's formula takes the square root of tr^2 - 4 det of 2D moments: it has no 3D
+    form, so the sweep must take anisotropy and measure its bias against an anisotropy reference (~0: no sqrt)."""
+    from geodiag.diagnostics.cli import main
+    from geodiag.diagnostics.nnunet.cases import find_cases, preprocess
+    from geodiag.diagnostics.nnunet.checkpoint import load_checkpoint
+    from geodiag.reports.schema import read_json
+
+    results = checkpoint_3d.parent.parent  # .../Dataset590_Balls3D/nnUNetTrainer__nnUNetPlans__3d_tiny
+    monkeypatch.chdir(tmp_path)
+    words = _readme_command("geodiag clamp-sweep $R --fold 0 --out ")
+    argv = [results if word == "$R" else word for word in words[1:]]
+    checkpoint = load_checkpoint(checkpoint_3d)
+    case = preprocess(checkpoint, find_cases(checkpoint)[0])
+    shape, patch = case.image.shape[1:], checkpoint.patch_size
+    assert any(s > p for s, p in zip(shape, patch)) and any(s < p for s, p in zip(shape, patch))
+    code = main([*map(str, argv), "--cases", case.name, "--precision", "fp32", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    out_dir = tmp_path / argv[argv.index("--out") + 1]
+    settings = read_json(out_dir / "settings.json")
+    assert settings["aspect_formula"] == "anisotropy" and "2D only" in settings["aspect_formula_why"]
+    assert f"aspect formula: anisotropy ({settings['aspect_formula_why']})" in out
+    assert f"- aspect formula: anisotropy ({settings['aspect_formula_why']})" in (out_dir / "report.md").read_text()
+    frame = tables.read_table(out_dir / "sweep.csv", schema.SWEEP_COLUMNS)
+    assert frame.bias_aspect.abs().max() < 1e-3  # anisotropy against anisotropy: no sqrt for eps to act on
+
+
+def test_clamp_sweep_on_2d_checkpoints_keeps_the_seeds_formula_and_says_why(stock_run, tmp_path):
+    from geodiag.reports.schema import read_json
+
+    run_sweep([f"stock={stock_run.final_checkpoint}"], tmp_path, cases="shapes_one_000",
+              settings=parse_settings(["clamp"], [1e-2]), precisions=["fp32"])
+    settings = read_json(tmp_path / "settings.json")
+    assert settings["aspect_formula"] == "seed" and "every checkpoint is 2D" in settings["aspect_formula_why"]

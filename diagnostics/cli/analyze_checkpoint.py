@@ -26,6 +26,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", action="store_true",
                         help="pass the training patches through nnUNetTrainer's training augmentation (default: off)")
     options.add_loss(parser, "the geometric loss recorded in the run folder, else the production preset")
+    parser.add_argument("--term", action="append", default=[], metavar="NAME=SPEC",
+                        help="a term of your --loss, measured on its own (repeatable): SPEC a weight attribute of the "
+                             "loss (the term is the loss with the other named weights at 0) or a loss SPEC "
+                             "file.py:NAME; a loss returning a dict of tensors needs none (its entries are its terms)")
     options.add_out(parser)
     options.add_resume(parser, "analysis")
 
@@ -45,9 +49,12 @@ def run(args: argparse.Namespace) -> int:
         stabilizer=args.stabilizer, eps=args.eps, precisions=args.precision,
         max_cases=args.max_cases, trust=args.trust_checkpoint, resume=args.resume,
         patches=DEFAULT_PATCHES if args.patches is None else args.patches, augment=args.augment,
-        progress=for_stream(sys.stderr), loss_spec=args.loss, loss_input=args.loss_input)
+        progress=for_stream(sys.stderr), loss_spec=args.loss, loss_input=args.loss_input, term=args.term)
     report = analysis_report.render(args.out)
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
+    shares = analysis_report.gradient_share_text(summary)
+    if shares:
+        print(shares)
     print(report.markdown)
     print(report.html)
     return 0 if summary["verdict"] == schema.HEALTHY else 3

@@ -1,4 +1,4 @@
-"""`geodiag check-bounds`: fail CI when a loss change lets a gradient grow or a NaN appear."""
+"""`geodiag check-bounds`: fail CI when a loss change lets a gradient grow or a NaN appear, or silences a gradient."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,9 @@ HELP = "check a loss's gradients against analytic bounds and a committed baselin
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from ..tools.bounds.baseline import DEFAULT_TOLERANCES
+    from ..tools.bounds.output import describe_tolerance
+
     options.add_loss(parser, "the built-in GeometricLoss under every --settings entry (the loss gets probabilities "
                              "[B, 2, ...] and the label map [B, 1, ...])")
     parser.add_argument("--dims", metavar="N[,N]", type=options.dims,
@@ -18,7 +21,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", metavar="FILE", type=Path,
                         help="baseline JSON (default: the packaged one for the built-in loss, none for --loss)")
     parser.add_argument("--update-baseline", action="store_true",
-                        help="write the measurements into the baseline (merging with its other entries)")
+                        help="write the measurements into the baseline (merging with its other entries), with the "
+                             "tolerances in effect")
+    parser.add_argument("--tolerance", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a tolerance of the comparison with the baseline (repeatable; VALUE a fraction: "
+                             "0.1 is 10%% or 10 points); defaults: " + _escaped("; ".join(
+                                 describe_tolerance(name, t) for name, t in DEFAULT_TOLERANCES.items())))
     parser.add_argument("--junit", metavar="FILE", type=Path, help="also write JUnit XML, one testcase per run")
     parser.add_argument("--cases", metavar="NAMES", type=options.names, help="comma-separated case names (default: all)")
     parser.add_argument("--settings", metavar="NAMES", type=options.names,
@@ -26,6 +34,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     options.add_precision(parser, None, "precisions", old_spelling=True)
     options.add_device(parser)
     parser.add_argument("--list", action="store_true", help="list the cases and settings, then exit")
+
+
+def _escaped(text: str) -> str:
+    """Help text with argparse's %-formatting escaped."""
+    return text.replace("%", "%%")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,24 +66,30 @@ def run(args: argparse.Namespace) -> int:
         baseline_path = args.baseline or bounds.BASELINE_PATH
     cases = bounds.select_cases(args.cases)
     precisions = args.precision or list(PRECISIONS)
+    tolerances = bounds.parse_tolerances(args.tolerance)
 
     baseline = None
     if baseline_path is not None and not (args.update_baseline and not baseline_path.exists()):
-        baseline = bounds.Baseline.load(baseline_path)
+        baseline = bounds.Baseline.load(baseline_path).with_tolerances(tolerances)
 
     start = time.perf_counter()
     outcomes = bounds.run_checks(losses, cases, precisions, device,
                                  baseline=None if args.update_baseline else baseline, dims=args.dims)
     elapsed = time.perf_counter() - start
     print(bounds.format_table(outcomes))
+    checked_with = (baseline or bounds.Baseline().with_tolerances(tolerances)).tolerances
+    if baseline_path is not None:
+        print(f"\ntolerances against the baseline (the larger allowance applies; --tolerance NAME=VALUE):\n"
+              f"{bounds.format_tolerances(checked_with)}")
 
     if args.update_baseline:
         measured = [o.measurement for o in outcomes if o.measured]
-        updated = (baseline or bounds.Baseline()).updated(measured, device)
+        updated = (baseline or bounds.Baseline().with_tolerances(tolerances)).updated(measured, device)
         _write(lambda: updated.save(baseline_path), baseline_path, "baseline")
         print(f"baseline: wrote {len(measured)} entries to {baseline_path}")
     if args.junit:
-        _write(lambda: bounds.write_junit(outcomes, args.junit), args.junit, "JUnit file")
+        _write(lambda: bounds.write_junit(outcomes, args.junit, tolerances=checked_with if baseline else None),
+               args.junit, "JUnit file")
 
     failed = _print_summary(outcomes, device, elapsed, args.update_baseline)
     return 1 if failed else 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import options
 
@@ -13,7 +14,7 @@ HELP = "sweep sqrt stabilisers and eps on real predictions of nnU-Net checkpoint
 def configure(parser: argparse.ArgumentParser) -> None:
     from geodiag.losses.stabilizers import STABILIZERS
 
-    from ..tools.sweep import DEFAULT_EPS
+    from ..tools.sweep import ASPECT_FORMULAS, DEFAULT_EPS
 
     parser.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CHECKPOINT",
                         help="checkpoint files or nnU-Net results folders, optionally labelled")
@@ -22,8 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stabilizers", type=options.names, default=list(STABILIZERS),
                         help=f"comma-separated: {', '.join(STABILIZERS)}")
     options.add_precision(parser, ["fp32", "fp16", "bf16"], "network precisions")
-    parser.add_argument("--aspect-formula", choices=("seed", "anisotropy"), default="seed",
-                        help="aspect term whose bias is measured (seed: sqrt of tr^2-4det, where eps also acts)")
+    parser.add_argument("--aspect-formula", choices=ASPECT_FORMULAS, default=None,
+                        help="aspect term whose bias is measured (seed: sqrt of tr^2-4det, where eps also acts, 2D "
+                             "only; anisotropy: 2D and 3D). Default: seed on 2D checkpoints, anisotropy when one is "
+                             "3D; the report and settings.json say which and why")
     options.add_loss(parser, "geodiag's GeometricLoss under every --stabilizers x --eps")
     parser.add_argument("--site", type=options.names, metavar="FILE:LINE[,FILE:LINE]",
                         help="with --loss: the clamp (its min) or sqrt(x + c) (its c) whose bound each --eps replaces, "
@@ -34,11 +37,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geodiag.reports import sweep_report
+    from geodiag.reports import schema, sweep_report
 
     from ..instruments.devices import resolve_device
     from ..instruments.devices import parse_precisions
     from ..progress import for_stream
+    from ..tools.run_record import SETTINGS_FILE
     from ..tools.sweep import parse_settings, run_sweep
 
     if args.loss or args.site:
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     report = sweep_report.render(args.out)
     print(f"{len(frame)} rows; network forward {timing.forward_s:.1f} s of {timing.total_s:.1f} s "
           f"(sweep / plain inference = {timing.ratio:.2f}x)")
+    recorded = schema.read_json(Path(args.out) / SETTINGS_FILE)
+    print(f"aspect formula: {recorded['aspect_formula']} ({recorded['aspect_formula_why']})")
     print(report.markdown)
     print(report.html)
     return 0

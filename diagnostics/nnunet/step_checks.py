@@ -21,10 +21,11 @@ from typing import Optional
 
 import torch
 
+from geodiag.reports.schema import INERT_SHARE
+
 from ..nonfinite.autotaps import AutoTaps
 from ..nonfinite.loss_spec import UserLoss
 
-INERT_SHARE = 0.01  # |share| below this over a whole epoch: the loss sends next to nothing to the network
 
 
 def loss_codes(loss: UserLoss) -> frozenset:

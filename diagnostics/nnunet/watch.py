@@ -38,13 +38,14 @@ from geodiag.losses.nnunet.guard import GUARD_ATTRIBUTE, StepGuard, TrainingStat
 from geodiag.losses.nnunet.patches import PatchGroup, patch
 from geodiag.losses.nnunet.state_health import ROT_EVENTS
 from geodiag.reports import schema
+from geodiag.reports.schema import INERT_SHARE
 
 from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.recorder import Recorder
 from ..nonfinite.loss_spec import UserLoss, load_loss
 from ..nonfinite.replay import replay_train_step
 from . import first_nonfinite, saved_step
-from .step_checks import INERT_SHARE, StepChecks, inert_epoch
+from .step_checks import StepChecks, inert_epoch
 
 WATCH_FOLDER = "geodiag_watch"
 LAST_GOOD = "last_good.pth"

@@ -2,7 +2,8 @@
 
 SPEC is ``package.module:NAME`` or ``path/to/file.py:NAME``. NAME may be a loss callable ``(input, target)``,
 an ``nn.Module`` instance or class, or a zero-argument factory returning one; a loss whose call takes only
-the prediction is called without the target. Code is imported only from a SPEC: never from a name found in a
+the prediction is called without the target. A loss may return its terms as a dict of tensors: its value is
+their sum. Code is imported only from a SPEC: never from a name found in a
 checkpoint or a run folder, which may come from anywhere.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -42,12 +43,25 @@ class UserLoss:
         autocast is active, so the dtype is the one torch.softmax returns there), or the logits as they are."""
         return torch.softmax(logits, 1) if self.input_kind == "probabilities" else logits
 
-    def call(self, prediction: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
-        """The loss on an already prepared prediction."""
+    def outputs(self, prediction: torch.Tensor, target: Optional[torch.Tensor]):
+        """What the loss returns on an already prepared prediction: a tensor, or a dict of named term tensors."""
         return self.fn(prediction, target) if self.takes_target else self.fn(prediction)
+
+    def call(self, prediction: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+        """The loss on an already prepared prediction; a loss returning a dict of terms is their sum."""
+        return total_of(self.outputs(prediction, target))
 
     def __call__(self, logits: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
         return self.call(self.prepare(logits), target)
+
+
+def total_of(value):
+    """A loss's value: the sum of its terms when it returns them as a dict, else the value itself."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise GeodiagError("the loss returned an empty dict; expected a tensor or a dict of term tensors")
+        return sum(value.values())
+    return value
 
 
 def load_loss(spec: str, input_kind: str = "probabilities") -> UserLoss:

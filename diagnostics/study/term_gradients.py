@@ -1,16 +1,14 @@
 """Each loss term's gradient at a checkpoint, on training batches: what it sends to the logits and to the network,
-and its share of the step's gradient (the norm clip_grad_norm_ sees before clipping).
+and its share of the step's gradient (the norm clip_grad_norm_ sees before clipping), measured by the product's
+own ``tools.loss_share`` (analyze-checkpoint's share table comes from the same code).
 
-Why: a term whose clamp or units make its gradient a millionth of Dice+CE's is inert, one whose gradient dwarfs
-it dominates the clipped step; neither shows in the loss values nnU-Net logs. The batches come from a stock
-nnUNetTrainer built from the checkpoint (nnU-Net's own data loader and augmentation, its deep-supervision Dice+CE),
-so they are what training fed the network; the geometric terms are the run's own loss with one weight kept at a
-time: a user's loss through its SPEC (never imported from the checkpoint), geodiag's from the run's recorded
-settings.
+The batches come from a stock nnUNetTrainer built from the checkpoint (nnU-Net's own data loader and augmentation,
+its deep-supervision Dice+CE), so they are what training fed the network; the geometric terms are the run's own
+loss with one weight kept at a time: a user's loss through its SPEC (never imported from the checkpoint), geodiag's
+from the run's recorded settings.
 """
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 from typing import Callable, Mapping
@@ -18,23 +16,20 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ..tools import loss_share
+
 Term = Callable[[list, list], torch.Tensor]  # (deep-supervision outputs, targets) -> weighted term value
 
 
 def user_loss_terms(spec: str, weights: Mapping[str, str], samples: int) -> dict[str, Term]:
-    """A user's loss (``--loss`` SPEC) split into its terms: for each ``term: weight attribute`` a copy of the loss
-    with the other weights set to 0, called on the softmax of the first ``samples`` full-resolution outputs."""
+    """A user's loss (``--loss`` SPEC) split into its terms by their weight attributes (``loss_share.weight_terms``,
+    as ``--term NAME=ATTRIBUTE`` splits it), each called on the softmax of the first ``samples`` full-resolution
+    outputs."""
     from ..nonfinite.loss_spec import load_loss
 
-    loss = load_loss(spec)
-    terms = {}
-    for term in weights:
-        single = copy.deepcopy(loss)
-        for other, attribute in weights.items():
-            if other != term:
-                setattr(single.fn, attribute, 0.0)
-        terms[term] = lambda outputs, targets, single=single: single(outputs[0][:samples], targets[0][:samples])
-    return terms
+    terms = loss_share.weight_terms(load_loss(spec), weights)
+    return {name: (lambda outputs, targets, term=term: term(outputs[0][:samples], targets[0][:samples]))
+            for name, term in terms.items()}
 
 
 def geometric_loss_terms(settings: Mapping) -> dict[str, Term]:
@@ -89,24 +84,12 @@ def measure(checkpoint_path: Path, terms: Mapping[str, Term], batches: int, devi
         data = batch["data"].to(dev)
         target = [t.to(dev) for t in batch["target"]]
         outputs = network(data)
-        values = {"dice_ce": trainer.loss(outputs, target)}
+        values = {loss_share.DICE_CE: trainer.loss(outputs, target)}
         values.update({name: term(outputs, target) for name, term in terms.items()})
-        grads = {}
-        for name, value in values.items():
-            found = torch.autograd.grad(value, [outputs[0], *params], retain_graph=True, allow_unused=True)
-            logits = found[0] if found[0] is not None else torch.zeros_like(outputs[0])
-            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                              for g, p in zip(found[1:], params)]).double()
-            grads[name] = (value.detach(), logits.detach(), flat)
-        step = sum(flat for _, _, flat in grads.values())
-        step_norm = torch.linalg.vector_norm(step)
-        for name, (value, logits, flat) in grads.items():
-            norm = torch.linalg.vector_norm(flat)
-            rows.append({"batch": index, "term": name, "value": float(value),
-                         "max_abs_grad_logits": float(logits.abs().max()), "grad_norm_network": float(norm),
-                         "share_of_step": float(torch.dot(flat, step) / step_norm ** 2),
-                         "norm_ratio": float(norm / step_norm), "step_grad_norm": float(step_norm),
-                         "nonfinite_grad_logits": int((~torch.isfinite(logits)).sum()),
-                         "nonfinite_grad_network": int((~torch.isfinite(flat)).sum())})
+        shares = loss_share.gradient_shares(values, outputs[0], params, step=list(values))
+        rows += [{"batch": index, "term": name, "value": row["value"],
+                  "max_abs_grad_logits": row["max_abs_grad_logits"], "grad_norm_network": row["grad_norm_params"],
+                  "share_of_step": row["share_params"], "norm_ratio": row["norm_ratio_params"],
+                  "step_grad_norm": row["step_grad_norm_params"], "nonfinite_grad_logits": row["nonfinite_grad_logits"],
+                  "nonfinite_grad_network": row["nonfinite_grad_params"]} for name, row in shares.items()]
     return rows
-

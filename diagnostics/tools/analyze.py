@@ -4,7 +4,9 @@ For each precision and each real case, two inputs. Training patches drawn by nnU
 the network with autograd on, as in a training step: Dice+CE and the geometric loss are back-propagated into the
 network, and a Recorder histograms every tap of the loss, the logits and the parameter gradients. The whole case,
 predicted as nnU-Net predicts it (no gradient into the network, which a sliding window over a case larger than
-the patch cannot give), yields the per-image loss terms. A pass that went non-finite is replayed (``nonfinite.replay``:
+the patch cannot give), yields the per-image loss terms. On both, the loss and its terms' share of the step's
+gradient against Dice+CE's (``loss_share``: each training patch alone, at the logits and the parameters; the whole
+image at its logits) says whether the loss is inert, contributes or dominates. A pass that went non-finite is replayed (``nonfinite.replay``:
 in its precision, then at fp32 and fp64) to name the first op that produced NaN/Inf and to classify it (maths,
 precision...). The checkpoint's own state (weights, momentum, GradScaler scale) is
 checked too. The loss is the user's ``--loss`` or the one the run folder records (``own_loss.choose_loss``); on
@@ -17,18 +19,16 @@ the user's line that raised it, stored like any other result; the other cases an
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema, tables
 
 from ..instruments.devices import PRECISIONS, parse_precisions
@@ -43,7 +43,8 @@ from ..nonfinite.replay import replay
 from ..progress import Progress, progress_over
 from . import run_record
 from ..nonfinite.autotaps import AutoTaps
-from . import own_loss
+from ..nonfinite.loss_spec import UserLoss
+from . import loss_share, own_loss
 from .verdict import PASSES, checkpoint_state, failed, summarize
 
 DEFAULT_PATCHES = 2
@@ -59,34 +60,6 @@ def dice_ce_for(checkpoint: Checkpoint):
     return DC_and_CE_loss({"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                           weight_ce=1, weight_dice=1, ignore_label=labels.ignore_label,
                           dice_class=MemoryEfficientSoftDiceLoss)
-
-
-def _term_values(loss: own_loss.AnalysedLoss, logits: torch.Tensor, label: torch.Tensor, dice_ce) -> list[dict]:
-    """Each term's value and its share of the gradient at the logits, on a detached copy (so the recorder's
-    hooks see only the real backward). A user's loss has no named terms: its total only."""
-    leaf = logits.detach().float().requires_grad_(True)
-    seen: dict[str, torch.Tensor] = {}
-    handle = (loss.register_tap(lambda name, t: seen.__setitem__(name, t), names=[f"{t}.term" for t in GEOMETRIC_TERMS])
-              if own_loss.tappable(loss) else contextlib.nullcontext())
-    with handle, own_loss.raising_as_finding():
-        geometric_total = loss(leaf, label)
-    terms = {"dc_ce": dice_ce(leaf, label)}
-    weights = {term: getattr(loss, f"{term}_weight", 0.0) for term in GEOMETRIC_TERMS}
-    for term in GEOMETRIC_TERMS:
-        if f"{term}.term" in seen:
-            terms[term] = weights[term] * seen[f"{term}.term"].mean()
-    norms = {}
-    for name, value in terms.items():
-        (grad,) = torch.autograd.grad(value, leaf, retain_graph=True, allow_unused=True)
-        norms[name] = float(grad.norm()) if grad is not None else 0.0
-    geometric_norm = sum(v for k, v in norms.items() if k != "dc_ce")
-    rows = [{"term": name, "value": float(value.detach()),
-             "grad_norm": norms[name],
-             "grad_share": norms[name] / geometric_norm if name != "dc_ce" and geometric_norm > 0 else math.nan}
-            for name, value in terms.items()]
-    rows.append({"term": "geometric_total", "value": float(geometric_total.detach()), "grad_norm": geometric_norm,
-                 "grad_share": math.nan})
-    return rows
 
 
 def _case_paths(out: Path, precision: str, case: str) -> tuple[Path, Path]:
@@ -143,14 +116,15 @@ def _network_gradients(network) -> dict:
 
 
 def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_loss.AnalysedLoss, dice_ce, precision: str,
-                 patch_size, device: torch.device, patches: int,
-                 augment: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+                 patch_size, device: torch.device, patches: int, augment: bool = False,
+                 terms: Optional[Mapping[str, UserLoss]] = None) -> tuple[dict[str, np.ndarray], dict]:
     """One case in one precision: packed histograms by 'name|kind' (training patches), and the case's results.
 
     ``patches`` training patches go through the network with gradients as in a training step: they give the
-    histograms and the network's gradients. The whole image, predicted as nnU-Net predicts it, gives the
-    per-image loss terms. A pass whose loss or gradient is non-finite is replayed with a check after every op
-    (fairseq's pattern: full checks only on the failing batch), which names the op and classifies it.
+    histograms and the network's gradients, and, each patch alone, the loss's share of the step's gradient. The
+    whole image, predicted as nnU-Net predicts it, gives the per-image loss terms and shares at its logits. A pass
+    whose loss or gradient is non-finite is replayed with a check after every op (fairseq's pattern: full checks
+    only on the failing batch), which names the op and classifies it.
     """
     case = preprocess(checkpoint, files)
     if case.label is None:
@@ -174,8 +148,11 @@ def analyze_case(checkpoint: Checkpoint, network, files: CaseFiles, loss: own_lo
                                                              patch_size, device, taps["whole_image"])
     image_result = {"shape": list(case.image.shape[1:]),
                     **_pass_result(image_logits, image_geometric, image_total)}
+    shares = {"patches": loss_share.patch_shares(network, batch.image, batch.label, loss, dice_ce, terms or {},
+                                                 dtype, device),
+              "whole_image": loss_share.image_shares(image_logits, label, loss, dice_ce, terms or {}, dtype)}
     result = {"case": files.name, "precision": precision, "patches": patch_result, "whole_image": image_result,
-              "terms": _term_values(loss, image_logits, label, dice_ce), "provenance": None,
+              "terms": loss_share.term_rows(shares["whole_image"]), "loss_share": shares, "provenance": None,
               "sites": {name: own_loss.case_sites(t.result()) for name, t in taps.items()}}
     if failed(patch_result) or failed(image_result):
         inputs = (batch.image, batch.label) if failed(patch_result) else (case.image, label)
@@ -241,7 +218,8 @@ def _summaries(packed_by_precision: dict[str, dict[str, np.ndarray]]) -> tuple[p
 
 def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: own_loss.AnalysedLoss, precisions: Sequence[str],
                out: Path, dev: torch.device, trust: bool, resume: bool, patches: int, augment: bool,
-               progress: Optional[Progress]) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
+               progress: Optional[Progress],
+               terms: Mapping[str, UserLoss]) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
     """Each case under each precision, written to OUT/cases/ as it finishes (a resumed run reads finished ones
     back); returns the merged packed statistics per precision and every case's result. A case whose loss raised
     is stored as ``{case, precision, raised: {message, site}}`` with no statistics."""
@@ -258,7 +236,7 @@ def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: own_lo
                     dice_ce = dice_ce_for(checkpoint)
                 try:
                     packed, result = analyze_case(checkpoint, network, files, loss, dice_ce, precision,
-                                                  checkpoint.patch_size, dev, patches, augment)
+                                                  checkpoint.patch_size, dev, patches, augment, terms)
                 except own_loss.LossRaised as exc:
                     network.zero_grad(set_to_none=True)
                     packed, result = {}, {"case": files.name, "precision": precision, "raised": exc.record()}
@@ -279,8 +257,9 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
                        precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
                        resume: bool = False, patches: int = DEFAULT_PATCHES, augment: bool = False,
                        progress: Optional[Progress] = None, loss_spec: Optional[str] = None,
-                       loss_input: str = "probabilities") -> dict:
-    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary."""
+                       loss_input: str = "probabilities", term: Sequence[str] = ()) -> dict:
+    """Analyse one checkpoint; write DIR/summary.json and the tables; return the summary. ``term`` names the terms
+    of a user's loss (``NAME=SPEC`` items, see ``loss_share.parse_terms``)."""
     out = run_record.check_out(out)
     if patches < 1:
         raise ArgumentError(f"{{patches}} must be at least 1, got {patches}", "patches")
@@ -294,12 +273,13 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     case_files = find_cases(checkpoint, cases)[: max_cases or None]
     loss, loss_info = own_loss.choose_loss(checkpoint, checkpoint.foreground_classes, loss_spec, loss_input,
                                            stabilizer, eps)
-    run_record.check_and_record(out, {"checkpoint": str(checkpoint.path.resolve()), **own_loss.run_settings(loss),
-                                      "patches": patches, "augment": augment},
-                                resume, has_results)
+    terms = loss_share.parse_terms(loss, term)
+    recorded = {"checkpoint": str(checkpoint.path.resolve()), **own_loss.run_settings(loss), "patches": patches,
+                "augment": augment, **({"terms": list(term)} if term else {})}
+    run_record.check_and_record(out, recorded, resume, has_results)
     dev = torch.device(device)
     packed_by_precision, results = _run_cases(checkpoint, case_files, loss, precisions, out, dev, trust, resume,
-                                               patches, augment, progress)
+                                               patches, augment, progress, terms)
     tensors, histograms, eps_fractions = _summaries(packed_by_precision)
     sites, masked, site_histograms = own_loss.merge_sites([(r["precision"], name, r["sites"][name])
                                                            for r in results for name in PASSES if "sites" in r])
@@ -308,12 +288,19 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     tables.write_table(own_loss.histogram_frame(site_histograms), out / sites_report.HISTOGRAMS_FILE)
     terms = pd.DataFrame([{"case": r["case"], "precision": r["precision"], **t}
                           for r in results for t in r.get("terms", ())], columns=[*schema.TERM_COLUMNS, "grad_norm"])
+    shares = pd.DataFrame([{"case": r["case"], "precision": r["precision"], "pass": name, **row}
+                           for r in results for name, rows in r.get("loss_share", {}).items() for row in rows],
+                          columns=schema.LOSS_SHARE_COLUMNS)
     for frame, name in ((tensors, "tensors"), (histograms, "histograms"), (eps_fractions, "eps_fractions"),
-                        (terms[list(schema.TERM_COLUMNS)], "terms")):
+                        (terms[list(schema.TERM_COLUMNS)], "terms"), (shares, "loss_share")):
         tables.write_table(frame, out / f"{name}.csv")
     summary = summarize(checkpoint, own_loss.run_settings(loss), state, results, tensors, terms, list(precisions),
                         dev, patches, augment, len(case_files))
-    summary.update(loss=loss_info, sites=sites, masked_nonfinite=masked)
-    summary["statistics_from"]["sites"] = "each row's pass"
+    share_summary = loss_share.summarize(shares)
+    summary.update(loss=loss_info, sites=sites, masked_nonfinite=masked, loss_share=share_summary,
+                   loss_role=loss_share.headline(share_summary, sites, loss_info["spec"],
+                                                 math.prod(checkpoint.patch_size)))
+    summary["statistics_from"].update({"sites": "each row's pass", "loss_share.csv": "each row's pass",
+                                       "loss_share": "each entry's pass", "loss_role": "patches"})
     schema.write_json(out / "summary.json", summary)
     return summary

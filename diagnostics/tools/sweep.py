@@ -29,6 +29,7 @@ from ..progress import Progress, progress_over
 from . import run_record
 
 DEFAULT_EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+ASPECT_FORMULAS = ("seed", "anisotropy")
 
 
 @dataclass(frozen=True)
@@ -254,15 +255,37 @@ def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[s
     return items
 
 
+def choose_aspect_formula(items: Sequence[CheckpointSweep], asked: Optional[str] = None) -> tuple[str, str]:
+    """(aspect formula, why): the one asked for, else the seed's on 2D checkpoints (its sqrt of tr^2 - 4 det is
+    where eps also acts) and anisotropy as soon as one is 3D (the seed's formula is 2D only)."""
+    dims = sorted({len(item.checkpoint.patch_size) for item in items})
+    if asked is not None:
+        if asked not in ASPECT_FORMULAS:
+            raise ArgumentError(f"{{aspect_formula}} {asked!r}: choose {' or '.join(ASPECT_FORMULAS)}",
+                                "aspect_formula")
+        if asked == "seed" and dims != [2]:
+            three_d = next(item.label for item in items if len(item.checkpoint.patch_size) != 2)
+            raise ArgumentError(f"{three_d} is a 3D checkpoint and the seed's aspect formula is 2D only: pass "
+                                "{aspect_formula} anisotropy, or leave it out to have it chosen", "aspect_formula")
+        return asked, "as asked"
+    if dims == [2]:
+        return "seed", ("every checkpoint is 2D: the seed's formula, sqrt(tr^2 - 4 det) of the second moments, "
+                        "where eps also acts")
+    return "anisotropy", (f"{'3D checkpoints' if dims == [3] else 'a 3D checkpoint among 2D ones'}: the seed's "
+                          "formula is 2D only; anisotropy ((l1 - l2) / (l1 + l2))^2 of the moments' eigenvalues "
+                          "holds in 2D and 3D and has no sqrt for eps to act on")
+
+
 def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None,
               settings: Sequence[Setting] = (), precisions: Sequence[str] = ("fp32",),
-              aspect_formula: str = "seed", device: str = "cpu", trust: bool = False, resume: bool = False,
+              aspect_formula: Optional[str] = None, device: str = "cpu", trust: bool = False, resume: bool = False,
               max_cases: Optional[int] = None, fold: Optional[str] = None,
               progress: Optional[Progress] = None) -> tuple[pd.DataFrame, SweepTiming]:
     """Sweep every checkpoint × case × setting × precision; write DIR/sweep.csv and DIR/sweep_hist.csv.
 
     Each case is predicted whole (nnU-Net's sliding window, no gradients into the network); every gradient the
-    sweep reports is the loss's gradient at those logits.
+    sweep reports is the loss's gradient at those logits. ``aspect_formula`` None chooses it from the
+    checkpoints' dimensionality (``choose_aspect_formula``); DIR/settings.json says which and why.
     """
     out = run_record.check_out(out)
     case_dir, has_results = run_record.open_cases(out, "*/*.csv", "sweep results", resume)
@@ -271,17 +294,15 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
     timing = SweepTiming()
     start = device_clock(dev)
     items = load_sweep_items(specs, trust, fold)
+    aspect_formula, why = choose_aspect_formula(items, aspect_formula)
     run_record.check_and_record(out, {"settings": [[s.stabilizer, s.eps] for s in settings],
-                                      "precisions": list(precisions), "aspect_formula": aspect_formula},
-                                resume, has_results)
+                                      "precisions": list(precisions), "aspect_formula": aspect_formula,
+                                      "aspect_formula_why": why}, resume, has_results)
     for item in items:
         folder, todo = cases_to_do(item, cases, max_cases, case_dir)
         if not todo:
             continue
         patch_size = item.checkpoint.patch_size
-        if aspect_formula == "seed" and len(patch_size) != 2:
-            raise ArgumentError(f"{item.label} is a {len(patch_size)}D checkpoint and the seed's aspect formula is 2D "
-                               "only: pass {aspect_formula} anisotropy", "aspect_formula")
         network = build_network(item.checkpoint, trust=trust).to(dev)
         for files_of_case in progress_over(todo, item.label, progress):
             case = preprocess(item.checkpoint, files_of_case)

@@ -7,12 +7,12 @@ import math
 import pandas as pd
 import torch
 
-from geodiag.losses import GEOMETRIC_TERMS
 from geodiag.reports import schema
 from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 
 from ..instruments.checkpoint_health import checkpoint_health
 from ..nnunet.checkpoint import Checkpoint
+from .loss_share import TERM_NAMES
 
 # The two inputs each case is evaluated on (keys of a case result).
 PASSES = ("patches", "whole_image")
@@ -122,7 +122,7 @@ def summarize(checkpoint: Checkpoint, loss_settings: dict, state: dict, results:
     raised = [r for r in results if "raised" in r]
     results = [r for r in results if "raised" not in r]
     verdict, reason = _verdict(state, results, raised)
-    geometric = terms[terms.term.isin(GEOMETRIC_TERMS)]
+    geometric = terms[~terms.term.isin(TERM_NAMES.values())]  # the loss's terms, geodiag's or a user's
     shares = geometric.groupby("term")["grad_share"].mean() if len(geometric) else pd.Series(dtype=float)
     dc_ce_norm = terms.loc[terms.term == "dc_ce", "grad_norm"].mean() if len(terms) else math.nan
     geo_norm = terms.loc[terms.term == "geometric_total", "grad_norm"].mean() if len(terms) else math.nan

@@ -1,5 +1,6 @@
-"""The checks: analytic bounds any correct loss meets, growth over the baseline, and the run over every case x
-setting x precision."""
+"""The checks: analytic bounds any correct loss meets, changes from the baseline both ways (a gradient that grows,
+one that is silenced, a loss value that drifts, more elements with zero gradient or held at a clamp's bound), and
+the run over every case x setting x precision."""
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ from ...instruments.devices import PRECISIONS
 from ...instruments.errors import GeodiagError
 from ...nonfinite.loss_spec import one_line
 from ...nonfinite.sites import exception_site
-from .baseline import Baseline
+from .baseline import TOLERANCE_PARTS, Baseline, Tolerance
 from .cases import Case, _validated
 from .measurement import LossFn, Measurement, measure
 
@@ -34,11 +35,13 @@ class Regression:
     baseline: Optional[float]
     measured: float
     bound: str
+    tolerance: Optional[str] = None  # the tolerance's name, for a comparison with the baseline
 
     def __str__(self) -> str:
         baseline = "-" if self.baseline is None else f"{self.baseline:.6g}"
+        tolerance = f"; tolerance {self.tolerance}" if self.tolerance else ""
         return (f"{self.case} / {self.setting} / {self.precision}: {self.quantity} = {self.measured:.6g} "
-                f"(baseline {baseline}; bound {self.bound})")
+                f"(baseline {baseline}; bound {self.bound}{tolerance})")
 
 
 def check_analytic(m: Measurement) -> list[Regression]:
@@ -55,8 +58,43 @@ def check_analytic(m: Measurement) -> list[Regression]:
     return found
 
 
+@dataclass(frozen=True)
+class BaselineCheck:
+    """One comparison with the baseline: the tolerance it reads, the measured quantity, and which way it fails
+    (``growth``: above baseline + allowed; ``drop``: below baseline - allowed; ``drift``: either way)."""
+
+    tolerance: str
+    quantity: str
+    direction: str
+
+    def allowance(self, tolerance: Tolerance) -> str:
+        """The change the tolerance allows, in words: ``+10% or +1e-08``, ``+-1% or +-1e-06``, ``+10 points``."""
+        sign = {"growth": "+", "drop": "-", "drift": "+-"}[self.direction]
+        if TOLERANCE_PARTS[self.tolerance] == "abs":
+            return f"{sign}{100 * tolerance.abs:g} points"
+        return f"{sign}{tolerance.rel:.0%} or {sign}{tolerance.abs:g}"
+
+    def violated(self, reference: float, measured: float, tolerance: Tolerance) -> Optional[str]:
+        """The bound ``measured`` breaks, in words; None when it is within."""
+        allowed = tolerance.allowed(reference)
+        how = self.allowance(tolerance)
+        if self.direction == "growth":
+            return None if measured <= reference + allowed else f"<= {reference + allowed:.6g} ({how})"
+        if self.direction == "drop":
+            return None if measured >= reference - allowed else f">= {reference - allowed:.6g} ({how})"
+        return None if abs(measured - reference) <= allowed else f"{reference:.6g} +- {allowed:.3g} ({how})"
+
+
+# Every comparison, in the order regressions are listed; each reads the tolerance of its name.
+BASELINE_CHECKS = (BaselineCheck("grad_max", "grad_max", "growth"), BaselineCheck("grad_l2", "grad_l2", "growth"),
+                   BaselineCheck("grad_l2_drop", "grad_l2", "drop"), BaselineCheck("loss", "loss", "drift"),
+                   BaselineCheck("zero_grad", "zero_grad_fraction", "growth"))
+AT_BOUND_CHECK = BaselineCheck("at_bound", "clamp_at_bound", "growth")
+
+
 def check_baseline(m: Measurement, baseline: Baseline) -> list[Regression]:
-    """Growth of max |dL/dlogits| and its L2 norm beyond the baseline's tolerance; nothing if not baselined.
+    """Each ``BASELINE_CHECKS`` comparison, then each clamp site's at-bound share; nothing if not baselined.
+    A quantity the entry does not hold (an older baseline) is not compared.
 
     A new non-finite value needs no baseline: ``check_analytic`` rejects every one.
     """
@@ -64,15 +102,34 @@ def check_baseline(m: Measurement, baseline: Baseline) -> list[Regression]:
     if entry is None:
         return []
     found = []
-    for quantity, tolerance in baseline.tolerances.items():
-        reference, measured = entry.get(quantity), getattr(m, quantity)
-        if reference is None:
+    for check in BASELINE_CHECKS:
+        reference, measured = entry.get(check.quantity), getattr(m, check.quantity)
+        if reference is None or not math.isfinite(measured):
             continue
-        limit = tolerance.limit(reference)
-        if measured > limit:
-            found.append(Regression(*m.key, quantity, reference, measured,
-                                    f"<= {limit:.6g} (+{tolerance.rel:.0%} or +{tolerance.abs:g})"))
+        bound = check.violated(reference, measured, baseline.tolerances[check.tolerance])
+        if bound is not None:
+            found.append(Regression(*m.key, check.quantity, reference, measured, bound, check.tolerance))
+    stored = entry.get("clamp_at_bound") or {}
+    for site, share in (m.clamp_at_bound or {}).items():
+        matched = matched_site(site, list(m.clamp_at_bound), list(stored))
+        if matched is None or stored[matched] is None:
+            continue
+        bound = AT_BOUND_CHECK.violated(stored[matched], share, baseline.tolerances["at_bound"])
+        if bound is not None:
+            named = site if matched == site else f"{site} ({matched} in the baseline)"
+            found.append(Regression(*m.key, f"at_bound {named}", stored[matched], share, bound, "at_bound"))
     return found
+
+
+def matched_site(site: str, measured: list[str], stored: list[str]) -> Optional[str]:
+    """The baseline's name for a measured clamp site: the same ``file:LINE``, else the clamp of the same file
+    at the same rank in order of first call (lines moved by an edit above it); None for a site it lacks."""
+    if site in stored:
+        return site
+    file = site.rpartition(":")[0]
+    rank = [s for s in measured if s.rpartition(":")[0] == file].index(site)
+    same_file = [s for s in stored if s.rpartition(":")[0] == file]
+    return same_file[rank] if rank < len(same_file) and same_file[rank] not in measured else None
 
 
 @dataclass(frozen=True)
@@ -138,5 +195,5 @@ def _skip_reason(loss: LossFn, ndim: int, dims: Optional[Sequence[int]]) -> Opti
 def _unmeasured(case: str, setting: str, precision: str) -> Measurement:
     return Measurement(case=case, setting=setting, precision=precision, loss=math.nan, loss_nonfinite=0,
                        grad_max=math.nan, grad_l2=math.nan, grad_nonfinite=0, headroom_log2=math.nan,
-                       perimeter_grad_max=None, perimeter_bound=None, seconds=0.0)
+                       perimeter_grad_max=None, perimeter_bound=None, seconds=0.0, zero_grad_fraction=math.nan)
 

@@ -1,9 +1,11 @@
-"""What one forward and backward pass of a loss measures on a case: the loss, its gradient at the logits, the
-perimeter gradient against its analytic bound; and the losses measured (built-in settings or a user's)."""
+"""What one forward and backward pass of a loss measures on a case: the loss, its gradient at the logits (largest,
+L2, share of elements exactly zero), the perimeter gradient against its analytic bound, and for a user's loss the
+share of each clamp's elements held at its bound; and the losses measured (built-in settings or a user's)."""
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -16,6 +18,7 @@ from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
 
 from ...instruments.devices import PRECISIONS
 from ...instruments.errors import GeodiagError
+from ...nonfinite.autotaps import AutoTaps
 from ...nonfinite.loss_spec import UserLoss
 from .cases import _validated
 
@@ -79,6 +82,9 @@ class Measurement:
     perimeter_grad_max: Optional[float]
     perimeter_bound: Optional[float]
     seconds: float
+    zero_grad_fraction: float = math.nan
+    # A user's loss: each clamp site (``file.py:LINE``, the file's name only) -> share of its elements at a bound.
+    clamp_at_bound: Optional[dict[str, float]] = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -116,9 +122,22 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def site_key(site: str) -> str:
+    """A site as the baseline keys it: the file's name and the line, so a baseline holds on another checkout."""
+    path, _, line = site.rpartition(":")
+    return f"{os.path.basename(path)}:{line}"
+
+
+def _clamp_shares(taps: AutoTaps) -> dict[str, float]:
+    """Each clamp site's share of elements held at a bound, in order of first call."""
+    return {site_key(row["site"]): row["at_bound_fraction"] for row in taps.result().sites
+            if row["op"] == "clamp" and row["at_bound_fraction"] is not None}
+
+
 def measure(loss: LossFn, logits: torch.Tensor, target: torch.Tensor, precision: str,
             case: str = "", setting: str = "") -> Measurement:
-    """One forward and backward pass of ``loss`` from ``logits`` under ``precision``; one host sync at the end.
+    """One forward and backward pass of ``loss`` from ``logits`` under ``precision``; one host sync at the end
+    (two for a user's loss, whose clamp sites are read back from its automatic taps).
 
     Under bf16/fp16 the logits are rounded to that dtype (a network's output under autocast) and the softmax
     is taken in fp32 (CUDA autocast's policy for softmax); the loss runs inside autocast.
@@ -127,13 +146,14 @@ def measure(loss: LossFn, logits: torch.Tensor, target: torch.Tensor, precision:
     dtype = PRECISIONS[precision]
     leaf = logits.detach().clone().requires_grad_(True)
     probe, tap = _PerimeterProbe.attach(loss.fn if isinstance(loss, UserLoss) else loss)
+    taps = AutoTaps() if isinstance(loss, UserLoss) else None
     with tap, _autocast(leaf.device, dtype):
         network_output = leaf if dtype is None else leaf.to(dtype)
         if isinstance(loss, UserLoss) and loss.input_kind == "logits":
-            value = loss.call(network_output, target)
+            value = taps.run(loss.call, network_output, target)
         else:
             probabilities = torch.softmax(network_output, dim=1, dtype=torch.float32)
-            value = loss.call(probabilities, target) if isinstance(loss, UserLoss) else loss(probabilities, target)
+            value = taps.run(loss.call, probabilities, target) if taps is not None else loss(probabilities, target)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise GeodiagError(f"the loss returned {shape}; check-bounds needs a scalar tensor (use reduction='mean')")
@@ -147,9 +167,9 @@ def measure(loss: LossFn, logits: torch.Tensor, target: torch.Tensor, precision:
     nan = torch.tensor(math.nan, dtype=torch.float64, device=leaf.device)
     stats = torch.stack([
         value.detach().double(), (~finite).sum().double(), magnitude.amax(), magnitude.square().sum().sqrt(),
-        perimeter_max.double() if perimeter_max is not None else nan,
+        perimeter_max.double() if perimeter_max is not None else nan, (grad == 0).sum().double(),
     ]).tolist()
-    loss_value, grad_nonfinite, grad_max, grad_l2, perimeter_value = stats
+    loss_value, grad_nonfinite, grad_max, grad_l2, perimeter_value, zero_grad = stats
     ndim = logits.dim() - 2
     return Measurement(
         case=case, setting=setting, precision=precision,
@@ -160,6 +180,8 @@ def measure(loss: LossFn, logits: torch.Tensor, target: torch.Tensor, precision:
         perimeter_bound=perimeter_grad_bound(ndim) * sobel_gain(getattr(loss, "sobel", "normalised"), ndim)
         if perimeter_max is not None else None,
         seconds=time.perf_counter() - start,
+        zero_grad_fraction=zero_grad / grad.numel(),
+        clamp_at_bound=_clamp_shares(taps) if taps is not None else None,
     )
 
 
