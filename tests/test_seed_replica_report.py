@@ -12,7 +12,7 @@ import pytest
 from geodiag.reports import study_report
 from geodiag.reports.schema import ReportInputError
 from geodiag.reports.study_answers import shares_section
-from geodiag.reports.study_tables import DOMINANT_SHARE, INERT_SHARE
+from geodiag.reports.schema import DOMINANT_SHARE, INERT_SHARE
 
 REPLICA = "/somewhere/nnUNetTrainerSeedReplica.py"
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geodiag.diagnostics.nnunet.step_checks import INERT_SHARE, StepChecks, inert_epoch, loss_codes
+from geodiag.diagnostics.nnunet.step_checks import StepChecks, inert_epoch, loss_codes
+from geodiag.reports.schema import INERT_SHARE
 from geodiag.diagnostics.nonfinite.autotaps import AutoTaps
 from geodiag.diagnostics.nonfinite.loss_spec import as_user_loss
 
