@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                            tensorboard=args.tensorboard, loss=args.loss, loss_input=args.loss_input)
     watch = run_watched(train[1:], options, progress=lambda message: print(message, flush=True))
     skipped = skip_summary(watch.guard.skips) if watch.guard is not None else "no steps run"
-    for line in watch.summary_lines():
+    for line in watch.findings.summary_lines(watch.folder):
         print(f"geodiag watch: {line}")
     if watch.first is not None:
         print(f"geodiag watch: first non-finite step explained in {watch.folder / JSON_FILE}")

@@ -13,7 +13,8 @@ the trainer exposes them), gradient norm, GradScaler scale, skip; read by the gu
 the histograms of the network's output, its parameter gradients and the GeometricLoss taps (when the trainer has
 a ``geometric_loss``), recorded by ``Recorder``; every ``every`` steps the weight and momentum finiteness (in the
 same read). Steps that abandon the optimizer step in the trainer's own code are counted apart
-(``skipped_by_trainer``); a non-finite gradient left by any backward is an event even then. Written into ``<fold>/geodiag_watch/`` at each epoch end:
+(``skipped_by_trainer``); a non-finite gradient left by any backward is an event even then. The sampled steps also
+run ``step_checks`` (masked values, swallowed errors, the ``--loss`` prior's share), kept by ``sampled_findings``. Written into ``<fold>/geodiag_watch/`` at each epoch end:
 ``iterations_epoch_XXXX.csv`` and ``histograms_epoch_XXXX.json`` (the rows of a stopped epoch are written too).
 
 On the first bad step (see ``StepGuard``): the step's batch and pre-step state go to ``step_<iteration>/`` and
@@ -38,22 +39,21 @@ from geodiag.losses.nnunet.guard import GUARD_ATTRIBUTE, StepGuard, TrainingStat
 from geodiag.losses.nnunet.patches import PatchGroup, patch
 from geodiag.losses.nnunet.state_health import ROT_EVENTS
 from geodiag.reports import schema
-from geodiag.reports.schema import INERT_SHARE
 
 from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.recorder import Recorder
 from ..nonfinite.loss_spec import UserLoss, load_loss
 from ..nonfinite.replay import replay_train_step
 from . import first_nonfinite, saved_step
-from .step_checks import StepChecks, inert_epoch
+from .sampled_findings import MASKED_FILE, SampledFindings
+from .step_checks import StepChecks
+from .watch_tensorboard import TensorBoardSink, summary_writer_class
 
 WATCH_FOLDER = "geodiag_watch"
 LAST_GOOD = "last_good.pth"
 LOGITS = "logits"
 ON_NONFINITE = ("stop", "skip")
 ON_MASKED = ("report", "stop")
-MASKED_FILE = "masked_nonfinite.json"
-SWALLOWED_FILE = "swallowed_errors.json"
 ROW_FIELDS = ("epoch", "iteration", "loss", "grad_norm", "skipped", "skipped_by_trainer", "event", "scale",
               "state_checked", "nonfinite_weight_tensors", "nonfinite_momentum_tensors")
 
@@ -95,9 +95,7 @@ class Watch:
         self.rows: list[dict] = []
         self.stopped: Optional[str] = None  # the stop message, when training was stopped
         self.checks = StepChecks(prior)
-        self.masked: list[dict] = []  # masked non-finite values found on sampled steps, run-long
-        self.swallowed: list[dict] = []  # exceptions the user's code caught on sampled steps, run-long
-        self.inert_epochs: list[dict] = []  # epochs in which the --loss prior sent next to nothing
+        self.findings = SampledFindings(prior.spec if prior is not None else None, progress)
         self._pre_step: dict = {}
         self._handles: list = []
         self._replaying = False
@@ -107,7 +105,7 @@ class Watch:
         self._epoch_start = 0
         self._recorded: list[int] = []  # iterations of this epoch whose histograms were recorded
         self._composition: Optional[frozenset] = None  # the loss terms the last step reported as on
-        self._writer = _tensorboard_writer(options.tensorboard)
+        self._tensorboard = TensorBoardSink(options.tensorboard) if options.tensorboard else None
 
     def attach(self) -> "Watch":
         # geodiag's trainers bring their own guard: it stays when the watch goes
@@ -128,8 +126,8 @@ class Watch:
             self.guard.listeners.remove(self)
             if self._owns_guard:
                 self.guard.unwrap()
-        if self._writer is not None:
-            self._writer.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     # ------------------------------------------------------------------ nnU-Net's hooks
     def _on_train_start(self) -> None:
@@ -194,9 +192,11 @@ class Watch:
                     and _scalar(value) is not None} if isinstance(result, dict) else {}
         row.update(returned)
         if self.checks.active:
-            row.update(self._sampled_findings(record, batch))
+            found = self.checks.end(torch.tensor(record.loss), batch)
+            row.update(self.findings.add_step(found, record.iteration, self.trainer.current_epoch))
         self.rows.append(row)
-        self._to_tensorboard(row)
+        if self._tensorboard is not None:
+            self._tensorboard.scalars(row)
         self._schedule_histograms(record.iteration, returned)
         if record.iteration % self.options.every == 0 or record.event:
             self.progress(f"geodiag watch: epoch {row['epoch']} iteration {row['iteration']} loss {row['loss']:.4g} "
@@ -209,31 +209,11 @@ class Watch:
             guard.stop(f"{guard.describe_event()}; see {self.folder / first_nonfinite.JSON_FILE}")
         if record.event in ROT_EVENTS:
             self.flush()
-        if row.get("masked_nonfinite") and self.options.on_masked == "stop" and self.stopped is None:
+        if row.get("masked_nonfinite") and self.options.on_masked == "stop":
             self.flush()
-            guard.stop(f"non-finite values hidden from the loss in step {record.iteration} "
-                       f"({self.masked[-1]['op']} at {self.masked[-1]['site']}); see {self.folder / MASKED_FILE}")
-
-    def _sampled_findings(self, record, batch: dict) -> dict:
-        """The sampled step's masked values, swallowed errors and prior share, as row columns; each masked value
-        and swallowed error is also kept for its file and said on the console."""
-        found = self.checks.end(torch.tensor(record.loss), batch)
-        where = {"iteration": record.iteration, "epoch": self.trainer.current_epoch}
-        for masked in found["masked"]:
-            self.masked.append({**where, **masked})
-            self.progress(f"geodiag watch: iteration {record.iteration}: non-finite values hidden from a finite "
-                          f"loss at {masked['site']} ({masked['op']}, {masked['calls']} outputs): masked")
-        for raised in found["raised"]:
-            self.swallowed.append({**where, **raised})
-            self.progress(f"geodiag watch: iteration {record.iteration}: an error in {raised['op']} at "
-                          f"{raised['site']} was caught by the trainer's code and training went on: "
-                          f"{raised['message']}")
-        columns = {"masked_nonfinite": sum(m["calls"] for m in found["masked"]),
-                   "swallowed_errors": len(found["raised"])}
-        if self.checks.prior is not None:
-            columns.update(prior_value=found["prior_value"], prior_share=found["prior_share"],
-                           prior_ran=int(found["prior_ran"]))
-        return columns
+            masked = self.findings.masked[-1]
+            guard.stop(f"non-finite values hidden from the loss in step {record.iteration} ({masked['op']} at "
+                       f"{masked['site']}); see {self.folder / MASKED_FILE}")
 
     def _schedule_histograms(self, iteration: int, returned: dict) -> None:
         """Histograms of the next step when it is an ``every``-th step, or the first after a change of the loss's
@@ -315,7 +295,8 @@ class Watch:
             "layout": {"bins_per_decade": layout.bins_per_decade, "log10_min": layout.log10_min,
                        "log10_max": layout.log10_max},
             "eps_grid": list(self.recorder.eps_grid), "rows": rows})
-        self._histograms_to_tensorboard(rows, self.guard.iteration)
+        if self._tensorboard is not None:
+            self._tensorboard.histograms(rows, self.recorder.layout.edges(), self.guard.iteration)
         self._start_epoch()
 
     def _epoch_lines(self, epoch: int) -> None:
@@ -324,31 +305,7 @@ class Watch:
         if by_trainer:
             self.progress(f"geodiag watch: epoch {epoch}: {by_trainer} of {len(self.rows)} steps skipped by the "
                           "trainer's own code (it returned without an optimizer step)")
-        share = inert_epoch(self.rows) if self.checks.prior is not None else None
-        if share is not None:
-            self.inert_epochs.append({"epoch": epoch, "median_share": share})
-            self.progress(f"geodiag watch: the loss at {self.checks.prior.spec} carried {100 * share:.3g}% of the "
-                          f"gradient at the network's output this epoch (epoch {epoch}): inert")
-        if self.masked:
-            schema.write_json(self.folder / MASKED_FILE, {"masked_nonfinite": self.masked})
-        if self.swallowed:
-            schema.write_json(self.folder / SWALLOWED_FILE, {"swallowed_errors": self.swallowed})
-
-    def summary_lines(self) -> list[str]:
-        """The end-of-run findings of the sampled checks (nothing when there were none)."""
-        lines = []
-        if self.masked:
-            sites = sorted({f"{m['site']} ({m['op']})" for m in self.masked})
-            lines.append(f"non-finite values hidden from a finite loss in {len(self.masked)} sampled steps at "
-                         f"{', '.join(sites)}: see {self.folder / MASKED_FILE}")
-        if self.swallowed:
-            sites = sorted({f"{e['site']} ({e['message']})" for e in self.swallowed})
-            lines.append(f"{len(self.swallowed)} errors caught by the trainer's code in sampled steps: "
-                         f"{'; '.join(sites)}: see {self.folder / SWALLOWED_FILE}")
-        if self.inert_epochs:
-            lines.append(f"the loss at {self.checks.prior.spec} was inert in epochs "
-                         f"{', '.join(str(e['epoch']) for e in self.inert_epochs)} (|share| < {INERT_SHARE})")
-        return lines
+        self.findings.end_epoch(self.rows, epoch, self.folder)
 
     def _start_epoch(self) -> None:
         self.rows = []
@@ -357,28 +314,6 @@ class Watch:
         self._epoch_start = self.guard.iteration
         self.recorder.step(self.guard.iteration, record=True)  # the first step of every epoch
 
-    def _to_tensorboard(self, row: dict) -> None:
-        if self._writer is None:
-            return
-        for key in ("loss", "grad_norm", "scale", "skipped", "prior_share"):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and not math.isnan(value):
-                self._writer.add_scalar(f"watch/{key}", value, row["iteration"])
-
-    def _histograms_to_tensorboard(self, rows: list[dict], step: int) -> None:
-        """Geodiag's own |x| bins as TensorBoard histograms (no recomputation from values)."""
-        if self._writer is None:
-            return
-        edges = self.recorder.layout.edges()
-        for row in rows:
-            counts = row["bin_counts"]
-            if not sum(counts):
-                continue
-            self._writer.add_histogram_raw(
-                f"{row['name']}/{row['kind']} |x|", min=float(edges[0]), max=float(edges[-1]), num=int(sum(counts)),
-                sum=float(row["sum"]), sum_squares=float(row["rms"]) ** 2 * row["finite"],
-                bucket_limits=[float(e) for e in edges[1:len(counts) + 1]], bucket_counts=counts, global_step=step)
-
 
 def _scalar(value) -> Optional[float]:
     """A returned value as a float when it is one number (numpy scalar, 0-d array, float), else None."""
@@ -386,19 +321,6 @@ def _scalar(value) -> Optional[float]:
         return float(value) if getattr(value, "size", 1) == 1 and not isinstance(value, (str, bytes)) else None
     except (TypeError, ValueError):
         return None
-
-
-def _summary_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ArgumentError("{tensorboard} needs the tensorboard package (pip install tensorboard)",
-                            "tensorboard") from None
-    return SummaryWriter
-
-
-def _tensorboard_writer(folder: Optional[str]):
-    return None if folder is None else _summary_writer_class()(folder)
 
 
 def check_options(options: WatchOptions) -> None:
@@ -410,7 +332,7 @@ def check_options(options: WatchOptions) -> None:
     if options.on_nonfinite not in ON_NONFINITE:
         raise ArgumentError(f"{{on_nonfinite}} must be one of {', '.join(ON_NONFINITE)}", "on_nonfinite")
     if options.tensorboard is not None:
-        _summary_writer_class()
+        summary_writer_class()
 
 
 def run_watched(train_args: list[str], options: WatchOptions, progress: Callable[[str], None] = print) -> Watch:
