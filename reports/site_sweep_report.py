@@ -9,7 +9,8 @@ nothing to measure: the rule runs without them and the report lists them with th
 
 The verdict is about the user's own code: the bound their file has at the sites (``current_bound[SITE]``, the value
 the calls were made with) against the rule's pick. The seed's V2.4 verdict stays in summary.json only, where the
-study reads it for the seed's own loss; a user's eps are in their loss's units, where 1e-2 is nobody's clamp.
+study reads it for the seed's own loss; a user's eps are in their loss's units, where the seed's 1e-2 means
+nothing unless the loss computes what the seed's did.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def bound_verdict(rec: Recommendation, bound: float, sites: str) -> Verdict:
     if rows.empty:
         swept = ", ".join(map(format_eps, table["eps"]))
         return Verdict("not_measured", f"Not measured: {yours} (the value your file has) was not swept ({swept}); "
-                       f"add it to --eps to compare it with the rule's pick, {pick}.", numbers)
+                       f"add it to the swept values to compare it with the rule's pick, {pick}.", numbers)
     row = rows.iloc[0]
     numbers["current"] = {"eps": float(row["eps"]), "median_abs_bias_loss": float(row["median_abs_bias_loss"]),
                           "max_grad_max": float(row["max_grad_max"]), "nonfinite": int(row["nonfinite"])}
@@ -88,11 +89,12 @@ def bound_verdict(rec: Recommendation, bound: float, sites: str) -> Verdict:
     if chosen is None:
         return Verdict("not_justified", f"Y{yours[1:]} ({_your_numbers(row)}): no swept value passed the "
                        "rule, this one included.", numbers)
-    if row["eligible"] and row["median_abs_bias_loss"] <= table.loc[table["eligible"], "median_abs_bias_loss"].min() \
-            + RULE.tie_tolerance:
+    rule = rec.rule
+    if row["eligible"] and row[rule.bias_column] <= table.loc[table["eligible"], rule.bias_column].min() \
+            + rule.tie_tolerance:
         return Verdict("tied", (
             f"Keep {yours} or move to {pick}: yours passes the rule ({_your_numbers(row)}) and its median |loss "
-            f"bias| is within {RULE.tolerance_text()} of the smallest, a tie, which the rule breaks towards the "
+            f"bias| is within {rule.tolerance_text()} of the smallest, a tie, which the rule breaks towards the "
             f"larger eps, {pick} (median |loss bias| {format_percent(chosen['median_abs_bias_loss'])}): its sqrt's "
             f"local derivative is bounded by {derivative_bound(chosen['eps'])} instead of "
             f"{derivative_bound(bound)}."), numbers)

@@ -12,6 +12,7 @@ import torch
 from geodiag.diagnostics.nonfinite.autotaps import AutoTaps
 from geodiag.diagnostics.nonfinite.loss_spec import load_loss
 from geodiag.losses import GeometricLoss
+from geodiag.losses.stabilizers import STABILIZERS
 from geodiag.reports import sites_report
 
 
@@ -36,6 +37,7 @@ def _summary(spec: str, rows: list[dict], **settings) -> dict:
 
 
 def test_the_built_in_loss_is_named_by_its_stabilisers_not_its_internal_lines():
+    assert set(sites_report.STABILISER_FORMULAS) == set(STABILIZERS)   # every stabiliser the loss offers is named
     logits, target = _disk_batch()
     for preset, formula, eps, aspect in (("production", "sqrt(x + eps) − sqrt(eps)", "1e-10", "none"),
                                          ("v2.3", "sqrt(clamp(x, min=eps))", "1e-4", "sqrt(tr² − 4 det)")):
