@@ -172,20 +172,60 @@ def _state_section(summary: dict) -> Section:
     return Section("Training state", text)
 
 
+# fp32's largest finite value, (2 - 2^-23) * 2^127: the limit of every tensor of a run trained without autocast.
+_FP32_MAX = (2.0 - 2.0 ** -23) * 2.0 ** 127
+# nnU-Net's CUDA training: fp16 autocast with a GradScaler starting at its initial scale.
+_CUDA_REGIME = f"fp16 autocast, GradScaler starting at {GRAD_SCALER_INITIAL_SCALE:g}"
+
+
+def _headroom_text(measured: str, decades: float) -> tuple[str, bool]:
+    """'MEASURED, d decades of headroom. That is (not) less than the flagged decade...', and whether flagged."""
+    text = f"{measured}, {format_number(decades, 2)} decades of headroom."
+    if decades is None or not math.isfinite(decades):
+        return text, False
+    flagged = decades < HEADROOM_WARN_DECADES
+    return text + (f" That is {'less' if flagged else 'not less'} than the {HEADROOM_WARN_DECADES:g} decade this "
+                   f"report flags: a value {10 ** decades:.3g}× larger would reach the limit."), flagged
+
+
 def _closest_section(summary: dict) -> Section:
+    """How near the largest measured value came to its limit, said in the precision and with the scaler the run
+    has (Training state). The producer picks the tensor against nnU-Net's CUDA regime (network gradients x the
+    initial scale and network values against fp16, the loss's own values against fp32); for a run without a
+    scaler that regime is a what-if, named so, after the headroom in the run's own fp32."""
     closest = _field(summary, "closest_to_trouble")
     if not closest or closest.get("tensor") is None:
         return Section("Closest to trouble", "Not measured.")
-    headroom = closest.get("headroom_decades")
-    sentence = (f"`{closest['tensor']}` ({closest.get('kind')}, {closest.get('precision')}): {closest.get('quantity')} "
-                f"= {format_number(closest.get('value'))} against the limit {format_number(closest.get('limit'))}, "
-                f"{format_number(headroom, 2)} decades of headroom.")
-    if headroom is not None and math.isfinite(headroom):
-        flagged = headroom < HEADROOM_WARN_DECADES
-        sentence += (f" That is {'less' if flagged else 'not less'} than the {HEADROOM_WARN_DECADES:g} decade this "
-                     f"report flags: a value {10 ** headroom:.3g}× larger would reach the limit.")
-        return Section("Closest to trouble", sentence, tone="warn" if flagged else "")
-    return Section("Closest to trouble", sentence)
+    value, limit, decades = closest.get("value"), closest.get("limit"), closest.get("headroom_decades")
+    fp16, initial = schema.FP16_MAX, GRAD_SCALER_INITIAL_SCALE
+    named = f"`{closest['tensor']}` ({closest.get('kind')}, measured in {closest.get('precision')})"
+    producer = f"{named}: {closest.get('quantity')} = {format_number(value)} against the limit {format_number(limit)}"
+    grad = limit is not None and math.isclose(limit, fp16 / initial)
+    if not (grad or limit == fp16) or not value:  # a loss value against fp32: the same in every regime
+        text, flagged = _headroom_text(producer, decades)
+        return Section("Closest to trouble", text, tone="warn" if flagged else "")
+    scale = _field(summary, "state").get("grad_scaler_scale", math.nan)
+    magnitude = f"{'max |grad|' if grad else 'max |x|'} = {format_number(value)}"
+    if scale is None:
+        text, flagged = _headroom_text(
+            "This run trained in fp32 without a GradScaler (Training state: no scaler), where every tensor's limit is "
+            f"fp32's largest value {_FP32_MAX:.3g}: {named}, {magnitude}", math.log10(_FP32_MAX / value))
+        what_if = (f"**What-if**, had it trained as nnU-Net trains on CUDA ({_CUDA_REGIME}), this is the tensor "
+                   f"closest to trouble: {magnitude} against "
+                   + (f"{fp16:g} / {initial:g} = {limit:.4g}" if grad else f"fp16's {fp16:g}"))
+        return Section("Closest to trouble", text + "\n\n" + _headroom_text(what_if, decades)[0],
+                       tone="warn" if flagged else "")
+    if isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0:
+        limit = fp16 / scale if grad else fp16
+        text, flagged = _headroom_text(
+            f"This run trained under fp16 autocast with a GradScaler at scale {scale:g} (Training state): {named}, "
+            f"{magnitude} against " + (f"{fp16:g} / {scale:g} = {limit:.4g} (scaled by {scale:g}, it must stay "
+                                       f"below fp16's {fp16:g})" if grad else f"fp16's {fp16:g}"),
+            math.log10(limit / value))
+    else:
+        text, flagged = _headroom_text(f"The run's precision and scaler are not recorded; assuming nnU-Net's CUDA "
+                                       f"training ({_CUDA_REGIME}): {producer}", decades)
+    return Section("Closest to trouble", text, tone="warn" if flagged else "")
 
 
 def _share_table(summary: dict) -> Optional[str]:

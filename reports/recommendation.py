@@ -119,7 +119,8 @@ class RecommendationRule:
     bias_column: the headline column whose smallest value the rule seeks: the median |relative compactness bias|
         for geodiag's loss, the median |relative loss bias| (``median_abs_bias_loss``) for a user's loss.
     tie_tolerance: median |bias| values within this absolute distance of the smallest are ties
-        (default 1e-4, i.e. 0.01 percentage points); ties go to the larger eps (more headroom near zero).
+        (default 1e-4, a fraction: 0.01 percentage points in the reports' tables, which print bias in %); ties
+        go to the larger eps, since every stabiliser bounds its sqrt's local derivative by 1/(2 sqrt(eps)).
     material_gradient_ratio: a change of max grad_max smaller than this factor is called "no material change"
         when V2.4's clamp is compared with V2.3's (the seed expected 1/(2 sqrt(eps)) to scale the gradient by the
         square root of the ratio of their eps).
@@ -153,13 +154,19 @@ class RecommendationRule:
             return f"B = {self.grad_bound:.3g} (absolute bound)"
         return f"B = {self.grad_factor:g} × the smallest max |dL/dlogit| among finite settings"
 
+    def tolerance_text(self) -> str:
+        """The tie tolerance in the unit of the tables beside it: percentage points of a bias printed in %."""
+        return f"{100 * self.tie_tolerance:.3g} percentage points"
+
     def describe(self) -> str:
         return (
             "Among the settings (stabiliser, eps) with zero non-finite loss or gradient values in every measured "
             f"precision and case, and with max |dL/dlogit| ≤ {self.bound_text()}, pick the one with the smallest "
             f"median |relative {self.bias_name}| against the fp64 reference (eps→0 for geodiag's loss, the smallest "
-            "swept value for a user's clamp); medians within "
-            f"{self.tie_tolerance:.3g} of the smallest are ties, broken towards the larger eps."
+            f"swept value for a user's clamp). Medians within {self.tolerance_text()} of the smallest are ties "
+            "(the tables print |bias| in %), and a tie goes to the larger eps: every stabiliser bounds its sqrt's "
+            "local derivative by 1/(2√eps), so among biases the rule does not tell apart it takes the one with "
+            "the most headroom for inputs near zero."
         )
 
 
@@ -167,7 +174,7 @@ class RecommendationRule:
 class Verdict:
     """What the table says about one named setting, as a status, a sentence and the numbers behind it."""
 
-    status: str  # justified | not_justified | not_measured
+    status: str  # justified | tied (passes the rule, loses only the tie-break) | not_justified | not_measured
     sentence: str
     numbers: dict[str, Any]
 
@@ -183,6 +190,7 @@ class Recommendation:
     clamp_1e2: Verdict
     seed_comparison: list[str]
     units: EpsUnits = NORMALISED_S
+    tie_break: Optional[str] = None  # why the pick is not the least-biased eligible setting, when a tie decided
 
     @property
     def recommended_setting(self) -> Optional[tuple[str, float]]:
@@ -199,6 +207,7 @@ class Recommendation:
             VERDICT_KEY: {"status": self.clamp_1e2.status, "sentence": self.clamp_1e2.sentence,
                                    **self.clamp_1e2.numbers},
             "seed_comparison": self.seed_comparison,
+            "tie_break": self.tie_break,
             "settings_measured": int(len(self.candidates)),
             "settings_eligible": int(self.candidates["eligible"].sum()),
         }
@@ -265,7 +274,8 @@ def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bo
         return Verdict("not_justified", f"{name} is not justified by this sweep: " + "; ".join(reasons) + ".", numbers)
     if row["finite"] and row["within_bound"]:
         tied = row[bias] <= chosen[bias] + tolerance
-        reasons.append("its bias ties with a setting of larger eps, which the tie-break prefers" if tied
+        reasons.append(f"its median |{bias_name}| ties with the recommended one (within {rule.tolerance_text()}) "
+                       "and the tie-break prefers the larger eps" if tied
                        else f"a setting with a smaller median |{bias_name}| passed the same rule")
     sentence = (
         f"{name} is not justified by this sweep: its median |{bias_name}| is "
@@ -275,6 +285,33 @@ def _clamp_1e2_verdict(candidates: pd.DataFrame, chosen: Optional[pd.Series], bo
         f"{int(row['nonfinite'])} vs {int(chosen['nonfinite'])}. Reason: " + "; ".join(reasons) + "."
     )
     return Verdict("not_justified", sentence, numbers)
+
+
+def derivative_bound(eps: float) -> str:
+    """1/(2 sqrt(eps)), the bound every stabiliser puts on its sqrt's local derivative, as printed."""
+    return "inf" if eps <= 0 else _number(0.5 / math.sqrt(eps))
+
+
+def _tie_break(candidates: pd.DataFrame, chosen: Optional[pd.Series], rule: RecommendationRule) -> Optional[str]:
+    """Why the pick is not the eligible setting of least bias, with the numbers (None when it is that setting)."""
+    bias, bias_name = rule.bias_column, rule.bias_name
+    eligible = candidates[candidates["eligible"] & candidates[bias].notna()]
+    if chosen is None or eligible.empty or chosen[bias] <= eligible[bias].min():
+        return None
+    least = eligible.sort_values([bias, "eps"], ascending=[True, False]).iloc[0]
+    picked, other = setting_label(chosen["stabilizer"], chosen["eps"]), setting_label(least["stabilizer"], least["eps"])
+    sentence = (f"The tie-break decided: {other} has the smallest median |{bias_name}|, {_percent(least[bias])}; "
+                f"{picked}'s {_percent(chosen[bias])} is within {rule.tolerance_text()} of it, and its larger eps "
+                f"bounds the sqrt's local derivative by {derivative_bound(chosen['eps'])} instead of "
+                f"{derivative_bound(least['eps'])}")
+    measured = (chosen["max_sqrt_deriv_max"], least["max_sqrt_deriv_max"])
+    if all(math.isfinite(v) for v in measured):
+        sentence += f" (largest measured: {_number(measured[0])} vs {_number(measured[1])})"
+    zero = (chosen["median_frac_zero_grad"], least["median_frac_zero_grad"])
+    if all(math.isfinite(v) for v in zero):
+        sentence += (f"; elements with zero gradient at the clamped quantity (median): "
+                     f"{_percent(zero[0])} vs {_percent(zero[1])}")
+    return sentence + "."
 
 
 def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule, units: EpsUnits) -> list[str]:
@@ -342,4 +379,5 @@ def recommend(headline: pd.DataFrame, rule: RecommendationRule = RecommendationR
         recommended=None if chosen is None else _row_numbers(chosen),
         clamp_1e2=_clamp_1e2_verdict(candidates, chosen, bound, rule, units),
         seed_comparison=_seed_comparison(candidates, rule, units), units=units,
+        tie_break=_tie_break(candidates, chosen, rule),
     )

@@ -1,24 +1,30 @@
 """The report of a counterfactual sweep of a user's own bound (``clamp-sweep --loss --site``).
 
 Reads DIR/site_sweep.csv; writes DIR/headline.csv, DIR/summary.json, DIR/report.md and DIR/report.html. The
-recommendation rule and the verdict on the seed's V2.4 clamp are the built-in sweep's (``recommendation``), applied
-to the loss's own value: the bias is the relative change of the loss against the fp64 loss at the smallest swept
-value, and the share of elements a clamp holds at its bound stands for the share with zero gradient there
-(a clamped element passes none). The loss has no perimeter/compactness/aspect of geodiag's, so those are absent.
-Rows where the loss raised (``raised`` set) have nothing to measure: the rule runs without them and the report
-lists them with the user's line.
+recommendation rule is the built-in sweep's (``recommendation``), applied to the loss's own value: the bias is the
+relative change of the loss against the fp64 loss at the smallest swept value, and the share of elements a clamp
+holds at its bound stands for the share with zero gradient there (a clamped element passes none). The loss has no
+perimeter/compactness/aspect of geodiag's, so those are absent. Rows where the loss raised (``raised`` set) have
+nothing to measure: the rule runs without them and the report lists them with the user's line.
+
+The verdict is about the user's own code: the bound their file has at the sites (``current_bound[SITE]``, the value
+the calls were made with) against the rule's pick. The seed's V2.4 verdict stays in summary.json only, where the
+study reads it for the seed's own loss; a user's eps are in their loss's units, where the seed's 1e-2 means
+nothing unless the loss computes what the seed's did.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from .html import RenderedReport, Section, write_report
-from .recommendation import VERDICT_TITLE, EpsUnits, RecommendationRule, headline_table, recommend
+from .recommendation import (EpsUnits, Recommendation, RecommendationRule, Verdict, derivative_bound, headline_table,
+                             recommend)
 from .schema import ReportInputError, write_json
-from .tables import markdown_table, read_table, setting_label, write_table
+from .tables import format_eps, format_number, format_percent, markdown_table, read_table, setting_label, write_table
 
 TITLE = "geodiag sweep of your loss's bound"
 ROWS_FILE = "site_sweep.csv"
@@ -27,12 +33,89 @@ REQUIRED = ("checkpoint", "case", "precision", "sites", "eps", "ref_eps", "loss"
             "masked_nonfinite", "stabilizer")
 # A row whose evaluation raised: the exception on one line and the user's file:line.
 RAISED_COLUMNS = ("raised", "raised_site")
+# Per site, the bound(s) the user's calls there were made with, ";"-separated (the value their file has).
+CURRENT_BOUND = "current_bound[{site}]"
 RULE = RecommendationRule(bias_column="median_abs_bias_loss")
-_TONES = {"justified": "ok", "not_justified": "bad", "not_measured": "warn"}
+VERDICT_TITLE = "Verdict on your bound"
+VERDICT_KEY = "verdict_current_bound"
+_TONES = {"justified": "ok", "tied": "ok", "not_justified": "bad", "not_measured": "warn"}
 
 
 def units_for(sites: str) -> EpsUnits:
     return EpsUnits(f"each eps replaces the bound at {sites} and is in the loss's own units", seed_units=None)
+
+
+def current_bound(rows: pd.DataFrame, sites: list[str]) -> tuple[Optional[float], str]:
+    """(the one bound the user's file has at every site, "") or (None, why there is no single one)."""
+    found = {}
+    for site in sites:
+        column = CURRENT_BOUND.format(site=site)
+        recorded = rows[column].dropna() if column in rows else pd.Series(dtype=object)
+        if recorded.empty:
+            return None, (f"the sweep's rows do not record the bound your file has at {site} (swept by a geodiag "
+                          "that did not record it): sweep again to compare")
+        found[site] = sorted({float(v) for text in recorded.astype(str) for v in text.split(";")})
+    values = sorted({v for bounds in found.values() for v in bounds})
+    if len(values) == 1:
+        return values[0], ""
+    listed = "; ".join(f"{site}: {', '.join(map(format_eps, bounds))}" for site, bounds in found.items())
+    return None, (f"your calls were made with different bounds ({listed}), and the sweep sets every site to one "
+                  "value, so no swept value is your configuration")
+
+
+def _your_numbers(row: pd.Series) -> str:
+    return (f"median |loss bias| {format_percent(row['median_abs_bias_loss'])}, max |dL/dlogit| "
+            f"{format_number(row['max_grad_max'])}, non-finite values {int(row['nonfinite'])}")
+
+
+def bound_verdict(rec: Recommendation, bound: float, sites: str) -> Verdict:
+    """The rule's answer about the user's current bound: keep it (the pick, or a tie the pick won only by the
+    tie-break), change it (a smaller bias passed, or it fails the rule), or not measured (not swept)."""
+    table, yours = rec.candidates, f"your bound {format_eps(bound)} at {sites}"
+    chosen = None if rec.recommended is None else table[np.isclose(table["eps"], rec.recommended["eps"])].iloc[0]
+    pick = "nothing" if chosen is None else setting_label(chosen["stabilizer"], chosen["eps"])
+    rows = table[np.isclose(table["eps"], bound, rtol=1e-9, atol=0)]
+    numbers = {"current_bound": bound, "recommended": rec.recommended}
+    if rows.empty:
+        swept = ", ".join(map(format_eps, table["eps"]))
+        return Verdict("not_measured", f"Not measured: {yours} (the value your file has) was not swept ({swept}); "
+                       f"add it to the swept values to compare it with the rule's pick, {pick}.", numbers)
+    row = rows.iloc[0]
+    numbers["current"] = {"eps": float(row["eps"]), "median_abs_bias_loss": float(row["median_abs_bias_loss"]),
+                          "max_grad_max": float(row["max_grad_max"]), "nonfinite": int(row["nonfinite"])}
+    if chosen is not None and np.isclose(chosen["eps"], bound):
+        return Verdict("justified", f"Keep {yours}: the rule picks it ({_your_numbers(row)})."
+                       + (f" {rec.tie_break}" if rec.tie_break else ""), numbers)
+    if chosen is None:
+        return Verdict("not_justified", f"Y{yours[1:]} ({_your_numbers(row)}): no swept value passed the "
+                       "rule, this one included.", numbers)
+    rule = rec.rule
+    if row["eligible"] and row[rule.bias_column] <= table.loc[table["eligible"], rule.bias_column].min() \
+            + rule.tie_tolerance:
+        return Verdict("tied", (
+            f"Keep {yours} or move to {pick}: yours passes the rule ({_your_numbers(row)}) and its median |loss "
+            f"bias| is within {rule.tolerance_text()} of the smallest, a tie, which the rule breaks towards the "
+            f"larger eps, {pick} (median |loss bias| {format_percent(chosen['median_abs_bias_loss'])}): its sqrt's "
+            f"local derivative is bounded by {derivative_bound(chosen['eps'])} instead of "
+            f"{derivative_bound(bound)}."), numbers)
+    if row["eligible"]:
+        why = (f"{pick} passed the same rule with a smaller median |loss bias|: "
+               f"{format_percent(chosen['median_abs_bias_loss'])} vs {format_percent(row['median_abs_bias_loss'])}")
+    elif not row["finite"]:
+        why = (f"yours produced {int(row['nonfinite'])} non-finite values (precisions: "
+               f"{row['nonfinite_precisions'] or 'n/a'})")
+    else:
+        why = (f"yours sends max |dL/dlogit| {format_number(row['max_grad_max'])}, above the rule's bound "
+               f"B = {format_number(rec.grad_bound)}")
+    return Verdict("not_justified", f"Change {yours} to {pick}: {why} ({pick}: {_your_numbers(chosen)}).", numbers)
+
+
+def _verdict(rec: Recommendation, rows: pd.DataFrame, sites: str) -> Verdict:
+    bound, missing = current_bound(rows, sites.split(","))
+    if bound is None:
+        pick = "nothing" if rec.recommended_setting is None else setting_label(*rec.recommended_setting)
+        return Verdict("not_measured", f"Not measured: {missing}. The rule's pick: {pick}.", {"current_bound": None})
+    return bound_verdict(rec, bound, sites)
 
 
 def render(directory: str | Path) -> RenderedReport:
@@ -50,9 +133,11 @@ def render(directory: str | Path) -> RenderedReport:
     sweep = rows.assign(bias_perimeter=np.nan, bias_compactness=np.nan, bias_aspect=np.nan,
                         frac_zero_grad=rows["frac_below_eps"])
     rec = recommend(headline_table(sweep), RULE, units_for(sites))
+    verdict = _verdict(rec, rows, sites)
     written = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {
-        **rec.summary(), "sites": sites.split(","), "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}",
+        **rec.summary(), VERDICT_KEY: {"status": verdict.status, "sentence": verdict.sentence, **verdict.numbers},
+        "sites": sites.split(","), "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}",
         "raised": raised.to_dict(orient="records")})
     display = pd.DataFrame({
         "setting": [setting_label(s, e) for s, e in zip(rec.candidates["stabilizer"], rec.candidates["eps"])],
@@ -67,10 +152,10 @@ def render(directory: str | Path) -> RenderedReport:
     per_site = rows.groupby(["precision", "eps"])[at_bound + ["masked_nonfinite"]].median().reset_index()
     recommended = rec.recommended_setting
     sections = [
-        Section(VERDICT_TITLE, "\n\n".join([rec.clamp_1e2.sentence, "\n".join(
-            f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
-        Section("Recommended value", (f"Recommended: {setting_label(*recommended)}" if recommended else
-                                      "No swept value passed the rule.") + "\n\nRule: " + RULE.describe()),
+        Section(VERDICT_TITLE, verdict.sentence, tone=_TONES[verdict.status]),
+        Section("Recommended value", (f"Recommended: {setting_label(*recommended)}." if recommended else
+                                      "No swept value passed the rule.")
+                + (f" {rec.tie_break}" if rec.tie_break else "") + "\n\nRule: " + RULE.describe()),
         Section("What was measured", (
             f"Sites: {sites}; {rows['checkpoint'].nunique()} checkpoint(s), {rows['case'].nunique()} case(s), "
             f"precisions {', '.join(sorted(rows['precision'].unique()))}. Each case is predicted whole as nnU-Net "

@@ -4,6 +4,11 @@ Reads ``loss``, ``sites`` and ``masked_nonfinite`` of summary.json (rows already
 precision and pass by the producer) and DIR/site_histograms.csv: one figure per sqrt or clamp site, its input
 |x| drawn at log10 of the bin edges as reports/figures.py draws histograms, with the clamp's numeric bounds as
 dashed lines (a value below a clamp's min is raised to it and passes no gradient).
+
+The sites named are the user's lines: a most-likely-culprit list headed by geodiag's own internals (an area ramp
+at its bound, a floor, a division) points a user at code they cannot change. For geodiag's built-in loss the
+section names its terms' stabilisers in the loss's own words (the compactness sqrt, its eps) instead; for a
+``--loss``, calls made in geodiag's package code (its loss, called from the user's) are left out and counted.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 
-from . import figures
+from . import figures, seed
 from .html import Figure, Section
 from .tables import format_eps, markdown_table
 
@@ -25,6 +30,13 @@ SITE_HISTOGRAM_COLUMNS = ("precision", "pass", "site", "op", "bin_low", "bin_hig
 SITE_TABLE_COLUMNS = ("precision", "pass", "site", "op", "calls", "nonfinite_forward", "nonfinite_backward",
                       "masked_calls", "at_min_fraction", "at_max_fraction", "at_bound_fraction", "max_abs_grad",
                       "max_local_derivative", "host_syncs", "bounds")
+# geodiag's own package code: its top-level folders (a user's file shipped inside geodiag as data, in a folder
+# without __init__.py such as the study's seed replica, is not).
+_GEODIAG_ROOT = Path(__file__).resolve().parent.parent
+_GEODIAG_PACKAGES = ("losses", "diagnostics", "reports")
+# What each of geodiag's sqrt stabilisers computes from the quantity x under its sqrt.
+STABILISER_FORMULAS = {"clamp": "sqrt(clamp(x, min=eps))", "additive": "sqrt(x + eps)",
+                       "shifted": "sqrt(x + eps) − sqrt(eps)"}
 
 
 def loss_section(summary: dict) -> Optional[Section]:
@@ -43,11 +55,74 @@ def _bounds_text(bounds) -> str:
     return " ".join(pairs)
 
 
+def geodiag_file(site: str) -> bool:
+    """Whether a site (``file:line`` as the sites table names it: relative to the working directory when inside
+    it) is in geodiag's package code. A relative name that is no file here is looked up in geodiag's folder."""
+    path = Path(site.rsplit(":", 1)[0])
+    if not path.is_absolute():
+        path = Path.cwd() / path if (Path.cwd() / path).is_file() else _GEODIAG_ROOT / path
+    path = path.resolve()
+    try:
+        inside = path.relative_to(_GEODIAG_ROOT).parts[0] in _GEODIAG_PACKAGES
+    except (ValueError, IndexError):
+        return False
+    return inside and (path.parent / "__init__.py").is_file()
+
+
+def _builtin(summary: dict) -> bool:
+    return str((summary.get("loss") or {}).get("spec", "")).startswith("GeometricLoss(")
+
+
+def _nonfinite(rows: list[dict]) -> int:
+    return sum((r.get("nonfinite_forward") or 0) + (r.get("nonfinite_backward") or 0) for r in rows)
+
+
+def _settings(summary: dict) -> dict:
+    settings = summary.get("settings")
+    return settings if isinstance(settings, dict) else {}
+
+
+def _stabiliser_table(settings: dict) -> str:
+    """geodiag's terms and the stabiliser each puts under its sqrt, in the loss's own words."""
+    name, eps = settings.get("stabilizer"), settings.get("eps")
+    formula = STABILISER_FORMULAS.get(name, "not recorded")
+    units = {"normalised": f"normalised s (1/{seed.UNITS_FACTOR:g} of the seed's raw-Sobel s)",
+             "seed": "the seed's raw-Sobel s"}.get(settings.get("sobel"), "s (units not recorded)")
+    rows = [("compactness", f"the perimeter's sqrt(s), s = gx² + gy² per pixel, on {units}", f"{name}: {formula}",
+             None if eps is None else format_eps(eps), "compactness.sqrt_input")]
+    if settings.get("aspect_formula") == "seed":
+        rows.append(("aspect", "the seed formula's sqrt(tr² − 4 det) of the second moments, in pixel units",
+                     f"{name}: {formula}", None if eps is None else format_eps(eps), "aspect.sqrt_input"))
+    else:
+        rows.append(("aspect", "none: its anisotropy is a sum of squares over tr², with no sqrt", "–", None,
+                     "aspect.discriminant"))
+    return markdown_table(pd.DataFrame(rows, columns=["term", "what is stabilised", "stabiliser", "eps",
+                                                      "tap of its input"]))
+
+
+def _builtin_section(summary: dict, rows: list[dict]) -> Section:
+    internal = len({r.get("site") for r in rows})
+    body = ("geodiag's own loss, in its own terms: the stabiliser each term puts under a sqrt, as analysed. The "
+            "values reaching it are its tap's in the Tensors sections (its taps compactness.grad_mag_squared, "
+            "compactness.sqrt_input, aspect.discriminant, ... by name), and the share below each eps is in "
+            f"Clamped tensors below eps. Its {internal} call sites at geodiag's own source lines are internals, "
+            "left out of this report: check-bounds tests them against analytic bounds.\n\n"
+            + _stabiliser_table(_settings(summary)))
+    bad = _nonfinite(rows)
+    if bad:
+        body += (f"\n\n{bad} non-finite values came out of those internal calls: Provenance names the first op; "
+                 "in geodiag's own loss that is a bug of geodiag's.")
+    return Section("Sites (automatic taps)", body, tone="bad" if bad else "")
+
+
 def sites_section(summary: dict) -> Optional[Section]:
     rows = summary.get("sites")
     if not rows:
         return None
-    frame = pd.DataFrame(rows).reindex(columns=list(SITE_TABLE_COLUMNS))
+    if _builtin(summary):
+        return _builtin_section(summary, rows)
+    theirs = [r for r in rows if not geodiag_file(str(r.get("site", "")))]
+    frame = pd.DataFrame(theirs).reindex(columns=list(SITE_TABLE_COLUMNS))
     frame["bounds"] = frame["bounds"].map(lambda b: _bounds_text(b) if isinstance(b, list) else "")
     frame = frame.astype(object).where(frame.notna(), None)
     body = ("Risky calls of the loss by source line, most likely culprit first within each precision and pass "
@@ -55,12 +130,13 @@ def sites_section(summary: dict) -> Optional[Section]:
             "elements held at a clamp bound, largest local derivative, host syncs). `at_bound_fraction`: share of "
             "the clamp's elements moved to a bound, which pass zero gradient; `max_abs_grad`: largest |gradient| "
             "arriving at the op's output; `host_syncs`: calls that read a device value back (a stall each on a "
-            "GPU).\n\n" + markdown_table(frame))
-    if str((summary.get("loss") or {}).get("spec", "")).startswith("GeometricLoss("):
-        body += ("\n\ngeodiag's own loss also names its intermediates: its taps (compactness.grad_mag_squared, "
-                 "compactness.sqrt_input, aspect.discriminant, ...) are in the Tensors sections, by name.")
-    bad = any((r.get("nonfinite_forward") or 0) + (r.get("nonfinite_backward") or 0) for r in rows)
-    return Section("Sites (automatic taps)", body, tone="bad" if bad else "")
+            "GPU).\n\n" + (markdown_table(frame) if theirs else "No call of the loss was made at a line of yours."))
+    left_out = sorted({r.get("site") for r in rows} - {r.get("site") for r in theirs})
+    if left_out:
+        body += (f"\n\n{len(left_out)} call site(s) in geodiag's package code, which your loss calls, are left out "
+                 f"(with {_nonfinite([r for r in rows if r not in theirs])} non-finite values): the lines named "
+                 "are yours; geodiag's are tested by check-bounds.")
+    return Section("Sites (automatic taps)", body, tone="bad" if _nonfinite(rows) else "")
 
 
 def masked_section(summary: dict) -> Optional[Section]:
@@ -119,6 +195,8 @@ def figure_sections(directory: Path, summary: dict, histograms: Optional[pd.Data
     bounds = {(r["site"], r["op"]): r.get("bounds") or [] for r in summary.get("sites") or []}
     figure_list = []
     for (site, op), group in histograms.groupby(["site", "op"], sort=False):
+        if _builtin(summary) or geodiag_file(site):
+            continue
         site_bounds = bounds.get((site, op), [])
         path = site_histogram(group, site, op, site_bounds,
                               directory / "figures" / f"site_{_slug(site)}_{op}.png")
@@ -127,7 +205,7 @@ def figure_sections(directory: Path, summary: dict, histograms: Optional[pd.Data
                                         f"bin's edges; count on a log axis; zeros and NaN/Inf are not in the "
                                         f"bins). Dashed: the positive numeric bounds [min, max]: {drawn}."))
     return [Section("Site histograms", "Inputs of every sqrt and clamp site, with the clamp's bounds drawn in.",
-                    figures=figure_list)]
+                    figures=figure_list)] if figure_list else []
 
 
 def sections(directory: Path, summary: dict, histograms: Optional[pd.DataFrame]) -> list[Section]:

@@ -68,11 +68,17 @@ def test_the_swept_bound_equals_the_file_edited_by_hand(swept, tmp_path):
 def test_the_report_applies_the_rule_in_the_losss_own_units(swept):
     out, _, _ = swept
     markdown = (out / "report.md").read_text()
-    assert "Verdict on clamp 1e-2" in markdown and "in the loss's own units" in markdown
+    assert "Verdict on your bound" in markdown and "in the loss's own units" in markdown
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rule"]["bias_column"] == "median_abs_bias_loss"
     assert summary["verdict_clamp_1e-2"]["status"] in ("justified", "not_justified")
     assert summary["eps_units"]["seed_units"] is None
+    # the verdict is on the bound the file has: loss_v23 builds the loss with eps=1e-4, the clamp's min at the site
+    site = f"seed_style_loss.py:{line_of(SQRT_CLAMP)}"
+    assert pd.read_csv(out / "site_sweep.csv")[f"current_bound[{site}]"].eq(1e-4).all()
+    verdict = summary["verdict_current_bound"]
+    assert verdict["current_bound"] == 1e-4 and verdict["status"] in ("justified", "tied", "not_justified")
+    assert f"your bound 1e-4 at {site}" in verdict["sentence"] and verdict["sentence"] in markdown
 
 
 @pytest.mark.parametrize("site,needle", [("seed_style_loss.py:1", "sites found:"),

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                                  baseline=None if args.update_baseline else baseline, dims=args.dims)
     elapsed = time.perf_counter() - start
     print(bounds.format_table(outcomes))
+    print(bounds.output.headroom_legend())
     checked_with = (baseline or bounds.Baseline().with_tolerances(tolerances)).tolerances
     if baseline_path is not None:
         print(f"\ntolerances against the baseline (the larger allowance applies; --tolerance NAME=VALUE):\n"

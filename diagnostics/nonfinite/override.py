@@ -5,6 +5,7 @@ mode is active, a clamp called from a chosen ``FILE:LINE`` gets the given value 
 such a clamp may instead hold ``sqrt(x + c)``: the add with a Python number feeding that line's sqrt is redone
 with the given value (``clamp`` wins when a line has both). A chosen site that no call matched, or whose clamp has
 no numeric ``min``, raises a GeodiagError on leaving the ``with`` block, listing the sites that could be chosen.
+``current`` keeps, per chosen site, the bound(s) the calls were made with: the value the user's file has there.
 With ``AutoTaps``, enter the override inside the tapped call (modes stack: the innermost sees a call first), so
 the taps measure the replaced bound.
 """
@@ -26,9 +27,10 @@ class BoundOverride(TorchFunctionMode):
         super().__init__()
         self.values = [(SiteSpec.parse(site), float(value)) for site, value in values.items()]
         self.applied = {spec: 0 for spec, _ in self.values}
+        self.current = {spec.text: set() for spec, _ in self.values}  # bounds the replaced calls were made with
         self.without_bound: set = set()     # specs whose line's clamp had no numeric min
         self.found: set = set()             # "file:line (clamp min=...)" / "(sqrt(x + c))" seen
-        self._adds: dict = {}               # id(add output) -> (output, tensor operand, spec)
+        self._adds: dict = {}               # id(add output) -> (output, tensor operand, spec, constant)
 
     def _spec(self, file: str, line: int):
         for spec, value in self.values:
@@ -54,6 +56,7 @@ class BoundOverride(TorchFunctionMode):
                 self.without_bound.add(spec)
                 return func(*args, **kwargs)
             self.applied[spec] += 1
+            self.current[spec.text].add(numeric(args[1] if len(args) > 1 else kwargs.get("min")))
             if len(args) > 1:
                 args = (args[0], value) + tuple(args[2:])
             else:
@@ -63,7 +66,7 @@ class BoundOverride(TorchFunctionMode):
             out = func(*args, **kwargs)
             tensor, constant = _tensor_plus_number(args, kwargs)
             if tensor is not None and isinstance(out, torch.Tensor):
-                self._adds[id(out)] = (out, tensor, spec)
+                self._adds[id(out)] = (out, tensor, spec, constant)
             return out
         source = self._adds.get(id(args[0])) if args else None
         fed_by_add = source is not None and source[0] is args[0]
@@ -72,6 +75,7 @@ class BoundOverride(TorchFunctionMode):
         if spec is None or not fed_by_add or source[2] is not spec:
             return func(*args, **kwargs)
         self.applied[spec] += 1
+        self.current[spec.text].add(source[3])
         return func(torch.add(source[1], value), *args[1:], **kwargs)
 
     def __exit__(self, exc_type, exc, traceback):

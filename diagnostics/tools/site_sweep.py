@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from geodiag.reports import schema, tables
-from geodiag.reports.site_sweep_report import RAISED_COLUMNS, REQUIRED, ROWS_FILE
+from geodiag.reports.site_sweep_report import CURRENT_BOUND, RAISED_COLUMNS, REQUIRED, ROWS_FILE
 
 from ..instruments.devices import PRECISIONS
 from ..instruments.errors import ArgumentError
@@ -44,10 +44,14 @@ def parse_sites(text: Sequence[str]) -> list[str]:
 
 
 def _reference(loss: UserLoss, logits: torch.Tensor, label: torch.Tensor, sites: Sequence[str],
-               value: float) -> float:
-    """The loss in fp64 with every site's bound at ``value``, forward only."""
-    with torch.no_grad(), BoundOverride({site: value for site in sites}):
-        return float(loss(logits.detach().double(), label))
+               value: float) -> tuple[float, dict[str, str]]:
+    """The loss in fp64 with every site's bound at ``value``, forward only, and per site the bound(s) the user's
+    calls were made with (the value their file has there, for the report's verdict), ";"-separated."""
+    override = BoundOverride({site: value for site in sites})
+    with torch.no_grad(), override:
+        reference = float(loss(logits.detach().double(), label))
+    return reference, {CURRENT_BOUND.format(site=site): ";".join(map(repr, sorted(bounds)))
+                       for site, bounds in override.current.items()}
 
 
 def _site_rows(result, sites: Sequence[str], op: str) -> dict[str, list[dict]]:
@@ -130,7 +134,7 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
                          "ref_eps": eps[0]}
                 try:
                     with own_loss.raising_as_finding():
-                        reference = _reference(loss, logits, label, sites, eps[0])
+                        reference, current = _reference(loss, logits, label, sites, eps[0])
                 except own_loss.LossRaised as exc:
                     rows += [{**where, "eps": value, "raised": exc.message, "raised_site": exc.site} for value in eps]
                     continue
@@ -141,7 +145,7 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
                         rows.append({**where, "eps": value, "ref_loss": reference, "raised": exc.message,
                                      "raised_site": exc.site})
                         continue
-                    rows.append({**where, "eps": value, "ref_loss": reference,
+                    rows.append({**where, **current, "eps": value, "ref_loss": reference,
                                  "bias_loss": (measured["loss"] / reference - 1.0
                                                if reference != 0 and math.isfinite(reference) else math.nan),
                                  **measured})

@@ -6,16 +6,29 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 from xml.etree import ElementTree
 
+from geodiag.reports.schema import FP16_MAX, GRAD_SCALER_INITIAL_SCALE
+
 from .baseline import Tolerance
 from .checks import BASELINE_CHECKS, AT_BOUND_CHECK, Outcome
 
 # ---------------------------------------------------------------------------------------------- output
-_COLUMNS = ("case", "setting", "prec", "loss", "max|g|", "L2|g|", "nonfin", "headroom", "max|dP/dp|", "zero|g|",
-            "at-bound", "failed", "status")
+_COLUMNS = ("case", "setting", "prec", "loss", "max|g|", "L2|g|", "nonfin", "fp16 headroom", "max|dP/dp|",
+            "zero|g|", "at-bound", "failed", "status")
 _MEANING = {"grad_max": "growth of max |dL/dlogits|", "grad_l2": "growth of its L2 norm",
             "grad_l2_drop": "fall of its L2 norm", "loss": "drift of the loss value",
             "zero_grad": "rise of the share of dL/dlogits elements exactly 0",
             "at_bound": "rise of the share of a clamp's elements held at its bound (--loss)"}
+
+
+def headroom_legend() -> str:
+    """What the headroom column counts, in its unit, printed under the table."""
+    return (f"fp16 headroom: how many times max|g| can double (x2^N) before max|g| x {GRAD_SCALER_INITIAL_SCALE:g}, "
+            f"GradScaler's initial scale, passes fp16's {FP16_MAX:g} (nnU-Net's CUDA training; a what-if for a run "
+            "in fp32 without a scaler); below x2^0 the first scaled step overflows.")
+
+
+def _headroom(doublings: float) -> str:
+    return "-" if math.isnan(doublings) else f"x2^{doublings:.1f}"
 
 
 def _percent(share: float) -> str:
@@ -38,7 +51,7 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
         at_bound = max(m.clamp_at_bound.values()) if m.clamp_at_bound else None
         status = ("skipped" if o.skipped else "FAIL" if not o.passed else "ok" if o.baselined else "ok*")
         rows.append((m.case, m.setting, m.precision, f"{m.loss:.4g}", f"{m.grad_max:.3e}", f"{m.grad_l2:.3e}",
-                     f"{m.loss_nonfinite}/{m.grad_nonfinite}", f"{m.headroom_log2:+.1f}", perimeter,
+                     f"{m.loss_nonfinite}/{m.grad_nonfinite}", _headroom(m.headroom_log2), perimeter,
                      _percent(m.zero_grad_fraction), _percent(at_bound), _failed(o), status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
