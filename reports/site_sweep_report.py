@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .html import RenderedReport, Section, write_report
+from .loss_findings import sweep_findings
 from .recommendation import VERDICT_TITLE, EpsUnits, RecommendationRule, headline_table, recommend
 from .schema import ReportInputError, write_json
 from .tables import markdown_table, read_table, setting_label, write_table
@@ -50,10 +51,11 @@ def render(directory: str | Path) -> RenderedReport:
     sweep = rows.assign(bias_perimeter=np.nan, bias_compactness=np.nan, bias_aspect=np.nan,
                         frac_zero_grad=rows["frac_below_eps"])
     rec = recommend(headline_table(sweep), RULE, units_for(sites))
+    findings, facts = sweep_findings(rows.to_dict(orient="records"), ("eps",))
     written = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {
         **rec.summary(), "sites": sites.split(","), "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}",
-        "raised": raised.to_dict(orient="records")})
+        "raised": raised.to_dict(orient="records"), **facts})
     display = pd.DataFrame({
         "setting": [setting_label(s, e) for s, e in zip(rec.candidates["stabilizer"], rec.candidates["eps"])],
         "median abs loss bias (%)": 100 * rec.candidates["median_abs_bias_loss"],
@@ -67,7 +69,7 @@ def render(directory: str | Path) -> RenderedReport:
     per_site = rows.groupby(["precision", "eps"])[at_bound + ["masked_nonfinite"]].median().reset_index()
     recommended = rec.recommended_setting
     sections = [
-        Section(VERDICT_TITLE, "\n\n".join([rec.clamp_1e2.sentence, "\n".join(
+        Section(VERDICT_TITLE, "\n\n".join([*findings, rec.clamp_1e2.sentence, "\n".join(
             f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
         Section("Recommended value", (f"Recommended: {setting_label(*recommended)}" if recommended else
                                       "No swept value passed the rule.") + "\n\nRule: " + RULE.describe()),
