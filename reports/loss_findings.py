@@ -36,13 +36,14 @@ def constant_value(values: Sequence[float]) -> Optional[float]:
 def constant_groups(rows: Iterable[Mapping], keys: Sequence[str], value: str = "loss",
                     case: str = "case") -> list[dict]:
     """Per group of ``keys`` (the precision first, then what else is held fixed: the pass, the swept eps) whose
-    rows cover at least two cases: ``{**keys, value, cases}`` when the loss there is a constant."""
+    rows cover at least two cases: ``{**keys, value, cases}`` when the loss there is a constant. A missing value (a
+    non-finite loss, null in JSON) is not a constant."""
     groups: dict = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     found = []
     for key, members in groups.items():
-        constant = constant_value([float(m[value]) for m in members])
+        constant = constant_value([math.nan if m[value] is None else float(m[value]) for m in members])
         cases = len({m[case] for m in members})
         if constant is not None and cases >= 2:
             found.append({**dict(zip(keys, key)), "value": constant, "cases": cases})

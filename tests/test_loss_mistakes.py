@@ -324,6 +324,9 @@ def test_a_constant_needs_two_cases_with_the_other_keys_held_fixed():
     found = loss_findings.constant_groups(rows, ("precision", "eps"))
     assert found == [{"precision": "fp16", "eps": e, "value": 0.1, "cases": 2} for e in (1e-4, 1e-2)]
     assert loss_findings.constant_groups([r for r in rows if r["case"] == 0], ("precision", "eps")) == []
+    # a non-finite loss reads back from summary.json as null: not a constant (the verdict names it)
+    nulls = [{"precision": "fp32", "case": c, "loss": None} for c in (0, 1)]
+    assert loss_findings.constant_groups(nulls, ("precision",)) == []
 
 
 def test_the_built_in_sweep_names_a_precision_whose_loss_is_a_constant(tmp_path):
