@@ -19,9 +19,10 @@ CONSTANT_RELATIVE = 1e-6
 # How the reports spell the input kind a loss should be given (``--loss-input``).
 LOSS_INPUT_FLAG = {"logits": "`--loss-input logits`",
                    "probabilities": "`--loss-input probabilities` (the default: nnU-Net's softmax over channels)"}
-_READS = {"softmax": "applies softmax over the channel axis to", "log_softmax": "applies log_softmax over the "
-          "channel axis to", "sigmoid": "applies sigmoid to", "log": "takes the log of", "log2": "takes the log2 of",
-          "log10": "takes the log10 of", "clamp": "clamps into [0, 1]"}
+_READS = {"softmax": "applies softmax over the channel axis to its input", "log_softmax": "applies log_softmax over "
+          "the channel axis to its input", "sigmoid": "applies sigmoid to its input", "log": "takes the log of its "
+          "input", "log2": "takes the log2 of its input", "log10": "takes the log10 of its input",
+          "clamp": "clamps its input into [0, 1]"}
 
 
 def constant_value(values: Sequence[float]) -> Optional[float]:
@@ -63,7 +64,7 @@ def misread_input_line(rows: Sequence[Mapping]) -> Optional[str]:
     if not rows:
         return None
     given, read_as = rows[0]["given"], rows[0]["read_as"]
-    sites = list(dict.fromkeys(f"{_READS.get(r['op'], r['op'])} its input at `{r['site']}`" for r in rows))
+    sites = list(dict.fromkeys(f"{_READS.get(r['op'], r['op'])} at `{r['site']}`" for r in rows))
     precisions = ", ".join(dict.fromkeys(str(r["precision"]) for r in rows if "precision" in r))
     return (f"**Input read as {read_as}:** the loss was given {given} and {'; '.join(sites)}"
             + (f" (in {precisions})" if precisions else "") + f": it computes on another map than the one it was "

@@ -247,7 +247,8 @@ def bce_on_logits_as_probabilities(pred, target):
 def bce_on_logits(pred, target):
     logits = pred[:, 1].clamp(-15, 15)
     truth = (target[:, 0] > 0).float()
-    return -(truth * F.logsigmoid(logits) + (1 - truth) * F.logsigmoid(-logits)).mean()
+    hinge = (1 - pred[:, 1]).clamp(min=0) * truth      # foreground logits below a margin of 1
+    return -(truth * F.logsigmoid(logits) + (1 - truth) * F.logsigmoid(-logits)).mean() + hinge.mean()
 '''
 
 
@@ -288,7 +289,7 @@ def test_logits_read_as_probabilities_by_a_unit_clamp_or_a_log_are_named(tmp_pat
     assert found == {(_line("p = pred[:, 1].clamp(1e-6, 1 - 1e-6)", READS), "clamp"): 1,
                      (_line("torch.log(1 - pred[:, 1] + 1e-6)", READS), "log"): 1}
     assert _misread(tmp_path, "bce_on_logits_as_probabilities", "probabilities") == {}
-    assert _misread(tmp_path, "bce_on_logits", "logits") == {}  # a logit clamp and logsigmoid: logits as logits
+    assert _misread(tmp_path, "bce_on_logits", "logits") == {}  # a logit clamp, a hinge, logsigmoid: logits
 
 
 def test_the_input_is_followed_only_while_taps_are_attached(tmp_path):

@@ -3,7 +3,8 @@
 Why: geodiag feeds a user's loss nnU-Net's softmax over channels unless told that the loss takes logits. A loss
 that applies its own softmax, log_softmax or sigmoid to that input normalises twice: it measures a squashed map,
 and every figure of an analysis still looks healthy. The reverse, a loss given logits that takes their log or
-clamps them into [0, 1], reads logits as probabilities. ``InputReads`` follows the given tensor through the views,
+clamps them into [0, 1] (or away from 0 below 1, ``clamp(min=1e-7)``), reads logits as probabilities; a clamp at
+``min=0`` alone is a hinge or a positive part, which logits may take. ``InputReads`` follows the given tensor through the views,
 casts, copies and slices the loss makes of it (for logits also through adding or subtracting a number:
 ``x + 1e-8``, ``1 - x``) and names each call that reads it as the other kind.
 
@@ -82,7 +83,8 @@ class InputReads:
             return _LOGS[name]
         if self.kind == "logits" and name in _CLAMPS:
             low, high = clamp_bounds(name, args, kwargs)
-            return "clamp" if low is not None and 0 <= low <= 1 and (high is None or 0 <= high <= 1) else None
+            into_unit = low is not None and (0 <= low <= high <= 1 if high is not None else 0 < low < 1)
+            return "clamp" if into_unit else None
         return None
 
     def record(self, site: str, op: str) -> None:
