@@ -4,9 +4,9 @@ Why: geodiag feeds a user's loss nnU-Net's softmax over channels unless told tha
 that applies its own softmax, log_softmax or sigmoid to that input normalises twice: it measures a squashed map,
 and every figure of an analysis still looks healthy. The reverse, a loss given logits that takes their log or
 clamps them into [0, 1] (or away from 0 below 1, ``clamp(min=1e-7)``), reads logits as probabilities; a clamp at
-``min=0`` alone is a hinge or a positive part, which logits may take. ``InputReads`` follows the given tensor through the views,
-casts, copies and slices the loss makes of it (for logits also through adding or subtracting a number:
-``x + 1e-8``, ``1 - x``) and names each call that reads it as the other kind.
+``min=0`` alone is a hinge or a positive part, which logits may take. ``InputReads`` follows the given tensor
+through the views, casts, copies and slices the loss makes of it (for logits also through adding or subtracting a
+number: ``x + 1e-8``, ``1 - x``) and names each call that reads it as the other kind.
 
 Not seen: a normalisation of anything computed from the input by other arithmetic (``sigmoid(k * (p - 0.5))`` is
 a soft threshold, not a mistake); a softmax over an axis that a reshape or permute moved; and a loss given logits
