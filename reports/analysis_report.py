@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from . import figures, schema, seed, sites_report
+from . import figures, loss_findings, schema, seed, sites_report
 from .html import Figure, RenderedReport, Section, write_report
 from .schema import (EPS_FRACTION_COLUMNS, GRAD_SCALER_INITIAL_SCALE, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS,
                      ReportInputError, read_json)
@@ -103,8 +103,18 @@ def _verdict_section(summary: dict) -> Section:
     tone, meaning, next_step = VERDICT_TEXT[verdict]
     reason = summary.get("verdict_reason") or "no reason recorded"
     body = f"**{verdict.replace('_', ' ')}**: {reason}\n\n{meaning}\n\n**Next:** {next_step}"
-    role = _loss_role_line(summary)
-    return Section("Verdict", body + (f"\n\n{role}" if role else ""), tone=tone)
+    lines = [line for line in (_loss_role_line(summary), *loss_findings_lines(summary)) if line]
+    return Section("Verdict", "\n\n".join([body, *lines]), tone=tone)
+
+
+def loss_findings_lines(summary: dict) -> list[str]:
+    """What the verdict on finiteness does not show, one line each: the loss read its input as the other kind;
+    per precision, it is a constant over the cases, and a guard hid non-finite values (``loss_findings``)."""
+    constant = loss_findings.by_precision(summary.get("constant_loss") or [])
+    masked = loss_findings.by_precision(summary.get("masked_nonfinite") or [])
+    misread = loss_findings.misread_input_line(summary.get("misread_input") or [])
+    return [*([misread] if misread else []),
+            *loss_findings.precision_lines(constant, masked, loss_findings.masked_sites_line)]
 
 
 def _range(stats: dict) -> str:

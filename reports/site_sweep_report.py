@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .html import RenderedReport, Section, write_report
+from .loss_findings import sweep_findings
 from .recommendation import (EpsUnits, Recommendation, RecommendationRule, Verdict, derivative_bound, headline_table,
                              recommend)
 from .schema import ReportInputError, write_json
@@ -134,11 +135,12 @@ def render(directory: str | Path) -> RenderedReport:
                         frac_zero_grad=rows["frac_below_eps"])
     rec = recommend(headline_table(sweep), RULE, units_for(sites))
     verdict = _verdict(rec, rows, sites)
+    findings, facts = sweep_findings(rows.to_dict(orient="records"), ("eps",))
     written = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {
         **rec.summary(), VERDICT_KEY: {"status": verdict.status, "sentence": verdict.sentence, **verdict.numbers},
         "sites": sites.split(","), "reference": f"the loss in fp64 at eps {rows['ref_eps'].iloc[0]:g}",
-        "raised": raised.to_dict(orient="records")})
+        "raised": raised.to_dict(orient="records"), **facts})
     display = pd.DataFrame({
         "setting": [setting_label(s, e) for s, e in zip(rec.candidates["stabilizer"], rec.candidates["eps"])],
         "median abs loss bias (%)": 100 * rec.candidates["median_abs_bias_loss"],
@@ -152,7 +154,7 @@ def render(directory: str | Path) -> RenderedReport:
     per_site = rows.groupby(["precision", "eps"])[at_bound + ["masked_nonfinite"]].median().reset_index()
     recommended = rec.recommended_setting
     sections = [
-        Section(VERDICT_TITLE, verdict.sentence, tone=_TONES[verdict.status]),
+        Section(VERDICT_TITLE, "\n\n".join([*findings, verdict.sentence]), tone=_TONES[verdict.status]),
         Section("Recommended value", (f"Recommended: {setting_label(*recommended)}." if recommended else
                                       "No swept value passed the rule.")
                 + (f" {rec.tie_break}" if rec.tie_break else "") + "\n\nRule: " + RULE.describe()),

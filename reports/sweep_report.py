@@ -15,6 +15,7 @@ import pandas as pd
 
 from . import figures, seed
 from .html import Figure, RenderedReport, Section, write_report
+from .loss_findings import sweep_findings
 from .recommendation import VERDICT_TITLE, Recommendation, RecommendationRule, headline_table, recommend
 from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, read_json, write_json
 from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
@@ -167,10 +168,11 @@ def render(directory: str | Path, rule: RecommendationRule = RecommendationRule(
     rec = recommend(headline_table(sweep), rule)
     coverage, facts = _coverage(sweep)
     coverage = "\n".join([coverage, *_aspect_formula_line(directory)])
+    findings, loss_facts = sweep_findings(sweep.to_dict(orient="records"), ("stabilizer", "eps"))
     tables = write_table(rec.candidates, directory / "headline.csv")
-    summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts})
+    summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts, **loss_facts})
     sections = [
-        Section(VERDICT_TITLE, "\n\n".join([rec.clamp_1e2.sentence] + ["\n".join(
+        Section(VERDICT_TITLE, "\n\n".join([*findings, rec.clamp_1e2.sentence] + ["\n".join(
             f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
         Section("Recommended setting", _recommendation_text(rec)),
         Section("What was measured", coverage),

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         progress=for_stream(sys.stderr), loss_spec=args.loss, loss_input=args.loss_input, term=args.term)
     report = analysis_report.render(args.out)
     print(f"verdict: {summary['verdict']} — {summary['verdict_reason']}")
+    for line in analysis_report.loss_findings_lines(summary):  # what the verdict on finiteness does not show
+        print(line)
     shares = analysis_report.gradient_share_text(summary)
     if shares:
         print(shares)

@@ -3,18 +3,21 @@ built from the taps' single read-back (``assemble``). Kept apart from the ``Torc
 tools that only read or merge results (own_loss's per-case tables) need not know the mode."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class AutoTapResult:
     """``sites``: one row per risky or host-sync site, in order of first call; ``masked_nonfinite``: sites whose
     outputs held NaN/Inf in loss calls that returned a finite value; ``histograms``: (site, op, kind) -> row of
-    ``LogHistogram.summarize`` (kind: input, output, grad arriving at the output, local_derivative)."""
+    ``LogHistogram.summarize`` (kind: input, output, grad arriving at the output, local_derivative);
+    ``misread_input``: sites that read the loss's input as the other kind (a softmax over the channels of the
+    probabilities it was given, the log of the logits it was given; ``given_input``)."""
 
     sites: list
     masked_nonfinite: list
     histograms: dict
+    misread_input: list = field(default_factory=list)
 
     def site(self, name: str, op: str) -> dict:
         for row in self.sites:
@@ -32,9 +35,10 @@ class AutoTapResult:
         return sorted(self.sites, key=risk, reverse=True)
 
 
-def assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapResult:
+def assemble(order: list, histograms: dict, counters: dict, masked, misread_input: list = ()) -> AutoTapResult:
     """The result of one read-back: per site (in order of first call), its row from the site's calls, clamp bounds
-    and device counters (at_min, at_max, elements, nonfinite_backward) and its histograms' summaries."""
+    and device counters (at_min, at_max, elements, nonfinite_backward) and its histograms' summaries; the rows of
+    ``misread_input`` as they are."""
     rows, masked_rows = [], []
     for site in order:
         if masked[site.index] > 0:
@@ -64,4 +68,4 @@ def assemble(order: list, histograms: dict, counters: dict, masked) -> AutoTapRe
             row["at_bound_fraction"] = (at_min + at_max) / elements
             row["bounds"] = sorted(site.bounds, key=str)
         rows.append(row)
-    return AutoTapResult(rows, masked_rows, histograms)
+    return AutoTapResult(rows, masked_rows, histograms, list(misread_input))

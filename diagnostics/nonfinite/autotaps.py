@@ -29,6 +29,8 @@ from torch.overrides import TorchFunctionMode
 from geodiag.diagnostics.instruments import kernels
 from geodiag.diagnostics.instruments.histograms import LogHistogram, summarize_states
 from geodiag.diagnostics.nonfinite.autotap_result import AutoTapResult, assemble
+from geodiag.diagnostics.nonfinite.given_input import InputReads
+from geodiag.diagnostics.nonfinite.local_derivative import local_derivative
 from geodiag.diagnostics.nonfinite.sites import (HOST_SYNCS, RISKY_OPS, boolean_index, caller_location, clamp_bounds,
                                                  format_site, func_name, is_inplace, made_by_geodiag, made_by_user,
                                                  risky_operands, runs_inside)
@@ -42,16 +44,6 @@ _PASS_THROUGH = frozenset({
     "reshape_as", "expand", "expand_as", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze", "flatten",
     "unflatten", "clone", "narrow", "select", "split", "chunk", "unbind", "movedim", "type_as", "to", "float",
     "half", "double", "bfloat16", "__contains__", "__iter__", "_is_view", "data_ptr", "untyped_storage"})
-_UNARY_DERIVATIVE = {  # |d out / d x| from the input x and the output y, in fp32 or fp64
-    "sqrt": lambda x, y: 0.5 / y.abs(),
-    "rsqrt": lambda x, y: 0.5 * y.abs() ** 3,
-    "reciprocal": lambda x, y: y * y,
-    "log": lambda x, y: 1.0 / x.abs(),  # natural log; log2 / log10 differ by a constant factor
-    "log1p": lambda x, y: 1.0 / (1.0 + x).abs(),
-    "exp": lambda x, y: y.abs(),
-    "acos": lambda x, y: 1.0 / (1.0 - x * x).abs().sqrt(),
-    "asin": lambda x, y: 1.0 / (1.0 - x * x).abs().sqrt(),
-}
 
 
 @dataclass(eq=False)
@@ -92,7 +84,10 @@ class _TapMode(TorchFunctionMode):
         if name in _PASS_THROUGH:
             if name == "__getitem__" and boolean_index(args):
                 self.taps._site(*caller_location(2), "boolean index", "host_sync").calls += 1
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if self.taps.input_reads.active:
+                self._follow_input(name, args, kwargs, out)
+            return out
         taps = self.taps
         operands = risky_operands(op, name, args, kwargs) if op is not None else None
         if inplace:
@@ -107,6 +102,8 @@ class _TapMode(TorchFunctionMode):
             taps.raised.append({"site": format_site(*caller_location(2)), "op": name.strip("_"),
                                 "message": f"{type(exc).__name__}: {exc}".splitlines()[0]})
             raise
+        if taps.input_reads.active:
+            self._follow_input(name, args, kwargs, out)
         if sync is not None:
             taps._site(*caller_location(2), sync, "host_sync").calls += 1
             return out
@@ -122,6 +119,12 @@ class _TapMode(TorchFunctionMode):
         site.calls += 1
         (taps._scalars if first.dim() == 0 else taps._outputs).append((site.index, first))
         return out
+
+    def _follow_input(self, name: str, args: tuple, kwargs: dict, out) -> None:
+        """The loss's input followed through this call; a call reading it as the other kind is recorded."""
+        misread = self.taps.input_reads.follow(name, args, kwargs, out)
+        if misread is not None:
+            self.taps.input_reads.record(format_site(*caller_location(3)), misread)
 
 
 _KINDS: dict = {}  # torch function -> (name, risky op or None, host sync or None, in place)
@@ -150,6 +153,7 @@ class AutoTaps:
         self.codes = codes                 # (file, first line) of functions to notice running (``codes_ran``)
         self.codes_ran = False
         self.raised: list[dict] = []       # calls that raised: site, op, one-line message (re-raised unchanged)
+        self.input_reads = InputReads()    # calls reading the loss's input as the other kind (``given_input``)
         self._sites: dict = {}
         self._order: list[_Site] = []
         self._outputs: list = []           # (site index, output) of the current loss call, not yet checked
@@ -171,8 +175,10 @@ class AutoTaps:
     def _attach(self) -> None:
         self._mode = _TapMode(self)
         self._mode.__enter__()
+        self.input_reads.listen()
 
     def _detach(self) -> None:
+        self.input_reads.stop_listening()
         self._mode.__exit__(None, None, None)
         self._mode = None
 
@@ -300,23 +306,9 @@ class AutoTaps:
             counters[0] += (outputs > inputs).sum()  # raised to min
             counters[1] += (outputs < inputs).sum()  # lowered to max
             counters[2] += outputs.numel()
-        derivative = self._local_derivative(site, records, inputs, outputs)
+        derivative = local_derivative(site.op, inputs, outputs, [(y.numel(), e) for _, y, e in records])
         if derivative is not None:
             site.histogram("local_derivative", device).update(derivative)
-
-    @staticmethod
-    def _local_derivative(site: _Site, records: list, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
-        if x.numel() != y.numel():
-            return None
-        if site.op in _UNARY_DERIVATIVE:
-            return _UNARY_DERIVATIVE[site.op](x, y)
-        if site.op == "div":            # y = a / b: |dy/db| = |a| / b^2 = |y / b|
-            return (y / x).abs()
-        if site.op == "pow" and all(e is not None for _, _, e in records):
-            exponent = torch.cat([torch.full((r[1].numel(),), r[2], dtype=x.dtype, device=x.device)
-                                  for r in records])
-            return (exponent * x.abs() ** (exponent - 1)).abs()
-        return None
 
     def _reduce_backward(self, site: _Site) -> None:
         records, site.pending_grad = site.pending_grad, []
@@ -372,7 +364,7 @@ class AutoTaps:
                       zip(tapped, summarize_states([hist for _, _, hist in tapped], states))}
         if self._masked:
             masked = host[offset:offset + len(self._order)]
-        return assemble(self._order, histograms, counters, masked)
+        return assemble(self._order, histograms, counters, masked, self.input_reads.rows())
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geodiag.reports import schema, tables
+from geodiag.reports import loss_findings, schema, tables
 
 from ..instruments.devices import PRECISIONS, parse_precisions
 from ..instruments.errors import ArgumentError, GeodiagError
@@ -252,6 +252,14 @@ def _run_cases(checkpoint: Checkpoint, case_files: list[CaseFiles], loss: own_lo
     return packed_by_precision, results
 
 
+def _constant_loss(results: list[dict]) -> list[dict]:
+    """Per precision and pass, the loss's value when it is the same on every case (``loss_findings``): a loss that
+    is a constant there sends no gradient, whatever its finiteness."""
+    values = [{"precision": r["precision"], "pass": name, "case": r["case"], "loss": r[name]["geometric_loss"]}
+              for r in results if "raised" not in r for name in PASSES]
+    return loss_findings.constant_groups(values, ("precision", "pass"))
+
+
 def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, cases: Optional[str] = None,
                        device: str = "cpu", stabilizer: Optional[str] = None, eps: Optional[float] = None,
                        precisions: Sequence[str] = ("fp32",), max_cases: Optional[int] = None, trust: bool = False,
@@ -281,8 +289,9 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     packed_by_precision, results = _run_cases(checkpoint, case_files, loss, precisions, out, dev, trust, resume,
                                                patches, augment, progress, terms)
     tensors, histograms, eps_fractions = _summaries(packed_by_precision)
-    sites, masked, site_histograms = own_loss.merge_sites([(r["precision"], name, r["sites"][name])
-                                                           for r in results for name in PASSES if "sites" in r])
+    sites, masked, misread, site_histograms = own_loss.merge_sites([(r["precision"], name, r["sites"][name])
+                                                                     for r in results for name in PASSES
+                                                                     if "sites" in r])
     from geodiag.reports import sites_report
 
     tables.write_table(own_loss.histogram_frame(site_histograms), out / sites_report.HISTOGRAMS_FILE)
@@ -297,10 +306,12 @@ def analyze_checkpoint(path: str, out: str | Path, fold: Optional[str] = None, c
     summary = summarize(checkpoint, own_loss.run_settings(loss), state, results, tensors, terms, list(precisions),
                         dev, patches, augment, len(case_files))
     share_summary = loss_share.summarize(shares)
-    summary.update(loss=loss_info, sites=sites, masked_nonfinite=masked, loss_share=share_summary,
+    summary.update(loss=loss_info, sites=sites, masked_nonfinite=masked, misread_input=misread,
+                   constant_loss=_constant_loss(results), loss_share=share_summary,
                    loss_role=loss_share.headline(share_summary, sites, loss_info["spec"],
                                                  math.prod(checkpoint.patch_size)))
-    summary["statistics_from"].update({"sites": "each row's pass", "loss_share.csv": "each row's pass",
+    summary["statistics_from"].update({"sites": "each row's pass", "misread_input": "each row's pass",
+                                       "constant_loss": "each entry's pass", "loss_share.csv": "each row's pass",
                                        "loss_share": "each entry's pass", "loss_role": "patches"})
     schema.write_json(out / "summary.json", summary)
     return summary

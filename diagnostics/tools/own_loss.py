@@ -28,6 +28,7 @@ from ..instruments.errors import ArgumentError, GeodiagError
 from ..instruments.histogram_bins import BinLayout
 from ..nnunet.checkpoint import Checkpoint
 from ..nonfinite.autotap_result import AutoTapResult
+from ..nonfinite.given_input import given
 from ..nonfinite.loss_spec import UserLoss, load_loss, one_line
 from ..nonfinite.sites import exception_site
 
@@ -130,12 +131,17 @@ def raising_as_finding(unknown_site: str = "<unknown>"):
 def trainer_call(loss: AnalysedLoss, dtype: Optional[torch.dtype], device: torch.device) -> Callable:
     """``loss(logits, label)`` as nnU-Net's train_step makes it: a user's loss inside the forward's autocast
     (its softmax is then what torch.softmax returns there); GeometricLoss as analyze has always called it. An
-    exception of the loss comes out as ``LossRaised``."""
+    exception of the loss comes out as ``LossRaised``. Automatic taps attached around the call follow the input a
+    user's loss receives (``given_input``)."""
     autocast = isinstance(loss, UserLoss) and dtype is not None
 
     def call(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         with raising_as_finding(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=autocast):
-            return loss(logits, label)
+            if not isinstance(loss, UserLoss):
+                return loss(logits, label)
+            prediction = loss.prepare(logits)
+            with given(prediction, loss.input_kind):
+                return loss.call(prediction, label)
     return call
 
 
@@ -172,14 +178,15 @@ def case_sites(result: AutoTapResult) -> dict:
         if row["op"] in BOUNDED_OPS and source is not None:
             histograms[f"{row['site']}|{row['op']}"] = {k: source[k] for k in ("bin_counts", "zero", "nan",
                                                                                  "posinf", "neginf", "count")}
-    return {"rows": rows, "masked_nonfinite": result.masked_nonfinite, "histograms": histograms}
+    return {"rows": rows, "masked_nonfinite": result.masked_nonfinite, "misread_input": result.misread_input,
+            "histograms": histograms}
 
 
-def merge_sites(cases: list[tuple[str, str, dict]]) -> tuple[list[dict], list[dict], dict]:
-    """(sites, masked_nonfinite, histograms) over ``(precision, pass, case_sites)``: counts added, maxima taken,
-    fractions recomputed from the added counts; rows keyed by precision, pass, site and op."""
+def merge_sites(cases: list[tuple[str, str, dict]]) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(sites, masked_nonfinite, misread_input, histograms) over ``(precision, pass, case_sites)``: counts added,
+    maxima taken, fractions recomputed from the added counts; rows keyed by precision, pass, site and op."""
     merged: dict = {}
-    masked: dict = {}
+    calls: dict = {"masked_nonfinite": {}, "misread_input": {}}
     histograms: dict = {}
     for precision, pass_name, sites in cases:
         for row in sites["rows"]:
@@ -197,10 +204,11 @@ def merge_sites(cases: list[tuple[str, str, dict]]) -> tuple[list[dict], list[di
             into["has_min"] |= row["has_min"]
             into["has_max"] |= row["has_max"]
             into["bounds"] += [b for b in row["bounds"] if b not in into["bounds"]]
-        for row in sites["masked_nonfinite"]:
-            key = (precision, pass_name, row["site"], row["op"])
-            masked.setdefault(key, {"precision": precision, "pass": pass_name, **row, "calls": 0})
-            masked[key]["calls"] += row["calls"]
+        for field, added in calls.items():
+            for row in sites.get(field, ()):  # a case written before misread_input was recorded has none
+                key = (precision, pass_name, row["site"], row["op"])
+                added.setdefault(key, {"precision": precision, "pass": pass_name, **row, "calls": 0})
+                added[key]["calls"] += row["calls"]
         for name, hist in sites["histograms"].items():
             key = (precision, pass_name, *name.rsplit("|", 1))
             if key in histograms:
@@ -222,7 +230,7 @@ def merge_sites(cases: list[tuple[str, str, dict]]) -> tuple[list[dict], list[di
     groups = list(dict.fromkeys((r["precision"], r["pass"]) for r in rows))
     ranked = [r for g in groups for r in AutoTapResult([r for r in rows if (r["precision"], r["pass"]) == g],
                                                        [], {}).by_risk()]
-    return ranked, list(masked.values()), histograms
+    return ranked, list(calls["masked_nonfinite"].values()), list(calls["misread_input"].values()), histograms
 
 
 def histogram_frame(histograms: dict) -> pd.DataFrame:
