@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from xml.etree import ElementTree
 
 import numpy as np
@@ -132,9 +133,11 @@ def test_a_loss_change_that_only_shrinks_every_gradient_4x_fails_on_the_l2_norm(
 
 
 def test_the_seed_replicas_v23_to_v24_change_fails_a_v23_baseline_on_at_bound_share_and_loss_drift(
-        capsys, tmp_path, monkeypatch):
+        capsys, tmp_path, monkeypatch, request):
     """The seed's own change, made in place: the loss its training imports moves from eps 1e-4 to 1e-2."""
     monkeypatch.syspath_prepend(str(replica.FOLDER))
+    # the wrapper imports the replica by its file's name: that module leaves with the test, as nnU-Net's lookup's do
+    request.addfinalizer(lambda: sys.modules.pop("nnUNetTrainerSeedReplica", None))
     path, baseline = tmp_path / "seed_loss.py", tmp_path / "baseline.json"
     spec = f"{path}:seed_loss"
     selection = ["--cases", "uncertain,uniform_half,full", "--precision", "fp32", "--baseline", baseline]

@@ -50,12 +50,13 @@ class _Base(nnUNetTrainer):
 
 
 class nnUNetTrainerMaskedEccentricity(_Base):
-    """An eccentricity term whose sqrt goes NaN on round predictions; the NaN is replaced by 0 (the seed's way)."""
+    """An eccentricity term sqrt(1 - (b/a)^2) that assumes the height is the minor axis: NaN for every batch with an
+    image taller than wide; the NaN is replaced by 0 (the seed's way)."""
 
     def train_step(self, batch):
         def eccentricity(output, target):
             h, w = extents(torch.softmax(output[0], 1))
-            ecc = torch.sqrt(1 - (h / (w + 1e-6)) ** 2 - 0.05).mean()
+            ecc = torch.sqrt(1 - (h / (w + 1e-6)) ** 2).mean()
             if torch.isnan(ecc) or torch.isinf(ecc):
                 ecc = output[0].sum() * 0  # skip the term for this batch
             return 0.1 * ecc
