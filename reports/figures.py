@@ -237,10 +237,11 @@ def grad_mag_squared_histograms(hist: pd.DataFrame, eps_values: Sequence[float])
 
 @figure_writer
 def bias_gradient_tradeoff(headline: pd.DataFrame, recommended: tuple[str, float] | None) -> Figure:
-    """x: median |bias_compactness|, y: max grad_max, log-log; one line per stabiliser through its eps values."""
+    """x: median |bias_compactness| in %, y: max grad_max, log-log; one line per stabiliser through its eps values."""
     figure = Figure(figsize=(7.5, 5))
     ax = figure.add_subplot()
-    x, y = "median_abs_bias_compactness", "max_grad_max"
+    x, y = "bias (%)", "max_grad_max"  # percent, the unit the report's text gives biases in
+    headline = headline.assign(**{x: 100 * headline["median_abs_bias_compactness"]})
     for index, (stabilizer, group) in enumerate(headline.groupby("stabilizer", sort=False)):
         group = _log_plottable(group.sort_values("eps"), (x, y))
         if group.empty:
@@ -259,7 +260,7 @@ def bias_gradient_tradeoff(headline: pd.DataFrame, recommended: tuple[str, float
     ax.scatter([], [], marker="x", color="#c62828", label="non-finite somewhere")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("median |relative compactness bias| vs fp64 eps→0 reference")
+    ax.set_xlabel("median |relative compactness bias| vs fp64 eps→0 reference (%)")
     ax.set_ylabel("max |dL/dlogit|")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

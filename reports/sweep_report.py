@@ -17,6 +17,7 @@ from . import figures, seed
 from .html import Figure, RenderedReport, Section, write_report
 from .recommendation import VERDICT_TITLE, Recommendation, RecommendationRule, headline_table, recommend
 from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, read_json, write_json
+from .screens import Answer, first_screen, sweep_answers
 from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
 TITLE = "geodiag clamp sweep"
@@ -128,6 +129,16 @@ def _per_dataset_text(sweep: pd.DataFrame, rule: RecommendationRule) -> str:
     return "\n".join(lines)
 
 
+_TRADEOFF_CAPTION = ("Each line is a stabiliser through its eps values: x = median |compactness bias| (%), y = max "
+                     "|dL/dlogit|; red x: non-finite values somewhere; star: recommended.")
+
+
+def _dropped_note(rec: Recommendation) -> str:
+    dropped = figures.unplottable_on_log(rec.candidates["median_abs_bias_compactness"]) + \
+        figures.unplottable_on_log(rec.candidates["max_grad_max"])
+    return f" {dropped} value(s) zero or non-finite, not drawn on the log axes." if dropped else ""
+
+
 def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, rec: Recommendation) -> list[Section]:
     out = directory / "figures"
     sections = []
@@ -138,25 +149,30 @@ def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, re
             path, "Distribution of grad_mag_squared per checkpoint: x = log10 of the bins' edges, y = fraction of the "
                   "checkpoint's binned pixels per bin (exact zeros are not in the bins); dashed: log10 of the swept "
                   "eps values. A clamp passes zero gradient to every pixel left of its line.")]))
-    dropped = figures.unplottable_on_log(rec.candidates["median_abs_bias_compactness"]) + \
-        figures.unplottable_on_log(rec.candidates["max_grad_max"])
-    path = figures.bias_gradient_tradeoff(rec.candidates, rec.recommended_setting, out / "bias_vs_gradient.png")
-    note = f" {dropped} value(s) zero or non-finite, not drawn on the log axes." if dropped else ""
-    sections.append(Section("Bias vs gradient", figures=[Figure(
-        path, "Each line is a stabiliser through its eps values: x = median |compactness bias|, y = max |dL/dlogit|; "
-              "red x: non-finite values somewhere; star: recommended." + note)]))
     fraction_eps = [e for e in SEED_EPS if np.isclose(sweep["eps"], e).any()] or eps_values
     by_epoch = headline_table(sweep, by=("dataset", "epoch"))
-    path = figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png")
-    sections.append(Section("Over epochs", figures=[Figure(
-        path, f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/{seed.UNITS_FACTOR:g} of the "
-              f"seed's) below eps {', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one "
-              "line style per dataset.")]))
+    if by_epoch["epoch"].nunique() >= 2:  # one epoch is a column of dots, not an evolution
+        sections.append(Section("Over epochs", figures=[Figure(
+            figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png"),
+            f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/{seed.UNITS_FACTOR:g} of the "
+            f"seed's) below eps {', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one "
+            "line style per dataset.")]))
     if sweep["dataset"].nunique() >= 2:
         path = figures.dataset_comparison(headline_table(sweep, by=("dataset",)), out / "datasets.png")
         sections.append(Section("Datasets compared", figures=[Figure(
             path, "Per setting and dataset: median |compactness bias| (left) and max |dL/dlogit| (right).")]))
     return sections
+
+
+def first_screen_answers(rec: Recommendation, sweep: pd.DataFrame) -> list[Answer]:
+    """The first screen's answers; a check of its own appends its line to this list."""
+    return sweep_answers(rec, sweep, VERDICT_TITLE)
+
+
+def _key_figure(directory: Path, rec: Recommendation) -> Figure:
+    path = figures.bias_gradient_tradeoff(rec.candidates, rec.recommended_setting,
+                                          directory / "figures" / "bias_vs_gradient.png")
+    return Figure(path, _TRADEOFF_CAPTION + _dropped_note(rec))
 
 
 def render(directory: str | Path, rule: RecommendationRule = RecommendationRule()) -> RenderedReport:
@@ -170,6 +186,7 @@ def render(directory: str | Path, rule: RecommendationRule = RecommendationRule(
     tables = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts})
     sections = [
+        first_screen(first_screen_answers(rec, sweep), _key_figure(directory, rec)),
         Section(VERDICT_TITLE, "\n\n".join([rec.clamp_1e2.sentence] + ["\n".join(
             f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
         Section("Recommended setting", _recommendation_text(rec)),

@@ -196,7 +196,9 @@ def test_sweep_report_rejects_a_table_without_rows_or_with_text_in_numbers(tmp_p
 def test_analysis_report_leads_with_the_verdict_and_reports_headroom_and_provenance(analysis_dir):
     markdown = (analysis_dir / "report.md").read_text()
     sections = re.findall(r"^## (.+)$", markdown, flags=re.M)
-    assert sections[0] == "Verdict"
+    assert sections[:2] == ["In one minute", "Verdict"]  # the answers, the verdict first among them, then its section
+    first_answer = markdown.split("## In one minute\n\n")[1].splitlines()[0]
+    assert first_answer.startswith("- **Is this checkpoint healthy?** ") and "4 NaN in dL/dlogits (fp16)" in first_answer
     assert "4 NaN in dL/dlogits (fp16)" in markdown
     assert "1 decades of headroom. That is less than the 1 decade" in markdown   # 0.999... < 1: flagged
     assert "`compactness.sqrt_output` grad (fp16): 4 NaN" in markdown
