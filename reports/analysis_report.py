@@ -290,8 +290,9 @@ def _eps_section(directory: Path, fractions: Optional[pd.DataFrame], summary: di
             f"gradient; {_eps_units(summary)}.\n\n" + "\n".join(lines) + "\n\n"
             + markdown_table(fractions[list(EPS_FRACTION_COLUMNS)].assign(eps=fractions["eps"].map(format_eps))))
     return Section("Clamped tensors below eps", body, figures=[Figure(
-        path, "One panel per clamped tensor: share of its elements below eps per precision (solid); dotted: share "
-              "with exactly zero gradient.")])
+        path, "One panel per clamped tensor: share of its elements below eps (%) per precision (solid, one marker "
+              "and width per precision, so precisions that agree stay visible); dotted: share with exactly zero "
+              "gradient.")])
 
 
 def _provenance_section(summary: dict) -> Section:
@@ -321,11 +322,12 @@ def _raised_section(summary: dict) -> Optional[Section]:
         + markdown_table(table)), tone="bad")
 
 
-def first_screen_answers(summary: dict) -> list[Answer]:
+def first_screen_answers(summary: dict, tensors: pd.DataFrame) -> list[Answer]:
     """The first screen's answers; a check of its own appends its line to this list."""
     _, meaning, next_step = VERDICT_TEXT[summary["verdict"]]
     found = [analysis_screen.health(summary, meaning), analysis_screen.closest(summary),
-             analysis_screen.loss_role(summary), analysis_screen.next_step(next_step)]
+             analysis_screen.loss_role(summary), analysis_screen.fp16_zero_gradients(tensors),
+             analysis_screen.next_step(next_step)]
     return [answer for answer in found if answer is not None]
 
 
@@ -339,7 +341,7 @@ def render(directory: str | Path) -> RenderedReport:
     terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
     raised = _raised_section(summary)
     verdict = _verdict_section(summary)
-    sections = [first_screen(first_screen_answers(summary)), verdict, *([raised] if raised else []),
+    sections = [first_screen(first_screen_answers(summary, tensors)), verdict, *([raised] if raised else []),
                 _checkpoint_section(summary),
                 _state_section(summary), _closest_section(summary), _gradient_section(summary, terms)]
     site_histograms = read_optional_table(directory / sites_report.HISTOGRAMS_FILE,

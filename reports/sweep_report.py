@@ -160,7 +160,7 @@ def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, re
     if sweep["dataset"].nunique() >= 2:
         path = figures.dataset_comparison(headline_table(sweep, by=("dataset",)), out / "datasets.png")
         sections.append(Section("Datasets compared", figures=[Figure(
-            path, "Per setting and dataset: median |compactness bias| (left) and max |dL/dlogit| (right).")]))
+            path, "Per setting and dataset: median |compactness bias| in % (left) and max |dL/dlogit| (right).")]))
     return sections
 
 

@@ -107,3 +107,14 @@ def test_the_site_sweep_never_pools_sites_nor_prints_missing_numbers(tables):
     pooled = rows.groupby("eps")["frac_below_eps"].median()  # the mean of the two sites' shares, per row
     for eps in (1e-4, 1e-2):
         assert _percent(pooled[eps]) not in text
+
+
+def test_the_fp16_zero_gradients_are_counted_and_explained_as_underflow(tables):
+    folder = tables / "analysis" / "501-Production"
+    top = _top(analysis_report.render(folder).markdown)
+    grads = pd.read_csv(folder / "tensors.csv").query("tensor == 'logits' and kind == 'grad'").set_index("precision")
+    half, single = grads.loc["fp16"], grads.loc["fp32"]
+    # fp32's exact zeros plus its values below fp16's smallest subnormal (2**-24) are fp16's zeros, to 1%
+    assert abs(single["zero"] + single["fp16_underflow"] - half["zero"]) < 0.01 * half["count"]
+    assert f"{int(half['zero']):,} of {int(half['count']):,}" in top and f"vs {int(single['zero']):,} in fp32" in top
+    assert "underflow to zero" in top and f"({2.0 ** -24:.3g})" in top
