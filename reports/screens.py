@@ -62,10 +62,10 @@ def rule_pick_sentence(summary: dict, rows: pd.DataFrame) -> str:
     if np.isclose(recommended["eps"], rows["eps"].min()):
         return (f"{pick}, the smallest swept eps, by construction: the bias is measured against the loss in fp64 at "
                 "that eps, so the rule picks the smallest eps that stays finite with max |dL/dlogit| ≤ "
-                f"{format_number(bound)}; a larger eps is preferable only where a smaller one gives non-finite values "
+                f"{bound:.4g}; a larger eps is preferable only where a smaller one gives non-finite values "
                 f"or a larger gradient ({pooled}).")
     return (f"{pick}: every smaller swept eps gave non-finite values or a max |dL/dlogit| above "
-            f"{format_number(bound)} ({pooled}).")
+            f"{bound:.4g} ({pooled}).")
 
 
 def sweep_scope(rows: pd.DataFrame) -> str:

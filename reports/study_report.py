@@ -22,6 +22,8 @@ import pandas as pd
 
 from . import figures, seed, study_figures, study_screen
 from .html import Figure, RenderedReport, Section, write_report
+from .readme_block import README_BLOCK, readme_block
+from .schema import write_text
 from .screens import first_screen
 from .study_answers import (datasets_section, nonfinite_section, replica_sweep_section, seed_statistics_section,
                             shares_section)
@@ -120,4 +122,6 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     sections.append(Section("Details", "\n".join(_links(tables)) or "No analysis or sweep was run."))
     data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "term_gradients.csv", "loss_precisions.csv",
                                           "study.json")]
-    return write_report(directory, title, sections, data=data)
+    rendered = write_report(directory, title, sections, data=data)
+    block = write_text(directory / README_BLOCK, readme_block(directory))
+    return RenderedReport(rendered.markdown, rendered.html, rendered.figures, [*rendered.data, block])
