@@ -54,7 +54,8 @@ def reproduced(tables: StudyTables, analysed_bad: int, analysed: str, section: s
                                  f"{f.get('site')}, {f.get('dtype')})" for run, f in first) + "; in all"
     answer = (f"{word}: {bad_steps} non-finite of {int(runs['watched_steps'].sum())} watched training steps, "
               f"{bad_gradients} of {len(gradients)} switch-on term gradients, {analysed_bad} non-finite elements "
-              f"analysed in {analysed} {_training_scope(tables, f'the replica, {len(users)} runs')}.")
+              f"analysed in {analysed} "
+              + _training_scope(tables, f"the replica, {len(users)} run{'' if len(users) == 1 else 's'}") + ".")
     return Answer("Was the NaN reproduced?", answer, section)
 
 

@@ -286,3 +286,15 @@ def test_wide_tables_never_widen_the_page_in_a_real_browser(tmp_path, width):
     assert layout["tables"] and all({"auto", "scroll"} & set(t["overflow"]) for t in layout["tables"])
     if width >= 1300:  # wide enough: every column of every table is on screen, none behind a scrollbar
         assert [t["hidden"] for t in layout["tables"]] == [0] * len(layout["tables"])
+
+
+def test_a_clamp_histogram_gives_the_share_held_at_its_bound_in_each_panel(tmp_path, saved_figures):
+    """|input| drops signs: most elements of a clamp can sit at its bound while the bars sit far from it."""
+    from geodiag.reports.sites_report import site_histogram
+
+    bins = pd.DataFrame([dict(precision=p, **{"pass": "patches"}, site="loss.py:7", op="clamp", bin_low=1.0,
+                              bin_high=10 ** 0.25, count=4) for p in ("fp32", "bf16")])
+    site_histogram(bins, "loss.py:7", "clamp", [[1e-6, None]], {("bf16", "patches"): 0.875}, tmp_path / "s.png")
+    [figure] = saved_figures
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["fp32, patches", "bf16, patches: 87.5% at the bound"]
