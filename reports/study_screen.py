@@ -16,7 +16,8 @@ from . import seed
 from .schema import INERT_SHARE
 from .screens import Answer, rule_pick_sentence, scope
 from .study_answers import raising
-from .study_tables import StudyTables, replica_sweep_table, rows_at, switch_on_checkpoint, user_run_names, user_runs
+from .study_tables import (StudyTables, replica_sweep_table, rows_at, sqrt_sites, switch_on_checkpoint, user_run_names,
+                           user_runs)
 from .tables import format_eps, format_number, format_percent, setting_label
 
 
@@ -28,20 +29,16 @@ def _span(values: pd.Series, percent: bool = True) -> str:
 
 
 def _training_scope(tables: StudyTables, what: str) -> str:
-    study, users = tables.study, user_runs_of(tables)
+    study, users = tables.study, user_run_names(tables.study)
     steps = tables.runs[tables.runs["run"].isin(users)].groupby("run")["watched_steps"].sum()
     datasets = ", ".join(str(d) for d in study["datasets"])
     per_run = f"{int(steps.iloc[0])} steps/run" if len(steps) and steps.nunique() == 1 else "steps per run vary"
     return scope(what, f"datasets {datasets}", f"{study['image_size']}²", study["device"], "fp32 training", per_run)
 
 
-def user_runs_of(tables: StudyTables) -> list[str]:
-    return user_run_names(tables.study)
-
-
 def reproduced(tables: StudyTables, analysed_bad: int, analysed: str, section: str) -> Answer:
     """Was the NaN reproduced: the replica's non-finite steps, switch-on gradients and analysed values."""
-    users = user_runs_of(tables)
+    users = user_run_names(tables.study)
     runs = tables.runs[tables.runs["run"].isin(users)]
     gradients = tables.gradients[tables.gradients["run"].isin(users)]
     bad_steps = int(runs["nonfinite_steps"].fillna(0).sum())
@@ -69,8 +66,7 @@ def precisions(tables: StudyTables, section: str) -> Optional[Answer]:
 
 
 def _fp32_rows(tables: StudyTables) -> tuple[dict, dict[str, str]]:
-    sites = next((run["sqrt_clamp_sites"] for run in tables.study["runs"] if run.get("sqrt_clamp_sites")), {})
-    table, at_bound = replica_sweep_table(tables.replica_sweep, sites)
+    table, at_bound = replica_sweep_table(tables.replica_sweep, sqrt_sites(tables.study))
     fp32 = table[table["precision"] == "fp32"].set_index("eps")
     return rows_at(fp32, (seed.V23.eps, seed.V24.eps)), at_bound
 
@@ -109,7 +105,7 @@ def rule_pick(tables: StudyTables, section: str) -> Optional[Answer]:
 
 def prior_effect(tables: StudyTables, clamps: pd.DataFrame, section: str) -> Answer:
     """Is the prior doing anything: the replica's geometric terms' shares of the step's gradient, and the cause."""
-    users = user_runs_of(tables)
+    users = user_run_names(tables.study)
     gradients = tables.gradients[tables.gradients["run"].isin(users) & (tables.gradients["term"] != "dice_ce")]
     medians = gradients.groupby(["run", "term"], sort=False)["share_of_step"].median()
     largest = medians.abs().idxmax()
