@@ -148,7 +148,8 @@ def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Secti
     if not clamps.empty:
         body += ("\n\nWhy, the clamps: share of the elements each sqrt clamp of the replica held at its bound in fp32 "
                  "(they pass zero gradient), from the analysis' sites table:\n\n"
-                 + markdown_table(clamp_at_bound(clamps)))
+                 + markdown_table(clamp_at_bound(clamps).assign(at_bound_fraction=lambda t: 100 * t["at_bound_fraction"])
+                                  .rename(columns={"at_bound_fraction": "held at the bound (%)"})))
     if (table["term"] == "compactness").any():
         body += ("\n\nWhy, the units: in the seed's units the perimeter P is a sum of raw-Sobel magnitudes, "
                  f"{seed.SOBEL_GAIN:g}x the geometric perimeter, so 4πA/P² is at most "

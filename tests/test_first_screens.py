@@ -118,3 +118,12 @@ def test_the_fp16_zero_gradients_are_counted_and_explained_as_underflow(tables):
     assert abs(single["zero"] + single["fp16_underflow"] - half["zero"]) < 0.01 * half["count"]
     assert f"{int(half['zero']):,} of {int(half['count']):,}" in top and f"vs {int(single['zero']):,} in fp32" in top
     assert "underflow to zero" in top and f"({2.0 ** -24:.3g})" in top
+
+
+def test_shares_of_pixels_are_percent_in_the_sweep_table_as_in_its_text(tables):
+    text = sweep_report.render(tables / "sweep").markdown.read_text()
+    rows = pd.read_csv(tables / "sweep" / "sweep.csv")
+    zero = 100 * rows.loc[np.isclose(rows["eps"], 1e-2), "frac_zero_grad"].median()
+    [row] = [line for line in text.splitlines() if line.startswith("| clamp 1e-2 |")]
+    assert f" {zero:.3g} |" in row and "pixels with zero gradient (median, %)" in text
+    assert f"{zero:.3g}% at clamp 1e-2" in text  # the verdict's sentence, same number, same unit
