@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from . import figures, loss_findings, schema, seed, sites_report
+from . import analysis_screen, figures, loss_findings, schema, seed, sites_report
 from .html import Figure, RenderedReport, Section, write_report
+from .screens import Answer, first_screen, hidden_answers
 from .schema import (EPS_FRACTION_COLUMNS, GRAD_SCALER_INITIAL_SCALE, HISTOGRAM_COLUMNS, TENSORS_COLUMNS, TERM_COLUMNS,
                      ReportInputError, read_json)
 from .tables import format_eps, format_number, markdown_table, read_optional_table, read_table
@@ -339,8 +340,9 @@ def _eps_section(directory: Path, fractions: Optional[pd.DataFrame], summary: di
             f"gradient; {_eps_units(summary)}.\n\n" + "\n".join(lines) + "\n\n"
             + markdown_table(fractions[list(EPS_FRACTION_COLUMNS)].assign(eps=fractions["eps"].map(format_eps))))
     return Section("Clamped tensors below eps", body, figures=[Figure(
-        path, "One panel per clamped tensor: share of its elements below eps per precision (solid); dotted: share "
-              "with exactly zero gradient.")])
+        path, "One panel per clamped tensor: share of its elements below eps (%) per precision (solid, one marker "
+              "and width per precision, so precisions that agree stay visible); dotted: share with exactly zero "
+              "gradient.")])
 
 
 def _provenance_section(summary: dict) -> Section:
@@ -370,6 +372,16 @@ def _raised_section(summary: dict) -> Optional[Section]:
         + markdown_table(table)), tone="bad")
 
 
+def first_screen_answers(summary: dict, tensors: pd.DataFrame) -> list[Answer]:
+    """The first screen's answers; a check of its own appends its line to this list."""
+    _, meaning, next_step = VERDICT_TEXT[summary["verdict"]]
+    hidden = loss_findings_lines(summary)
+    found = [analysis_screen.health(summary, meaning), analysis_screen.closest(summary),
+             analysis_screen.loss_role(summary), *hidden_answers(hidden, "Verdict"),
+             analysis_screen.fp16_zero_gradients(tensors), analysis_screen.next_step(next_step)]
+    return [answer for answer in found if answer is not None]
+
+
 def render(directory: str | Path) -> RenderedReport:
     """Render the analysis report in ``directory`` from the files ``geodiag analyze-checkpoint`` wrote there."""
     directory = Path(directory)
@@ -379,7 +391,9 @@ def render(directory: str | Path) -> RenderedReport:
     fractions = read_optional_table(directory / "eps_fractions.csv", EPS_FRACTION_COLUMNS)
     terms = read_optional_table(directory / "terms.csv", TERM_COLUMNS)
     raised = _raised_section(summary)
-    sections = [_verdict_section(summary), *([raised] if raised else []), _checkpoint_section(summary),
+    verdict = _verdict_section(summary)
+    sections = [first_screen(first_screen_answers(summary, tensors)), verdict, *([raised] if raised else []),
+                _checkpoint_section(summary),
                 _state_section(summary), _closest_section(summary), _gradient_section(summary, terms)]
     site_histograms = read_optional_table(directory / sites_report.HISTOGRAMS_FILE,
                                           sites_report.SITE_HISTOGRAM_COLUMNS)

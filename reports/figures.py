@@ -148,13 +148,11 @@ def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision
             special_ax = figure.add_subplot(grid[row, 2 * column + 1])
             selected = stats[(stats["tensor"] == name) & (stats["kind"] == kind)]
             kind_bins = bins[(bins["tensor"] == name) & (bins["kind"] == kind)]
-            if selected.empty and kind_bins.empty:
-                hist_ax.text(0.5, 0.5, f"{kind}: not recorded", ha="center", va="center", transform=hist_ax.transAxes,
-                             color="#777")
-                hist_ax.set_xticks([])
-                hist_ax.set_yticks([])
-            else:
-                _draw_magnitudes(hist_ax, kind_bins, xlim)
+            if selected.empty and kind_bins.empty:  # not recorded: no panel, rather than an empty one
+                hist_ax.axis("off")
+                special_ax.axis("off")
+                continue
+            _draw_magnitudes(hist_ax, kind_bins, xlim)
             hist_ax.set_title(f"{name} · {kind}", fontsize=9, loc="left")
             hist_ax.tick_params(labelsize=7)
             if row == len(names) - 1:
@@ -168,8 +166,9 @@ def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision
 
 @figure_writer
 def eps_fractions(fractions: pd.DataFrame) -> Figure:
-    """One panel per tensor: the fraction of its elements below each eps (log x), one line per precision; dotted:
-    the share of elements whose gradient is exactly zero. ``fractions`` follows EPS_FRACTION_COLUMNS."""
+    """One panel per tensor: the share (%) of its elements below each eps (log x), one line per precision; dotted:
+    the share of elements whose gradient is exactly zero. ``fractions`` follows EPS_FRACTION_COLUMNS. Precisions
+    often agree: each is drawn with its own marker, size and width, so lines on top of each other stay visible."""
     tensors = list(dict.fromkeys(fractions["tensor"]))
     figure = Figure(figsize=(5.5 * max(len(tensors), 1), 4))
     for t_index, tensor in enumerate(tensors, start=1):
@@ -177,16 +176,16 @@ def eps_fractions(fractions: pd.DataFrame) -> Figure:
         subset = fractions[fractions["tensor"] == tensor]
         for index, (precision, group) in enumerate(subset.groupby("precision", sort=False)):
             group = group.sort_values("eps")
-            colour = f"C{index}"
-            ax.plot(group["eps"], group["fraction_below"], marker="o", color=colour,
-                    label=f"{tensor} ({precision}): below eps")
-            ax.axhline(float(group["zero_grad_fraction"].iloc[0]), color=colour, ls=":",
+            colour, size = f"C{index}", 3 * (3 - index % 3)  # the first drawn is the widest, the last on top
+            ax.plot(group["eps"], 100 * group["fraction_below"], marker="os^"[index % 3], ms=size + 3, lw=size / 2,
+                    color=colour, mfc="none" if index % 3 == 0 else colour, label=f"{tensor} ({precision}): below eps")
+            ax.axhline(100 * float(group["zero_grad_fraction"].iloc[0]), color=colour, ls=":", lw=size / 2,
                        label=f"{tensor} ({precision}): zero gradient")
         ax.set_title(tensor)
         ax.set_xscale("log")
         ax.set_xlabel("eps")
-        ax.set_ylabel("fraction of elements")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("elements (%)")
+        ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.tight_layout()
@@ -237,10 +236,11 @@ def grad_mag_squared_histograms(hist: pd.DataFrame, eps_values: Sequence[float])
 
 @figure_writer
 def bias_gradient_tradeoff(headline: pd.DataFrame, recommended: tuple[str, float] | None) -> Figure:
-    """x: median |bias_compactness|, y: max grad_max, log-log; one line per stabiliser through its eps values."""
+    """x: median |bias_compactness| in %, y: max grad_max, log-log; one line per stabiliser through its eps values."""
     figure = Figure(figsize=(7.5, 5))
     ax = figure.add_subplot()
-    x, y = "median_abs_bias_compactness", "max_grad_max"
+    x, y = "bias (%)", "max_grad_max"  # percent, the unit the report's text gives biases in
+    headline = headline.assign(**{x: 100 * headline["median_abs_bias_compactness"]})
     for index, (stabilizer, group) in enumerate(headline.groupby("stabilizer", sort=False)):
         group = _log_plottable(group.sort_values("eps"), (x, y))
         if group.empty:
@@ -259,7 +259,7 @@ def bias_gradient_tradeoff(headline: pd.DataFrame, recommended: tuple[str, float
     ax.scatter([], [], marker="x", color="#c62828", label="non-finite somewhere")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("median |relative compactness bias| vs fp64 eps→0 reference")
+    ax.set_xlabel("median |relative compactness bias| vs fp64 eps→0 reference (%)")
     ax.set_ylabel("max |dL/dlogit|")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -327,7 +327,8 @@ def dataset_comparison(by_dataset: pd.DataFrame) -> Figure:
     settings = by_dataset[["stabilizer", "eps"]].drop_duplicates().sort_values(["stabilizer", "eps"])
     labels = [setting_label(s, e) for s, e in settings.itertuples(index=False)]
     width = 0.8 / max(len(datasets), 1)
-    for p_index, (column, title) in enumerate((("median_abs_bias_compactness", "median |compactness bias|"),
+    by_dataset = by_dataset.assign(bias_percent=100 * by_dataset["median_abs_bias_compactness"])
+    for p_index, (column, title) in enumerate((("bias_percent", "median |compactness bias| (%)"),
                                                ("max_grad_max", "max |dL/dlogit|"))):
         ax = figure.add_subplot(1, 2, p_index + 1)
         for d_index, dataset in enumerate(datasets):
@@ -342,6 +343,7 @@ def dataset_comparison(by_dataset: pd.DataFrame) -> Figure:
         if not positive.empty:
             ax.set_ylim(bottom=positive.min() / 10)  # a decade below the smallest bar, not matplotlib's tight fit
         ax.set_title(title, fontsize=10)
+        ax.set_ylabel(title)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     figure.tight_layout()

@@ -3,8 +3,8 @@
 Why self-contained: a report is mailed, attached to an issue or opened from a cluster's scratch disk; the HTML
 embeds its PNGs as base64 ``data:`` URIs and its style inline, so it references no file and no network.
 Tables sit in a horizontally scrolling box and their cells may break after an underscore or a dot before a letter,
-so a wide table neither widens the page nor, at a common window width, hides columns behind a scrollbar. Section bodies are a small Markdown subset (headings, paragraphs, ``-`` lists, pipe tables, ``**bold**`` and
-```code```), enough for generated text and safe to convert without a Markdown dependency.
+so a wide table neither widens the page nor, at a common window width, hides columns behind a scrollbar. Section bodies are CommonMark with pipe tables, rendered by markdown-it-py with raw HTML escaped, so a
+numbered list is a list and text from a user's file cannot inject markup.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from markdown_it import MarkdownIt
 
 from .schema import write_text
 
@@ -136,58 +138,21 @@ def _figure_html(figure: Figure) -> str:
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def _inline(text: str) -> str:
-    """Escape, then ``code`` spans and **bold**; code content is never re-interpreted."""
-    pieces = re.split(r"(`[^`]*`)", text)
-    out = []
-    for piece in pieces:
-        if len(piece) >= 2 and piece.startswith("`") and piece.endswith("`"):
-            out.append(f"<code>{html.escape(piece[1:-1])}</code>")
-        else:
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(piece)))
-    return "".join(out)
+def _breakable_cells(page: str) -> str:
+    """Let table cells break after an underscore or a dot before a letter (fp16_<wbr>underflow,
+    compactness.<wbr>term); numbers such as 6.03e-18 have no other break opportunity, so they stay whole. Only text
+    between tags changes, never a tag."""
+    def cell(match: re.Match) -> str:
+        return re.sub(r"(>[^<]*)", lambda text: re.sub(r"([_.])(?=[A-Za-z])", r"\1<wbr>", text.group(1)),
+                      match.group(0))
+    return re.sub(r"<t[dh]>.*?</t[dh]>", cell, page, flags=re.S)
 
 
-def _cells(line: str) -> list[str]:
-    inner = line.strip().strip("|")
-    return [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", inner)]
-
-
-def _cell(text: str) -> str:
-    """A table cell that may break after an underscore or a dot (fp16_<wbr>underflow, compactness.<wbr>term);
-    numbers such as 6.03e-18 have no other break opportunity, so they stay whole."""
-    return re.sub(r"([_.])(?=[A-Za-z])", r"\1<wbr>", _inline(text))
-
-
-def _table_html(lines: list[str]) -> str:
-    rows = [line for line in lines if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
-    head, *rest = rows
-    out = ['<div class="table"><table>', "<tr>" + "".join(f"<th>{_cell(c)}</th>" for c in _cells(head)) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in _cells(row)) + "</tr>" for row in rest]
-    out.append("</table></div>")
-    return "\n".join(out)
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+_MARKDOWN.add_render_rule("table_open", lambda *args: '<div class="table"><table>\n')
+_MARKDOWN.add_render_rule("table_close", lambda *args: "</table></div>\n")
 
 
 def markdown_to_html(text: str) -> str:
-    """Convert the Markdown subset used by report bodies; blocks are separated by blank lines."""
-    blocks = [block.strip("\n") for block in re.split(r"\n\s*\n", text.strip()) if block.strip()]
-    out = []
-    for block in blocks:
-        lines = block.splitlines()
-        heading = re.fullmatch(r"(#{3,6})\s+(.*)", lines[0])
-        if heading and len(lines) == 1:
-            level = len(heading.group(1))
-            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif all(line.lstrip().startswith("|") for line in lines):
-            out.append(_table_html(lines))
-        elif all(line.startswith("- ") or line.startswith("  ") for line in lines):
-            items = []
-            for line in lines:
-                if line.startswith("- "):
-                    items.append(line[2:])
-                else:
-                    items[-1] += " " + line.strip()
-            out.append("<ul>\n" + "\n".join(f"<li>{_inline(item)}</li>" for item in items) + "\n</ul>")
-        else:
-            out.append(f"<p>{_inline(' '.join(line.strip() for line in lines))}</p>")
-    return "\n".join(out)
+    """Report bodies (CommonMark with pipe tables, raw HTML escaped) as HTML; tables in a scrolling box."""
+    return _breakable_cells(_MARKDOWN.render(text))

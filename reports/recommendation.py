@@ -342,16 +342,19 @@ def _seed_comparison(candidates: pd.DataFrame, rule: RecommendationRule, units: 
     direction = "reduction" if grad_ratio < 1 else "increase"
     change = (f"a material {direction}" if material else
               f"no material change (threshold: a factor of {rule.material_gradient_ratio:g} either way)")
+    derivative = (f"the largest local sqrt derivative from {_number(v23['max_sqrt_deriv_max'])} to "
+                  f"{_number(v24['max_sqrt_deriv_max'])} (×{_number(deriv_ratio)}; the seed's 1/(2√eps) predicts "
+                  f"×{math.sqrt(old.eps / new.eps):g}), and " if math.isfinite(deriv_ratio) else "")
     sentences.append(
-        f"Raising the clamp from {format_eps(old.eps)} to {format_eps(new.eps)} changes the largest local sqrt "
-        f"derivative from {_number(v23['max_sqrt_deriv_max'])} to {_number(v24['max_sqrt_deriv_max'])} "
-        f"(×{_number(deriv_ratio)}; the seed's 1/(2√eps) predicts ×{math.sqrt(old.eps / new.eps):g}), and the "
-        "largest |dL/dlogit| that training sees from "
-        f"{_number(v23['max_grad_max'])} to {_number(v24['max_grad_max'])} (×{_number(grad_ratio)}): {change}.")
-    sentences.append(
+        f"Raising the clamp from {format_eps(old.eps)} to {format_eps(new.eps)} changes {derivative}the largest "
+        f"|dL/dlogit| that training sees from {_number(v23['max_grad_max'])} to {_number(v24['max_grad_max'])} "
+        f"(×{_number(grad_ratio)}): {change}.")
+    zero = "" if units.seed_units is None else (
         f"Elements with zero gradient at the clamped quantity (median): {_percent(v23['median_frac_zero_grad'])} at "
-        f"{name23} vs {_percent(v24['median_frac_zero_grad'])} at {name24}; median |{bias_name}|: "
-        f"{_percent(v23[bias])} vs {_percent(v24[bias])}.")
+        f"{name23} vs {_percent(v24['median_frac_zero_grad'])} at {name24}; ")
+    # a user's sweep clamps at several sites: their shares are per site in its report, never pooled here
+    biases = f"edian |{bias_name}|: {_percent(v23[bias])} vs {_percent(v24[bias])}."
+    sentences.append(f"{zero}m{biases}" if zero else f"M{biases}")
     if not v23["finite"]:
         outcome = "has none in this sweep" if v24["finite"] else f"still has {int(v24['nonfinite'])}"
         sentences.append(f"Where {name23} had {int(v23['nonfinite'])} non-finite values, {name24} {outcome}.")

@@ -20,11 +20,13 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from . import seed
 from .html import RenderedReport, Section, write_report
 from .loss_findings import sweep_findings
 from .recommendation import (EpsUnits, Recommendation, RecommendationRule, Verdict, derivative_bound, headline_table,
                              recommend)
 from .schema import ReportInputError, write_json
+from .screens import Answer, first_screen, hidden_answers, rule_pick_sentence, sweep_answers
 from .tables import format_eps, format_number, format_percent, markdown_table, read_table, setting_label, write_table
 
 TITLE = "geodiag sweep of your loss's bound"
@@ -119,6 +121,34 @@ def _verdict(rec: Recommendation, rows: pd.DataFrame, sites: str) -> Verdict:
     return bound_verdict(rec, bound, sites)
 
 
+def _at_bound_answer(rows: pd.DataFrame) -> Answer | None:
+    """Each site's median share of elements held at its bound (zero gradient there), per site, never pooled."""
+    at_bound = [c for c in rows.columns if c.startswith("at_bound_fraction[")]
+    precision = "fp32" if (rows["precision"] == "fp32").any() else sorted(rows["precision"].unique())[0]
+    mine = rows[rows["precision"] == precision]
+    eps_values = [e for e in (seed.V23.eps, seed.V24.eps) if np.isclose(mine["eps"], e).any()]
+    if not at_bound or not eps_values:
+        return None
+    medians = {e: mine[np.isclose(mine["eps"], e)][at_bound].median() for e in eps_values}
+    per_site = "; ".join(f"{column.removeprefix('at_bound_fraction[').rstrip(']')}: "
+                         + " → ".join(f"{format_percent(medians[e][column])} at {format_eps(e)}" for e in eps_values)
+                         for column in at_bound)
+    return Answer("How much of each clamp sits at its bound (zero gradient)?",
+                  f"{per_site} (median over cases, per site, {precision}).", "At-bound fraction per site")
+
+
+def first_screen_answers(rec: Recommendation, rows: pd.DataFrame, verdict: Verdict) -> list[Answer]:
+    """The first screen's answers, the verdict on the user's own bound first; a check of its own appends its line to
+    this list."""
+    answers = [Answer("Is your bound justified?", verdict.sentence, VERDICT_TITLE)]
+    answers += sweep_answers(rec, rows, VERDICT_TITLE, judge_seed_clamp=False)
+    if rec.recommended is not None:
+        answers.append(Answer("Which eps does the rule pick, and why?", rule_pick_sentence(rec.summary(), rows),
+                              "Recommended value"))
+    at_bound = _at_bound_answer(rows)
+    return answers + ([at_bound] if at_bound else [])
+
+
 def render(directory: str | Path) -> RenderedReport:
     directory = Path(directory)
     every = read_table(directory / ROWS_FILE, REQUIRED)
@@ -146,14 +176,19 @@ def render(directory: str | Path) -> RenderedReport:
         "median abs loss bias (%)": 100 * rec.candidates["median_abs_bias_loss"],
         "max grad_max": rec.candidates["max_grad_max"],
         "max sqrt_deriv_max": rec.candidates["max_sqrt_deriv_max"],
-        "at bound (median)": rec.candidates["median_frac_below_eps"],
         "non-finite": rec.candidates["nonfinite"],
         "eligible": rec.candidates["eligible"],
     })
     at_bound = [c for c in rows.columns if c.startswith("at_bound_fraction[")]
+    for column in at_bound:  # per site, never pooled across sites
+        medians = rows.groupby("eps")[column].median()
+        site = column.removeprefix("at_bound_fraction[")[:-1]
+        display.insert(len(display.columns) - 2, f"at bound (median, %), {site}",
+                       100 * rec.candidates["eps"].map(medians).to_numpy())
     per_site = rows.groupby(["precision", "eps"])[at_bound + ["masked_nonfinite"]].median().reset_index()
     recommended = rec.recommended_setting
     sections = [
+        first_screen(first_screen_answers(rec, rows, verdict) + hidden_answers(findings, VERDICT_TITLE)),
         Section(VERDICT_TITLE, "\n\n".join([*findings, verdict.sentence]), tone=_TONES[verdict.status]),
         Section("Recommended value", (f"Recommended: {setting_label(*recommended)}." if recommended else
                                       "No swept value passed the rule.")
@@ -169,7 +204,7 @@ def render(directory: str | Path) -> RenderedReport:
             "rule, the headline table and the per-site table.\n\n" + markdown_table(raised)), tone="bad")]
           if len(raised) else []),
         Section("Headline table", "Per swept value, pooled over checkpoints, cases and precisions. at bound: "
-                "share of the site clamp's elements moved to a bound (zero gradient there).\n\n"
+                "share of each site clamp's elements moved to a bound (zero gradient there), per site.\n\n"
                 + markdown_table(display)),
         Section("At-bound fraction per site", "Median over cases; masked_nonfinite: op outputs that held NaN/Inf "
                 "in calls whose final value was finite.\n\n" + markdown_table(per_site)),

@@ -158,9 +158,11 @@ def _slug(text: str) -> str:
 
 
 @figures.figure_writer
-def site_histogram(bins: pd.DataFrame, site: str, op: str, bounds: list) -> MplFigure:
+def site_histogram(bins: pd.DataFrame, site: str, op: str, bounds: list, at_bound: dict) -> MplFigure:
     """One panel per precision (rows) and pass (columns): |input| of the site on log10 bin edges, count on a log
-    axis; dashed: each positive numeric bound of the clamp."""
+    axis; dashed: each positive numeric bound of the clamp. |input| drops signs, so bars can sit far from a bound
+    that holds most elements: each panel's title gives the share held at the bound (``at_bound``: (precision,
+    pass) -> share), which the bars alone would hide."""
     precisions, passes = list(dict.fromkeys(bins["precision"])), list(dict.fromkeys(bins["pass"]))
     panels = [(precision, pass_name) for precision in precisions for pass_name in passes]
     figure = MplFigure(figsize=(4.6 * len(passes), 2.9 * len(precisions) + 0.4))
@@ -183,7 +185,9 @@ def site_histogram(bins: pd.DataFrame, site: str, op: str, bounds: list) -> MplF
         ax.set_xlim(*xlim)
         ax.set_xlabel(f"log10 |input of {op}|")
         ax.set_ylabel("elements per bin")
-        ax.set_title(f"{precision}, {pass_name.replace('_', ' ')}", pad=14)
+        held = at_bound.get((precision, pass_name))
+        share = "" if held is None else f": {100 * held:.3g}% at the bound"
+        ax.set_title(f"{precision}, {pass_name.replace('_', ' ')}{share}", pad=14)
     figure.suptitle(site, fontsize=9)
     figure.tight_layout()
     return figure
@@ -193,17 +197,23 @@ def figure_sections(directory: Path, summary: dict, histograms: Optional[pd.Data
     if histograms is None or histograms.empty:
         return []
     bounds = {(r["site"], r["op"]): r.get("bounds") or [] for r in summary.get("sites") or []}
+    held: dict[tuple[str, str], dict] = {}
+    for r in summary.get("sites") or []:
+        if r.get("op") == "clamp" and r.get("at_bound_fraction") is not None:
+            held.setdefault((r["site"], r["op"]), {})[(r.get("precision"), r.get("pass"))] = r["at_bound_fraction"]
     figure_list = []
     for (site, op), group in histograms.groupby(["site", "op"], sort=False):
         if _builtin(summary) or geodiag_file(site):
             continue
         site_bounds = bounds.get((site, op), [])
-        path = site_histogram(group, site, op, site_bounds,
+        path = site_histogram(group, site, op, site_bounds, held.get((site, op), {}),
                               directory / "figures" / f"site_{_slug(site)}_{op}.png")
         drawn = _bounds_text(site_bounds) if site_bounds else "none (a sqrt has no bound of its own)"
         figure_list.append(Figure(path, f"`{site}` ({op}): histogram of log10 |input| (bars span log10 of each "
                                         f"bin's edges; count on a log axis; zeros and NaN/Inf are not in the "
-                                        f"bins). Dashed: the positive numeric bounds [min, max]: {drawn}."))
+                                        f"bins). Dashed: the positive numeric bounds [min, max]: {drawn}. A clamp's panel title gives the "
+                                        "share of its elements held at the bound (zero gradient there), which the "
+                                        "unsigned bars do not show."))
     return [Section("Site histograms", "Inputs of every sqrt and clamp site, with the clamp's bounds drawn in.",
                     figures=figure_list)] if figure_list else []
 

@@ -86,6 +86,12 @@ def _evidence(tables: StudyTables, sites: pd.DataFrame, first: list[dict]) -> tu
     return lines, replica_bad
 
 
+def _epochs(runs: pd.DataFrame, active: bool) -> str:
+    """The span of epochs with the geometric term on (``active``) or off, as "first–last"."""
+    epochs = runs.loc[runs["geometric_active"].astype(bool) == active, "epoch"]
+    return "none" if epochs.empty else f"{int(epochs.min())}–{int(epochs.max())}"
+
+
 def nonfinite_section(tables: StudyTables, sites: pd.DataFrame) -> tuple[Section, str]:
     """Q1: does the seed's design produce a non-finite value, and where; else the numbers that bound it."""
     runs, gradients, users = tables.runs, tables.gradients, user_run_names(tables.study)
@@ -95,13 +101,17 @@ def nonfinite_section(tables: StudyTables, sites: pd.DataFrame) -> tuple[Section
     if replica_bad == 0 and not any(r["run"] in users for r in first):
         user = gradients[gradients["run"].isin(users)]
         largest = user["max_abs_grad_logits"].max() if len(user) else math.nan
-        norm = runs.loc[runs["run"].isin(users), "grad_norm_max"].max()
+        mine = runs[runs["run"].isin(users)]
+        after = mine.loc[mine["geometric_active"].astype(bool), "grad_norm_max"].max()
+        before = mine.loc[~mine["geometric_active"].astype(bool)]
         watched = int(runs.groupby("run", sort=False)["watched_steps"].sum().reindex(users).sum())
         analysed = ", ".join(sorted(sites["precision"].unique())) if not sites.empty else "none"
         answer = (f"No: the seed's design produced no non-finite value in {watched} "
                   f"watched training steps, its switch-on batches or its analysed precisions ({analysed}); its "
-                  f"terms sent at most {format_number(largest)} to a logit and the step's norm before clipping "
-                  f"peaked at {format_number(norm)}." + (f" Its loss cannot run in {'; '.join(raised)}." if raised
+                  f"terms sent at most {format_number(largest)} to a logit at the switch-on; the step's norm before "
+                  f"clipping peaked at {format_number(after)} after the switch-on (epochs "
+                  f"{_epochs(mine, True)}) and at {format_number(before['grad_norm_max'].max())} before it (epochs "
+                  f"{_epochs(mine, False)})." + (f" Its loss cannot run in {'; '.join(raised)}." if raised
                                                          else ""))
     else:
         where = [r for r in first if r["run"] in users]
@@ -118,11 +128,18 @@ def nonfinite_section(tables: StudyTables, sites: pd.DataFrame) -> tuple[Section
 def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Section, str]:
     """Q2: each term's share of the step's gradient at the switch-on, inert or dominant, and why."""
     table = term_shares(gradients)
+    spread = gradients.groupby(["run", "term"], sort=False)["share_of_step"].agg(["min", "max"])
+    shown = table.copy()
+    shown.insert(shown.columns.get_loc("share") + 1, "share, range", [
+        f"{format_number(spread.loc[(r.run, r.term), 'min'])} to {format_number(spread.loc[(r.run, r.term), 'max'])}"
+        for r in table.itertuples()])
     body = ("On training batches of each run's switch-on checkpoint (nnU-Net's own data loader), the gradient each "
-            "term sends to the network, as a share of the step's gradient g: <g_term, g>/|g|² (the shares of "
-            f"Dice+CE and the terms sum to 1; medians over batches). \"Inert\": |share| < {INERT_SHARE:g}; "
-            f"\"dominant\": share > {DOMINANT_SHARE:g}. `value`: the weighted term; `norm_ratio`: |g_term|/|g|."
-            "\n\n" + markdown_table(table))
+            "term sends to the network, as a share of the step's gradient g: <g_term, g>/|g|², a fraction of 1. "
+            "On each batch the shares of Dice+CE and the terms sum to 1; `share` is each term's median over batches, "
+            "so the medians need not sum to 1, and `share, range` gives the single batches' smallest and largest "
+            f"(a term inert by its median may exceed {INERT_SHARE:g} on one batch). \"Inert\": |median share| < "
+            f"{INERT_SHARE:g}; \"dominant\": median share > {DOMINANT_SHARE:g}. `value`: the weighted term; "
+            "`norm_ratio`: |g_term|/|g|.\n\n" + markdown_table(shown))
     sentences = []
     for run, frame in table.groupby("run", sort=False):
         geometric = frame[frame["term"] != "dice_ce"]
@@ -131,14 +148,14 @@ def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Secti
     if not clamps.empty:
         body += ("\n\nWhy, the clamps: share of the elements each sqrt clamp of the replica held at its bound in fp32 "
                  "(they pass zero gradient), from the analysis' sites table:\n\n"
-                 + markdown_table(clamp_at_bound(clamps)))
+                 + markdown_table(clamp_at_bound(clamps).assign(at_bound_fraction=lambda t: 100 * t["at_bound_fraction"])
+                                  .rename(columns={"at_bound_fraction": "held at the bound (%)"})))
     if (table["term"] == "compactness").any():
         body += ("\n\nWhy, the units: in the seed's units the perimeter P is a sum of raw-Sobel magnitudes, "
                  f"{seed.SOBEL_GAIN:g}x the geometric perimeter, so 4πA/P² is at most "
                  f"1/{seed.UNITS_FACTOR:g} of the geometric compactness (a disk gives 1/{seed.UNITS_FACTOR:g}, "
                  "not 1) and the compactness term sits near 1 - 4πA/P² ≈ 1 whatever the shape; the weighted value "
                  "column shows it.")
-    body += "\n\n" + "\n".join(f"- {s}" for s in sentences)
     answer = "; ".join(sentences) + "."
     return Section("What does each term contribute at the switch-on?", body, numbered=True), answer
 
@@ -224,9 +241,9 @@ def _replica_sweep_part(tables: StudyTables, sites: dict[str, str]) -> tuple[str
                   f"share {held}, and sends at most {format_number(high['max_grad_logits'])} to a logit ({was}: "
                   f"{format_number(low['max_grad_logits'])}).")
     verdict = (tables.replica_summary.get(VERDICT_KEY) or {}).get("sentence")
-    if verdict:  # the sweep's own verdict pools every precision: say so, its medians differ from fp32's
+    if verdict:  # the sweep's own verdict pools every precision: its own paragraph, its pool named
         pooled = ", ".join(sorted(tables.replica_sweep["precision"].unique()))
-        answer += f" The sweep's verdict, its medians and maxima pooled over {pooled}: {verdict}"
+        part = f"The sweep's own verdict, every median and maximum pooled over {pooled}: {verdict}\n\n" + part
     return part, answer
 
 

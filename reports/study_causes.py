@@ -82,7 +82,10 @@ def causes_section(tables: StudyTables, sites: pd.DataFrame, clamps: pd.DataFram
             "reproduces it, and the command that tells it apart on a user's own run. None of them is excluded for "
             "the seed's own GPU run by a CPU study at this size: the study shows which of them the seed's design "
             "triggers here.\n\n" + markdown_table(table))
-    answer = (f"Not reproduced here, so still open for the seed's run: {len(remaining)} candidates (see the table); "
+    excluded = [c.candidate for c in found if not c.applicable]
+    answer = (f"Not reproduced here, so still open for the seed's run: {len(remaining)} of the {len(found)} candidates "
+              "in the table" + (f" ({'; '.join(excluded)}: ruled out by the study's setup)" if excluded else "") + "; "
               "`geodiag watch` on the user's run names the first non-finite op, line and phase, and its replay "
               "separates maths from precision from scaler.")
-    return Section("Which causes of the seed's NaN remain, and how to tell them apart", body, numbered=True), answer
+    return (Section("Which causes of the seed's NaN remain, and how to tell them apart", answer + "\n\n" + body,
+                    numbered=True), answer)

@@ -20,12 +20,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures, seed
+from . import figures, seed, study_figures, study_screen
 from .html import Figure, RenderedReport, Section, write_report
+from .readme_block import README_BLOCK, readme_block
+from .schema import write_text
+from .screens import first_screen
 from .study_answers import (datasets_section, nonfinite_section, replica_sweep_section, seed_statistics_section,
                             shares_section)
-from .study_causes import causes_section
-from .study_tables import StudyTables, sqrt_clamp_rows, sqrt_sites, user_sites
+from .study_causes import causes, causes_section
+from .study_tables import (StudyTables, nonfinite_per_precision, sqrt_clamp_rows, sqrt_sites, switch_on_checkpoint,
+                           user_runs, user_sites)
 from .tables import markdown_table
 
 
@@ -72,28 +76,52 @@ def _links(tables: StudyTables) -> list[str]:
     return links
 
 
+def _first_screen(directory: Path, tables: StudyTables, sites: pd.DataFrame, clamps: pd.DataFrame,
+                  numbers: dict[str, int], remaining: int) -> Section:
+    """The answers with their evidence (``numbers``: question key -> its section's number), then the key figure."""
+    analysed = sorted(sites["precision"].unique()) if not sites.empty else []
+    bad = int(nonfinite_per_precision(sites)[["forward", "backward"]].to_numpy().sum()) if analysed else 0
+    replica_sweep = f"§{numbers['sweep']}, `replica_sweep/report.md`"
+    answers = [study_screen.reproduced(tables, bad, ", ".join(analysed) or "no precision", f"§{numbers['nan']}"),
+               study_screen.precisions(tables, f"§{numbers['nan']}, `loss_precisions.csv`"),
+               study_screen.clamp_change(tables, replica_sweep), study_screen.rule_pick(tables, replica_sweep),
+               study_screen.prior_effect(tables, clamps, f"§{numbers['shares']}, §{numbers['s']}"),
+               study_screen.next_run(remaining, f"§{numbers['causes']}")]
+    switch_on = {run["run"]: switch_on_checkpoint(run) for run in user_runs(tables.study)}
+    path = study_figures.shares_below_clamps(tables.small_s, switch_on, directory / "figures" / "s_below_clamps.png")
+    return first_screen([answer for answer in answers if answer is not None], Figure(
+        path, "The replica's s = gx² + gy² (raw Sobel, the seed's units) against the seed's clamps: share of pixels "
+              "below 1e-4 and 1e-2, median over cases (bars: range), untrained (dotted) and at the switch-on "
+              "(solid); stars: the seed's reported shares at its switch-on. A pixel below a clamp gets zero "
+              "gradient from that sqrt."))
+
+
 def render(directory: str | Path, title: str = "geodiag study") -> RenderedReport:
-    """Write DIR/report.md and DIR/report.html (and DIR/figures/training.png) from the study's tables."""
+    """Write DIR/report.md and DIR/report.html (and DIR/figures/*.png) from the study's tables."""
     directory = Path(directory)
     tables = StudyTables.read(directory)
     sites = user_sites(tables.analyses, tables.study)
     clamps = sqrt_clamp_rows(sites, tables.study)
 
     curves = figures.training_curves(tables.runs, directory / "figures" / "training.png")
-    answered = [nonfinite_section(tables, sites), shares_section(tables.gradients, clamps),
-                seed_statistics_section(tables.small_s, tables.study),
-                replica_sweep_section(tables, sqrt_sites(tables.study))]
+    answered = {"nan": nonfinite_section(tables, sites), "shares": shares_section(tables.gradients, clamps),
+                "s": seed_statistics_section(tables.small_s, tables.study),
+                "sweep": replica_sweep_section(tables, sqrt_sites(tables.study))}
     compared = datasets_section(tables, clamps)
     if compared is not None:
-        answered.append(compared)
-    answered.append(causes_section(tables, sites, clamps))
-    summary = "\n".join(f"{i}. {answer}" for i, (_, answer) in enumerate(answered, start=1))
+        answered["datasets"] = compared
+    answered["causes"] = causes_section(tables, sites, clamps)
+    numbers = {key: number for number, key in enumerate(answered, start=1)}
+    remaining = sum(cause.applicable for cause in causes(tables, sites, clamps))
     setup = setup_section(tables.study, tables.runs)
     setup = Section(setup.title, setup.body, figures=(Figure(
         curves, "Per run: the epoch mean of the training loss (Dice+CE plus the geometric terms once on); dashed: "
                 "the switch-on epoch; a gap is a non-finite epoch."),))
-    sections = [Section("Answers", summary), setup] + [section for section, _ in answered]
+    sections = [_first_screen(directory, tables, sites, clamps, numbers, remaining), setup]
+    sections += [section for section, _ in answered.values()]
     sections.append(Section("Details", "\n".join(_links(tables)) or "No analysis or sweep was run."))
     data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "term_gradients.csv", "loss_precisions.csv",
                                           "study.json")]
-    return write_report(directory, title, sections, data=data)
+    rendered = write_report(directory, title, sections, data=data)
+    block = write_text(directory / README_BLOCK, readme_block(directory))
+    return RenderedReport(rendered.markdown, rendered.html, rendered.figures, [*rendered.data, block])

@@ -18,6 +18,7 @@ from .html import Figure, RenderedReport, Section, write_report
 from .loss_findings import sweep_findings
 from .recommendation import VERDICT_TITLE, Recommendation, RecommendationRule, headline_table, recommend
 from .schema import SWEEP_COLUMNS, SWEEP_HIST_COLUMNS, ReportInputError, read_json, write_json
+from .screens import Answer, first_screen, hidden_answers, sweep_answers
 from .tables import format_eps, markdown_table, read_optional_table, read_table, setting_label, write_table
 
 TITLE = "geodiag clamp sweep"
@@ -58,8 +59,8 @@ def _headline_for_display(candidates: pd.DataFrame) -> pd.DataFrame:
         "median abs bias A (%)": 100 * candidates["median_abs_bias_aspect"],
         "max grad_max": candidates["max_grad_max"],
         "max sqrt_deriv_max": candidates["max_sqrt_deriv_max"],
-        "frac_below_eps (median)": candidates["median_frac_below_eps"],
-        "frac_zero_grad (median)": candidates["median_frac_zero_grad"],
+        "pixels below eps (median, %)": 100 * candidates["median_frac_below_eps"],
+        "pixels with zero gradient (median, %)": 100 * candidates["median_frac_zero_grad"],
         "non-finite": candidates["nonfinite"],
         "non-finite in": candidates["nonfinite_precisions"].replace("", "–"),
         "eligible": candidates["eligible"],
@@ -129,6 +130,16 @@ def _per_dataset_text(sweep: pd.DataFrame, rule: RecommendationRule) -> str:
     return "\n".join(lines)
 
 
+_TRADEOFF_CAPTION = ("Each line is a stabiliser through its eps values: x = median |compactness bias| (%), y = max "
+                     "|dL/dlogit|; red x: non-finite values somewhere; star: recommended.")
+
+
+def _dropped_note(rec: Recommendation) -> str:
+    dropped = figures.unplottable_on_log(rec.candidates["median_abs_bias_compactness"]) + \
+        figures.unplottable_on_log(rec.candidates["max_grad_max"])
+    return f" {dropped} value(s) zero or non-finite, not drawn on the log axes." if dropped else ""
+
+
 def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, rec: Recommendation) -> list[Section]:
     out = directory / "figures"
     sections = []
@@ -139,25 +150,30 @@ def _figures(directory: Path, sweep: pd.DataFrame, hist: pd.DataFrame | None, re
             path, "Distribution of grad_mag_squared per checkpoint: x = log10 of the bins' edges, y = fraction of the "
                   "checkpoint's binned pixels per bin (exact zeros are not in the bins); dashed: log10 of the swept "
                   "eps values. A clamp passes zero gradient to every pixel left of its line.")]))
-    dropped = figures.unplottable_on_log(rec.candidates["median_abs_bias_compactness"]) + \
-        figures.unplottable_on_log(rec.candidates["max_grad_max"])
-    path = figures.bias_gradient_tradeoff(rec.candidates, rec.recommended_setting, out / "bias_vs_gradient.png")
-    note = f" {dropped} value(s) zero or non-finite, not drawn on the log axes." if dropped else ""
-    sections.append(Section("Bias vs gradient", figures=[Figure(
-        path, "Each line is a stabiliser through its eps values: x = median |compactness bias|, y = max |dL/dlogit|; "
-              "red x: non-finite values somewhere; star: recommended." + note)]))
     fraction_eps = [e for e in SEED_EPS if np.isclose(sweep["eps"], e).any()] or eps_values
     by_epoch = headline_table(sweep, by=("dataset", "epoch"))
-    path = figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png")
-    sections.append(Section("Over epochs", figures=[Figure(
-        path, f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/{seed.UNITS_FACTOR:g} of the "
-              f"seed's) below eps {', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one "
-              "line style per dataset.")]))
+    if by_epoch["epoch"].nunique() >= 2:  # one epoch is a column of dots, not an evolution
+        sections.append(Section("Over epochs", figures=[Figure(
+            figures.epoch_evolution(by_epoch, fraction_eps, out / "epochs.png"),
+            f"Left: median fraction of pixels with grad_mag_squared (normalised s, 1/{seed.UNITS_FACTOR:g} of the "
+            f"seed's) below eps {', '.join(map(format_eps, fraction_eps))}; right: max |dL/dlogit| per setting; one "
+            "line style per dataset.")]))
     if sweep["dataset"].nunique() >= 2:
         path = figures.dataset_comparison(headline_table(sweep, by=("dataset",)), out / "datasets.png")
         sections.append(Section("Datasets compared", figures=[Figure(
-            path, "Per setting and dataset: median |compactness bias| (left) and max |dL/dlogit| (right).")]))
+            path, "Per setting and dataset: median |compactness bias| in % (left) and max |dL/dlogit| (right).")]))
     return sections
+
+
+def first_screen_answers(rec: Recommendation, sweep: pd.DataFrame) -> list[Answer]:
+    """The first screen's answers; a check of its own appends its line to this list."""
+    return sweep_answers(rec, sweep, VERDICT_TITLE)
+
+
+def _key_figure(directory: Path, rec: Recommendation) -> Figure:
+    path = figures.bias_gradient_tradeoff(rec.candidates, rec.recommended_setting,
+                                          directory / "figures" / "bias_vs_gradient.png")
+    return Figure(path, _TRADEOFF_CAPTION + _dropped_note(rec))
 
 
 def render(directory: str | Path, rule: RecommendationRule = RecommendationRule()) -> RenderedReport:
@@ -172,6 +188,8 @@ def render(directory: str | Path, rule: RecommendationRule = RecommendationRule(
     tables = write_table(rec.candidates, directory / "headline.csv")
     summary = write_json(directory / "summary.json", {**rec.summary(), "coverage": facts, **loss_facts})
     sections = [
+        first_screen(first_screen_answers(rec, sweep) + hidden_answers(findings, VERDICT_TITLE),
+                     _key_figure(directory, rec)),
         Section(VERDICT_TITLE, "\n\n".join([*findings, rec.clamp_1e2.sentence] + ["\n".join(
             f"- {s}" for s in rec.seed_comparison)]), tone=_TONES[rec.clamp_1e2.status]),
         Section("Recommended setting", _recommendation_text(rec)),

@@ -3,6 +3,7 @@ loss read through --loss) beside geodiag's production trainer, measured at the s
 report that answers from its own tables."""
 import json
 import math
+import re
 
 from geodiag.diagnostics.study.demo import run_demo
 from geodiag.reports import tables
@@ -13,7 +14,10 @@ def test_demo_puts_the_replica_beside_production_and_answers_from_its_tables(tmp
     report = run_demo(tmp_path, num_images=8, image_size=64, log=log.append)
     text = report.read_text()
     html = report.with_suffix(".html").read_text()
-    assert "## Answers" in text and "data:image/png;base64," in html
+    assert "data:image/png;base64," in html
+    # the first screen: the answers with their numbers and scope within the first 12 lines
+    top = "\n".join(text.splitlines()[:12])
+    assert "## In one minute" in top and "**Was the NaN reproduced?**" in top and "[the replica, 1 run;" in top
     runs = tables.read_table(tmp_path / "runs.csv")
     assert set(runs.run) == {"502-ReplicaV23", "502-Production"}
     assert set(runs.code) == {"user (--loss)", "geodiag"}
@@ -31,10 +35,15 @@ def test_demo_puts_the_replica_beside_production_and_answers_from_its_tables(tmp
                      "502-Production": {"dice_ce", "compactness", "aspect"}}
     sums = gradients.groupby(["run", "batch"])["share_of_step"].sum()
     assert (abs(sums - 1) < 1e-6).all()
-    # the report's answer on each term's role is the median share of the table
+    # the report's role of each term is the median share of the table
     median = gradients[(gradients.run == "502-ReplicaV23") & (gradients.term == "boundary")].share_of_step.median()
-    assert f"boundary {'inert' if abs(median) < 0.01 else 'dominant' if median > 0.5 else 'contributes'} " \
-           f"({tables.format_number(median)})" in text
+    role = "inert" if abs(median) < 0.01 else "dominant" if median > 0.5 else "contributes"
+    assert re.search(rf"^\| 502-ReplicaV23 \| boundary \|[^\n]* \| {re.escape(tables.format_number(median))} \|"
+                     rf"[^\n]* \| {role} \|$", text, flags=re.M)
+    # and the first screen's prior answer names the largest median share of the replica's geometric terms
+    replica = gradients[(gradients.run == "502-ReplicaV23") & (gradients.term != "dice_ce")]
+    medians = replica.groupby("term").share_of_step.median()
+    assert f"(largest {tables.format_number(medians[medians.abs().idxmax()])}, {medians.abs().idxmax()} on " in top
     # a second run reuses everything it can
     log.clear()
     run_demo(tmp_path, num_images=8, image_size=64, log=log.append)

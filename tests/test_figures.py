@@ -96,6 +96,29 @@ def test_tensor_histogram_bars_sit_at_log10_of_their_bins_on_one_axis(tmp_path, 
     assert "log10" in histogram_axes[-1].get_xlabel()
 
 
+def test_a_kind_not_recorded_leaves_no_empty_panel(tmp_path, saved_figures):
+    histograms, tensors = _histogram_tables()
+    only_grad = histograms.assign(tensor="network.parameters", kind="grad").iloc[:1]
+    figures.tensor_histograms(pd.concat([histograms, only_grad]), tensors, "fp32", tmp_path / "h.png")
+    [figure] = saved_figures
+    texts = [text.get_text() for ax in figure.axes for text in ax.texts]
+    assert not any("not recorded" in text for text in texts)
+    titles = [ax.get_title(loc="left") for ax in figure.axes if ax.axison]
+    assert "network.parameters · grad" in titles and "network.parameters · value" not in titles
+
+
+def test_the_dataset_comparison_names_its_y_axes_with_their_units(tmp_path, saved_figures):
+    by_dataset = pd.DataFrame([dict(dataset=d, stabilizer="clamp", eps=e, median_abs_bias_compactness=b,
+                                    max_grad_max=g) for d in (501, 502) for e, b, g in ((1e-4, 0.5, 1e-3),
+                                                                                        (1e-2, 2.0, 1e-2))])
+    figures.dataset_comparison(by_dataset, tmp_path / "d.png")
+    [figure] = saved_figures
+    left, right = figure.axes
+    assert left.get_ylabel() == "median |compactness bias| (%)" and right.get_ylabel() == "max |dL/dlogit|"
+    heights = sorted(bar.get_height() for bar in _bars(left))
+    assert heights == pytest.approx([50, 50, 200, 200])  # percent, as the report's text and tables give biases
+
+
 def test_per_image_scalars_are_visible_bars(tmp_path, saved_figures):
     histograms, tensors = _histogram_tables()
     figures.tensor_histograms(histograms, tensors, "fp32", tmp_path / "h.png")
@@ -175,7 +198,11 @@ def test_eps_fractions_draw_one_named_line_per_tensor_and_precision(tmp_path, sa
     for (precision, tensor), group in fractions.groupby(["precision", "tensor"]):
         [line] = [l for l in solid if tensor in l.get_label() and precision in l.get_label()]
         np.testing.assert_allclose(line.get_xdata(), group["eps"])
-        np.testing.assert_allclose(line.get_ydata(), group["fraction_below"])
+        np.testing.assert_allclose(line.get_ydata(), 100 * group["fraction_below"])  # percent, as the text
+    # precisions that agree stay visible: no two lines of a panel share both marker and width
+    for ax in figure.axes:
+        drawn = [(line.get_marker(), line.get_linewidth()) for line in ax.lines if line.get_linestyle() == "-"]
+        assert len(set(drawn)) == len(drawn)
 
 
 def test_eps_bullets_name_the_tensor_each_fraction_is_of(tmp_path):
@@ -259,3 +286,15 @@ def test_wide_tables_never_widen_the_page_in_a_real_browser(tmp_path, width):
     assert layout["tables"] and all({"auto", "scroll"} & set(t["overflow"]) for t in layout["tables"])
     if width >= 1300:  # wide enough: every column of every table is on screen, none behind a scrollbar
         assert [t["hidden"] for t in layout["tables"]] == [0] * len(layout["tables"])
+
+
+def test_a_clamp_histogram_gives_the_share_held_at_its_bound_in_each_panel(tmp_path, saved_figures):
+    """|input| drops signs: most elements of a clamp can sit at its bound while the bars sit far from it."""
+    from geodiag.reports.sites_report import site_histogram
+
+    bins = pd.DataFrame([dict(precision=p, **{"pass": "patches"}, site="loss.py:7", op="clamp", bin_low=1.0,
+                              bin_high=10 ** 0.25, count=4) for p in ("fp32", "bf16")])
+    site_histogram(bins, "loss.py:7", "clamp", [[1e-6, None]], {("bf16", "patches"): 0.875}, tmp_path / "s.png")
+    [figure] = saved_figures
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["fp32, patches", "bf16, patches: 87.5% at the bound"]

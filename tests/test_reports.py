@@ -141,6 +141,14 @@ def test_markdown_subset_becomes_escaped_html_with_tables_and_lists():
     assert "<th>x</th>" in page and "<td>a|b</td>" in page
 
 
+def test_a_numbered_list_is_an_ordered_list_with_one_item_per_entry_and_a_table_is_a_table():
+    page = markdown_to_html("Intro.\n\n1. first answer\n2. second answer\n3. third\n\n| a | b |\n|---|---|\n| 1 | 2 |")
+    ordered = re.search(r"<ol>(.*?)</ol>", page, flags=re.S)
+    assert ordered is not None, page
+    assert re.findall(r"<li>(.*?)</li>", ordered.group(1)) == ["first answer", "second answer", "third"]
+    assert "<table>" in page and page.count("<td>") == 2 and "<p>Intro.</p>" in page
+
+
 def test_sweep_report_writes_markdown_self_contained_html_and_png_figures(sweep_dir):
     markdown = (sweep_dir / "report.md").read_text()
     assert "clamp 1e-2 on normalised s (not the seed's V2.4" in markdown and "is not justified" in markdown
@@ -188,7 +196,9 @@ def test_sweep_report_rejects_a_table_without_rows_or_with_text_in_numbers(tmp_p
 def test_analysis_report_leads_with_the_verdict_and_reports_headroom_and_provenance(analysis_dir):
     markdown = (analysis_dir / "report.md").read_text()
     sections = re.findall(r"^## (.+)$", markdown, flags=re.M)
-    assert sections[0] == "Verdict"
+    assert sections[:2] == ["In one minute", "Verdict"]  # the answers, the verdict first among them, then its section
+    first_answer = markdown.split("## In one minute\n\n")[1].splitlines()[0]
+    assert first_answer.startswith("- **Is this checkpoint healthy?** ") and "4 NaN in dL/dlogits (fp16)" in first_answer
     assert "4 NaN in dL/dlogits (fp16)" in markdown
     assert "1 decades of headroom. That is less than the 1 decade" in markdown   # 0.999... < 1: flagged
     assert "`compactness.sqrt_output` grad (fp16): 4 NaN" in markdown

@@ -86,19 +86,27 @@ def _section(markdown: str, title: str) -> str:
 def test_the_answers_are_computed_from_the_tables(tmp_path):
     write_study(tmp_path)
     markdown = study_report.render(tmp_path, "study").markdown.read_text()
-    answers = _section(markdown, "## Answers")
+    nonfinite = _section(markdown, "Does the seed's design produce a non-finite value?")
     # Q1: no non-finite value; the largest |dL/dlogit| of the replica's terms (batch 1: 2e-4) and its largest
-    # gradient norm before clipping (502's epoch 2: 5 + 2)
-    assert "No: the seed's design produced no non-finite value in 24 watched training steps" in answers
-    assert "at most 0.0002 to a logit" in answers and "peaked at 7." in answers
+    # gradient norm before clipping (502's epoch 2: 5 + 2, after the switch-on at epoch 1; before it: 5 at epoch 0)
+    assert "No: the seed's design produced no non-finite value in 24 watched training steps" in nonfinite
+    assert "at most 0.0002 to a logit" in nonfinite
+    assert "peaked at 7 after the switch-on (epochs 1–2) and at 5 before it (epochs 0–0)" in nonfinite
     # Q2: medians over the two batches: 0.0004 * 1.1 = 0.00044 inert; 0.3 * 1.1 = 0.33 contributes
-    assert "502-ReplicaV23: compactness inert (0.00044), aspect inert (-0.00066), boundary contributes (0.33)" in answers
-    assert "502-Production: compactness dominant (0.99)" in answers
+    shares = _share_rows(markdown)
+    assert shares[("502-ReplicaV23", "compactness")][:2] == ("0.00044", "inert")
+    assert shares[("502-ReplicaV23", "aspect")][:2] == ("-0.00066", "inert")
+    assert shares[("502-ReplicaV23", "boundary")][:2] == ("0.33", "contributes")
+    assert shares[("502-Production", "compactness")][:2] == ("0.99", "dominant")
+    # the single batches' range beside each median (batch 1 is x1.2), and why the medians do not add up
+    assert shares[("502-ReplicaV23", "boundary")][2] == "0.3 to 0.36"
+    assert "the medians need not sum to 1" in _section(markdown, "each term contribute")
     # Q3: medians over three cases (x1.1): 0.25 * 1.1 = 27.5% below 1e-2, within a factor of 2 of the seed's
-    assert "checkpoint_epoch_0001.pth: 0.22% below 1e-4, 27.5% below 1e-2 (the seed's regime)" in answers
-    assert "5.5% below 1e-2 (5.15x below the seed's)" in answers
+    statistics = _section(markdown, "in its units")
+    assert "checkpoint_epoch_0001.pth: 0.22% below 1e-4, 27.5% below 1e-2 (the seed's regime)" in statistics
+    assert "5.5% below 1e-2 (5.15x below the seed's)" in statistics
     assert ("The seed's 28.3% lies inside the measured range, between 501-ReplicaV23 checkpoint_epoch_0001.pth "
-            "(5.5%) and 502-Production checkpoint_epoch_0001.pth (66%).") in answers
+            "(5.5%) and 502-Production checkpoint_epoch_0001.pth (66%).") in statistics
     # Q5: the at-bound share of the sqrt clamps (fp32 rows only) and the compactness share differ by >= 1.5x
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
     assert "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
@@ -107,6 +115,19 @@ def test_the_answers_are_computed_from_the_tables(tmp_path):
     assert "\n- V2.3: " in datasets  # the version is the run record's seed_version
     numbered = re.findall(r"^## (\d+)\. ", markdown, flags=re.M)
     assert numbered == [str(n) for n in range(1, len(numbered) + 1)] and len(numbered) == 6
+
+
+def _share_rows(markdown: str) -> dict[tuple[str, str], tuple[str, ...]]:
+    """The shares table of the report: (run, term) -> (median share, role, range)."""
+    section = _section(markdown, "each term contribute")
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        if "term" in cells and "share" in cells:
+            rows[(cells["run"], cells["term"])] = (cells["share"], cells["role"], cells.get("share, range", ""))
+    return rows
 
 
 def _rename(directory: Path, names: dict[str, str]) -> None:
@@ -128,9 +149,10 @@ def test_run_kinds_are_the_records_fields_not_the_names(tmp_path):
     _rename(tmp_path, {"501-ReplicaV23": "alpha", "502-ReplicaV23": "beta", "502-Production": "gamma",
                        "nnUNetTrainerSeedReplicaV23": "TrainerOne", "nnUNetTrainerGeometric": "TrainerTwo"})
     markdown = study_report.render(tmp_path, "study").markdown.read_text()
-    [answer] = [line for line in _section(markdown, "## Answers").splitlines() if line.startswith("3. ")]
-    assert answer.startswith("3. alpha (switch-on epoch 1): ") and "; beta (switch-on epoch 1): " in answer
-    assert "gamma (switch-on" not in answer  # geodiag's run: in the section's table, not in the replica's answer
+    statistics = _section(markdown, "in its units")
+    assert "\n- alpha (switch-on epoch 1): " in statistics and "\n- beta (switch-on epoch 1): " in statistics
+    [prior] = [line for line in _section(markdown, "## In one minute").splitlines() if "Is the prior doing" in line]
+    assert "gamma" not in prior and "beta" in prior  # geodiag's run: in the sections' tables, not the replica's answer
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
     assert "\n- V2.3: " in datasets and "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
 
@@ -150,9 +172,11 @@ def test_a_first_nonfinite_step_is_named_with_its_line_phase_and_replay(tmp_path
         "iteration": 9, "epoch": 1, "phase": "backward", "op": "sqrt", "site": "nnUNetTrainerSeedReplica.py:48",
         "dtype": "float32", "replay": {"classification": "maths", "reaches_parameter_gradients": True}})
     markdown = study_report.render(tmp_path, "study").markdown.read_text()
-    [answer] = [line for line in _section(markdown, "## Answers").splitlines() if line.startswith("1. ")]
-    assert answer.startswith("1. Yes: 502-ReplicaV23 at iteration 9 (backward sqrt at nnUNetTrainerSeedReplica.py:48, "
+    answer = _section(markdown, "Does the seed's design produce a non-finite value?").strip()
+    assert answer.startswith("Yes: 502-ReplicaV23 at iteration 9 (backward sqrt at nnUNetTrainerSeedReplica.py:48, "
                              "float32, maths, reaches the weights' gradients: True)")
+    [first] = [line for line in _section(markdown, "## In one minute").splitlines() if "NaN reproduced" in line]
+    assert "Yes: 502-ReplicaV23 at iteration 9 (backward sqrt at nnUNetTrainerSeedReplica.py:48, float32)" in first
 
 
 def test_shares_section_words_follow_the_printed_thresholds():
@@ -182,9 +206,10 @@ def test_clamp_answer_reads_the_replica_sweep_at_1e4_and_1e2(tmp_path):
     pd.DataFrame(rows).to_csv(folder / "site_sweep.csv", index=False)
     (folder / "summary.json").write_text(json.dumps({"verdict_clamp_1e-2": {"sentence": "VERDICT SENTENCE."}}))
     markdown = study_report.render(tmp_path, "study").markdown.read_text()
-    [answer] = [line for line in _section(markdown, "## Answers").splitlines() if line.startswith("4. ")]
+    paragraphs = _section(markdown, "justified for the seed's design?").strip().split("\n\n")
     # medians over 2 runs x 3 cases of |bias| (x1, x2, x3): 2%*2 = 4% at 1e-2, 0.2% at 1e-4; maxima of grad_max x3
-    assert answer == ("4. For the seed's design (fp32): clamp 1e-2 biases the loss by a median 4% (1e-4: 0.2%), holds "
-                      "at its bound (zero gradient) the median share 40% compactness clamp (1e-4: 1%), 0% aspect "
-                      "clamp (1e-4: 0%), and sends at most 0.006 to a logit (1e-4: 0.003). The sweep's verdict, its "
-                      "medians and maxima pooled over fp16, fp32: VERDICT SENTENCE.")
+    assert paragraphs[0] == ("For the seed's design (fp32): clamp 1e-2 biases the loss by a median 4% (1e-4: 0.2%), "
+                             "holds at its bound (zero gradient) the median share 40% compactness clamp (1e-4: 1%), 0% "
+                             "aspect clamp (1e-4: 0%), and sends at most 0.006 to a logit (1e-4: 0.003).")
+    # one pool per paragraph: the sweep's own verdict pools its precisions, and says so in a paragraph of its own
+    assert paragraphs[1] == "The sweep's own verdict, every median and maximum pooled over fp16, fp32: VERDICT SENTENCE."

@@ -1,0 +1,129 @@
+"""The first 12 lines of every report kind carry its verdict with numbers and units. Each report is rendered from a
+copy of the committed reference's tables; the numbers expected are recomputed here from those CSVs with pandas,
+independently of the renderers' aggregation."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from geodiag.reports import analysis_report, site_sweep_report, study_report, sweep_report
+
+REFERENCE = Path(__file__).resolve().parents[1] / "reports" / "reference"
+FIRST_SCREEN = 12
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("screens") / "reference"
+    shutil.copytree(REFERENCE, copy, ignore=shutil.ignore_patterns("*.png", "report.md", "report.html"))
+    return copy
+
+
+def _top(path: Path) -> str:
+    return "\n".join(path.read_text().splitlines()[:FIRST_SCREEN])
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.3g}%"
+
+
+def test_the_study_opens_with_the_nan_question_the_clamp_verdict_and_the_prior(tables):
+    top = _top(study_report.render(tables).markdown)
+    runs = pd.read_csv(tables / "runs.csv")
+    replica = runs[runs["code"].str.startswith("user")]
+    assert f"No: 0 non-finite of {int(replica['watched_steps'].sum())} watched training steps" in top
+    assert "256²" in top and "cpu" in top and "steps/run" in top  # its scope: size, device, steps
+    sweep = pd.read_csv(tables / "replica_sweep" / "site_sweep.csv")
+    fp32 = sweep[sweep["precision"] == "fp32"]
+    bias = {eps: fp32.loc[np.isclose(fp32["eps"], eps), "bias_loss"].abs().median() for eps in (1e-4, 1e-2)}
+    assert f"median |loss bias| {_percent(bias[1e-4])} → {_percent(bias[1e-2])}" in top and "fp32 rows only" in top
+    shares = pd.read_csv(tables / "term_gradients.csv")
+    geometric = shares[shares["run"].isin(replica["run"]) & (shares["term"] != "dice_ce")]
+    assert geometric.groupby(["run", "term"])["share_of_step"].median().abs().max() < 0.01
+    assert "**Is the prior doing anything?** No:" in top
+    assert "![" in top  # the figure follows the answers on the first screen
+
+
+def test_the_sweep_opens_with_its_verdict_pooled_and_named(tables):
+    top = _top(sweep_report.render(tables / "sweep").markdown)
+    rows = pd.read_csv(tables / "sweep" / "sweep.csv")
+    at = rows[np.isclose(rows["eps"], 1e-2)]
+    assert "Not justified" in top
+    assert f"its median |compactness bias| is {_percent(at['bias_compactness'].abs().median())}" in top
+    assert f"max |dL/dlogit| {at['grad_max'].max():.3g}" in top and "pooled over bf16, fp16, fp32" in top
+
+
+def test_the_site_sweep_opens_with_its_verdict_and_each_site_apart(tables):
+    top = _top(site_sweep_report.render(tables / "replica_sweep").markdown)
+    rows = pd.read_csv(tables / "replica_sweep" / "site_sweep.csv")
+    fp32 = rows[(rows["precision"] == "fp32") & np.isclose(rows["eps"], 1e-2)]
+    pooled_bias = rows.loc[np.isclose(rows["eps"], 1e-2), "bias_loss"].abs().median()
+    assert "Not justified" in top and f"its median |loss bias| is {_percent(pooled_bias)}" in top
+    for site in ("nnUNetTrainerSeedReplica.py:52", "nnUNetTrainerSeedReplica.py:74"):
+        share = fp32[f"at_bound_fraction[{site}]"].median()
+        assert f"{site}: " in top and f"{_percent(share)} at 1e-2" in top
+    assert "the smallest swept eps, by construction" in top
+
+
+@pytest.mark.parametrize("run", ["501-ReplicaV23", "502-Production"])
+def test_the_analysis_opens_with_health_and_headroom(tables, run):
+    top = _top(analysis_report.render(tables / "analysis" / run).markdown)
+    assert "**Is this checkpoint healthy?** Healthy:" in top and "decades of headroom" in top
+    assert "256×256 patches" in top and "cpu" in top
+
+
+# ---------------------------------------------------------------------------------- contradictions (issue 23)
+def test_each_maximum_of_the_step_norm_names_its_window(tables):
+    text = study_report.render(tables).markdown.read_text()
+    runs = pd.read_csv(tables / "runs.csv")
+    replica = runs[runs["code"].str.startswith("user")]
+    active = replica["geometric_active"].astype(str).str.lower() == "true"
+    after, before = replica.loc[active, "grad_norm_max"].max(), replica.loc[~active, "grad_norm_max"].max()
+    assert f"peaked at {after:.3g} after the switch-on" in text and f"at {before:.3g} before it" in text
+
+
+def test_the_causes_count_matches_the_rows_of_its_table(tables):
+    text = study_report.render(tables).markdown.read_text()
+    section = text.split("Which causes of the seed's NaN remain")[1]
+    rows = [line for line in section.split("\n\n| candidate")[1].splitlines()[2:] if line.startswith("|")]
+    assert f"of the {len(rows)} candidates in the table" in section
+
+
+def test_one_pool_per_paragraph_in_the_clamp_answer(tables):
+    text = study_report.render(tables).markdown.read_text()
+    section = text.split("Is clamp 1e-2 justified for the seed's design?")[1].split("\n## ")[0]
+    for paragraph in section.split("\n\n"):
+        assert not ("(fp32)" in paragraph and "pooled" in paragraph), paragraph
+
+
+def test_the_site_sweep_never_pools_sites_nor_prints_missing_numbers(tables):
+    text = site_sweep_report.render(tables / "replica_sweep").markdown.read_text()
+    rows = pd.read_csv(tables / "replica_sweep" / "site_sweep.csv")
+    assert "n/a" not in text
+    pooled = rows.groupby("eps")["frac_below_eps"].median()  # the mean of the two sites' shares, per row
+    for eps in (1e-4, 1e-2):
+        assert _percent(pooled[eps]) not in text
+
+
+def test_the_fp16_zero_gradients_are_counted_and_explained_as_underflow(tables):
+    folder = tables / "analysis" / "501-Production"
+    top = _top(analysis_report.render(folder).markdown)
+    grads = pd.read_csv(folder / "tensors.csv").query("tensor == 'logits' and kind == 'grad'").set_index("precision")
+    half, single = grads.loc["fp16"], grads.loc["fp32"]
+    # fp32's exact zeros plus its values below fp16's smallest subnormal (2**-24) are fp16's zeros, to 1%
+    assert abs(single["zero"] + single["fp16_underflow"] - half["zero"]) < 0.01 * half["count"]
+    assert f"{int(half['zero']):,} of {int(half['count']):,}" in top and f"vs {int(single['zero']):,} in fp32" in top
+    assert "underflow to zero" in top and f"({2.0 ** -24:.3g})" in top
+
+
+def test_shares_of_pixels_are_percent_in_the_sweep_table_as_in_its_text(tables):
+    text = sweep_report.render(tables / "sweep").markdown.read_text()
+    rows = pd.read_csv(tables / "sweep" / "sweep.csv")
+    zero = 100 * rows.loc[np.isclose(rows["eps"], 1e-2), "frac_zero_grad"].median()
+    [row] = [line for line in text.splitlines() if line.startswith("| clamp 1e-2 |")]
+    assert f" {zero:.3g} |" in row and "pixels with zero gradient (median, %)" in text
+    assert f"{zero:.3g}% at clamp 1e-2" in text  # the verdict's sentence, same number, same unit
