@@ -62,7 +62,9 @@ def test_the_site_sweep_opens_with_its_verdict_and_each_site_apart(tables):
     rows = pd.read_csv(tables / "replica_sweep" / "site_sweep.csv")
     fp32 = rows[(rows["precision"] == "fp32") & np.isclose(rows["eps"], 1e-2)]
     pooled_bias = rows.loc[np.isclose(rows["eps"], 1e-2), "bias_loss"].abs().median()
-    assert "Not justified" in top and f"its median |loss bias| is {_percent(pooled_bias)}" in top
+    # the verdict is on the user's own bound (these committed rows predate its recording: not measured, and why)
+    assert "**Is your bound justified?** Not measured:" in top
+    assert f"→ {_percent(pooled_bias)}; non-finite values" in top  # what 1e-4 -> 1e-2 changes, pooled as said
     for site in ("nnUNetTrainerSeedReplica.py:52", "nnUNetTrainerSeedReplica.py:74"):
         share = fp32[f"at_bound_fraction[{site}]"].median()
         assert f"{site}: " in top and f"{_percent(share)} at 1e-2" in top
