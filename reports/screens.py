@@ -76,8 +76,11 @@ def rule_pick_sentence(summary: dict, rows: pd.DataFrame) -> str:
 
 def sweep_scope(rows: pd.DataFrame) -> str:
     """The pool every number of a sweep's first screen covers: datasets, checkpoints, cases, precisions."""
-    return scope(f"datasets {', '.join(str(d) for d in dict.fromkeys(rows['dataset']))}",
-                 f"{rows['checkpoint'].nunique()} checkpoints", f"{rows['case'].nunique()} cases, whole images",
+    columns = set(rows.columns)  # rows written by another geodiag may lack a column: its part is left out
+    return scope(f"datasets {', '.join(str(d) for d in dict.fromkeys(rows['dataset']))}" if "dataset" in columns
+                 else None,
+                 f"{rows['checkpoint'].nunique()} checkpoints" if "checkpoint" in columns else None,
+                 f"{rows['case'].nunique()} cases, whole images" if "case" in columns else None,
                  f"pooled over {', '.join(sorted(rows['precision'].unique()))}")
 
 
