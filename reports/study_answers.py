@@ -122,7 +122,8 @@ def _evidence(tables: StudyTables, sites: pd.DataFrame, first: list[dict]) -> tu
                  f"{seed.CLIP_NORM}; watch's per-step rows), and over the switch-on batches the largest |dL/dlogit| "
                  "each term sends to the full-resolution logits and the largest norm of what it sends to the "
                  "network's weights:\n\n" + markdown_table(bounds)
-                 + (spread_table(bounds.set_index("run")[STEP_NORM_AFTER], tables.study, STEP_NORM_AFTER) if len(bounds) else ""))
+                 + (spread_table(bounds.set_index("run")[STEP_NORM_AFTER], tables.study, STEP_NORM_AFTER)
+                    if len(bounds) else ""))
     replica_bad = int(bad_steps.reindex(users).fillna(0).sum()) + len(
         bad_gradients[bad_gradients["run"].isin(users)]) + analysed_bad
     return lines, replica_bad
@@ -142,8 +143,8 @@ def nonfinite_section(tables: StudyTables, sites: pd.DataFrame) -> tuple[Section
         answer = (f"No: the seed's design produced no non-finite value in {watched} "
                   f"watched training steps, its switch-on batches or its analysed precisions ({analysed}); its "
                   f"terms sent at most {format_number(largest)} to a logit and the step's norm before clipping "
-                  f"peaked at {_replica_peak(runs, users, tables.study)}." + (f" Its loss cannot run in {'; '.join(raised)}." if raised
-                                                         else ""))
+                  f"peaked at {_replica_peak(runs, users, tables.study)}."
+                  + (f" Its loss cannot run in {'; '.join(raised)}." if raised else ""))
     else:
         where = [r for r in first if r["run"] in users]
         reach = "reaches the weights' gradients"

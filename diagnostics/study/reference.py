@@ -33,8 +33,8 @@ TITLE = (f"geodiag reference study: the seed's design (replica {', '.join(v.name
 RUNS = seeded(tuple(RunSpec(dataset, trainer, epochs=EPOCHS, iterations=ITERATIONS, warmup=WARMUP, user=user)
                     for dataset in (501, 502) for trainer, user in TRAINERS), SEEDS)
 # What the budget (under 60 minutes on 2 shared cores) cut, relative to the single-seed reference before it.
-REDUCTIONS = (f"images of {IMAGE_SIZE}² instead of 256², {ITERATIONS} iterations per epoch instead of 20 and {EPOCHS} "
-              f"epochs instead of {WARMUP + 2} (the switch-on epoch is the last; the largest step norm after it "
+REDUCTIONS = (f"images of {IMAGE_SIZE}² instead of 256², {ITERATIONS} iterations per epoch instead of 20 and "
+              f"{EPOCHS} epochs instead of {WARMUP + 2} (the switch-on epoch is the last; the largest step norm after it "
               f"covers that epoch only), to train {len(SEEDS)} seeds of every configuration",
               f"analysis, clamp sweep and replica sweep on seed {', '.join(map(str, ANALYSED_SEEDS))}'s runs only")
 # What is committed: Markdown, PNG figures and tables; never checkpoints, data or per-case files, and not the HTML

@@ -87,5 +87,6 @@ def train(study: Study) -> None:
             watch = run_watched(args, WatchOptions(every=study.watch_every), progress=print)
         torch.set_num_threads(threads)  # nnU-Net's entry point sets it for -device cpu
         study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations under geodiag watch, seed "
-                  f"{study.run_seed(run)}, geometric term from epoch {run.warmup}, in {time.perf_counter() - start:.0f} s"
+                  f"{study.run_seed(run)}, geometric term from epoch {run.warmup}, "
+                  f"in {time.perf_counter() - start:.0f} s"
                   + (f"; STOPPED: {watch.stopped}" if watch.stopped else ""))
