@@ -3,12 +3,14 @@ contributes at the switch-on, where the seed's shares of small s sit among the m
 is justified for the seed's design, and what differs between the datasets. Question 6 is ``study_causes``.
 
 Each function returns its section and the one-paragraph answer the report's summary lists; the numbers come from
-``study_tables``, the seed's own from ``seed``, and the thresholds behind the words are printed beside them.
+``study_tables``, the seed's own from ``seed``, and the thresholds behind the words are printed beside them. A
+configuration run with several seeds states each number as its median and range over seeds, and a verdict that
+differs between seeds as seed-dependent, never as a finding.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -16,9 +18,10 @@ from . import seed
 from .html import Section
 from .recommendation import VERDICT_KEY
 from .schema import DOMINANT_SHARE, INERT_SHARE
-from .study_tables import (StudyTables, below_median_column, clamp_at_bound,
+from .study_tables import (STEP_NORM_AFTER, StudyTables, below_median_column, clamp_at_bound,
                            dataset_table, gradient_bounds, headline_rows, nonfinite_per_precision, replica_sweep_table,
-                           rows_at, seed_unit_shares, term_shares, user_run_names, user_runs)
+                           over_seeds, rows_at, run_configurations, run_seeds, seed_unit_shares, term_shares,
+                           user_run_names, user_runs)
 from .tables import format_eps, format_number, format_percent, markdown_table, setting_label
 
 # A share of pixels below a clamp within this factor of the seed's is "the seed's regime".
@@ -35,6 +38,44 @@ def raising(precisions: Optional[pd.DataFrame]) -> list[str]:
     total = precisions["run"].nunique()
     return [f"{precision} at {site} ({error}) in {len(frame)} of {total} user runs"
             for (precision, site, error), frame in failed.groupby(["precision", "site", "error"], sort=False)]
+
+
+# -------------------------------------------------------------------------------------------------- seeds
+SEED_DEPENDENT = "seed-dependent"
+
+
+def spread(values: pd.Series, form: Callable[[float], str] = format_number) -> str:
+    """One seed's number as is; several seeds' as "median M, L – H over N seeds"."""
+    values = values.dropna()
+    if len(values) <= 1:
+        return form(values.iloc[0]) if len(values) else "–"
+    return f"median {form(values.median())}, {form(values.min())} – {form(values.max())} over {len(values)} seeds"
+
+
+def verdict_over_seeds(verdicts: pd.Series) -> str:
+    """The verdict every seed gave, else "seed-dependent (V1 in n1, V2 in n2 of N seeds)"."""
+    counts = verdicts.value_counts(sort=False)
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return (f"{SEED_DEPENDENT} (" + ", ".join(f"{verdict} in {count}" for verdict, count in counts.items())
+            + f" of {len(verdicts)} seeds)")
+
+
+def spread_table(per_run: pd.Series, study: dict, name: str) -> str:
+    """A Markdown table of ``name`` per configuration over its seeds (median, range, seeds); empty without seeds."""
+    table = over_seeds(per_run, study)
+    if table.empty or table["seeds"].max() < 2:
+        return ""
+    return (f"\n\nOver seeds, per configuration: {name}.\n\n"
+            + markdown_table(table.rename(columns={"median": f"{name} (median)"})))
+
+
+def _replica_peak(user: pd.DataFrame, study: dict, active: bool) -> str:
+    """The user runs' largest step norm before clipping in the epochs with the geometric term on (``active``) or
+    off: per seed (the largest over its runs), spread over seeds."""
+    window = user[user["geometric_active"].astype(bool) == active]
+    per_seed = window.groupby(window["run"].map(run_seeds(study)).fillna(-1), sort=True)["grad_norm_max"].max()
+    return spread(per_seed)
 
 
 # ---------------------------------------------------------------------------------------------- question 1
@@ -77,10 +118,13 @@ def _evidence(tables: StudyTables, sites: pd.DataFrame, first: list[dict]) -> tu
                      "and whole images), non-finite elements produced per precision (`masked_calls`: calls whose "
                      "non-finite output the loss hid from its final value):\n\n" + markdown_table(per))
         analysed_bad = int(per["forward"].sum() + per["backward"].sum())
+    bounds = gradient_bounds(runs, gradients)
     lines.append("What bounds it: per run, the largest gradient norm clip_grad_norm_ returned (before clipping to "
                  f"{seed.CLIP_NORM}; watch's per-step rows), and over the switch-on batches the largest |dL/dlogit| "
                  "each term sends to the full-resolution logits and the largest norm of what it sends to the "
-                 "network's weights:\n\n" + markdown_table(gradient_bounds(runs, gradients)))
+                 "network's weights:\n\n" + markdown_table(bounds)
+                 + (spread_table(bounds.set_index("run")[STEP_NORM_AFTER], tables.study, STEP_NORM_AFTER)
+                    if len(bounds) else ""))
     replica_bad = int(bad_steps.reindex(users).fillna(0).sum()) + len(
         bad_gradients[bad_gradients["run"].isin(users)]) + analysed_bad
     return lines, replica_bad
@@ -102,15 +146,13 @@ def nonfinite_section(tables: StudyTables, sites: pd.DataFrame) -> tuple[Section
         user = gradients[gradients["run"].isin(users)]
         largest = user["max_abs_grad_logits"].max() if len(user) else math.nan
         mine = runs[runs["run"].isin(users)]
-        after = mine.loc[mine["geometric_active"].astype(bool), "grad_norm_max"].max()
-        before = mine.loc[~mine["geometric_active"].astype(bool)]
         watched = int(runs.groupby("run", sort=False)["watched_steps"].sum().reindex(users).sum())
         analysed = ", ".join(sorted(sites["precision"].unique())) if not sites.empty else "none"
         answer = (f"No: the seed's design produced no non-finite value in {watched} "
                   f"watched training steps, its switch-on batches or its analysed precisions ({analysed}); its "
                   f"terms sent at most {format_number(largest)} to a logit at the switch-on; the step's norm before "
-                  f"clipping peaked at {format_number(after)} after the switch-on (epochs "
-                  f"{_epochs(mine, True)}) and at {format_number(before['grad_norm_max'].max())} before it (epochs "
+                  f"clipping peaked at {_replica_peak(mine, tables.study, True)} after the switch-on (epochs "
+                  f"{_epochs(mine, True)}) and at {_replica_peak(mine, tables.study, False)} before it (epochs "
                   f"{_epochs(mine, False)})." + (f" Its loss cannot run in {'; '.join(raised)}." if raised
                                                          else ""))
     else:
@@ -125,13 +167,40 @@ def nonfinite_section(tables: StudyTables, sites: pd.DataFrame) -> tuple[Section
 
 
 # ---------------------------------------------------------------------------------------------- question 2
-def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Section, str]:
-    """Q2: each term's share of the step's gradient at the switch-on, inert or dominant, and why."""
+def _share_sentences(table: pd.DataFrame, study: Optional[dict]) -> list[str]:
+    """Per configuration, each geometric term's role and median share (over its seeds, when it has several)."""
+    configurations = run_configurations(study) if study else {}
+    geometric = table[table["term"] != "dice_ce"]
+    geometric = geometric.assign(configuration=geometric["run"].map(lambda run: configurations.get(run, run)))
+    return [f"{configuration}: " + ", ".join(f"{term} {verdict_over_seeds(terms['role'])} ({spread(terms['share'])})"
+                                             for term, terms in frame.groupby("term", sort=False))
+            for configuration, frame in geometric.groupby("configuration", sort=False)]
+
+
+def _share_spread(table: pd.DataFrame, study: Optional[dict]) -> str:
+    """A Markdown table: per configuration and term, its share's median and range over seeds and the verdict they
+    give; empty when no configuration has several seeds."""
+    if not study:
+        return ""
+    frame = table.assign(configuration=table["run"].map(run_configurations(study)))
+    spread_rows = frame.groupby(["configuration", "term"], sort=False).agg(
+        seeds=("share", "count"), share_median=("share", "median"), share_low=("share", "min"),
+        share_high=("share", "max"), role=("role", verdict_over_seeds)).reset_index()
+    if spread_rows["seeds"].max() < 2:
+        return ""
+    return "\n\nOver seeds, per configuration (each seed's share is its median over batches):\n\n" + markdown_table(
+        spread_rows)
+
+
+def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame,
+                   study: Optional[dict] = None) -> tuple[Section, str]:
+    """Q2: each term's share of the step's gradient at the switch-on, inert or dominant, and why; with ``study``,
+    per configuration over its seeds."""
     table = term_shares(gradients)
-    spread = gradients.groupby(["run", "term"], sort=False)["share_of_step"].agg(["min", "max"])
+    batches = gradients.groupby(["run", "term"], sort=False)["share_of_step"].agg(["min", "max"])
     shown = table.copy()
     shown.insert(shown.columns.get_loc("share") + 1, "share, range", [
-        f"{format_number(spread.loc[(r.run, r.term), 'min'])} to {format_number(spread.loc[(r.run, r.term), 'max'])}"
+        f"{format_number(batches.loc[(r.run, r.term), 'min'])} to {format_number(batches.loc[(r.run, r.term), 'max'])}"
         for r in table.itertuples()])
     body = ("On training batches of each run's switch-on checkpoint (nnU-Net's own data loader), the gradient each "
             "term sends to the network, as a share of the step's gradient g: <g_term, g>/|g|², a fraction of 1. "
@@ -139,12 +208,8 @@ def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame) -> tuple[Secti
             "so the medians need not sum to 1, and `share, range` gives the single batches' smallest and largest "
             f"(a term inert by its median may exceed {INERT_SHARE:g} on one batch). \"Inert\": |median share| < "
             f"{INERT_SHARE:g}; \"dominant\": median share > {DOMINANT_SHARE:g}. `value`: the weighted term; "
-            "`norm_ratio`: |g_term|/|g|.\n\n" + markdown_table(shown))
-    sentences = []
-    for run, frame in table.groupby("run", sort=False):
-        geometric = frame[frame["term"] != "dice_ce"]
-        words = ", ".join(f"{t.term} {t.role} ({format_number(t.share)})" for t in geometric.itertuples())
-        sentences.append(f"{run}: {words}")
+            "`norm_ratio`: |g_term|/|g|.\n\n" + markdown_table(shown) + _share_spread(table, study))
+    sentences = _share_sentences(table, study)
     if not clamps.empty:
         body += ("\n\nWhy, the clamps: share of the elements each sqrt clamp of the replica held at its bound in fp32 "
                  "(they pass zero gradient), from the analysis' sites table:\n\n"
@@ -175,6 +240,25 @@ def _regime(share: float) -> str:
     return f"{format_number(ratio if ratio > 1 else 1 / ratio)}x {'above' if ratio > 1 else 'below'} the seed's"
 
 
+def _regime_side(share: float) -> str:
+    """The verdict behind ``_regime`` without its factor: the seed's regime, above or below it."""
+    words = _regime(share)
+    return words if words == "the seed's regime" else words.split("x ", 1)[1]
+
+
+def _checkpoint_words(rows: pd.DataFrame) -> str:
+    """One checkpoint of a configuration (a row per seed): the shares below each version's eps and where V2.4's
+    sits against the seed's, seed-dependent when the seeds disagree."""
+    v24 = rows[below_median_column(seed.V24.eps)].dropna()
+    sides = v24.map(_regime_side)
+    if len(v24) <= 1 or sides.nunique() > 1:
+        where = verdict_over_seeds(sides) if len(v24) > 1 else _regime(v24.iloc[0]) if len(v24) else "–"
+    else:
+        where = f"{_regime(v24.median())} in every seed"
+    return ", ".join(f"{spread(rows[below_median_column(v.eps)], format_percent)} below {format_eps(v.eps)}"
+                     for v in seed.VERSIONS) + f" ({where})"
+
+
 def _range_sentence(table: pd.DataFrame) -> Optional[str]:
     """Where the seed's share below V2.4's eps lies among every measured run and checkpoint."""
     share = seed.BELOW_AT_SWITCH_ON[seed.V24.eps]
@@ -202,20 +286,19 @@ def seed_statistics_section(small_s: pd.DataFrame, study: dict) -> tuple[Section
             "checkpoint (epoch 0, uncertain) and its switch-on checkpoint; the seed reports "
             + ", ".join(f"{format_percent(v)} below {k:g}" for k, v in seed.BELOW_AT_SWITCH_ON.items())
             + f" at its switch-on ({seed.SWITCH_ON_IMAGES} images of {seed.IMAGE_SIZE}²).\n\n" + markdown_table(shown))
-    warmups = {r["run"]: r["warmup"] for r in study["runs"]}
-    per_run = {}
-    for run, frame in table.groupby("run", sort=False):
-        parts = [f"{row['checkpoint']}: " + ", ".join(f"{format_percent(row[below_median_column(v.eps)])} below "
-                                                       f"{format_eps(v.eps)}" for v in seed.VERSIONS)
-                 + f" ({_regime(row[below_median_column(seed.V24.eps)])})" for row in frame.to_dict("records")]
-        per_run[run] = f"{run} (switch-on epoch {warmups.get(run)}): " + "; ".join(parts)
+    configurations = run_configurations(study)
+    warmups = {configurations[r["run"]]: r["warmup"] for r in study["runs"]}
+    table = table.assign(configuration=table["run"].map(configurations))
+    per_run = {configuration: f"{configuration} (switch-on epoch {warmups.get(configuration)}): " + "; ".join(
+        f"{checkpoint}: {_checkpoint_words(rows)}" for checkpoint, rows in frame.groupby("checkpoint", sort=False))
+        for configuration, frame in table.groupby("configuration", sort=False)}
     regime = _range_sentence(table)
     sentences = list(per_run.values()) + ([regime] if regime else [])
     body += ("\n\n" + f"Words: within a factor of {REGIME_FACTOR:g} of the seed's "
              f"{format_percent(seed.BELOW_AT_SWITCH_ON[seed.V24.eps])} is \"the seed's regime\"."
              "\n\n" + "\n".join(f"- {s}" for s in sentences))
-    users = set(user_run_names(study))
-    replica = "; ".join(sentence for run, sentence in per_run.items() if run in users)
+    users = {configurations[run] for run in user_run_names(study)}
+    replica = "; ".join(sentence for configuration, sentence in per_run.items() if configuration in users)
     answer = replica + (f". {regime}" if regime else "")
     return Section(f"The seed's statistics ({_seed_statistics()}) in its units", body, numbered=True), answer
 

@@ -104,7 +104,7 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     clamps = sqrt_clamp_rows(sites, tables.study)
 
     curves = figures.training_curves(tables.runs, directory / "figures" / "training.png")
-    answered = {"nan": nonfinite_section(tables, sites), "shares": shares_section(tables.gradients, clamps),
+    answered = {"nan": nonfinite_section(tables, sites), "shares": shares_section(tables.gradients, clamps, tables.study),
                 "s": seed_statistics_section(tables.small_s, tables.study),
                 "sweep": replica_sweep_section(tables, sqrt_sites(tables.study))}
     compared = datasets_section(tables, clamps)

@@ -4,7 +4,8 @@ the per-dataset comparison. Numbers only; ``study_answers`` and ``study_causes``
 
 Run kinds are fields of the run records in study.json: ``code`` ("user" for the seed replica, geodiag's code
 otherwise), ``seed_version`` (the replica's version, see ``seed.VERSIONS``) and ``dataset``; a run's name is only
-a label.
+a label. A configuration (dataset and trainer) run with several seeds has one record per seed, with its
+``configuration`` and ``seed``; ``over_seeds`` aggregates a per-run number into its median and range over seeds.
 """
 from __future__ import annotations
 
@@ -84,6 +85,26 @@ def user_run_names(study: dict) -> list[str]:
     return [run["run"] for run in user_runs(study)]
 
 
+# ----------------------------------------------------------------------------------------------------- seeds
+def run_configurations(study: dict) -> dict[str, str]:
+    """run -> its configuration (a study written without seeds: the run itself)."""
+    return {run["run"]: run.get("configuration", run["run"]) for run in study["runs"]}
+
+
+def run_seeds(study: dict) -> dict[str, Optional[int]]:
+    """run -> the seed it trained with (None for a study written without seeds)."""
+    return {run["run"]: run.get("seed") for run in study["runs"]}
+
+
+def over_seeds(per_run: pd.Series, study: dict) -> pd.DataFrame:
+    """From one number per run (indexed by run): per configuration, the median, smallest and largest over its
+    seeds and how many seeds gave one."""
+    frame = pd.DataFrame({"configuration": per_run.index.map(run_configurations(study)),
+                          "value": per_run.to_numpy(dtype=float)}).dropna()
+    return frame.groupby("configuration", sort=False)["value"].agg(
+        median="median", low="min", high="max", seeds="count").reset_index()
+
+
 def switch_on_checkpoint(run: dict) -> str:
     """The file name of a run's first checkpoint trained with the geometric term."""
     return f"checkpoint_epoch_{run['warmup']:04d}.pth"
@@ -136,13 +157,16 @@ def nonfinite_per_precision(sites: pd.DataFrame) -> pd.DataFrame:
         masked_calls=("masked_calls", "sum")).reset_index()
 
 
+STEP_NORM_AFTER = "largest step norm before clipping, after switch-on"
+
+
 def gradient_bounds(runs: pd.DataFrame, gradients: pd.DataFrame) -> pd.DataFrame:
     """Per run: the largest step norm before clipping (after the switch-on, and over the run), and per term the
     largest |dL/dlogit| and network-gradient norm over the switch-on batches."""
     rows = []
     for run, frame in gradients.groupby("run", sort=False):
         after = runs[(runs["run"] == run) & runs["geometric_active"].astype(bool)]
-        row = {"run": run, "largest step norm before clipping, after switch-on": after["grad_norm_max"].max(),
+        row = {"run": run, STEP_NORM_AFTER: after["grad_norm_max"].max(),
                "largest, whole run": runs.loc[runs["run"] == run, "grad_norm_max"].max()}
         for term, values in frame.groupby("term", sort=False):
             row[f"{term}: max |dL/dlogit|"] = values["max_abs_grad_logits"].max()
@@ -209,9 +233,9 @@ def headline_rows(headline: pd.DataFrame, setting: tuple[str, float]) -> pd.Data
 
 
 def dataset_table(tables: StudyTables, clamps: pd.DataFrame) -> pd.DataFrame:
-    """Per replica run (its version and dataset): the median share of pixels below V2.4's eps at the switch-on,
-    the largest step norm after it, the non-finite steps, and per term the median share of the step, the largest
-    |dL/dlogit| and its sqrt clamp's at-bound share in fp32."""
+    """Per replica configuration (its version and dataset; the median over its seeds): the median share of pixels
+    below V2.4's eps at the switch-on, the largest step norm after it, the non-finite steps, and per term the median
+    share of the step, the largest |dL/dlogit| and its sqrt clamp's at-bound share in fp32."""
     rows = []
     for run in user_runs(tables.study):
         name = run["run"]
@@ -230,4 +254,5 @@ def dataset_table(tables: StudyTables, clamps: pd.DataFrame) -> pd.DataFrame:
             for term, frame in clamps[(clamps["run"] == name) & (clamps["precision"] == "fp32")].groupby("term"):
                 row[f"{term} sqrt clamp at bound"] = frame["at_bound_fraction"].max()
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["version", "dataset"])
+    # a configuration's seeds: their median (several seeds of one dataset are no difference between datasets)
+    return pd.DataFrame(rows).groupby(["version", "dataset"], sort=True).median().reset_index()

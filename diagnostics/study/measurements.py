@@ -1,6 +1,7 @@
 """What the study measures on its runs' checkpoints: the shares of small s, each term's gradient, the precisions
 a user's loss runs in; then geodiag's tools on them (analyze-checkpoint, clamp-sweep, the sweep of the user's own
-clamps), each writing its folder under the study's."""
+clamps), each writing its folder under the study's. The shares of small s and of the step are measured on every run;
+the analysis and the sweeps on ``Study.analysed_runs``."""
 from __future__ import annotations
 
 import contextlib
@@ -85,7 +86,7 @@ def term_gradients(study: Study) -> None:
             else:
                 terms = measured.geometric_loss_terms(
                     schema.read_json(study.fold_folder(run) / "geometric_settings.json"))
-            found = measured.measure(path, terms, study.term_batches, study.device, study.seed)
+            found = measured.measure(path, terms, study.term_batches, study.device, study.run_seed(run))
         rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in found]
         frame = pd.DataFrame(found)
         shares = frame.groupby("term", sort=False)["share_of_step"].median()
@@ -129,7 +130,7 @@ def analyze(study: Study) -> None:
     from ..tools.analyze import analyze_checkpoint
 
     summaries = {}
-    for run in study.runs:
+    for run in study.analysed_runs:
         path = switch_on_checkpoint(study, run)
         out = study.out / "analysis" / run.name
         study.log(f"  {run.name} {path.name}" + (f" --loss {run.user.loss}" if run.user else ""))
@@ -150,7 +151,7 @@ def sweep(study: Study) -> None:
     from ..tools.sweep import parse_settings, run_sweep
 
     specs = []
-    for run in study.runs:
+    for run in study.analysed_runs:
         if run.user is not None:
             continue
         for offset in study.sweep_epochs:
@@ -178,7 +179,7 @@ def replica_sweep(study: Study) -> None:
 
     from ..tools.site_sweep import run_site_sweep
 
-    users = [run for run in study.runs if run.user is not None]
+    users = [run for run in study.analysed_runs if run.user is not None]
     if not users:
         return
     specs = [f"{run.name}-e{run.warmup}={switch_on_checkpoint(study, run)}" for run in users]

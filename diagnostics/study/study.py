@@ -12,6 +12,7 @@ This module runs the steps in order; each lives in the module of its job: ``prep
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..tools.run_record import check_out
 from .definition import Study
 from .measurements import analyze, loss_precisions, replica_sweep, small_s, sweep, term_gradients
 from .preparation import make_data, plan
-from .summary import summarize
+from .summary import record_time, summarize
 from .training import train
 
 
@@ -38,15 +39,23 @@ STEPS = (Step("make-data", make_data), Step("plan", plan), Step("train", train),
 
 
 def run_study(study: Study, steps: tuple[Step, ...] = STEPS, report: Optional[Callable[[Study], Path]] = None) -> Path:
-    """Run the steps in order with progress lines; then the study's report. Returns the report's path."""
+    """Run the steps in order with progress lines, then the study's report; the whole wall time and the load
+    into study.json. Returns the report's path."""
     check_out(study.out).mkdir(parents=True, exist_ok=True)
     total = len(steps) + (report is not None)
+    began, loads, durations = time.perf_counter(), [os.getloadavg()[0]], {}
     for index, step in enumerate(steps, start=1):
         study.log(f"[{index}/{total}] {step.name}")
         start = time.perf_counter()
         step.run(study)
-        study.log(f"[{index}/{total}] {step.name} done in {time.perf_counter() - start:.1f} s")
+        durations[step.name] = time.perf_counter() - start
+        loads.append(os.getloadavg()[0])
+        study.log(f"[{index}/{total}] {step.name} done in {time.perf_counter() - start:.1f} s "
+                  f"(load average {loads[-1]:.2f})")
     if report is None:
+        record_time(study, time.perf_counter() - began, loads, durations)
         return study.out
     study.log(f"[{total}/{total}] report")
-    return report(study)
+    written = report(study)
+    record_time(study, time.perf_counter() - began, loads + [os.getloadavg()[0]], durations)
+    return written

@@ -1,9 +1,12 @@
 """What the training runs did: runs.csv (per run and epoch, nnU-Net's log and what watch recorded per step) and
-study.json (the study's settings and a description of each run)."""
+study.json (the study's settings, its seeds, a description of each run, and the wall time, load and machine of the
+invocation that ran it)."""
 from __future__ import annotations
 
 import glob
 import math
+import os
+import platform
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +46,8 @@ def _describe(study: Study, run: RunSpec, checkpoint) -> dict:
     configuration = checkpoint.configuration_manager
     folder = study.fold_folder(run)
     settings = folder / "geometric_settings.json"
-    described = {"run": run.name, "dataset": run.dataset_id, "trainer": run.trainer, "epochs": run.epochs,
+    described = {"run": run.name, "configuration": run.configuration, "seed": study.run_seed(run),
+                 "dataset": run.dataset_id, "trainer": run.trainer, "epochs": run.epochs,
                  "iterations": run.iterations, "warmup": run.warmup, "patch_size": list(configuration.patch_size),
                  "batch_size": int(configuration.batch_size), "watched": bool(watch_rows(folder).size)}
     if run.user is not None:
@@ -104,10 +108,38 @@ def summarize(study: Study) -> None:
     schema.write_json(study.out / "study.json", {
         "images": study.num_images, "image_size": study.image_size, "datasets": list(study.datasets),
         "cases": study.cases, "term_batches": study.term_batches, "precisions": list(study.precisions),
-        "sweep_eps": list(study.sweep_eps), "device": study.device, "runs": described})
+        "sweep_eps": list(study.sweep_eps), "device": study.device, "data_seed": study.seed,
+        "seeds": sorted({study.run_seed(run) for run in study.runs}),
+        "analysed_seeds": sorted({study.run_seed(run) for run in study.analysed_runs}),
+        "reductions": list(study.reductions), "runs": described})
     for name, runs in frame.groupby("run", sort=False):
         last = runs.iloc[-1]
         study.log(f"  {name}: {len(runs)} epochs, final train loss {last.train_loss:.4g}, pseudo Dice "
                   f"{last.pseudo_dice:.3f}, non-finite steps {int(runs.nonfinite_steps.fillna(0).sum())}, "
                   f"largest gradient norm before clipping {runs.grad_norm_max.max():.4g}")
     study.products["runs"] = frame
+
+
+def _machine() -> dict:
+    """What the wall time was measured on: the CPU's model and count, the platform, torch's threads."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+              if line.startswith("model name")]
+    return {"cpu": models[0] if models else platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+
+
+def record_time(study: Study, wall_s: float, loads: list[float], steps: dict[str, float]) -> None:
+    """study.json's ``timing``: the wall time of this invocation and of each step (a study that reused earlier
+    runs says so by its shorter times), the 1-minute load average sampled between steps, and the machine."""
+    path = study.out / "study.json"
+    if not path.is_file():
+        return
+    described = schema.read_json(path)
+    described["timing"] = {"wall_s": round(wall_s, 1), "load_min": round(min(loads), 2),
+                           "load_max": round(max(loads), 2),
+                           "steps_s": {name: round(seconds, 1) for name, seconds in steps.items()},
+                           "machine": _machine()}
+    schema.write_json(path, described)

@@ -1,14 +1,17 @@
 """The study's training runs: each through nnU-Net's own ``nnUNetv2_train`` entry point, in process, under
 ``geodiag watch``, with the study's schedule imposed on the trainer instance nnU-Net builds. A finished run (final
-checkpoint, or stopped by watch at a non-finite step) is reused."""
+checkpoint, or stopped by watch at a non-finite step) is reused. Each run starts from its seed (``seed_everything``):
+the same seed gives the same initialisation, patches, augmentation and batches, so the same numbers on the CPU."""
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from geodiag.losses.nnunet.patches import PatchHandle, patch
@@ -52,6 +55,14 @@ def _schedule(run: RunSpec, advance: Callable[[], None]) -> PatchHandle:
     return patch(entry, "get_trainer_from_args", scheduled)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a training run draws from: torch's (initialisation, torch-side augmentation), numpy's
+    (nnU-Net's data loader: cases, patch positions; augmentation) and Python's ``random``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train(study: Study) -> None:
     """Each run as ``geodiag watch -- nnUNetv2_train DATASET 2d_tiny 0 -tr TRAINER -device DEVICE``, in process;
     nnU-Net's and watch's console output goes to the fold's train.log, the progress to the console."""
@@ -70,10 +81,12 @@ def train(study: Study) -> None:
             with contextlib.redirect_stdout(console):
                 study.log(message)
 
-        with nnunet_environment(study), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
+        with nnunet_environment(study, run), open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log), \
                 counter(run.epochs, f"  {run.name}", "epoch", to_console) as advance, _schedule(run, advance):
+            seed_everything(study.run_seed(run))
             watch = run_watched(args, WatchOptions(every=study.watch_every), progress=print)
         torch.set_num_threads(threads)  # nnU-Net's entry point sets it for -device cpu
-        study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations under geodiag watch, geometric "
-                  f"term from epoch {run.warmup}, in {time.perf_counter() - start:.0f} s"
+        study.log(f"  {run.name}: {run.epochs} epochs of {run.iterations} iterations under geodiag watch, seed "
+                  f"{study.run_seed(run)}, geometric term from epoch {run.warmup}, "
+                  f"in {time.perf_counter() - start:.0f} s"
                   + (f"; STOPPED: {watch.stopped}" if watch.stopped else ""))
