@@ -29,7 +29,7 @@ from .study_answers import (datasets_section, nonfinite_section, replica_sweep_s
                             shares_section)
 from .study_causes import causes, causes_section
 from .study_tables import (StudyTables, nonfinite_per_precision, sqrt_clamp_rows, sqrt_sites, switch_on_checkpoint,
-                           user_runs, user_sites)
+                           timing_sentence, user_runs, user_sites)
 from .tables import markdown_table
 
 
@@ -63,7 +63,7 @@ def setup_section(study: dict, runs: pd.DataFrame) -> Section:
             "geodiag imports nothing from it."
             + (" The CUDA regime (the seed's own size, nnU-Net's default AMP path) needs a GPU and was not run."
                if study["device"] == "cpu" else "")
-            + "\n\n" + markdown_table(pd.DataFrame(rows)))
+            + timing_sentence(study) + "\n\n" + markdown_table(pd.DataFrame(rows)))
     return Section("What ran", body)
 
 

@@ -111,9 +111,11 @@ def prior_effect(tables: StudyTables, clamps: pd.DataFrame, section: str) -> Ans
     largest = medians.abs().idxmax()
     inert = bool((medians.abs() < INERT_SHARE).all())
     batches = gradients.groupby(["run", "term"])["batch"].count()
-    answer = (f"{'No' if inert else 'Yes'}: every geometric term's median share of the step's gradient is "
-              f"{'below' if inert else 'not always below'} {INERT_SHARE:g} in magnitude (largest "
-              f"{format_number(medians[largest])}, {largest[1]} on {largest[0]}; single batches "
+    carrying = int((medians.abs() >= INERT_SHARE).sum())
+    verdict = (f"No: every geometric term's median share of the step's gradient is below {INERT_SHARE:g} in magnitude"
+               if inert else f"In part: {carrying} of {len(medians)} term-runs have a median share of the step's "
+               f"gradient of at least {INERT_SHARE:g} in magnitude, the others are inert")
+    answer = (f"{verdict} (largest {format_number(medians[largest])}, {largest[1]} on {largest[0]}; single batches "
               f"{format_number(gradients['share_of_step'].min())} to {format_number(gradients['share_of_step'].max())}"
               f"; shares are fractions of 1) "
               + scope("the replica", f"{int(batches.max())} switch-on batches per run", "fp32") + ".")

@@ -256,3 +256,17 @@ def dataset_table(tables: StudyTables, clamps: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     # a configuration's seeds: their median (several seeds of one dataset are no difference between datasets)
     return pd.DataFrame(rows).groupby(["version", "dataset"], sort=True).median().reset_index()
+
+
+def timing_sentence(study: dict) -> str:
+    """The study's measured wall time, load and machine, when the study recorded them (study.json's timing)."""
+    timing = study.get("timing") or {}
+    if not timing.get("wall_s"):
+        return ""
+    minutes, seconds = divmod(round(timing["wall_s"]), 60)
+    machine = timing.get("machine") or {}
+    where = f"a {machine['cpus']}-core {machine['cpu']}" if machine.get("cpu") else ""
+    load = [timing[key] for key in ("load_min", "load_max") if timing.get(key) is not None]
+    return (f" `geodiag reference-report` ran {minutes} min {seconds} s" + (f" on {where}" if where else "")
+            + (f" under a load average of {min(load):g}–{max(load):g} (sampled between steps)" if load else "")
+            + ".")
