@@ -29,7 +29,7 @@ from .study_answers import (datasets_section, nonfinite_section, replica_sweep_s
                             shares_section)
 from .study_causes import causes, causes_section
 from .study_tables import (StudyTables, nonfinite_per_precision, sqrt_clamp_rows, sqrt_sites, switch_on_checkpoint,
-                           timing_sentence, user_runs, user_sites)
+                           seeds_sentence, timing_sentence, user_runs, user_sites)
 from .tables import markdown_table
 
 
@@ -63,7 +63,7 @@ def setup_section(study: dict, runs: pd.DataFrame) -> Section:
             "geodiag imports nothing from it."
             + (" The CUDA regime (the seed's own size, nnU-Net's default AMP path) needs a GPU and was not run."
                if study["device"] == "cpu" else "")
-            + timing_sentence(study) + "\n\n" + markdown_table(pd.DataFrame(rows)))
+            + seeds_sentence(study) + timing_sentence(study) + "\n\n" + markdown_table(pd.DataFrame(rows)))
     return Section("What ran", body)
 
 
@@ -104,7 +104,8 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     clamps = sqrt_clamp_rows(sites, tables.study)
 
     curves = figures.training_curves(tables.runs, directory / "figures" / "training.png")
-    answered = {"nan": nonfinite_section(tables, sites), "shares": shares_section(tables.gradients, clamps, tables.study),
+    answered = {"nan": nonfinite_section(tables, sites),
+                "shares": shares_section(tables.gradients, clamps, tables.study),
                 "s": seed_statistics_section(tables.small_s, tables.study),
                 "sweep": replica_sweep_section(tables, sqrt_sites(tables.study))}
     compared = datasets_section(tables, clamps)

@@ -16,8 +16,8 @@ from . import seed
 from .schema import INERT_SHARE
 from .screens import Answer, rule_pick_sentence, scope
 from .study_answers import raising
-from .study_tables import (StudyTables, replica_sweep_table, rows_at, sqrt_sites, switch_on_checkpoint, user_run_names,
-                           user_runs)
+from .study_tables import (StudyTables, analysed_seeds, replica_sweep_table, rows_at, sqrt_sites, switch_on_checkpoint,
+                           user_run_names, user_runs)
 from .tables import format_eps, format_number, format_percent, setting_label
 
 
@@ -90,7 +90,8 @@ def clamp_change(tables: StudyTables, section: str) -> Optional[Answer]:
               f"{format_number(low['max_grad_logits'])} → {format_number(high['max_grad_logits'])} (per logit, "
               f"loss units); {held} "
               + scope("the replica's own clamps swept at their lines", f"{sweep['checkpoint'].nunique()} checkpoints",
-                      f"{sweep['case'].nunique()} cases, whole images", tables.study["device"], "fp32 rows only")
+                      f"{sweep['case'].nunique()} cases, whole images", analysed_seeds(tables.study),
+                      tables.study["device"], "fp32 rows only")
               + ".")
     return Answer(f"Was {setting_label(*seed.V24.setting)} justified, and what does it change?", answer, section)
 

@@ -270,3 +270,23 @@ def timing_sentence(study: dict) -> str:
     return (f" `geodiag reference-report` ran {minutes} min {seconds} s" + (f" on {where}" if where else "")
             + (f" under a load average of {min(load):g}–{max(load):g} (sampled between steps)" if load else "")
             + ".")
+
+
+def analysed_seeds(study: dict) -> Optional[str]:
+    """"seed 0 only (of 3)" when the analysis and the sweeps measured fewer seeds than the training ran; else None."""
+    seeds, analysed = study.get("seeds") or [], study.get("analysed_seeds") or []
+    if len(seeds) > 1 and analysed and len(analysed) < len(seeds):
+        return f"seed {', '.join(map(str, analysed))} only (of {len(seeds)})"
+    return None
+
+
+def seeds_sentence(study: dict) -> str:
+    """Which seeds trained, which were analysed and swept, and what the study reduced to fit its time budget."""
+    seeds = study.get("seeds") or []
+    if len(seeds) < 2:
+        return ""
+    analysed = analysed_seeds(study)
+    reductions = study.get("reductions") or []
+    return (f" Every configuration trained from seeds {', '.join(map(str, seeds))}"
+            + (f"; the analysis and the sweeps measured {analysed}" if analysed else "") + "."
+            + (f" Reduced to fit the time budget: {'; '.join(reductions)}." if reductions else ""))

@@ -3,6 +3,7 @@ copy of the committed reference's tables; the numbers expected are recomputed he
 independently of the renderers' aggregation."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -31,20 +32,34 @@ def _percent(share: float) -> str:
     return f"{100 * share:.3g}%"
 
 
+def _study(tables: Path) -> dict:
+    return json.loads((tables / "study.json").read_text())
+
+
+def _seed0(tables: Path, name: str) -> Path:
+    """An analysis folder of the seed the analysis measured (the reference analyses seed 0's runs)."""
+    return tables / "analysis" / f"{name}-seed0"
+
+
 def test_the_study_opens_with_the_nan_question_the_clamp_verdict_and_the_prior(tables):
     top = _top(study_report.render(tables).markdown)
     runs = pd.read_csv(tables / "runs.csv")
     replica = runs[runs["code"].str.startswith("user")]
     assert f"No: 0 non-finite of {int(replica['watched_steps'].sum())} watched training steps" in top
-    assert "256²" in top and "cpu" in top and "steps/run" in top  # its scope: size, device, steps
+    size = _study(tables)["image_size"]
+    assert f"{size}²" in top and "cpu" in top and "steps/run" in top  # its scope: size, device, steps
     sweep = pd.read_csv(tables / "replica_sweep" / "site_sweep.csv")
     fp32 = sweep[sweep["precision"] == "fp32"]
     bias = {eps: fp32.loc[np.isclose(fp32["eps"], eps), "bias_loss"].abs().median() for eps in (1e-4, 1e-2)}
     assert f"median |loss bias| {_percent(bias[1e-4])} → {_percent(bias[1e-2])}" in top and "fp32 rows only" in top
     shares = pd.read_csv(tables / "term_gradients.csv")
     geometric = shares[shares["run"].isin(replica["run"]) & (shares["term"] != "dice_ce")]
-    assert geometric.groupby(["run", "term"])["share_of_step"].median().abs().max() < 0.01
-    assert "**Is the prior doing anything?** No:" in top
+    medians = geometric.groupby(["run", "term"])["share_of_step"].median().abs()
+    if medians.max() < 0.01:
+        assert "**Is the prior doing anything?** No:" in top
+    else:
+        carrying = int((medians >= 0.01).sum())
+        assert f"**Is the prior doing anything?** In part: {carrying} of {len(medians)} term-runs" in top
     assert "![" in top  # the figure follows the answers on the first screen
 
 
@@ -68,14 +83,15 @@ def test_the_site_sweep_opens_with_its_verdict_and_each_site_apart(tables):
     for site in ("nnUNetTrainerSeedReplica.py:52", "nnUNetTrainerSeedReplica.py:74"):
         share = fp32[f"at_bound_fraction[{site}]"].median()
         assert f"{site}: " in top and f"{_percent(share)} at 1e-2" in top
-    assert "the smallest swept eps, by construction" in top
+    assert "**Which eps does the sweep's rule pick, and why?**" in top or "**Which eps does the rule pick" in top
 
 
 @pytest.mark.parametrize("run", ["501-ReplicaV23", "502-Production"])
 def test_the_analysis_opens_with_health_and_headroom(tables, run):
-    top = _top(analysis_report.render(tables / "analysis" / run).markdown)
+    top = _top(analysis_report.render(_seed0(tables, run)).markdown)
     assert "**Is this checkpoint healthy?** Healthy:" in top and "decades of headroom" in top
-    assert "256×256 patches" in top and "cpu" in top
+    [patch] = {tuple(r["patch_size"]) for r in _study(tables)["runs"]}
+    assert f"{'×'.join(map(str, patch))} patches" in top and "cpu" in top
 
 
 # ---------------------------------------------------------------------------------- contradictions (issue 23)
@@ -83,9 +99,16 @@ def test_each_maximum_of_the_step_norm_names_its_window(tables):
     text = study_report.render(tables).markdown.read_text()
     runs = pd.read_csv(tables / "runs.csv")
     replica = runs[runs["code"].str.startswith("user")]
+    seeds = replica["run"].map({r["run"]: r["seed"] for r in _study(tables)["runs"]})
     active = replica["geometric_active"].astype(str).str.lower() == "true"
-    after, before = replica.loc[active, "grad_norm_max"].max(), replica.loc[~active, "grad_norm_max"].max()
-    assert f"peaked at {after:.3g} after the switch-on" in text and f"at {before:.3g} before it" in text
+
+    def over_seeds(window) -> str:  # per seed the largest over its runs, then median and range over the seeds
+        per_seed = replica[window].groupby(seeds[window])["grad_norm_max"].max()
+        return (f"median {per_seed.median():.3g}, {per_seed.min():.3g} – {per_seed.max():.3g} over "
+                f"{len(per_seed)} seeds")
+
+    assert f"peaked at {over_seeds(active)} after the switch-on" in text
+    assert f"at {over_seeds(~active)} before it" in text
 
 
 def test_the_causes_count_matches_the_rows_of_its_table(tables):
@@ -112,7 +135,7 @@ def test_the_site_sweep_never_pools_sites_nor_prints_missing_numbers(tables):
 
 
 def test_the_fp16_zero_gradients_are_counted_and_explained_as_underflow(tables):
-    folder = tables / "analysis" / "501-Production"
+    folder = _seed0(tables, "501-Production")
     top = _top(analysis_report.render(folder).markdown)
     grads = pd.read_csv(folder / "tensors.csv").query("tensor == 'logits' and kind == 'grad'").set_index("precision")
     half, single = grads.loc["fp16"], grads.loc["fp32"]
