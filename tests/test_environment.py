@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,21 @@ from geodiag.diagnostics.cli import main
 from geodiag.diagnostics.nnunet.environment import EXT_TRAINER_VAR, diagnose, ext_trainer_value, trainer_folders
 
 SHIM = Path(trainer_module.__file__).parent.parent / "nnunet_ext"  # losses/nnunet_ext
+USER_TRAINERS = Path(__file__).parent / "user_trainers"
+STALE_TRAINER = """
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+class nnUNetTrainerGeometric(nnUNetTrainer):
+    warmup_epochs = {warmup}
+    geometric_preset = "v2.4"
+"""
+
+
+def _stale_folder(tmp_path: Path, warmup: str = "5") -> Path:
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "old_geometric_trainer.py").write_text(STALE_TRAINER.format(warmup=warmup))
+    return stale
 
 
 def _env_lines(*args: str, env: dict | None = None) -> list[str]:
@@ -80,15 +94,7 @@ def test_doctor_is_ok_when_nnunet_resolves_geodiags_trainer():
 
 def test_doctor_names_a_stale_copy_that_shadows_ours(tmp_path, monkeypatch, capsys):
     """The seed's drift: an older nnUNetTrainerGeometric (warm-up 5, V2.4) found before geodiag's."""
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    (stale / "old_geometric_trainer.py").write_text(textwrap.dedent("""
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-        class nnUNetTrainerGeometric(nnUNetTrainer):
-            warmup_epochs = 5
-            geometric_preset = "v2.4"
-    """))
+    stale = _stale_folder(tmp_path)
     monkeypatch.setenv(EXT_TRAINER_VAR, os.pathsep.join([str(stale), ext_trainer_value()]))
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
@@ -124,23 +130,6 @@ for name in sys.argv[2:]:
                    "settings": {key: getattr(cls, key, None) for key in keys}}
 print("LOOKUP " + json.dumps(found))
 """
-USER_TRAINERS = Path(__file__).parent / "user_trainers"
-STALE_TRAINER = """
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-class nnUNetTrainerGeometric(nnUNetTrainer):
-    warmup_epochs = {warmup}
-    geometric_preset = "v2.4"
-"""
-
-
-def _stale_folder(tmp_path: Path, warmup: str = "5") -> Path:
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    (stale / "old_geometric_trainer.py").write_text(STALE_TRAINER.format(warmup=warmup))
-    return stale
-
-
 def test_the_source_reader_finds_the_class_and_settings_nnunets_own_lookup_finds(tmp_path):
     """A stale copy first, a researcher's folder, then geodiag's: nnU-Net's tree (a variant in a subpackage, the base
     class every module imports), the stale copy winning, geodiag's quick trainers (MonitoredQuick's warm-up 2 comes
