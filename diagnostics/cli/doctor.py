@@ -3,7 +3,6 @@ expected settings (not a stale copy)? For any other trainer nnU-Net resolves: wh
 from __future__ import annotations
 
 import argparse
-import os
 
 HELP = "check which trainer nnU-Net resolves for -tr NAME (geodiag's, not a stale copy) and whether watch wraps it"
 WATCH_WRAPS = ("geodiag watch can wrap it: geodiag watch -- nnUNetv2_train DATASET CONFIG FOLD -tr {name} "
@@ -15,7 +14,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..nnunet.environment import diagnose, resolve_trainer
+    from ..nnunet.environment import diagnose
 
     diagnosis = diagnose(args.trainer)
     width = max(len(key) for key in diagnosis.facts)
@@ -26,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         for note in diagnosis.problems:  # about geodiag's own trainers: not needed to train or watch this one
             if note != not_ours:
                 print(f"note: {note}")
-        return _foreign_trainer(args.trainer, resolve_trainer(args.trainer, os.environ))
+        return _foreign_trainer(args.trainer, diagnosis.resolution)
     if diagnosis.ok:
         print(f"ok: nnUNetv2_train -tr {args.trainer} uses geodiag's trainer")
         print(WATCH_WRAPS.format(name=args.trainer))

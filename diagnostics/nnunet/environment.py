@@ -2,8 +2,11 @@
 
 nnU-Net finds ``-tr NAME`` first inside its own package tree, then in each folder of ``nnUNet_extTrainer``
 (in order). The seed's drift came from exactly this: a stale copy of the trainer inside site-packages (warm-up 5
-instead of 20) silently won. ``diagnose`` asks nnU-Net's own lookup, in a fresh interpreter with the user's
-environment, which class ``nnUNetv2_train -tr NAME`` would get, and compares it with this geodiag's class.
+instead of 20) silently won. ``diagnose`` finds which class ``nnUNetv2_train -tr NAME`` would get, walking nnU-Net's
+folders in nnU-Net's order, and compares it with this geodiag's class. It reads their source
+(``trainer_source``): an environment check that imported every trainer module, as nnU-Net's lookup does, would
+take as long as starting a training run; where the source alone cannot say, nnU-Net's own lookup runs in a fresh
+interpreter with the user's environment.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from ..instruments.errors import ArgumentError, GeodiagError
+from .trainer_source import (NNUNET_BASE_CLASS, SourceUnclear, class_in_module, class_settings, find_trainer,
+                             subclasses_nnunet_trainer)
 
 EXT_TRAINER_VAR = "nnUNet_extTrainer"
 DEFAULT_TRAINER = "nnUNetTrainerGeometric"
@@ -112,9 +117,15 @@ def export_lines(root: Optional[str | Path] = None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- doctor
+# The module that holds geodiag's trainers, and the class-level settings doctor reads off a trainer class.
+OUR_TRAINERS = "geodiag.losses.nnunet.trainer"
+CLASS_SETTINGS = ("warmup_epochs", "geometric_preset", "compactness_weight", "aspect_weight", "geometric_reference")
+LOOKUP_FROM_SOURCE = "read from the source (no trainer module imported)"
+
 _RESOLVE_SCRIPT = r"""
 import importlib, inspect, json, sys
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from geodiag.diagnostics.nnunet.environment import CLASS_SETTINGS, OUR_TRAINERS, compared_settings
 
 # nnU-Net drops modules of nnUNet_extTrainer folders from sys.modules after the lookup: record their files.
 module_files = {}
@@ -126,21 +137,8 @@ def _recording_import(name, package=None):
 importlib.import_module = _recording_import
 
 def describe(cls):
-    settings = {}
-    for key in ("warmup_epochs", "geometric_preset", "compactness_weight", "aspect_weight", "geometric_reference"):
-        value = getattr(cls, key, None)
-        settings[key] = value if isinstance(value, (int, float, str, type(None))) else repr(value)
-    preset = settings["geometric_preset"]
-    if isinstance(preset, str):
-        try:
-            from geodiag.losses.presets import preset_kwargs
-            kwargs = preset_kwargs(preset)
-            settings["stabilizer"], settings["eps"] = kwargs["stabilizer"], kwargs["eps"]
-        except Exception:
-            settings["stabilizer"] = settings["eps"] = None
-    else:
-        settings["stabilizer"] = settings["eps"] = None
     file = module_files.get(cls.__module__) or inspect.getfile(cls)
+    settings = compared_settings({key: getattr(cls, key, None) for key in CLASS_SETTINGS})
     return {"module": cls.__module__, "file": file, "settings": settings}
 
 name = sys.argv[1]
@@ -149,7 +147,7 @@ try:
     result["resolved"] = describe(recursive_find_trainer_class_by_name(name))
 except Exception as exc:
     result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-import geodiag.losses.nnunet.trainer as ours
+ours = importlib.import_module(OUR_TRAINERS)
 result["ours"] = describe(getattr(ours, name)) if hasattr(ours, name) else None
 print("GEODIAG_RESOLVED " + json.dumps(result))
 """
@@ -157,10 +155,12 @@ print("GEODIAG_RESOLVED " + json.dumps(result))
 
 @dataclass
 class Diagnosis:
-    """What ``geodiag doctor`` found: facts to print, and problems (empty when all is well)."""
+    """What ``geodiag doctor`` found: facts to print, problems (empty when all is well), and the trainer lookup's
+    result (``resolve_trainer``)."""
 
     facts: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    resolution: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -174,8 +174,53 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+def compared_settings(values: Mapping[str, object]) -> dict:
+    """A trainer class's settings as doctor compares them: its class values (other than scalars, their repr), and
+    the stabiliser and eps of its preset (None for a preset geodiag does not know)."""
+    settings = {key: value if isinstance(value, (int, float, str, type(None))) else repr(value)
+                for key, value in values.items()}
+    settings["stabilizer"] = settings["eps"] = None
+    preset = settings.get("geometric_preset")
+    if isinstance(preset, str):
+        from geodiag.losses.presets import PRESETS  # torch: not at import (``geodiag env`` imports this module)
+
+        if preset in PRESETS:
+            settings["stabilizer"], settings["eps"] = PRESETS[preset]["stabilizer"], PRESETS[preset]["eps"]
+    return settings
+
+
 def resolve_trainer(trainer: str, env: Mapping[str, str]) -> dict:
-    """Run nnU-Net's trainer lookup in a fresh interpreter with ``env``; returns the resolved and our class."""
+    """Which class ``nnUNetv2_train -tr trainer`` gets under ``env`` (``resolved``, or an ``error``), and geodiag's
+    class of that name (``ours``, None if geodiag has none); ``lookup`` says how it was found.
+
+    Read from the source, no module imported; where the source alone cannot say, nnU-Net's own lookup runs in a
+    fresh interpreter with ``env`` (it imports every trainer module it passes).
+    """
+    try:
+        return _resolve_from_source(trainer, env)
+    except SourceUnclear as unclear:
+        result = _resolve_by_import(trainer, env)
+        result["lookup"] = f"nnU-Net's own, by importing (the source alone cannot say: {unclear})"
+        return result
+
+
+def _resolve_from_source(trainer: str, env: Mapping[str, str]) -> dict:
+    def described(cls, with_settings: bool) -> dict:
+        settings = compared_settings(class_settings(cls, CLASS_SETTINGS)) if with_settings else {}
+        return {"module": cls.module.name, "file": str(cls.module.file), "settings": settings}
+
+    ours = class_in_module(OUR_TRAINERS, trainer)
+    result = {"lookup": LOOKUP_FROM_SOURCE, "ours": None if ours is None else described(ours, True)}
+    found = find_trainer(trainer, env.get(EXT_TRAINER_VAR))
+    if found is not None and not subclasses_nnunet_trainer(found):
+        result["error"] = f"{trainer} in {found.module.file} does not subclass nnU-Net's {NNUNET_BASE_CLASS}"
+    elif found is not None:
+        result["resolved"] = described(found, ours is not None)
+    return result  # neither: nnU-Net finds no such class, which doctor reports
+
+
+def _resolve_by_import(trainer: str, env: Mapping[str, str]) -> dict:
+    """nnU-Net's trainer lookup run in a fresh interpreter with ``env``."""
     proc = subprocess.run([sys.executable, "-c", _RESOLVE_SCRIPT, trainer], env=dict(env),
                           capture_output=True, text=True, timeout=300)
     for line in reversed(proc.stdout.splitlines()):
@@ -208,7 +253,8 @@ def diagnose(trainer: str = DEFAULT_TRAINER, env: Optional[Mapping[str, str]] = 
             problems.append(f"{EXT_TRAINER_VAR} lacks geodiag's trainer folder(s) {os.pathsep.join(missing)}; "
                             'run eval "$(geodiag env)"')
 
-    result = resolve_trainer(trainer, env)
+    result = diagnosis.resolution = resolve_trainer(trainer, env)
+    facts["trainer lookup"] = result["lookup"]
     ours = result.get("ours")
     if ours is None:
         problems.append(f"geodiag has no trainer named {trainer}")
