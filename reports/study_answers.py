@@ -221,6 +221,8 @@ def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame,
                  f"1/{seed.UNITS_FACTOR:g} of the geometric compactness (a disk gives 1/{seed.UNITS_FACTOR:g}, "
                  "not 1) and the compactness term sits near 1 - 4πA/P² ≈ 1 whatever the shape; the weighted value "
                  "column shows it.")
+    body += "\n\nPer configuration, each term's role and its median share over seeds:\n\n" + "\n".join(
+        f"- {s}" for s in sentences)
     answer = "; ".join(sentences) + "."
     return Section("What does each term contribute at the switch-on?", body, numbered=True), answer
 

@@ -64,7 +64,7 @@ def test_the_users_sqrt_and_clamp_sites_are_named_at_their_lines(seed_analysis):
     # the figure's data: bars are the stored bins at log10 of their edges, the clamp's min at log10(1e-4)
     bins = read_table(out / sites_report.HISTOGRAMS_FILE, sites_report.SITE_HISTOGRAM_COLUMNS)
     site_bins = bins[bins.site.str.endswith(f"seed_style_loss.py:{line}") & (bins.op == "clamp")]
-    figure = sites_report.site_histogram.__wrapped__(site_bins, "s", "clamp", [[1e-4, None]])
+    figure = sites_report.site_histogram.__wrapped__(site_bins, "s", "clamp", [[1e-4, None]], {})
     for ax, (key, panel) in zip(figure.axes, site_bins.groupby(["precision", "pass"], sort=False)):
         heights = sorted(bar.get_height() for bar in ax.patches)
         assert heights == sorted(panel["count"].astype(float))

@@ -120,9 +120,11 @@ def test_a_clamp_holding_most_pixels_makes_the_loss_inert_and_the_first_screen_s
     ambiguous = np.abs(s - 1.0) < 1e-5
     assert abs(role["explained_by"]["at_bound_fraction"] - (s < 1.0).mean()) <= ambiguous.mean() + 1e-9
     assert role["explained_by"]["at_bound_fraction"] > 0.5
-    first_screen = analysis_report.render(out).markdown.read_text().split("## ")[1]  # the verdict section
-    assert "**healthy**" in first_screen
-    line = next(text for text in first_screen.splitlines() if text.startswith("**Gradient share:**"))
+    text = analysis_report.render(out).markdown.read_text()
+    first_screen, verdict = text.split("\n## ")[1], text.split("\n## Verdict")[1].split("\n## ")[0]
+    assert first_screen.startswith("In one minute") and "inert" in first_screen
+    assert "**healthy**" in verdict
+    line = next(text for text in verdict.splitlines() if text.startswith("**Gradient share:**"))
     assert "is **inert**" in line and f"the clamp at {site} holds" in line
     assert f"{100 * role['explained_by']['at_bound_fraction']:.3g}% of its elements at its bound" in line
 
