@@ -183,8 +183,7 @@ def _state_section(summary: dict) -> Section:
     return Section("Training state", text)
 
 
-# fp32's largest finite value, (2 - 2^-23) * 2^127: the limit of every tensor of a run trained without autocast.
-_FP32_MAX = (2.0 - 2.0 ** -23) * 2.0 ** 127
+_FP32_MAX = schema.FP32_MAX
 # nnU-Net's CUDA training: fp16 autocast with a GradScaler starting at its initial scale.
 _CUDA_REGIME = f"fp16 autocast, GradScaler starting at {GRAD_SCALER_INITIAL_SCALE:g}"
 

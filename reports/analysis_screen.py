@@ -4,11 +4,12 @@ cases, patch size, device, precisions) read from summary.json.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import pandas as pd
 
-from .schema import FP16_SMALLEST_SUBNORMAL, GRAD_SCALER_INITIAL_SCALE
+from .schema import FP16_MAX, FP16_SMALLEST_SUBNORMAL, FP32_MAX, GRAD_SCALER_INITIAL_SCALE
 from .screens import Answer, scope
 from .tables import format_number
 
@@ -35,10 +36,18 @@ def closest(summary: dict) -> Optional[Answer]:
     found = summary.get("closest_to_trouble") or {}
     if found.get("tensor") is None:
         return None
+    value, limit = found.get("value"), found.get("limit")
+    producer = (f"`{found['tensor']}` ({found.get('kind')}, {found.get('precision')}), {found.get('quantity')} = "
+                f"{format_number(value)} against {format_number(limit)}")
+    fp16_limit = limit is not None and (limit == FP16_MAX or math.isclose(limit, FP16_MAX / GRAD_SCALER_INITIAL_SCALE))
+    if (summary.get("state") or {}).get("grad_scaler_scale", math.nan) is None and fp16_limit and value:
+        return Answer("How close is it to a dtype's limit?", (  # no scaler: fp32 is the run's own limit
+            f"{format_number(math.log10(FP32_MAX / value), 2)} decades of headroom in the run's own fp32 (no "
+            f"GradScaler): `{found['tensor']}` ({found.get('kind')}), max {format_number(value)}; what-if under "
+            f"fp16 autocast with a GradScaler at {GRAD_SCALER_INITIAL_SCALE:g}: "
+            f"{format_number(found.get('headroom_decades'), 2)} decades ({producer})."), "Closest to trouble")
     return Answer("How close is it to a dtype's limit?", (
-        f"{format_number(found.get('headroom_decades'), 2)} decades of headroom: `{found['tensor']}` "
-        f"({found.get('kind')}, {found.get('precision')}), {found.get('quantity')} = "
-        f"{format_number(found.get('value'))} against {format_number(found.get('limit'))}."), "Closest to trouble")
+        f"{format_number(found.get('headroom_decades'), 2)} decades of headroom: {producer}."), "Closest to trouble")
 
 
 def loss_role(summary: dict) -> Optional[Answer]:

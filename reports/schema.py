@@ -78,6 +78,8 @@ BENCH_COLUMNS = ("benchmark", "subject", "baseline", "value", "unit", "target", 
 # scaled backward pass of nnU-Net's CUDA training. Quoted by the producer's checks and by the reports' figures and
 # rule; tests check them against torch.finfo and torch.amp.GradScaler.
 FP16_MAX = 65504.0
+# fp32's largest finite value, (2 - 2^-23) * 2^127: the limit of every tensor of a run trained without autocast.
+FP32_MAX = (2.0 - 2.0 ** -23) * 2.0 ** 127
 FP16_SMALLEST_SUBNORMAL = 2.0 ** -24
 GRAD_SCALER_INITIAL_SCALE = 65536.0
 
