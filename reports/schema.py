@@ -49,6 +49,11 @@ STUDY_RUN_FIELDS = ("run", "dataset", "trainer", "epochs", "iterations", "warmup
                     "watched", "code", "loss", "seed_version", "first_nonfinite")
 # DIR/switch_on_s.csv: per run, checkpoint, case, units ("seed" or "normalised") and threshold, the share below it.
 SWITCH_ON_S_COLUMNS = ("run", "dataset", "checkpoint", "case", "units", "eps", "fraction_below", "pixels")
+# DIR/s_distribution.csv: per run, checkpoint (``UNTRAINED``: nnU-Net's initialisation under the run's seed) and
+# units, the distribution of s over the measured cases' pixels: [lower, upper) bins, the exact zeros as lower = upper
+# = 0, the last bin's upper inf.
+S_DISTRIBUTION_COLUMNS = ("run", "dataset", "checkpoint", "units", "lower", "upper", "pixels")
+UNTRAINED = "untrained"  # the checkpoint column of both files for a run's architecture as nnU-Net initialises it
 # DIR/term_gradients.csv: per run's switch-on checkpoint, training batch and term (dice_ce or a geometric term,
 # weighted as trained): its value, max |d/dlogit| at full resolution, its network gradient norm, its share of the
 # step's gradient g (<g_term, g> / |g|^2, summing to 1 over terms) and |g_term| / |g|, |g| itself (what

@@ -87,12 +87,15 @@ def _first_screen(directory: Path, tables: StudyTables, sites: pd.DataFrame, cla
                study_screen.clamp_change(tables, replica_sweep), study_screen.rule_pick(tables, replica_sweep),
                study_screen.prior_effect(tables, clamps, f"§{numbers['shares']}, §{numbers['s']}"),
                study_screen.next_run(remaining, f"§{numbers['causes']}")]
-    switch_on = {run["run"]: switch_on_checkpoint(run) for run in user_runs(tables.study)}
-    path = study_figures.shares_below_clamps(tables.small_s, switch_on, directory / "figures" / "s_below_clamps.png")
+    runs = {run["run"]: (f"replica {run['seed_version']}", switch_on_checkpoint(run))
+            for run in user_runs(tables.study)}
+    path = study_figures.s_distribution(tables.s_distribution, runs, directory / "figures" / "s_distribution.png")
     return first_screen([answer for answer in answers if answer is not None], Figure(
-        path, "The replica's s = gx² + gy² (raw Sobel, the seed's units) against the seed's clamps: share of pixels "
-              "below 1e-4 and 1e-2, median over cases (bars: range), untrained (dotted) and at the switch-on "
-              "(solid); stars: the seed's reported shares at its switch-on. A pixel below a clamp gets zero "
+        path, "The distribution of the replica's s = gx² + gy² (raw Sobel, the seed's units) over the pixels of "
+              f"{tables.study['cases']} whole images per run, against the seed's clamps (vertical lines): share of "
+              "pixels per quarter decade (top) and below each s (bottom); untrained: nnU-Net's initialisation of "
+              "the same network under each run's seed; each configuration pooled over its seeds (band: the range "
+              "of the seeds); stars: the seed's reported shares at its switch-on. A pixel below a clamp gets zero "
               "gradient from that sqrt."))
 
 
@@ -121,8 +124,8 @@ def render(directory: str | Path, title: str = "geodiag study") -> RenderedRepor
     sections = [_first_screen(directory, tables, sites, clamps, numbers, remaining), setup]
     sections += [section for section, _ in answered.values()]
     sections.append(Section("Details", "\n".join(_links(tables)) or "No analysis or sweep was run."))
-    data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "term_gradients.csv", "loss_precisions.csv",
-                                          "study.json")]
+    data = [directory / name for name in ("runs.csv", "switch_on_s.csv", "s_distribution.csv", "term_gradients.csv",
+                                          "loss_precisions.csv", "study.json")]
     rendered = write_report(directory, title, sections, data=data)
     block = write_text(directory / README_BLOCK, readme_block(directory))
     return RenderedReport(rendered.markdown, rendered.html, rendered.figures, [*rendered.data, block])

@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import seed
 from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, STUDY_RUN_FIELDS, SWEEP_COLUMNS,
-                     SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError, read_json, share_role)
+                     SWITCH_ON_S_COLUMNS, S_DISTRIBUTION_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError, read_json, share_role)
 from .tables import format_eps, format_percent, read_optional_table, read_table
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.
@@ -33,6 +33,7 @@ class StudyTables:
     study: dict
     runs: pd.DataFrame
     small_s: pd.DataFrame
+    s_distribution: pd.DataFrame
     gradients: pd.DataFrame
     analyses: dict[str, dict]
     sweep: Optional[pd.DataFrame]
@@ -50,6 +51,7 @@ class StudyTables:
             study=read_study(directory / "study.json"),
             runs=read_table(directory / "runs.csv", RUN_COLUMNS),
             small_s=read_table(directory / "switch_on_s.csv", SWITCH_ON_S_COLUMNS),
+            s_distribution=read_table(directory / "s_distribution.csv", S_DISTRIBUTION_COLUMNS),
             gradients=read_table(directory / "term_gradients.csv", TERM_GRADIENT_COLUMNS),
             analyses={p.parent.name: read_json(p) for p in sorted((directory / "analysis").glob("*/summary.json"))},
             sweep=sweep, sweep_summary=read_json(directory / "sweep" / "summary.json") if sweep is not None else {},

@@ -54,6 +54,13 @@ def write_study(directory: Path, first_nonfinite: dict | None = None) -> dict:
               "eps": eps, "fraction_below": value * (1 + 0.1 * i), "pixels": 4096}
              for (run, checkpoint), values in shares.items() for i in range(3) for eps, value in zip((1e-4, 1e-2), values)]
     pd.DataFrame(small).to_csv(directory / "switch_on_s.csv", index=False)
+    distribution = [{"run": run, "dataset": dataset[run], "checkpoint": checkpoint, "units": "seed", "lower": lower,
+                     "upper": upper, "pixels": pixels}
+                    for run in dataset for checkpoint in ("untrained", "checkpoint_epoch_0000.pth",
+                                                          "checkpoint_epoch_0001.pth")
+                    for lower, upper, pixels in ((0.0, 0.0, 10), (1e-6, 1e-4, 500), (1e-4, 1e-2, 1500),
+                                                 (1e-2, float("inf"), 10282))]
+    pd.DataFrame(distribution).to_csv(directory / "s_distribution.csv", index=False)
     terms = {"501-ReplicaV23": {"dice_ce": 0.7, "compactness": 0.2, "aspect": 0.0, "boundary": 0.1},
              "502-ReplicaV23": {"dice_ce": 0.7, "compactness": 0.0004, "aspect": -0.0006, "boundary": 0.3},
              "502-Production": {"dice_ce": 0.1, "compactness": 0.9, "aspect": 0.0}}

@@ -11,18 +11,19 @@ from sobel_reference import sobel_squared_magnitude
 
 
 def test_study_measures_the_shares_with_the_seeds_arithmetic(geometric_run):
-    """small_s_shares on a real switch-on checkpoint against an independent numpy raw Sobel of the same
+    """s_statistics on a real switch-on checkpoint against an independent numpy raw Sobel of the same
     whole-image prediction (fp64, zero padding), and the normalised shares against the /8, replicate-padded one."""
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from geodiag.diagnostics.nnunet.cases import find_cases, predict_logits, preprocess
     from geodiag.diagnostics.nnunet.checkpoint import build_network, load_checkpoint
-    from geodiag.diagnostics.study.measurements import small_s_shares
+    from geodiag.diagnostics.study.measurements import s_statistics
 
     path = geometric_run.checkpoints[geometric_run.switch_on_epoch]
-    rows = pd.DataFrame(small_s_shares(path, max_cases=1))
     checkpoint = load_checkpoint(path)
+    shares, distribution = s_statistics(checkpoint, checkpoint.network(), max_cases=1)
+    rows = pd.DataFrame(shares)
     case = preprocess(checkpoint, find_cases(checkpoint)[0])
     patch = PlansManager(checkpoint.plans).get_configuration(checkpoint.configuration).patch_size
     with torch.no_grad():
@@ -34,6 +35,10 @@ def test_study_measures_the_shares_with_the_seeds_arithmetic(geometric_run):
             measured = rows[(rows.units == units) & (rows.eps == eps)].fraction_below.item()
             # fp32 (measured) against fp64 (here): a pixel whose s sits within rounding of eps may fall either side
             assert measured == pytest.approx((s < eps).mean(), abs=3 / s.size), (units, eps)
+            bins = pd.DataFrame(distribution).query("units == @units")
+            assert bins["pixels"].sum() == s.size
+            assert bins.loc[bins["upper"] <= eps, "pixels"].sum() / s.size == pytest.approx((s < eps).mean(),
+                                                                                           abs=3 / s.size)
     seed = rows[rows.units == "seed"].set_index("eps").fraction_below
     normalised = rows[rows.units == "normalised"].set_index("eps").fraction_below
     assert (seed <= normalised).all()  # the same threshold on a 64x larger s catches fewer pixels

@@ -144,6 +144,11 @@ class Checkpoint:
         """The checkpoint's network with its weights (see ``build_network``); built anew on each call."""
         return build_network(self, trust=trust, inplace_nonlin=inplace_nonlin)
 
+    def untrained_network(self, seed: int) -> nn.Module:
+        """The checkpoint's architecture as nnU-Net initialises it before any training step, with torch seeded by
+        ``seed`` (the global generator is left as it was): what a run of these plans starts from."""
+        return build_network(self, initial_seed=seed)
+
 
 def geodiag_trainer(name: str) -> Optional[type]:
     """geodiag's nnU-Net trainer class of that name, or None."""
@@ -346,8 +351,10 @@ def check_plans_lookups(checkpoint: Checkpoint) -> None:
                            f"{_first_line(exc)})") from None
 
 
-def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: bool = False) -> nn.Module:
-    """The checkpoint's network with its weights, without deep supervision, in eval mode.
+def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: bool = False,
+                  initial_seed: Optional[int] = None) -> nn.Module:
+    """The checkpoint's network with its weights, without deep supervision, in eval mode; with ``initial_seed``,
+    nnU-Net's initialisation under that seed instead of the weights.
 
     Without ``trust`` every class name in the plans goes through ``resolve_plans_class`` before nnU-Net's
     pydoc.locate sees it. ``inplace_nonlin=False`` rebuilds LeakyReLU out of place (same weights) so tensor and
@@ -374,10 +381,15 @@ def build_network(checkpoint: Checkpoint, trust: bool = False, inplace_nonlin: b
     if not inplace_nonlin and isinstance(arch_kwargs.get("nonlin_kwargs"), dict):
         arch_kwargs["nonlin_kwargs"] = {**arch_kwargs["nonlin_kwargs"], "inplace": False}
     label_manager = checkpoint.label_manager
-    network = get_network_from_plans(
-        arch_class_name, arch_kwargs, req_import,
-        determine_num_input_channels(plans_manager, config, checkpoint.dataset_json),
-        label_manager.num_segmentation_heads, allow_init=False, deep_supervision=False)
+    with torch.random.fork_rng(devices=[]):
+        if initial_seed is not None:
+            torch.manual_seed(initial_seed)
+        network = get_network_from_plans(
+            arch_class_name, arch_kwargs, req_import,
+            determine_num_input_channels(plans_manager, config, checkpoint.dataset_json),
+            label_manager.num_segmentation_heads, allow_init=initial_seed is not None, deep_supervision=False)
+    if initial_seed is not None:
+        return network.eval()
     weights = {k[len("module."):] if k.startswith("module.") else k: v
                for k, v in checkpoint.data["network_weights"].items()}
     missing, unexpected = network.load_state_dict(weights, strict=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -15,58 +16,86 @@ from geodiag.reports import schema, tables
 from .definition import RunSpec, Study, epoch_checkpoint, nnunet_environment, switch_on_checkpoint
 
 
-def small_s_shares(path: Path, max_cases: int, device: str = "cpu") -> list[dict]:
-    """Per case of a checkpoint, the share of pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes
-    (``seed.BELOW_AT_SWITCH_ON``), with s in the seed's units (raw Sobel, zero padding: the ``v2.3`` preset's s) and in
-    geodiag's normalised units (the ``production`` preset's, 1/``seed.UNITS_FACTOR`` of it in 2D). Whole-image fp32
-    predictions."""
+# Bin edges of the distribution of s: quarter decades from 1e-16 to 1e2, so each clamp the seed quotes is an edge.
+S_EDGES = 10.0 ** (np.arange(-64, 9) / 4)
+
+
+def s_histogram(s: torch.Tensor) -> list[tuple[float, float, int]]:
+    """The distribution of s as (lower, upper, pixels): the exact zeros as (0, 0), then (0, 1e-16), each quarter
+    decade [lower, upper) and [1e2, inf); every bin present, empty or not, so histograms add up across cases."""
+    flat = s.detach().flatten().double()
+    positive = flat[flat > 0]
+    edges = torch.as_tensor(S_EDGES, dtype=torch.float64, device=flat.device)
+    counts = torch.bincount(torch.bucketize(positive, edges, right=True), minlength=len(S_EDGES) + 1).tolist()
+    lowers, uppers = [0.0, *S_EDGES.tolist()], [*S_EDGES.tolist(), float("inf")]
+    return [(0.0, 0.0, int((flat == 0).sum()))] + list(zip(lowers, uppers, counts))
+
+
+def s_statistics(checkpoint, network: torch.nn.Module, max_cases: int,
+                 device: str = "cpu") -> tuple[list[dict], list[dict]]:
+    """On the whole-image fp32 predictions of ``network`` for a checkpoint's first cases: per case, the share of
+    pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes (``seed.BELOW_AT_SWITCH_ON``), and over
+    the cases the distribution of s (``s_histogram``); s in the seed's units (raw Sobel, zero padding: the ``v2.3``
+    preset's s) and in geodiag's normalised units (the ``production`` preset's, 1/``seed.UNITS_FACTOR`` of it in
+    2D)."""
     from geodiag.losses import GeometricLoss
     from geodiag.reports.seed import BELOW_AT_SWITCH_ON
 
     from ..nnunet.cases import find_cases, predict_logits, preprocess
-    from ..nnunet.checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint(path)
-    classes = checkpoint.foreground_classes
-    patch_size = checkpoint.patch_size
-    network = checkpoint.network().to(device)
-    losses = {units: GeometricLoss.from_preset(preset, classes=classes, softmax=True, reference="prior",
-                                               aspect_weight=0)
+    network = network.to(device)
+    losses = {units: GeometricLoss.from_preset(preset, classes=checkpoint.foreground_classes, softmax=True,
+                                               reference="prior", aspect_weight=0)
               for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
-    rows = []
+    shares, pixels = [], {units: np.zeros(len(S_EDGES) + 2, dtype=np.int64) for units in losses}
     for files in find_cases(checkpoint)[:max_cases]:
         case = preprocess(checkpoint, files)
         with torch.no_grad():
-            logits = predict_logits(network, case.image, patch_size).float()
+            logits = predict_logits(network, case.image, checkpoint.patch_size).float()
             for units, loss in losses.items():
                 seen = {}
                 with loss.register_tap(lambda name, t: seen.__setitem__(name, t),
                                        names=("compactness.grad_mag_squared",)):
                     loss(logits)
                 s = seen["compactness.grad_mag_squared"]
-                shares = torch.stack([(s < eps).double().mean() for eps in BELOW_AT_SWITCH_ON]).tolist()
-                rows += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
-                          "pixels": s.numel()} for eps, share in zip(BELOW_AT_SWITCH_ON, shares)]
-    return rows
+                below = torch.stack([(s < eps).double().mean() for eps in BELOW_AT_SWITCH_ON]).tolist()
+                shares += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
+                            "pixels": s.numel()} for eps, share in zip(BELOW_AT_SWITCH_ON, below)]
+                pixels[units] += [count for _, _, count in s_histogram(s)]
+    bins = s_histogram(torch.zeros(0))
+    distribution = [{"units": units, "lower": lower, "upper": upper, "pixels": int(count)}
+                    for units, counts in pixels.items() for (lower, upper, _), count in zip(bins, counts)]
+    return shares, distribution
 
 
 def small_s(study: Study) -> None:
-    """switch_on_s.csv: the shares of small s at each run's first (epoch 0) and switch-on checkpoints, in the
-    seed's units and ours."""
-    from geodiag.reports.schema import SWITCH_ON_S_COLUMNS
+    """switch_on_s.csv (the shares of small s per case) and s_distribution.csv (the distribution of s over the
+    cases), in the seed's units and ours, for each run untrained (nnU-Net's initialisation of its architecture,
+    the run's seed), after epoch 0 and at the switch-on."""
+    from geodiag.reports.schema import S_DISTRIBUTION_COLUMNS, SWITCH_ON_S_COLUMNS, UNTRAINED
 
-    rows = []
+    from ..nnunet.checkpoint import load_checkpoint
+
+    rows, distribution = [], []
     for run in study.runs:
-        for path in dict.fromkeys((epoch_checkpoint(study, run, 0), switch_on_checkpoint(study, run))):
+        first = epoch_checkpoint(study, run, 0)
+        states = {UNTRAINED: (first, run.seed if run.seed is not None else study.seed)}
+        states.update({path.name: (path, None) for path in (first, switch_on_checkpoint(study, run))})
+        for state, (path, initial_seed) in states.items():
             with nnunet_environment(study):
-                shares = small_s_shares(path, study.cases, study.device)
-            rows += [{"run": run.name, "dataset": run.dataset_id, "checkpoint": path.name, **row} for row in shares]
+                checkpoint = load_checkpoint(path)
+                network = checkpoint.network() if initial_seed is None else checkpoint.untrained_network(initial_seed)
+                shares, histogram = s_statistics(checkpoint, network, study.cases, study.device)
+            where = {"run": run.name, "dataset": run.dataset_id, "checkpoint": state}
+            rows += [{**where, **row} for row in shares]
+            distribution += [{**where, **row} for row in histogram]
             seed = pd.DataFrame(shares, columns=SWITCH_ON_S_COLUMNS[3:]).query("units == 'seed'")
             means = seed.groupby("eps")["fraction_below"].mean()
-            study.log(f"  {run.name} {path.name}: " + ", ".join(
+            study.log(f"  {run.name} {state}: " + ", ".join(
                 f"{100 * share:.3g}% below {eps:g}" for eps, share in means.items())
                 + " (mean over cases, seed's units)")
     tables.write_table(pd.DataFrame(rows, columns=SWITCH_ON_S_COLUMNS), study.out / "switch_on_s.csv")
+    tables.write_table(pd.DataFrame(distribution, columns=S_DISTRIBUTION_COLUMNS), study.out / "s_distribution.csv")
 
 
 def term_gradients(study: Study) -> None:
