@@ -302,8 +302,9 @@ def _tensor_sections(directory: Path, tensors: pd.DataFrame, histograms: Optiona
                                              / f"histograms_{precision}.png")
             figure_list.append(Figure(path, f"Histograms of log10 |x| (bars span log10 of each bin's edges; "
                                             f"count on a log axis) of every recorded tensor in {precision} (values "
-                                            "left, gradients right); beside each: exact counts of 0, NaN, +Inf, "
-                                            "−Inf, which are not in the bins. Dashed: fp16's range."))
+                                            "and gradients side by side, two tensors to a row); in each panel's "
+                                            "corner: its exact counts of 0, NaN, +Inf, −Inf where not zero (not in "
+                                            "the bins). Dashed: fp16's range."))
         sections.append(Section(f"Tensors in {precision}", "Over finite values: `min` and `max` are signed; the `abs_` "
                                 "columns are magnitudes |x|, their quantiles read from the exact histogram (each "
                                 "within its bin and between `abs_min` and `abs_max`).\n\n" + table,

@@ -117,50 +117,54 @@ def _shared_log10_range(bins: pd.DataFrame) -> tuple[float, float]:
 
 
 def _draw_specials(ax, stats: pd.Series | None) -> None:
-    """The exact counts that histograms leave out, as text: grey when zero, red for any NaN or Inf."""
-    ax.axis("off")
+    """The exact counts that histograms leave out, in the panel's corner: each non-zero count of 0, NaN, +Inf,
+    -Inf, NaN and Inf in red."""
     if stats is None:
         return
-    for line, (column, label) in enumerate(SPECIAL_LABELS.items()):
-        count = int(stats[column])
-        colour = "#c62828" if count and column != "zero" else ("#1d1d1f" if count else "#9a9a9a")
-        ax.text(0.0, 0.9 - 0.24 * line, f"{label}: {count:,}", transform=ax.transAxes, fontsize=8, color=colour,
-                fontweight="bold" if colour == "#c62828" else "normal", va="top")
+    shown = [(column, label) for column, label in SPECIAL_LABELS.items() if int(stats[column])]
+    for line, (column, label) in enumerate(shown):
+        red = column != "zero"
+        ax.text(0.02, 0.95 - 0.17 * line, f"{label}: {int(stats[column]):,}", transform=ax.transAxes, fontsize=7,
+                color="#c62828" if red else "#1d1d1f", fontweight="bold" if red else "normal", va="top")
+
+
+TENSORS_PER_ROW = 2  # each with its value and gradient panel: four panels across
 
 
 @figure_writer
 def tensor_histograms(histograms: pd.DataFrame, tensors: pd.DataFrame, precision: str) -> Figure:
-    """Per tensor (rows) log10|x| histograms of values and gradients, each with its exact 0/NaN/±Inf counts beside.
+    """Per tensor log10|x| histograms of values and gradients, two tensors to a row, each panel with its exact
+    non-zero counts of 0, NaN and ±Inf in its corner; a kind not recorded gets no panel.
 
     ``histograms`` and ``tensors`` follow HISTOGRAM_COLUMNS / TENSORS_COLUMNS; only ``precision`` is drawn.
     """
     stats = tensors[tensors["precision"] == precision]
     bins = histograms[histograms["precision"] == precision]
     names = list(dict.fromkeys(list(stats["tensor"]) + list(bins["tensor"])))
-    height = 1.2 + 1.55 * max(len(names), 1)
+    rows = max(math.ceil(len(names) / TENSORS_PER_ROW), 1)
+    height = 1.0 + 1.3 * rows
     figure = Figure(figsize=(12, height))
-    grid = figure.add_gridspec(max(len(names), 1), 4, width_ratios=[5, 1.1, 5, 1.1], wspace=0.25, hspace=0.7,
-                               top=1 - 0.75 / height, bottom=0.5 / height, left=0.06, right=0.98)
+    grid = figure.add_gridspec(rows, 2 * TENSORS_PER_ROW, wspace=0.28, hspace=0.75, top=1 - 0.7 / height,
+                               bottom=0.45 / height, left=0.05, right=0.99)
     xlim = _shared_log10_range(bins)
-    for row, name in enumerate(names):
-        for column, kind in enumerate(("value", "grad")):
-            hist_ax = figure.add_subplot(grid[row, 2 * column])
-            special_ax = figure.add_subplot(grid[row, 2 * column + 1])
+    for index, name in enumerate(names):
+        row, first_column = divmod(index, TENSORS_PER_ROW)
+        for offset, kind in enumerate(("value", "grad")):
             selected = stats[(stats["tensor"] == name) & (stats["kind"] == kind)]
             kind_bins = bins[(bins["tensor"] == name) & (bins["kind"] == kind)]
             if selected.empty and kind_bins.empty:  # not recorded: no panel, rather than an empty one
-                hist_ax.axis("off")
-                special_ax.axis("off")
                 continue
-            _draw_magnitudes(hist_ax, kind_bins, xlim)
-            hist_ax.set_title(f"{name} · {kind}", fontsize=9, loc="left")
-            hist_ax.tick_params(labelsize=7)
-            if row == len(names) - 1:
-                hist_ax.set_xlabel("log10 |x|", fontsize=8)
-            _draw_specials(special_ax, None if selected.empty else selected.iloc[0])
-    figure.suptitle(f"Histograms of log10 |x| per tensor ({precision}), count on a log axis; beside: exact counts of "
-                    "0, NaN, ±Inf (not in the bins);\ndashed: fp16 smallest subnormal and largest finite value",
-                    fontsize=10, y=1 - 0.1 / height, va="top")
+            ax = figure.add_subplot(grid[row, 2 * first_column + offset])
+            _draw_magnitudes(ax, kind_bins, xlim)
+            ax.set_title(f"{name} · {kind}", fontsize=8, loc="left")
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            if row == rows - 1 or index + TENSORS_PER_ROW >= len(names):
+                ax.set_xlabel("log10 |x|", fontsize=7)
+            _draw_specials(ax, None if selected.empty else selected.iloc[0])
+    figure.suptitle(f"Histograms of log10 |x| per tensor ({precision}), count on a log axis; in each panel's corner: "
+                    "exact counts of 0, NaN, ±Inf (not in the bins)\nwhere not zero; dashed: fp16 smallest subnormal "
+                    "and largest finite value", fontsize=9, y=1 - 0.1 / height, va="top")
     return figure
 
 
