@@ -22,15 +22,14 @@ from geodiag.reports.site_sweep_report import CURRENT_BOUND, RAISED_COLUMNS, REQ
 
 from ..instruments.devices import PRECISIONS
 from ..instruments.errors import ArgumentError
-from ..nnunet.cases import predict_logits, preprocess
-from ..nnunet.checkpoint import build_network
+from ..nnunet.cases import predict_logits
 from ..nonfinite.autotaps import AutoTaps
 from ..nonfinite.loss_spec import UserLoss, load_loss
 from ..nonfinite.override import BoundOverride
 from ..nonfinite.sites import SiteSpec
-from ..progress import Progress, progress_over
+from ..progress import Progress
 from . import own_loss, run_record
-from .sweep import _kth, _slug, cases_to_do, load_sweep_items
+from .sweep import _kth, cases_to_sweep, load_sweep_items
 
 
 def parse_sites(text: Sequence[str]) -> list[str]:
@@ -116,40 +115,34 @@ def run_site_sweep(specs: Sequence[str], out: str | Path, loss_spec: str, sites:
     run_record.check_and_record(out, {"loss": loss_spec, "loss_input": loss_input, "sites": list(sites),
                                       "eps": eps, "precisions": list(precisions)}, resume, has_results)
     dev = torch.device(device)
-    for item in items:
-        folder, todo = cases_to_do(item, cases, max_cases, case_dir)
-        if not todo:
-            continue
-        patch_size = item.checkpoint.patch_size
-        network = build_network(item.checkpoint, trust=trust).to(dev)
-        for files_of_case in progress_over(todo, item.label, progress):
-            case = preprocess(item.checkpoint, files_of_case)
-            label = case.label[None].to(dev)
-            rows = []
-            for precision in precisions:
-                dtype = PRECISIONS[precision]
-                with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = predict_logits(network, case.image, patch_size)
-                where = {**item.meta, "case": case.name, "precision": precision, "sites": ",".join(sites),
-                         "ref_eps": eps[0]}
+    for todo in cases_to_sweep(items, cases, max_cases, case_dir, trust, dev, progress):
+        item, network, case, patch_size = todo.item, todo.network, todo.case, todo.item.checkpoint.patch_size
+        label = case.label[None].to(dev)
+        rows = []
+        for precision in precisions:
+            dtype = PRECISIONS[precision]
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = predict_logits(network, case.image, patch_size)
+            where = {**item.meta, "case": case.name, "precision": precision, "sites": ",".join(sites),
+                     "ref_eps": eps[0]}
+            try:
+                with own_loss.raising_as_finding():
+                    reference, current = _reference(loss, logits, label, sites, eps[0])
+            except own_loss.LossRaised as exc:
+                rows += [{**where, "eps": value, "raised": exc.message, "raised_site": exc.site} for value in eps]
+                continue
+            for value in eps:
                 try:
-                    with own_loss.raising_as_finding():
-                        reference, current = _reference(loss, logits, label, sites, eps[0])
+                    measured = evaluate_value(loss, logits, label, sites, value, dtype, dev)
                 except own_loss.LossRaised as exc:
-                    rows += [{**where, "eps": value, "raised": exc.message, "raised_site": exc.site} for value in eps]
+                    rows.append({**where, "eps": value, "ref_loss": reference, "raised": exc.message,
+                                 "raised_site": exc.site})
                     continue
-                for value in eps:
-                    try:
-                        measured = evaluate_value(loss, logits, label, sites, value, dtype, dev)
-                    except own_loss.LossRaised as exc:
-                        rows.append({**where, "eps": value, "ref_loss": reference, "raised": exc.message,
-                                     "raised_site": exc.site})
-                        continue
-                    rows.append({**where, **current, "eps": value, "ref_loss": reference,
-                                 "bias_loss": (measured["loss"] / reference - 1.0
-                                               if reference != 0 and math.isfinite(reference) else math.nan),
-                                 **measured})
-            schema.write_text(folder / f"{_slug(files_of_case.name)}.csv", pd.DataFrame(rows).to_csv(index=False))
+                rows.append({**where, **current, "eps": value, "ref_loss": reference,
+                             "bias_loss": (measured["loss"] / reference - 1.0
+                                           if reference != 0 and math.isfinite(reference) else math.nan),
+                             **measured})
+        schema.write_text(todo.file(".csv"), pd.DataFrame(rows).to_csv(index=False))
     row_files = sorted((out / "cases").glob("*/*.csv"))
     frame = pd.concat([pd.read_csv(p) for p in row_files], ignore_index=True)
     frame = frame.reindex(columns=[*frame.columns, *(c for c in (*REQUIRED, *RAISED_COLUMNS) if c not in frame)])

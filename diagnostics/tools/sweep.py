@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -184,6 +184,21 @@ class CheckpointSweep:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CaseToSweep:
+    """One case of a checkpoint still to sweep: its preprocessed case, the checkpoint's network and the stem of
+    the per-case files to write."""
+
+    item: CheckpointSweep
+    network: torch.nn.Module
+    case: Case
+    stem: Path
+
+    def file(self, suffix: str) -> Path:
+        """The per-case file with that suffix (the stem may hold dots: no ``with_suffix``)."""
+        return self.stem.parent / f"{self.stem.name}{suffix}"
+
+
 def _hist_rows(hist: LogHistogram) -> list[dict]:
     edges = hist.layout.edges()
     counts = hist.to_dict()["bin_counts"]
@@ -226,15 +241,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "checkpoint"
 
 
-def cases_to_do(item: CheckpointSweep, cases: Optional[str], max_cases: Optional[int],
-                case_dir: Path) -> tuple[Path, list]:
-    """The item's folder under ``case_dir`` and its labelled cases (at most ``max_cases``) whose per-case file is
-    not written yet: a resumed sweep computes only those."""
-    folder = case_dir / _slug(item.label)
-    files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
-    if not files:
-        raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
-    return folder, [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+def cases_to_sweep(items: Sequence[CheckpointSweep], cases: Optional[str], max_cases: Optional[int], case_dir: Path,
+                   trust: bool, device: torch.device, progress: Optional[Progress]) -> Iterator[CaseToSweep]:
+    """Each item's labelled cases (at most ``max_cases``) whose per-case file is not written yet, preprocessed, with
+    the item's network on ``device`` (built once per item that has any): a resumed sweep computes only those."""
+    for item in items:
+        folder = case_dir / _slug(item.label)
+        files = [f for f in find_cases(item.checkpoint, cases) if f.label is not None][: max_cases or None]
+        if not files:
+            raise GeodiagError(f"no labelled cases for {item.label}: the sweep compares against labels")
+        todo = [f for f in files if not (folder / f"{_slug(f.name)}.csv").exists()]
+        if not todo:
+            continue
+        network = build_network(item.checkpoint, trust=trust).to(device)
+        for files_of_case in progress_over(todo, item.label, progress):
+            yield CaseToSweep(item, network, preprocess(item.checkpoint, files_of_case),
+                              folder / _slug(files_of_case.name))
 
 
 def load_sweep_items(specs: Sequence[str], trust: bool = False, fold: Optional[str] = None) -> list[CheckpointSweep]:
@@ -298,19 +320,11 @@ def run_sweep(specs: Sequence[str], out: str | Path, cases: Optional[str] = None
     run_record.check_and_record(out, {"settings": [[s.stabilizer, s.eps] for s in settings],
                                       "precisions": list(precisions), "aspect_formula": aspect_formula,
                                       "aspect_formula_why": why}, resume, has_results)
-    for item in items:
-        folder, todo = cases_to_do(item, cases, max_cases, case_dir)
-        if not todo:
-            continue
-        patch_size = item.checkpoint.patch_size
-        network = build_network(item.checkpoint, trust=trust).to(dev)
-        for files_of_case in progress_over(todo, item.label, progress):
-            case = preprocess(item.checkpoint, files_of_case)
-            rows, hist_rows = sweep_case(item, network, case, patch_size, settings, precisions, aspect_formula,
-                                         dev, timing)
-            stem = folder / _slug(files_of_case.name)
-            schema.write_text(stem.with_suffix(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
-            schema.write_text(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
+    for todo in cases_to_sweep(items, cases, max_cases, case_dir, trust, dev, progress):
+        rows, hist_rows = sweep_case(todo.item, todo.network, todo.case, todo.item.checkpoint.patch_size, settings,
+                                     precisions, aspect_formula, dev, timing)
+        schema.write_text(todo.file(".hist.csv"), pd.DataFrame(hist_rows).to_csv(index=False))
+        schema.write_text(todo.file(".csv"), pd.DataFrame(rows).to_csv(index=False))
     timing.total_s = device_clock(dev) - start
     frame = collect(out)
     return frame, timing
