@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from . import seed
-from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, STUDY_RUN_FIELDS, SWEEP_COLUMNS,
-                     SWITCH_ON_S_COLUMNS, S_DISTRIBUTION_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError, read_json, share_role)
+from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, S_DISTRIBUTION_COLUMNS,
+                     STUDY_RUN_FIELDS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError,
+                     read_json, share_role)
 from .tables import format_eps, format_percent, read_optional_table, read_table
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.

@@ -252,6 +252,20 @@ def test_analysis_output_folder_without_write_permission(capsys, tmp_path, check
     _one_line_error(capsys, _analyze(checkpoint, locked / "out"), "cannot write to --out")
 
 
+@pytest.mark.parametrize("argv,flag_", [(["make-dataset", "501", "--out", ""], "--out"),
+                                         (["demo", "--out", " "], "--out"),
+                                         (["clamp-sweep", "x.pth", "--out", ""], "--out"),
+                                         (["reference-report", "--work", ""], "--work"),
+                                         (["bench", "--out", ""], "--out"),
+                                         (["check-bounds", "--junit", ""], "--junit"),
+                                         (["watch", "--tensorboard", "", "--", "nnUNetv2_train"], "--tensorboard")])
+def test_an_empty_path_is_refused_rather_than_meaning_the_current_folder(capsys, tmp_path, monkeypatch, argv,
+                                                                         flag_):
+    monkeypatch.chdir(tmp_path)
+    _argparse_error(capsys, argv, f"argument {flag_}: empty")
+    assert not any(tmp_path.iterdir())  # nothing written where the empty path would have pointed
+
+
 def test_sweep_output_folder_that_is_a_file(capsys, tmp_path, checkpoint):
     (tmp_path / "file").touch()
     _one_line_error(capsys, ["clamp-sweep", checkpoint, "--out", tmp_path / "file"], "exists and is not a folder")

@@ -12,7 +12,7 @@ HELP = "measure geodiag's overheads against a plain nnU-Net step, detect_anomaly
 
 def configure(parser: argparse.ArgumentParser) -> None:
     options.add_device(parser)
-    parser.add_argument("--out", default="geodiag-bench", type=Path,
+    parser.add_argument("--out", default="geodiag-bench", type=options.path_object,
                         help="folder for bench.csv and bench.md (default %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats: checks that everything runs, figures are not meaningful")

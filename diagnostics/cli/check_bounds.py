@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "[B, 2, ...] and the label map [B, 1, ...])")
     parser.add_argument("--dims", metavar="N[,N]", type=options.dims,
                         help="run only the cases of these dimensionalities (2, 3); the others are listed as skipped")
-    parser.add_argument("--baseline", metavar="FILE", type=Path,
+    parser.add_argument("--baseline", metavar="FILE", type=options.path_object,
                         help="baseline JSON (default: the packaged one for the built-in loss, none for --loss)")
     parser.add_argument("--update-baseline", action="store_true",
                         help="write the measurements into the baseline (merging with its other entries), with the "
@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="set a tolerance of the comparison with the baseline (repeatable; VALUE a fraction: "
                              "0.1 is 10%% or 10 points); defaults: " + _escaped("; ".join(
                                  describe_tolerance(name, t) for name, t in DEFAULT_TOLERANCES.items())))
-    parser.add_argument("--junit", metavar="FILE", type=Path, help="also write JUnit XML, one testcase per run")
+    parser.add_argument("--junit", metavar="FILE", type=options.path_object,
+                        help="also write JUnit XML, one testcase per run")
     parser.add_argument("--cases", metavar="NAMES", type=options.names, help="comma-separated case names (default: all)")
     parser.add_argument("--settings", metavar="NAMES", type=options.names,
                         help="comma-separated built-in loss settings (default: all)")

@@ -14,7 +14,7 @@ HELP = (f"make dataset 502, train the seed replica (a user's trainer, {seed.V23.
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="working folder (reused when run again)")
+    parser.add_argument("--out", required=True, type=options.path, help="working folder (reused when run again)")
     parser.add_argument("--num", type=int, default=24, help="training images (default %(default)s)")
     parser.add_argument("--size", type=int, default=96, help="image side in pixels (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default %(default)s)")

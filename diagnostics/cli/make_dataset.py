@@ -5,12 +5,14 @@ import argparse
 
 from geodiag.reports import seed
 
+from . import options
+
 HELP = "write the synthetic raw dataset 501 (2-5 circles) or 502 (one circle) in nnU-Net's format"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset_id", type=int, help="501 (Shapes_Multi) or 502 (Shapes_One)")
-    parser.add_argument("--out", required=True, help="nnUNet_raw folder to write DatasetXXX_* into")
+    parser.add_argument("--out", required=True, type=options.path, help="nnUNet_raw folder to write DatasetXXX_* into")
     parser.add_argument("--num", type=int, default=100, help="training cases (default 100)")
     parser.add_argument("--size", type=int, default=seed.IMAGE_SIZE,
                         help="image side in pixels (default %(default)s, as in the seed)")

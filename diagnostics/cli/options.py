@@ -3,6 +3,7 @@ function's argument names map to them (``flag``)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
 # Library parameters whose flag is not simply ``--`` + the name with dashes.
@@ -28,6 +29,18 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
 
 
+def path(text: str) -> str:
+    """A file or folder name; an empty one is refused (as a path it would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name a file or folder")
+    return text
+
+
+def path_object(text: str) -> Path:
+    """``path`` as a Path."""
+    return Path(path(text))
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
@@ -45,7 +58,7 @@ def add_precision(parser: argparse.ArgumentParser, default: Sequence[str] | None
 
 
 def add_out(parser: argparse.ArgumentParser, help: str = "output folder") -> None:
-    parser.add_argument("--out", required=True, help=help)
+    parser.add_argument("--out", required=True, type=path, help=help)
 
 
 def add_resume(parser: argparse.ArgumentParser, what: str) -> None:

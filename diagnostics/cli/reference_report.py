@@ -13,8 +13,10 @@ HELP = (f"regenerate the reference report: the seed replica ({', '.join(v.name f
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--work", default="reference_work", help="working folder: data, checkpoints (not committed)")
-    parser.add_argument("--report-dir", default="reports/reference", help="where the report is published")
+    parser.add_argument("--work", default="reference_work", type=options.path,
+                        help="working folder: data, checkpoints (not committed)")
+    parser.add_argument("--report-dir", default="reports/reference", type=options.path,
+                        help="where the report is published")
     options.add_device(parser)
 
 

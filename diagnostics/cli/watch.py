@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import path
+
 HELP = "run nnUNetv2_train in process with any trainer, guarded and recorded; explain the first non-finite step"
 
 
@@ -23,7 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "gradient at the network's output; an epoch where it stays below 0.01 is called inert")
     parser.add_argument("--loss-input", choices=("probabilities", "logits"), default="probabilities",
                         help="what --loss takes: softmax probabilities (default) or the logits")
-    parser.add_argument("--tensorboard", metavar="DIR", help="also write scalars and histograms for TensorBoard")
+    parser.add_argument("--tensorboard", metavar="DIR", type=path,
+                        help="also write scalars and histograms for TensorBoard")
     parser.add_argument("train", nargs=argparse.REMAINDER, metavar="-- nnUNetv2_train DATASET CONFIG FOLD ...",
                         help="the nnUNetv2_train command line to run")
 
