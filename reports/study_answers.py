@@ -20,8 +20,8 @@ from .recommendation import VERDICT_KEY
 from .schema import DOMINANT_SHARE, INERT_SHARE
 from .study_tables import (STEP_NORM_AFTER, StudyTables, below_median_column, clamp_at_bound,
                            dataset_table, gradient_bounds, headline_rows, nonfinite_per_precision, replica_sweep_table,
-                           over_seeds, rows_at, run_configurations, run_seeds, seed_unit_shares, term_shares,
-                           user_run_names, user_runs)
+                           over_seeds, rows_at, run_configurations, run_seeds, seed_unit_shares, state_label,
+                           term_shares, user_run_names, user_runs)
 from .tables import format_eps, format_number, format_percent, markdown_table, setting_label
 
 # A share of pixels below a clamp within this factor of the seed's is "the seed's regime".
@@ -248,62 +248,81 @@ def _regime_side(share: float) -> str:
     return words if words == "the seed's regime" else words.split("x ", 1)[1]
 
 
-def _checkpoint_words(rows: pd.DataFrame) -> str:
-    """One checkpoint of a configuration (a row per seed): the shares below each version's eps and where V2.4's
-    sits against the seed's, seed-dependent when the seeds disagree."""
-    v24 = rows[below_median_column(seed.V24.eps)].dropna()
+def _cell(values: pd.Series) -> str:
+    """A table cell of one number per seed: the median, and the range when there are several seeds."""
+    values = values.dropna()
+    if len(values) <= 1:
+        return format_percent(values.iloc[0]) if len(values) else "–"
+    return f"{format_percent(values.median())} ({format_percent(values.min())} – {format_percent(values.max())})"
+
+
+def _against_the_seed(v24: pd.Series) -> str:
+    """Where one state's shares below V2.4's eps (one per seed) sit against the seed's, per seed when they
+    disagree."""
+    v24 = v24.dropna()
+    if len(v24) <= 1:
+        return _regime(v24.iloc[0]) if len(v24) else "–"
     sides = v24.map(_regime_side)
-    if len(v24) <= 1 or sides.nunique() > 1:
-        where = verdict_over_seeds(sides) if len(v24) > 1 else _regime(v24.iloc[0]) if len(v24) else "–"
-    else:
-        where = f"{_regime(v24.median())} in every seed"
-    return ", ".join(f"{spread(rows[below_median_column(v.eps)], format_percent)} below {format_eps(v.eps)}"
-                     for v in seed.VERSIONS) + f" ({where})"
+    return verdict_over_seeds(sides) if sides.nunique() > 1 else f"{_regime(v24.median())} in every seed"
 
 
-def _range_sentence(table: pd.DataFrame) -> Optional[str]:
-    """Where the seed's share below V2.4's eps lies among every measured run and checkpoint."""
+def _per_run_states(small_s: pd.DataFrame, study: dict) -> pd.DataFrame:
+    """``seed_unit_shares`` with each run's configuration and each checkpoint's state in words."""
+    per_run = seed_unit_shares(small_s)
+    runs = {run["run"]: run for run in study["runs"]}
+    return per_run.assign(configuration=per_run["run"].map(run_configurations(study)),
+                          state=[state_label(checkpoint, runs[run]) for run, checkpoint
+                                 in zip(per_run["run"], per_run["checkpoint"])])
+
+
+def state_table(per_run: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration and state (untrained, after an epoch, the switch-on): the share of pixels below each
+    version's eps in the seed's units, median over the seeds of each run's median over cases (range over seeds),
+    and where V2.4's sits against the seed's. ``per_run``: ``_per_run_states``."""
+    rows = []
+    for (configuration, state), frame in per_run.groupby(["configuration", "state"], sort=False):
+        row = {"configuration": configuration, "state": state, "seeds": len(frame),
+               "cases per seed": int(frame["cases"].max())}
+        row.update({f"below {format_eps(v.eps)} (median over seeds, range)": _cell(frame[below_median_column(v.eps)])
+                    for v in seed.VERSIONS})
+        row[f"against the seed's {format_percent(seed.BELOW_AT_SWITCH_ON[seed.V24.eps])}"] = _against_the_seed(
+            frame[below_median_column(seed.V24.eps)])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _range_sentence(per_run: pd.DataFrame) -> Optional[str]:
+    """Where the seed's share below V2.4's eps lies among every measured configuration and state (each the median
+    over its seeds). ``per_run``: ``_per_run_states``."""
     share = seed.BELOW_AT_SWITCH_ON[seed.V24.eps]
-    measured = table.set_index(["run", "checkpoint"])[below_median_column(seed.V24.eps)].dropna()
+    measured = per_run.groupby(["configuration", "state"], sort=False)[below_median_column(seed.V24.eps)].median()
+    measured = measured.dropna()
     if not len(measured):
         return None
     low, high = measured.idxmin(), measured.idxmax()
+    ends = (f"{low[0]} {low[1]} ({format_percent(measured.min())})", f"{high[0]} {high[1]} "
+            f"({format_percent(measured.max())})")
     if measured.min() <= share <= measured.max():
-        return (f"The seed's {format_percent(share)} lies inside the measured range, between {low[0]} {low[1]} "
-                f"({format_percent(measured.min())}) and {high[0]} {high[1]} ({format_percent(measured.max())}).")
+        return f"The seed's {format_percent(share)} lies inside the measured range, between {ends[0]} and {ends[1]}."
     side = "above" if share > measured.max() else "below"
-    return (f"The seed's {format_percent(share)} lies {side} every measured checkpoint (range "
-            f"{format_percent(measured.min())} at {low[0]} {low[1]} to {format_percent(measured.max())} at {high[0]} "
-            f"{high[1]}).")
+    return f"The seed's {format_percent(share)} lies {side} every measured state (from {ends[0]} to {ends[1]})."
 
 
 def seed_statistics_section(small_s: pd.DataFrame, study: dict) -> tuple[Section, str]:
     """Q3: the seed's shares of pixels below V2.3's and V2.4's eps recomputed in its units."""
-    table = seed_unit_shares(small_s)
-    shown = table.copy()
-    for eps in seed.BELOW_AT_SWITCH_ON:
-        shown[below_median_column(eps)] = shown[below_median_column(eps)].map(format_percent)
+    per_run = _per_run_states(small_s, study)
+    table, regime = state_table(per_run), _range_sentence(per_run)
     body = ("The share of pixels whose s = gx² + gy² (raw Sobel [-1 0 1; -2 0 2; -1 0 1], zero padding: the seed's "
-            "units) lies below the seed's two clamps, on the fp32 whole-image predictions of each run's first "
-            "checkpoint (epoch 0, uncertain) and its switch-on checkpoint; the seed reports "
-            + ", ".join(f"{format_percent(v)} below {k:g}" for k, v in seed.BELOW_AT_SWITCH_ON.items())
-            + f" at its switch-on ({seed.SWITCH_ON_IMAGES} images of {seed.IMAGE_SIZE}²).\n\n" + markdown_table(shown))
-    configurations = run_configurations(study)
-    warmups = {configurations[r["run"]]: r["warmup"] for r in study["runs"]}
-    table = table.assign(configuration=table["run"].map(configurations))
-    per_run = {configuration: f"{configuration} (switch-on epoch {warmups.get(configuration)}): " + "; ".join(
-        f"{checkpoint}: {_checkpoint_words(rows)}" for checkpoint, rows in frame.groupby("checkpoint", sort=False))
-        for configuration, frame in table.groupby("configuration", sort=False)}
-    regime = _range_sentence(table)
-    sentences = list(per_run.values()) + ([regime] if regime else [])
-    body += ("\n\n" + f"Words: within a factor of {REGIME_FACTOR:g} of the seed's "
-             f"{format_percent(seed.BELOW_AT_SWITCH_ON[seed.V24.eps])} is \"the seed's regime\"."
-             "\n\n" + "\n".join(f"- {s}" for s in sentences))
-    users = {configurations[run] for run in user_run_names(study)}
-    replica = "; ".join(sentence for configuration, sentence in per_run.items() if configuration in users)
-    answer = replica + (f". {regime}" if regime else "")
-    return Section(f"The seed's statistics ({_seed_statistics()}) in its units", body, numbered=True), answer
-
+            "units) lies below the seed's two clamps, on the fp32 whole-image predictions of each run untrained "
+            "(nnU-Net's initialisation of the same network under the run's seed), after its first epoch and at "
+            "its switch-on; per run the median over its cases, then the median over seeds with their range. The "
+            "seed reports " + ", ".join(f"{format_percent(v)} below {k:g}" for k, v in seed.BELOW_AT_SWITCH_ON.items())
+            + f" at its switch-on ({seed.SWITCH_ON_IMAGES} images of {seed.IMAGE_SIZE}²); within a factor of "
+            f"{REGIME_FACTOR:g} of its {format_percent(seed.BELOW_AT_SWITCH_ON[seed.V24.eps])} is \"the seed's "
+            "regime\". The whole distribution of s is the figure at the top; every run and case is in "
+            "`switch_on_s.csv`, the distribution in `s_distribution.csv`.\n\n" + markdown_table(table)
+            + (f"\n\n{regime}" if regime else ""))
+    return Section(f"The seed's statistics ({_seed_statistics()}) in its units", body, numbered=True), regime or ""
 
 
 # ---------------------------------------------------------------------------------------------- question 4

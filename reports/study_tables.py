@@ -9,6 +9,7 @@ a label. A configuration (dataset and trainer) run with several seeds has one re
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,7 @@ import pandas as pd
 from . import seed
 from .schema import (LOSS_PRECISION_COLUMNS, REPLICA_SWEEP_COLUMNS, RUN_COLUMNS, S_DISTRIBUTION_COLUMNS,
                      STUDY_RUN_FIELDS, SWEEP_COLUMNS, SWITCH_ON_S_COLUMNS, TERM_GRADIENT_COLUMNS, ReportInputError,
-                     read_json, share_role)
+                     UNTRAINED, read_json, share_role)
 from .tables import format_eps, format_percent, read_optional_table, read_table
 
 # The sweep's headline table (sweep/headline.csv) columns the bias section reads.
@@ -111,6 +112,16 @@ def over_seeds(per_run: pd.Series, study: dict) -> pd.DataFrame:
 def switch_on_checkpoint(run: dict) -> str:
     """The file name of a run's first checkpoint trained with the geometric term."""
     return f"checkpoint_epoch_{run['warmup']:04d}.pth"
+
+
+def state_label(checkpoint: str, run: dict) -> str:
+    """What a measured checkpoint of a run is, in words: untrained, after epoch E, or the switch-on (epoch E)."""
+    if checkpoint == UNTRAINED:
+        return "untrained"
+    if checkpoint == switch_on_checkpoint(run):
+        return f"switch-on (after epoch {run['warmup']}, the first with the term)"
+    epoch = re.fullmatch(r"checkpoint_epoch_(\d+)\.pth", checkpoint)
+    return f"after epoch {int(epoch.group(1))}" if epoch else checkpoint
 
 
 # ------------------------------------------------------------------------------------- the replica's clamps

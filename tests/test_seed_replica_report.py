@@ -110,10 +110,11 @@ def test_the_answers_are_computed_from_the_tables(tmp_path):
     assert "the medians need not sum to 1" in _section(markdown, "each term contribute")
     # Q3: medians over three cases (x1.1): 0.25 * 1.1 = 27.5% below 1e-2, within a factor of 2 of the seed's
     statistics = _section(markdown, "in its units")
-    assert "checkpoint_epoch_0001.pth: 0.22% below 1e-4, 27.5% below 1e-2 (the seed's regime)" in statistics
-    assert "5.5% below 1e-2 (5.15x below the seed's)" in statistics
-    assert ("The seed's 28.3% lies inside the measured range, between 501-ReplicaV23 checkpoint_epoch_0001.pth "
-            "(5.5%) and 502-Production checkpoint_epoch_0001.pth (66%).") in statistics
+    switch_on = "switch-on (after epoch 1, the first with the term)"
+    assert f"| 502-ReplicaV23 | {switch_on} | 1 | 3 | 0.22% | 27.5% | the seed's regime |" in statistics
+    assert f"| 501-ReplicaV23 | {switch_on} | 1 | 3 | 0.055% | 5.5% | 5.15x below the seed's |" in statistics
+    assert (f"The seed's 28.3% lies inside the measured range, between 501-ReplicaV23 {switch_on} (5.5%) and "
+            f"502-Production {switch_on} (66%).") in statistics
     # Q5: the at-bound share of the sqrt clamps (fp32 rows only) and the compactness share differ by >= 1.5x
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
     assert "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
@@ -157,7 +158,7 @@ def test_run_kinds_are_the_records_fields_not_the_names(tmp_path):
                        "nnUNetTrainerSeedReplicaV23": "TrainerOne", "nnUNetTrainerGeometric": "TrainerTwo"})
     markdown = study_report.render(tmp_path, "study").markdown.read_text()
     statistics = _section(markdown, "in its units")
-    assert "\n- alpha (switch-on epoch 1): " in statistics and "\n- beta (switch-on epoch 1): " in statistics
+    assert "\n| alpha | switch-on (after epoch 1" in statistics and "\n| beta | switch-on (after epoch 1" in statistics
     [prior] = [line for line in _section(markdown, "## In one minute").splitlines() if "Is the prior doing" in line]
     assert "gamma" not in prior and "beta" in prior  # geodiag's run: in the sections' tables, not the replica's answer
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
