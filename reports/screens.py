@@ -70,6 +70,13 @@ def rule_pick_sentence(summary: dict, rows: pd.DataFrame) -> str:
                 "that eps, so the rule picks the smallest eps that stays finite with max |dL/dlogit| ≤ "
                 f"{bound:.4g}; a larger eps is preferable only where a smaller one gives non-finite values "
                 f"or a larger gradient ({pooled}).")
+    if summary.get("tie_break"):
+        return (f"{pick}, by the tie-break: its median |loss bias| is within "
+                f"{100 * summary['rule']['tie_tolerance']:.3g} percentage points of the least biased eligible "
+                "setting's (bias is measured against the loss in fp64 at the smallest swept eps, so the smallest eps "
+                "that stays finite is least biased by construction), and a tie goes to the larger eps, whose sqrt "
+                "has the smaller derivative bound; a larger eps still is preferable only where a smaller one gives "
+                f"non-finite values or a larger gradient ({pooled}).")
     return (f"{pick}: every smaller swept eps gave non-finite values or a max |dL/dlogit| above "
             f"{bound:.4g} ({pooled}).")
 

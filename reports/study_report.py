@@ -28,8 +28,8 @@ from .screens import first_screen
 from .study_answers import (datasets_section, nonfinite_section, replica_sweep_section, seed_statistics_section,
                             shares_section)
 from .study_causes import causes, causes_section
-from .study_tables import (StudyTables, nonfinite_per_precision, sqrt_clamp_rows, sqrt_sites, switch_on_checkpoint,
-                           seeds_sentence, timing_sentence, user_runs, user_sites)
+from .study_tables import (StudyTables, nonfinite_per_precision, run_configurations, sqrt_clamp_rows, sqrt_sites,
+                           switch_on_checkpoint, seeds_sentence, timing_sentence, user_runs, user_sites)
 from .tables import markdown_table
 
 
@@ -87,8 +87,9 @@ def _first_screen(directory: Path, tables: StudyTables, sites: pd.DataFrame, cla
                study_screen.clamp_change(tables, replica_sweep), study_screen.rule_pick(tables, replica_sweep),
                study_screen.prior_effect(tables, clamps, f"§{numbers['shares']}, §{numbers['s']}"),
                study_screen.next_run(remaining, f"§{numbers['causes']}")]
-    runs = {run["run"]: (f"replica {run['seed_version']}", switch_on_checkpoint(run))
-            for run in user_runs(tables.study)}
+    configurations = run_configurations(tables.study)
+    runs = {run["run"]: (f"replica {run['seed_version']}" if run["seed_version"] else configurations[run["run"]],
+                         switch_on_checkpoint(run)) for run in user_runs(tables.study) or tables.study["runs"]}
     path = study_figures.s_distribution(tables.s_distribution, runs, directory / "figures" / "s_distribution.png")
     return first_screen([answer for answer in answers if answer is not None], Figure(
         path, "The distribution of the replica's s = gx² + gy² (raw Sobel, the seed's units) over the pixels of "

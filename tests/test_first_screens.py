@@ -152,3 +152,20 @@ def test_shares_of_pixels_are_percent_in_the_sweep_table_as_in_its_text(tables):
     [row] = [line for line in text.splitlines() if line.startswith("| clamp 1e-2 |")]
     assert f" {zero:.3g} |" in row and "pixels with zero gradient (median, %)" in text
     assert f"{zero:.3g}% at clamp 1e-2" in text  # the verdict's sentence, same number, same unit
+
+
+@pytest.mark.parametrize("report", ["site sweep", "study"])
+def test_the_picks_reason_agrees_with_the_headline_table(tables, report):
+    """A smaller eligible eps in the replica sweep's headline table means the tie-break, not ineligibility, passed
+    it over: in the site sweep's first screen and in the study's, which quotes it."""
+    markdown = (site_sweep_report.render(tables / "replica_sweep") if report == "site sweep"
+                else study_report.render(tables, "study")).markdown
+    [line] = [line for line in _top(markdown).splitlines() if "rule pick" in line]
+    summary = json.loads((tables / "replica_sweep" / "summary.json").read_text())
+    headline = pd.read_csv(tables / "replica_sweep" / "headline.csv")
+    smaller = headline[(headline["eps"] < summary["recommended"]["eps"] * (1 - 1e-9)) & headline["eligible"]
+                       & (headline["stabilizer"] == summary["recommended"]["stabilizer"])]
+    if len(smaller):
+        assert "by the tie-break" in line and "every smaller swept eps gave" not in line
+    else:
+        assert "by the tie-break" not in line
