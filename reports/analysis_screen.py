@@ -9,7 +9,7 @@ from typing import Optional
 
 import pandas as pd
 
-from .schema import FP16_MAX, FP16_SMALLEST_SUBNORMAL, FP32_MAX, GRAD_SCALER_INITIAL_SCALE
+from .schema import FP16_MAX, FP16_SMALLEST_SUBNORMAL, FP32_MAX, GRAD_SCALER_INITIAL_SCALE, HEALTHY
 from .screens import Answer, scope
 from .tables import format_number
 
@@ -26,9 +26,11 @@ def _scope(summary: dict) -> str:
 
 
 def health(summary: dict, meaning: str) -> Answer:
+    """The verdict, its reason and scope, and what it means unless that only restates a healthy reason."""
     verdict = str(summary.get("verdict")).replace("_", " ")
     reason = summary.get("verdict_reason") or "no reason recorded"
-    return Answer("Is this checkpoint healthy?", f"{verdict.capitalize()}: {reason} {_scope(summary)}. {meaning}",
+    meaning = "" if summary.get("verdict") == HEALTHY else f" {meaning}"
+    return Answer("Is this checkpoint healthy?", f"{verdict.capitalize()}: {reason} {_scope(summary)}.{meaning}",
                   "Verdict")
 
 
@@ -66,8 +68,8 @@ def next_step(text: str) -> Answer:
 
 
 def fp16_zero_gradients(tensors: pd.DataFrame) -> Optional[Answer]:
-    """Why most of a tensor's fp16 gradients are exactly zero, when they are: the tensor whose gradient has the
-    most more zeros in fp16 than in fp32, and whether fp32's values below fp16's smallest subnormal account for
+    """Why a tensor's fp16 gradients are exactly zero, when more than ``UNDERFLOW_SHARE`` of them are beyond fp32's
+    zeros: the tensor whose gradient has the most more zeros in fp16 than in fp32, and whether fp32's values below fp16's smallest subnormal account for
     them (underflow of the unscaled loss's gradient; nnU-Net's GradScaler would multiply it by 65536 first)."""
     grads = tensors[tensors["kind"] == "grad"].set_index(["tensor", "precision"])
     if not {"fp16", "fp32"} <= set(tensors["precision"]):
@@ -79,10 +81,11 @@ def fp16_zero_gradients(tensors: pd.DataFrame) -> Optional[Answer]:
     name = max(extra, key=extra.get)
     half, single = grads.loc[(name, "fp16")], grads.loc[(name, "fp32")]
     explained = abs(single["zero"] + single["fp16_underflow"] - half["zero"]) <= UNDERFLOW_SHARE * half["count"]
-    why = (f"in fp32 {int(single['fp16_underflow']):,} more lie below fp16's smallest subnormal "
-           f"({FP16_SMALLEST_SUBNORMAL:.3g}), so they underflow to zero: the analysis back-propagates the unscaled "
-           f"loss (nnU-Net's GradScaler multiplies it by {GRAD_SCALER_INITIAL_SCALE:g} first)" if explained else
-           f"fp16 underflow explains only {int(single['fp16_underflow']):,} of them")
-    return Answer(f"Why are most fp16 `{name}` gradients zero?", (
-        f"{int(half['zero']):,} of {int(half['count']):,} ({100 * half['zero'] / half['count']:.3g}%) are exactly zero "
-        f"in fp16 vs {int(single['zero']):,} in fp32; {why}."), "Tensors in fp16")
+    why = (f"in fp32, {int(single['fp16_underflow']):,} lie below fp16's smallest subnormal "
+           f"({FP16_SMALLEST_SUBNORMAL:.3g}) and so underflow to zero in fp16: the analysis back-propagates the "
+           f"unscaled loss (nnU-Net's GradScaler multiplies it by {GRAD_SCALER_INITIAL_SCALE:g} first)" if explained
+           else f"fp16 underflow explains only {int(single['fp16_underflow']):,} of them")
+    share = f"{100 * half['zero'] / half['count']:.3g}%"
+    return Answer(f"Why are {share} of the fp16 `{name}` gradients exactly zero?", (
+        f"{int(half['zero']):,} of {int(half['count']):,} are exactly zero in fp16 vs {int(single['zero']):,} in "
+        f"fp32; {why}."), "Tensors in fp16")

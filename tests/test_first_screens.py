@@ -143,6 +143,8 @@ def test_the_fp16_zero_gradients_are_counted_and_explained_as_underflow(tables):
     assert abs(single["zero"] + single["fp16_underflow"] - half["zero"]) < 0.01 * half["count"]
     assert f"{int(half['zero']):,} of {int(half['count']):,}" in top and f"vs {int(single['zero']):,} in fp32" in top
     assert "underflow to zero" in top and f"({2.0 ** -24:.3g})" in top
+    # the question states the share it asks about, not "most"
+    assert f"Why are {100 * half['zero'] / half['count']:.3g}% of the fp16 `logits` gradients exactly zero?" in top
 
 
 def test_shares_of_pixels_are_percent_in_the_sweep_table_as_in_its_text(tables):
