@@ -73,10 +73,9 @@ def rule_pick_sentence(summary: dict, rows: pd.DataFrame) -> str:
     if summary.get("tie_break"):
         return (f"{pick}, by the tie-break: its median |loss bias| is within "
                 f"{100 * summary['rule']['tie_tolerance']:.3g} percentage points of the least biased eligible "
-                "setting's (bias is measured against the loss in fp64 at the smallest swept eps, so the smallest eps "
-                "that stays finite is least biased by construction), and a tie goes to the larger eps, whose sqrt "
-                "has the smaller derivative bound; a larger eps still is preferable only where a smaller one gives "
-                f"non-finite values or a larger gradient ({pooled}).")
+                "setting's, and a tie goes to the larger eps (the smaller bound on the sqrt's derivative); a larger "
+                f"eps still would be preferable only where a smaller one gave non-finite values or a larger gradient "
+                f"({pooled}).")
     return (f"{pick}: every smaller swept eps gave non-finite values or a max |dL/dlogit| above "
             f"{bound:.4g} ({pooled}).")
 

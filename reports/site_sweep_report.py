@@ -74,7 +74,7 @@ def _your_numbers(row: pd.Series) -> str:
 def bound_verdict(rec: Recommendation, bound: float, sites: str) -> Verdict:
     """The rule's answer about the user's current bound: keep it (the pick, or a tie the pick won only by the
     tie-break), change it (a smaller bias passed, or it fails the rule), or not measured (not swept)."""
-    table, yours = rec.candidates, f"your bound {format_eps(bound)} at {sites}"
+    table, yours = rec.candidates, f"your bound {format_eps(bound)} at {', '.join(sites.split(','))}"
     chosen = None if rec.recommended is None else table[np.isclose(table["eps"], rec.recommended["eps"])].iloc[0]
     pick = "nothing" if chosen is None else setting_label(chosen["stabilizer"], chosen["eps"])
     rows = table[np.isclose(table["eps"], bound, rtol=1e-9, atol=0)]
@@ -102,9 +102,12 @@ def bound_verdict(rec: Recommendation, bound: float, sites: str) -> Verdict:
             f"local derivative is bounded by {derivative_bound(chosen['eps'])} instead of "
             f"{derivative_bound(bound)}."), numbers)
     if row["eligible"]:
-        why = (f"{pick} passed the same rule with a smaller median |loss bias|: "
-               f"{format_percent(chosen['median_abs_bias_loss'])} vs {format_percent(row['median_abs_bias_loss'])}")
-    elif not row["finite"]:
+        return Verdict("not_justified", (
+            f"Change {yours} to {pick}: it passed the same rule with a smaller median |loss bias|, "
+            f"{format_percent(chosen['median_abs_bias_loss'])} vs {format_percent(row['median_abs_bias_loss'])} "
+            f"(max |dL/dlogit| {format_number(chosen['max_grad_max'])} vs {format_number(row['max_grad_max'])}, "
+            f"non-finite values {int(chosen['nonfinite'])} vs {int(row['nonfinite'])})."), numbers)
+    if not row["finite"]:
         why = (f"yours produced {int(row['nonfinite'])} non-finite values (precisions: "
                f"{row['nonfinite_precisions'] or 'n/a'})")
     else:
@@ -194,7 +197,7 @@ def render(directory: str | Path) -> RenderedReport:
                                       "No swept value passed the rule.")
                 + (f" {rec.tie_break}" if rec.tie_break else "") + "\n\nRule: " + RULE.describe()),
         Section("What was measured", (
-            f"Sites: {sites}; {rows['checkpoint'].nunique()} checkpoint(s), {rows['case'].nunique()} case(s), "
+            f"Sites: {', '.join(sites.split(','))}; {rows['checkpoint'].nunique()} checkpoint(s), {rows['case'].nunique()} case(s), "
             f"precisions {', '.join(sorted(rows['precision'].unique()))}. Each case is predicted whole as nnU-Net "
             "predicts it (no gradient into the network); every gradient here is the loss's gradient at those "
             "logits. Reference: the same loss in fp64 at the smallest swept value. Units: the eps are the bound "

@@ -96,7 +96,8 @@ def _first_screen(directory: Path, tables: StudyTables, sites: pd.DataFrame, cla
               f"{tables.study['cases']} whole images per run, against the seed's clamps (vertical lines): share of "
               "pixels per quarter decade (top) and below each s (bottom); untrained: nnU-Net's initialisation of "
               "the same network under each run's seed; each configuration pooled over its seeds (band: the range "
-              "of the seeds); stars: the seed's reported shares at its switch-on. A pixel below a clamp gets zero "
+              "of the seeds); a configuration drawn wide and pale lies under the next, so one visible line means they "
+              "coincide; stars: the seed's reported shares at its switch-on. A pixel below a clamp gets zero "
               "gradient from that sqrt."))
 
 

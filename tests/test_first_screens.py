@@ -77,8 +77,12 @@ def test_the_site_sweep_opens_with_its_verdict_and_each_site_apart(tables):
     rows = pd.read_csv(tables / "replica_sweep" / "site_sweep.csv")
     fp32 = rows[(rows["precision"] == "fp32") & np.isclose(rows["eps"], 1e-2)]
     pooled_bias = rows.loc[np.isclose(rows["eps"], 1e-2), "bias_loss"].abs().median()
-    # the verdict is on the user's own bound (these committed rows predate its recording: not measured, and why)
-    assert "**Is your bound justified?** Not measured:" in top
+    # the verdict is on the user's own bound, recorded per row, against the rule's pick: each median pooled as said
+    bound = rows["current_bound[nnUNetTrainerSeedReplica.py:52]"].unique()
+    pick = json.loads((tables / "replica_sweep" / "summary.json").read_text())["recommended"]["eps"]
+    assert len(bound) == 1 and "**Is your bound justified?** Change your bound 1e-4 at " in top
+    mine, picked = (rows.loc[np.isclose(rows["eps"], eps), "bias_loss"].abs().median() for eps in (bound[0], pick))
+    assert f"smaller median |loss bias|, {_percent(picked)} vs {_percent(mine)}" in top
     assert f"→ {_percent(pooled_bias)}; non-finite values" in top  # what 1e-4 -> 1e-2 changes, pooled as said
     for site in ("nnUNetTrainerSeedReplica.py:52", "nnUNetTrainerSeedReplica.py:74"):
         share = fp32[f"at_bound_fraction[{site}]"].median()
