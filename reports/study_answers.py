@@ -98,9 +98,13 @@ def _evidence(tables: StudyTables, sites: pd.DataFrame, first: list[dict]) -> tu
     runs, gradients, users = tables.runs, tables.gradients, user_run_names(tables.study)
     watched = runs.groupby("run", sort=False)["watched_steps"].sum()
     bad_steps = runs.groupby("run", sort=False)["nonfinite_steps"].sum()
-    lines = ["Training under geodiag watch: " + ", ".join(
-        f"{run} {int(bad_steps.get(run, 0) or 0)} non-finite of {int(watched.get(run, 0))} steps"
-        for run in watched.index) + "."]
+    bad_runs = [run for run in watched.index if bad_steps.get(run, 0)]
+    steps = sorted({int(n) for n in watched})
+    lines = ["Training under geodiag watch: " + (", ".join(
+        f"{run} {int(bad_steps[run])} non-finite of {int(watched[run])} steps" for run in bad_runs)
+        + f"; the other {len(watched) - len(bad_runs)} runs none" if bad_runs else
+        f"0 non-finite steps in each of the {len(watched)} runs") + " (of "
+        + " or ".join(map(str, steps)) + " watched steps per run)."]
     if first:
         lines.append("First non-finite step per run (watch's first_nonfinite.json):\n\n"
                      + markdown_table(pd.DataFrame(first)))
@@ -221,8 +225,6 @@ def shares_section(gradients: pd.DataFrame, clamps: pd.DataFrame,
                  f"1/{seed.UNITS_FACTOR:g} of the geometric compactness (a disk gives 1/{seed.UNITS_FACTOR:g}, "
                  "not 1) and the compactness term sits near 1 - 4πA/P² ≈ 1 whatever the shape; the weighted value "
                  "column shows it.")
-    body += "\n\nPer configuration, each term's role and its median share over seeds:\n\n" + "\n".join(
-        f"- {s}" for s in sentences)
     answer = "; ".join(sentences) + "."
     return Section("What does each term contribute at the switch-on?", body, numbered=True), answer
 

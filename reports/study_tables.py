@@ -258,7 +258,7 @@ def dataset_table(tables: StudyTables, clamps: pd.DataFrame) -> pd.DataFrame:
                     & (small_s["checkpoint"] == switch_on_checkpoint(run))]
         after = runs[(runs["run"] == name) & runs["geometric_active"].astype(bool)]
         row = {"version": run["seed_version"], "dataset": run["dataset"],
-               f"pixels below {format_eps(seed.V24.eps)} (seed's units, median)": s["fraction_below"].median(),
+               f"pixels below {format_eps(seed.V24.eps)} (seed's units, median, %)": 100 * s["fraction_below"].median(),
                "largest step norm before clipping": after["grad_norm_max"].max(),
                "non-finite steps": after["nonfinite_steps"].sum()}
         for term, frame in gradients[gradients["run"] == name].groupby("term", sort=False):
@@ -266,7 +266,7 @@ def dataset_table(tables: StudyTables, clamps: pd.DataFrame) -> pd.DataFrame:
             row[f"{term} max |dL/dlogit|"] = frame["max_abs_grad_logits"].max()
         if not clamps.empty:
             for term, frame in clamps[(clamps["run"] == name) & (clamps["precision"] == "fp32")].groupby("term"):
-                row[f"{term} sqrt clamp at bound"] = frame["at_bound_fraction"].max()
+                row[f"{term} sqrt clamp at bound (%)"] = 100 * frame["at_bound_fraction"].max()
         rows.append(row)
     # a configuration's seeds: their median (several seeds of one dataset are no difference between datasets)
     return pd.DataFrame(rows).groupby(["version", "dataset"], sort=True).median().reset_index()

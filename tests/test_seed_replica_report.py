@@ -117,7 +117,7 @@ def test_the_answers_are_computed_from_the_tables(tmp_path):
             f"502-Production {switch_on} (66%).") in statistics
     # Q5: the at-bound share of the sqrt clamps (fp32 rows only) and the compactness share differ by >= 1.5x
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
-    assert "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
+    assert "compactness sqrt clamp at bound (%) (501: 0.1, 502: 2)" in datasets
     assert "compactness share (median) (501: 0.22, 502: 0.00044)" in datasets
     assert "dice_ce share" not in datasets.split("\n- ")[-1]  # equal on both datasets: not called different
     assert "\n- V2.3: " in datasets  # the version is the run record's seed_version
@@ -162,7 +162,7 @@ def test_run_kinds_are_the_records_fields_not_the_names(tmp_path):
     [prior] = [line for line in _section(markdown, "## In one minute").splitlines() if "Is the prior doing" in line]
     assert "gamma" not in prior and "beta" in prior  # geodiag's run: in the sections' tables, not the replica's answer
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
-    assert "\n- V2.3: " in datasets and "compactness sqrt clamp at bound (501: 0.001, 502: 0.02)" in datasets
+    assert "\n- V2.3: " in datasets and "compactness sqrt clamp at bound (%) (501: 0.1, 502: 2)" in datasets
 
 
 def test_a_study_without_the_run_kind_fields_is_a_one_line_error(tmp_path):
