@@ -43,6 +43,12 @@ def hidden_answers(lines: Sequence[str], evidence: str) -> list[Answer]:
     return [Answer("Was the loss measured as it runs?", " ".join(lines), evidence)] if lines else []
 
 
+def counted(count: int, noun: str, items: str = "") -> str:
+    """``count noun`` with the noun's plural when it is not one ("1 checkpoint", "16 cases"); ``items``: the names
+    after it ("datasets 501, 502")."""
+    return f"{count} {noun}{'' if count == 1 else 's'}" if not items else f"{noun}{'' if count == 1 else 's'} {items}"
+
+
 def scope(*parts: object) -> str:
     """What a number covers, written the same way in every report: "[501, 502; 256²; cpu; fp32; 140 steps]"."""
     return "[" + "; ".join(str(part) for part in parts if part not in (None, "")) + "]"
@@ -83,10 +89,10 @@ def rule_pick_sentence(summary: dict, rows: pd.DataFrame) -> str:
 def sweep_scope(rows: pd.DataFrame) -> str:
     """The pool every number of a sweep's first screen covers: datasets, checkpoints, cases, precisions."""
     columns = set(rows.columns)  # rows written by another geodiag may lack a column: its part is left out
-    return scope(f"datasets {', '.join(str(d) for d in dict.fromkeys(rows['dataset']))}" if "dataset" in columns
-                 else None,
-                 f"{rows['checkpoint'].nunique()} checkpoints" if "checkpoint" in columns else None,
-                 f"{rows['case'].nunique()} cases, whole images" if "case" in columns else None,
+    datasets = list(dict.fromkeys(rows["dataset"])) if "dataset" in columns else []
+    return scope(counted(len(datasets), "dataset", ", ".join(map(str, datasets))) if datasets else None,
+                 counted(rows["checkpoint"].nunique(), "checkpoint") if "checkpoint" in columns else None,
+                 counted(rows["case"].nunique(), "case") + ", whole images" if "case" in columns else None,
                  f"pooled over {', '.join(sorted(rows['precision'].unique()))}")
 
 

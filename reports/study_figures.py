@@ -54,7 +54,7 @@ def s_distribution(distribution: pd.DataFrame, runs: Mapping[str, tuple[str, str
     ``runs``: run -> (configuration label, its switch-on checkpoint's file name)."""
     seed_units = distribution[(distribution["units"] == "seed") & distribution["run"].isin(list(runs))]
     datasets = list(dict.fromkeys(seed_units["dataset"]))
-    figure = Figure(figsize=(5.2 * len(datasets), 6.6))
+    figure = Figure(figsize=(max(7.0, 5.2 * len(datasets)), 6.8))
     clamps = sorted(seed.BELOW_AT_SWITCH_ON)
     configurations = list(dict.fromkeys(label for label, _ in runs.values()))
     # configurations whose curves coincide stay visible: the earlier ones wide and pale under the later ones
@@ -107,6 +107,7 @@ def s_distribution(distribution: pd.DataFrame, runs: Mapping[str, tuple[str, str
             bottom.text(0.02, 0.97, f"s = 0 or s < {format_eps(LEFT)}:\n" + "\n".join(notes), fontsize=7,
                         ha="left", va="top", transform=bottom.transAxes)
     handles, labels = figure.axes[1].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    figure.tight_layout(rect=(0, 0.09, 1, 1))
+    columns = 3 if len(datasets) > 1 else 2
+    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0.035 * -(-len(labels) // columns), 1, 1))
     return figure

@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import seed
 from .schema import INERT_SHARE
-from .screens import Answer, rule_pick_sentence, scope
+from .screens import Answer, counted, rule_pick_sentence, scope
 from .study_answers import raising
 from .study_tables import (StudyTables, analysed_seeds, replica_sweep_table, rows_at, sqrt_sites, switch_on_checkpoint,
                            user_run_names, user_runs)
@@ -31,9 +31,9 @@ def _span(values: pd.Series, percent: bool = True) -> str:
 def _training_scope(tables: StudyTables, what: str) -> str:
     study, users = tables.study, user_run_names(tables.study)
     steps = tables.runs[tables.runs["run"].isin(users)].groupby("run")["watched_steps"].sum()
-    datasets = ", ".join(str(d) for d in study["datasets"])
+    datasets = counted(len(study["datasets"]), "dataset", ", ".join(str(d) for d in study["datasets"]))
     per_run = f"{int(steps.iloc[0])} steps/run" if len(steps) and steps.nunique() == 1 else "steps per run vary"
-    return scope(what, f"datasets {datasets}", f"{study['image_size']}²", study["device"], "fp32 training", per_run)
+    return scope(what, datasets, f"{study['image_size']}²", study["device"], "fp32 training", per_run)
 
 
 def reproduced(tables: StudyTables, analysed_bad: int, analysed: str, section: str) -> Answer:
@@ -89,8 +89,9 @@ def clamp_change(tables: StudyTables, section: str) -> Optional[Answer]:
               f"{format_percent(high['median_abs_loss_bias'])}, the max |dL/dlogit| "
               f"{format_number(low['max_grad_logits'])} → {format_number(high['max_grad_logits'])} (per logit, "
               f"loss units); {held} "
-              + scope("the replica's own clamps swept at their lines", f"{sweep['checkpoint'].nunique()} checkpoints",
-                      f"{sweep['case'].nunique()} cases, whole images", analysed_seeds(tables.study),
+              + scope("the replica's own clamps swept at their lines",
+                      counted(sweep["checkpoint"].nunique(), "checkpoint"),
+                      counted(sweep["case"].nunique(), "case") + ", whole images", analysed_seeds(tables.study),
                       tables.study["device"], "fp32 rows only")
               + ".")
     return Answer(f"Was {setting_label(*seed.V24.setting)} justified, and what does it change?", answer, section)
@@ -126,9 +127,11 @@ def prior_effect(tables: StudyTables, clamps: pd.DataFrame, section: str) -> Ans
     at_switch = small[small["checkpoint"] == small["run"].map(switch_on)]
     if len(at_switch):
         medians_below = at_switch.groupby("run")["fraction_below"].median()
-        answer += (f" Why: at the switch-on {_span(medians_below)} of pixels (median per run) have s below "
-                   f"{format_eps(seed.V23.eps)} in the seed's units")
         fp32 = clamps[clamps["precision"] == "fp32"] if not clamps.empty else clamps
+        # a cause only where some term is inert and a clamp holds most of its elements at the bound
+        cause = carrying < len(medians) and len(fp32) and fp32["at_bound_fraction"].max() >= 0.5
+        answer += (f" {'Why: at' if cause else 'At'} the switch-on {_span(medians_below)} of pixels (median per run) "
+                   f"have s below {format_eps(seed.V23.eps)} in the seed's units")
         if len(fp32):
             held = ", ".join(f"the {term} clamp {_span(frame['at_bound_fraction'])}"
                              for term, frame in fp32.groupby("term", sort=False))
