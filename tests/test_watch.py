@@ -23,6 +23,7 @@ import torch
 from geodiag.diagnostics.nnunet.checkpoint import load_checkpoint
 from geodiag.diagnostics.nnunet.environment import EXT_TRAINER_VAR, ext_trainer_value
 from geodiag.diagnostics.instruments.checkpoint_health import checkpoint_health
+from geodiag.diagnostics.nonfinite.sites import format_site
 
 USER_TRAINERS = Path(__file__).parent / "user_trainers"
 SHAPE_PRIOR_FILE = "my_shape_prior_trainer.py"
@@ -99,7 +100,7 @@ def test_watch_stops_a_researchers_trainer_at_its_backward_nan_and_names_the_sqr
     switch_on = 1 * 3  # shape_start_epoch 1 of num_iterations_per_epoch 3, in the trainer file
     assert (report["iteration"], report["epoch"]) == (switch_on, 1)
     assert report["phase"] == "backward" and report["op"] == "sqrt" and report["node"] == "SqrtBackward0"
-    assert report["site"] == f"{SHAPE_PRIOR_FILE}:{_line_of(user_file, 'torch.sqrt(gx ** 2 + gy ** 2)')}"
+    assert report["site"] == format_site(str(user_file), _line_of(user_file, 'torch.sqrt(gx ** 2 + gy ** 2)'))
     assert report["trigger"] == "gradient" and math.isfinite(report["seen_live"]["loss"])  # the forward is finite
     assert len(report["cases"]) == 2 and all(c.startswith("shapes_one_") for c in report["cases"])
     assert report["replay"]["classification"] == "maths"
@@ -147,7 +148,7 @@ def test_watch_names_the_conv_module_of_a_forward_inf_in_a_stock_train_step(tiny
     assert report["iteration"] == 2 and report["phase"] == "forward"  # epoch 1 of 2 iterations per epoch
     assert report["module"].startswith("PlainConvUNet.encoder.stages.1.0.convs.0.conv ")
     assert report["op"] == "masked_fill"
-    assert report["site"] == f"{STOCK_FILE}:{_line_of(stock_file, 'output.masked_fill(corner')}"
+    assert report["site"] == format_site(str(stock_file), _line_of(stock_file, 'output.masked_fill(corner'))
     _assert_finite_nnunet_checkpoint(folder / "last_good.pth", tiny_dataset_502)
 
 
@@ -269,7 +270,7 @@ def test_watch_works_with_a_compiled_network_and_replays_it_uncompiled(tiny_data
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((folder / "first_nonfinite.json").read_text())
     assert (report["iteration"], report["phase"], report["op"]) == (3, "backward", "sqrt")
-    assert report["site"] == f"{SHAPE_PRIOR_FILE}:{_line_of(user_file, 'torch.sqrt(gx ** 2 + gy ** 2)')}"
+    assert report["site"] == format_site(str(user_file), _line_of(user_file, 'torch.sqrt(gx ** 2 + gy ** 2)'))
     assert report["replay"]["classification"] == "maths"
     histograms = json.loads((folder / "histograms_epoch_0000.json").read_text())
     logits = {r["kind"]: r["count"] for r in histograms["rows"] if r["name"] == "logits"}
@@ -289,7 +290,7 @@ def test_watch_sees_a_nan_gradient_the_trainers_own_guard_hides_before_clip(tiny
     report = json.loads((folder / "first_nonfinite.json").read_text())
     assert (report["iteration"], report["trigger"], report["phase"], report["op"]) == (2, "gradient", "backward",
                                                                                        "sqrt")
-    assert report["site"] == f"{GUARDED_FILE}:{_line_of(user_file, 'return torch.sqrt(')}"
+    assert report["site"] == format_site(str(user_file), _line_of(user_file, 'return torch.sqrt('))
     rows = _rows(folder)
     assert [r["skipped_by_trainer"] for r in rows] == ["0", "0", "1"] and rows[-1]["event"] == "gradient"
 

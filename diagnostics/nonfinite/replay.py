@@ -41,6 +41,7 @@ from geodiag.reports.schema import (REPLAY_CLASSIFICATIONS, REPLAY_FAILED, REPLA
 from ..instruments.errors import GeodiagError
 from .provenance import NonFiniteProvenance
 from .provenance_report import ProvenanceReport
+from .sites import format_site
 
 AS_RUN = "as-run"
 # How many tensor or parameter names a replay lists before counting the rest.
@@ -305,7 +306,7 @@ def describe(report: Optional[ProvenanceReport]) -> dict:
                 "source": None, "dtype": None, "inputs": [], "outputs": [], "produced": None}
     forward = report.forward_op or report.op
     match = _SOURCE.match(report.source or "")
-    site = f"{match['file'].rsplit('/', 1)[-1]}:{match['line']}" if match else None
+    site = format_site(match["file"], int(match["line"])) if match else None
     return {"phase": report.phase, "op": _short(forward), "aten_op": report.op, "node": report.node,
             "module": report.module, "site": site, "source": report.source,
             "dtype": str(report.outputs[0].dtype).replace("torch.", "") if report.outputs else None,
