@@ -60,6 +60,12 @@ def test_the_study_opens_with_the_nan_question_the_clamp_verdict_and_the_prior(t
     else:
         carrying = int((medians >= 0.01).sum())
         assert f"**Is the prior doing anything?** In part: {carrying} of {len(medians)} term-runs" in top
+    # a cause is named only beside an inert term and a clamp holding most of its elements at the bound (fp32)
+    held = max(row["at_bound_fraction"] for name in replica["run"].unique() if (tables / "analysis" / name).is_dir()
+               for row in json.loads((tables / "analysis" / name / "summary.json").read_text())["sites"]
+               if row["op"] == "clamp" and row["precision"] == "fp32" and row["at_bound_fraction"] is not None)
+    [prior] = [line for line in top.splitlines() if "Is the prior doing anything?" in line]
+    assert ("Why: at the switch-on" in prior) == (bool((medians < 0.01).any()) and held >= 0.5), prior
     assert "![" in top  # the figure follows the answers on the first screen
 
 

@@ -160,6 +160,7 @@ def test_run_kinds_are_the_records_fields_not_the_names(tmp_path):
     statistics = _section(markdown, "in its units")
     assert "\n| alpha | switch-on (after epoch 1" in statistics and "\n| beta | switch-on (after epoch 1" in statistics
     [prior] = [line for line in _section(markdown, "## In one minute").splitlines() if "Is the prior doing" in line]
+    assert "At the switch-on" in prior and "Why" not in prior  # its clamps hold at most 2% at the bound
     assert "gamma" not in prior and "beta" in prior  # geodiag's run: in the sections' tables, not the replica's answer
     datasets = _section(markdown, "Do 501 and 502 differ for the replica?")
     assert "\n- V2.3: " in datasets and "compactness sqrt clamp at bound (%) (501: 0.1, 502: 2)" in datasets
