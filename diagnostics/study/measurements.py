@@ -18,36 +18,38 @@ from .definition import RunSpec, Study, epoch_checkpoint, nnunet_environment, sw
 
 # Bin edges of the distribution of s: quarter decades from 1e-16 to 1e2, so each clamp the seed quotes is an edge.
 S_EDGES = 10.0 ** (np.arange(-64, 9) / 4)
+# Every bin of it as (lower, upper): the exact zeros as (0, 0), then (0, 1e-16), each quarter decade, [1e2, inf).
+S_BINS = ((0.0, 0.0), *zip([0.0, *S_EDGES.tolist()], [*S_EDGES.tolist(), float("inf")]))
 
 
 def s_histogram(s: torch.Tensor) -> list[tuple[float, float, int]]:
-    """The distribution of s as (lower, upper, pixels): the exact zeros as (0, 0), then (0, 1e-16), each quarter
-    decade [lower, upper) and [1e2, inf); every bin present, empty or not, so histograms add up across cases."""
+    """The distribution of s as (lower, upper, pixels), one row per bin of ``S_BINS``, empty or not, so histograms
+    add up across cases."""
     flat = s.detach().flatten().double()
     positive = flat[flat > 0]
     edges = torch.as_tensor(S_EDGES, dtype=torch.float64, device=flat.device)
     counts = torch.bincount(torch.bucketize(positive, edges, right=True), minlength=len(S_EDGES) + 1).tolist()
-    lowers, uppers = [0.0, *S_EDGES.tolist()], [*S_EDGES.tolist(), float("inf")]
-    return [(0.0, 0.0, int((flat == 0).sum()))] + list(zip(lowers, uppers, counts))
+    return [(lower, upper, count) for (lower, upper), count in zip(S_BINS, [int((flat == 0).sum()), *counts])]
 
 
 def s_statistics(checkpoint, network: torch.nn.Module, max_cases: int,
                  device: str = "cpu") -> tuple[list[dict], list[dict]]:
-    """On the whole-image fp32 predictions of ``network`` for a checkpoint's first cases: per case, the share of
-    pixels whose s = gx^2 + gy^2 lies below each threshold the seed quotes (``seed.BELOW_AT_SWITCH_ON``), and over
-    the cases the distribution of s (``s_histogram``); s in the seed's units (raw Sobel, zero padding: the ``v2.3``
-    preset's s) and in geodiag's normalised units (the ``production`` preset's, 1/``seed.UNITS_FACTOR`` of it in
-    2D)."""
+    """On the whole-image fp32 predictions of ``network`` for a checkpoint's first cases: the distribution of s =
+    gx^2 + gy^2 over the cases (``s_histogram``), and per case the share of pixels whose s lies below each threshold
+    the seed quotes (``seed.BELOW_AT_SWITCH_ON``, each an edge of the bins, so read from them); s in the seed's units
+    (raw Sobel, zero padding: the ``v2.3`` preset's s) and in geodiag's normalised units (the ``production``
+    preset's, 1/``seed.UNITS_FACTOR`` of it in 2D)."""
     from geodiag.losses import GeometricLoss
     from geodiag.reports.seed import BELOW_AT_SWITCH_ON
 
     from ..nnunet.cases import find_cases, predict_logits, preprocess
 
+    uppers = np.array([upper for _, upper in S_BINS])
     network = network.to(device)
     losses = {units: GeometricLoss.from_preset(preset, classes=checkpoint.foreground_classes, softmax=True,
                                                reference="prior", aspect_weight=0)
               for units, preset in (("seed", "v2.3"), ("normalised", "production"))}
-    shares, pixels = [], {units: np.zeros(len(S_EDGES) + 2, dtype=np.int64) for units in losses}
+    shares, pixels = [], {units: np.zeros(len(S_BINS), dtype=np.int64) for units in losses}
     for files in find_cases(checkpoint)[:max_cases]:
         case = preprocess(checkpoint, files)
         with torch.no_grad():
@@ -57,14 +59,13 @@ def s_statistics(checkpoint, network: torch.nn.Module, max_cases: int,
                 with loss.register_tap(lambda name, t: seen.__setitem__(name, t),
                                        names=("compactness.grad_mag_squared",)):
                     loss(logits)
-                s = seen["compactness.grad_mag_squared"]
-                below = torch.stack([(s < eps).double().mean() for eps in BELOW_AT_SWITCH_ON]).tolist()
-                shares += [{"case": files.name, "units": units, "eps": eps, "fraction_below": share,
-                            "pixels": s.numel()} for eps, share in zip(BELOW_AT_SWITCH_ON, below)]
-                pixels[units] += [count for _, _, count in s_histogram(s)]
-    bins = s_histogram(torch.zeros(0))
+                counts = np.array([count for *_, count in s_histogram(seen["compactness.grad_mag_squared"])])
+                shares += [{"case": files.name, "units": units, "eps": eps,
+                            "fraction_below": counts[uppers <= eps].sum() / counts.sum(), "pixels": int(counts.sum())}
+                           for eps in BELOW_AT_SWITCH_ON]
+                pixels[units] += counts
     distribution = [{"units": units, "lower": lower, "upper": upper, "pixels": int(count)}
-                    for units, counts in pixels.items() for (lower, upper, _), count in zip(bins, counts)]
+                    for units, counts in pixels.items() for (lower, upper), count in zip(S_BINS, counts)]
     return shares, distribution
 
 
@@ -79,13 +80,14 @@ def small_s(study: Study) -> None:
     rows, distribution = [], []
     for run in study.runs:
         first = epoch_checkpoint(study, run, 0)
-        states = {UNTRAINED: (first, run.seed if run.seed is not None else study.seed)}
-        states.update({path.name: (path, None) for path in (first, switch_on_checkpoint(study, run))})
-        for state, (path, initial_seed) in states.items():
-            with nnunet_environment(study):
-                checkpoint = load_checkpoint(path)
-                network = checkpoint.network() if initial_seed is None else checkpoint.untrained_network(initial_seed)
-                shares, histogram = s_statistics(checkpoint, network, study.cases, study.device)
+        with nnunet_environment(study):
+            checkpoints = {path: load_checkpoint(path) for path in (first, switch_on_checkpoint(study, run))}
+            states = {UNTRAINED: (checkpoints[first], checkpoints[first].untrained_network(
+                run.seed if run.seed is not None else study.seed))}
+            states.update({path.name: (checkpoint, checkpoint.network()) for path, checkpoint in checkpoints.items()})
+            measured = {state: s_statistics(checkpoint, network, study.cases, study.device)
+                        for state, (checkpoint, network) in states.items()}
+        for state, (shares, histogram) in measured.items():
             where = {"run": run.name, "dataset": run.dataset_id, "checkpoint": state}
             rows += [{**where, **row} for row in shares]
             distribution += [{**where, **row} for row in histogram]
