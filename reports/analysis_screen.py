@@ -69,8 +69,9 @@ def next_step(text: str) -> Answer:
 
 def fp16_zero_gradients(tensors: pd.DataFrame) -> Optional[Answer]:
     """Why a tensor's fp16 gradients are exactly zero, when more than ``UNDERFLOW_SHARE`` of them are beyond fp32's
-    zeros: the tensor whose gradient has the most more zeros in fp16 than in fp32, and whether fp32's values below fp16's smallest subnormal account for
-    them (underflow of the unscaled loss's gradient; nnU-Net's GradScaler would multiply it by 65536 first)."""
+    zeros: the tensor whose gradient has the most more zeros in fp16 than in fp32, and whether fp32's values below
+    fp16's smallest subnormal account for them (underflow of the unscaled loss's gradient; nnU-Net's GradScaler
+    would multiply it by 65536 first)."""
     grads = tensors[tensors["kind"] == "grad"].set_index(["tensor", "precision"])
     if not {"fp16", "fp32"} <= set(tensors["precision"]):
         return None

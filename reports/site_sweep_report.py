@@ -71,10 +71,15 @@ def _your_numbers(row: pd.Series) -> str:
             f"{format_number(row['max_grad_max'])}, non-finite values {int(row['nonfinite'])}")
 
 
+def _listed(sites: str) -> str:
+    """The rows' comma-joined sites as a reader's list."""
+    return ", ".join(sites.split(","))
+
+
 def bound_verdict(rec: Recommendation, bound: float, sites: str) -> Verdict:
     """The rule's answer about the user's current bound: keep it (the pick, or a tie the pick won only by the
     tie-break), change it (a smaller bias passed, or it fails the rule), or not measured (not swept)."""
-    table, yours = rec.candidates, f"your bound {format_eps(bound)} at {', '.join(sites.split(','))}"
+    table, yours = rec.candidates, f"your bound {format_eps(bound)} at {_listed(sites)}"
     chosen = None if rec.recommended is None else table[np.isclose(table["eps"], rec.recommended["eps"])].iloc[0]
     pick = "nothing" if chosen is None else setting_label(chosen["stabilizer"], chosen["eps"])
     rows = table[np.isclose(table["eps"], bound, rtol=1e-9, atol=0)]
@@ -197,7 +202,7 @@ def render(directory: str | Path) -> RenderedReport:
                                       "No swept value passed the rule.")
                 + (f" {rec.tie_break}" if rec.tie_break else "") + "\n\nRule: " + RULE.describe()),
         Section("What was measured", (
-            f"Sites: {', '.join(sites.split(','))}; {rows['checkpoint'].nunique()} checkpoint(s), {rows['case'].nunique()} case(s), "
+            f"Sites: {_listed(sites)}; {rows['checkpoint'].nunique()} checkpoint(s), {rows['case'].nunique()} case(s), "
             f"precisions {', '.join(sorted(rows['precision'].unique()))}. Each case is predicted whole as nnU-Net "
             "predicts it (no gradient into the network); every gradient here is the loss's gradient at those "
             "logits. Reference: the same loss in fp64 at the smallest swept value. Units: the eps are the bound "
